@@ -1,0 +1,169 @@
+"""`attnseg`: run the API, a worker, or the whole stack in the foreground; evaluate; export OpenAPI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+from attnseg.queue import QUEUES, connect
+from attnseg.settings import get_settings
+
+log = logging.getLogger("attnseg")
+
+
+def cmd_api(args) -> None:
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
+                log_level="info")
+
+
+def cmd_worker(args) -> None:
+    from workers.worker import run_worker
+
+    run_worker(get_settings(), queues=tuple(args.queues or QUEUES), name=args.name, burst=args.burst)
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(connect(url).ping())
+    except redis.RedisError:
+        return False
+
+
+def start_local_redis(url: str, data_dir: Path) -> subprocess.Popen:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit(f"no Redis answers at {url} and no redis-server is installed: install it "
+                 "(apt-get install redis-server) or set ATTNSEG_REDIS_URL")
+    parsed = urlparse(url)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen([binary, "--port", str(parsed.port or 6379), "--bind", parsed.hostname or "127.0.0.1",
+                                "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+                                "--maxmemory-policy", "noeviction", "--save", ""])
+    for _ in range(50):
+        if redis_answers(url):
+            return process
+        time.sleep(0.1)
+    process.terminate()
+    sys.exit(f"started redis-server for {url} but it does not answer")
+
+
+def cmd_up(args) -> None:
+    """Redis (existing or a local one), the API and one worker; Ctrl-C stops them all."""
+    settings = get_settings()
+    children: list[subprocess.Popen] = []
+    if not redis_answers(settings.redis_url):
+        log.info("no Redis at %s: starting a local redis-server (AOF on) in %s", settings.redis_url,
+                 settings.cache_dir / "redis")
+        children.append(start_local_redis(settings.redis_url, settings.cache_dir / "redis"))
+    env = {**os.environ, "ATTNSEG_REDIS_URL": settings.redis_url}
+    if args.model:
+        env["ATTNSEG_SD_MODEL"] = args.model
+        if args.model == "tiny-random":
+            env.setdefault("ATTNSEG_CLIP_MODEL", "tiny-random")
+    attnseg = [sys.executable, "-m", "attnseg.cli"]
+    port = ["--port", str(args.port)] if args.port else []
+    children.append(subprocess.Popen([*attnseg, "worker"], env=env))
+    children.append(subprocess.Popen([*attnseg, "api", *port], env=env))
+    stop = False
+
+    def request_stop(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        while not stop and all(child.poll() is None for child in children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    for child in reversed(children):
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+    for child in reversed(children):
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    failed = [child.args for child in children if child.returncode not in (0, -2, -15, 130, None)]
+    if failed:
+        sys.exit(f"stopped; a process exited with an error: {failed}")
+
+
+def cmd_openapi(args) -> None:
+    from service.app import create_app
+
+    document = json.dumps(create_app().openapi(), indent=2, sort_keys=True) + "\n"
+    if args.output:
+        Path(args.output).write_text(document)
+    else:
+        sys.stdout.write(document)
+
+
+def cmd_evaluate(args) -> None:
+    from workers.evaluate import main as evaluate_main
+
+    evaluate_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnseg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    api = sub.add_parser("api", help="run the HTTP API (no models, no torch)")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="run a GPU worker: load the models, then serve the queues")
+    worker.add_argument("--queues", nargs="+", choices=QUEUES, help="default: all, segmentation first")
+    worker.add_argument("--name", help="worker name (default host.pid)")
+    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    worker.set_defaults(func=cmd_worker)
+
+    up = sub.add_parser("up", help="Redis + API + one worker in the foreground (Ctrl-C stops all)")
+    up.add_argument("--model", help="SD model id or directory; 'tiny-random' for an offline demo")
+    up.add_argument("--port", type=int)
+    up.set_defaults(func=cmd_up)
+
+    openapi = sub.add_parser("openapi", help="print (or write) the OpenAPI document")
+    openapi.add_argument("--output", "-o")
+    openapi.set_defaults(func=cmd_openapi)
+
+    evaluate = sub.add_parser("evaluate", help="score a method on a folder of images and label PNGs")
+    evaluate.add_argument("protocol", choices=["unsupervised"], help="methods.md section 4")
+    evaluate.add_argument("--images", type=Path, required=True, help="folder of images (jpg/png/webp)")
+    evaluate.add_argument("--labels", type=Path, required=True,
+                          help="folder of label PNGs with the same stems; 255 = ignore")
+    evaluate.add_argument("--num-classes", type=int, required=True, help="ground-truth classes (27 for COCO-Stuff-27)")
+    evaluate.add_argument("--kl-threshold", type=float, default=1.1, help="1.1 reproduces COCO-Stuff-27")
+    evaluate.add_argument("--resolution", type=int, default=512)
+    evaluate.add_argument("--limit", type=int, help="only the first N images")
+    evaluate.add_argument("--output", type=Path, help="write the scores as JSON here")
+    evaluate.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

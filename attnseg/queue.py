@@ -1,0 +1,107 @@
+"""The queue contract between the API and the workers: queues, job kinds, Redis keys, progress.
+
+Jobs are enqueued by dotted path with JSON arguments (RQ's JSON serializer, never pickle), so
+the API never imports the worker code or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from attnseg.settings import Settings
+
+SEGMENT_QUEUE = "attnseg:segment"
+TRAIN_QUEUE = "attnseg:train"
+QUEUES = (SEGMENT_QUEUE, TRAIN_QUEUE)  # a worker serves them in this order: quick jobs first
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    queue: str
+    func: str  # dotted path of the job function in the worker
+    long: bool = False  # training: the long timeout applies
+
+    def timeout(self, settings: Settings) -> int:
+        return settings.train_timeout_s if self.long else settings.segment_timeout_s
+
+
+KINDS = {
+    kind.name: kind
+    for kind in (
+        JobKind("unsupervised", SEGMENT_QUEUE, "workers.jobs.segment_unsupervised"),
+        JobKind("text", SEGMENT_QUEUE, "workers.jobs.segment_text"),
+        JobKind("oneshot_train", TRAIN_QUEUE, "workers.jobs.oneshot_train", long=True),
+        JobKind("oneshot_segment", SEGMENT_QUEUE, "workers.jobs.oneshot_segment"),
+    )
+}
+
+
+class QueueFullError(Exception):
+    def __init__(self, queue: str, depth: int):
+        super().__init__(f"queue {queue} holds {depth} jobs, its limit")
+        self.queue = queue
+        self.depth = depth
+
+
+def connect(url: str) -> redis.Redis:
+    # Bytes in, bytes out: RQ stores binary fields; short timeouts so a dead Redis fails fast.
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+
+
+def get_queue(connection: redis.Redis, name: str) -> Queue:
+    return Queue(name, connection=connection, serializer=JSONSerializer)
+
+
+def enqueue(connection: redis.Redis, settings: Settings, kind: str, payload: dict, *, job_id: str | None = None,
+            extra_meta: dict | None = None):
+    """Enqueue one job of `kind` with a JSON `payload`; raises QueueFullError at the limit.
+
+    `payload["params"]` is echoed in the job object; the rest (image keys) is for the worker.
+    """
+    job_kind = KINDS[kind]
+    queue = get_queue(connection, job_kind.queue)
+    depth = queue.count
+    if depth >= settings.max_queued_jobs:
+        raise QueueFullError(job_kind.queue, depth)
+    meta = {"kind": kind, "params": payload["params"], "progress": {"stage": "queued", "fraction": 0.0}}
+    meta.update(extra_meta or {})
+    return queue.enqueue_call(
+        job_kind.func,
+        args=(payload,),
+        timeout=job_kind.timeout(settings),
+        ttl=settings.queued_ttl_s,
+        result_ttl=settings.result_ttl_s,
+        failure_ttl=settings.result_ttl_s,
+        job_id=job_id,
+        meta=meta,
+        description=f"{kind} job",
+    )
+
+
+# Redis keys owned by attnseg (RQ's own keys live under "rq:").
+def image_key(digest: str) -> str:
+    return f"attnseg:image:{digest}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"attnseg:cancel:{job_id}"
+
+
+def worker_key(name: str) -> str:
+    return f"attnseg:worker:{name}"
+
+
+WORKER_KEY_PATTERN = "attnseg:worker:*"
+
+
+def oneshot_model_key(model_id: str) -> str:
+    return f"attnseg:oneshot:{model_id}"
+
+
+ONESHOT_INDEX_KEY = "attnseg:oneshot-index"
+JOB_METRICS_KEY = "attnseg:metrics:jobs"

@@ -1,0 +1,53 @@
+"""One typed settings object, read from `ATTNSEG_*` environment variables (and a `.env` file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATTNSEG_", env_file=".env", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Models. `tiny-random` builds a tiny SD (and CLIP) of the real topology with random weights.
+    sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    clip_model: str = "ViT-B-16-quickgelu"
+    clip_pretrained: str = "metaclip_400m"
+    device: str = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "attnseg")
+
+    # Uploads.
+    max_upload_bytes: int = Field(25 * MiB, gt=0, description="Whole request body, all files together.")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Width x height of one decoded image.")
+    image_ttl_s: int = Field(6 * 3600, gt=0, description="How long an uploaded image stays in Redis.")
+
+    # Jobs.
+    result_ttl_s: int = Field(24 * 3600, gt=0, description="How long a finished job and its result are kept.")
+    queued_ttl_s: int = Field(3600, gt=0, description="A job still queued after this is dropped.")
+    max_queued_jobs: int = Field(200, gt=0, description="Per queue; beyond it new jobs get 429.")
+    segment_timeout_s: int = Field(600, gt=0)
+    train_timeout_s: int = Field(4 * 3600, gt=0)
+
+    # Workers.
+    worker_heartbeat_s: int = Field(10, gt=0, description="How often a worker says it is alive.")
+    worker_lost_after_s: int = Field(60, gt=0, description="Silence after which a running job is failed.")
+    warmup: bool = True
+
+    # API.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_key: str | None = Field(None, description="When set, requests need `Authorization: Bearer <key>`.")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,93 @@
+"""RQ job -> the API's job object. Everything comes from Redis: any API replica answers any id."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from rq.job import Job as RQJob
+from rq.job import JobStatus
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from attnseg.settings import Settings
+
+STATUS = {
+    JobStatus.CREATED: "queued",
+    JobStatus.QUEUED: "queued",
+    JobStatus.DEFERRED: "queued",
+    JobStatus.SCHEDULED: "queued",
+    JobStatus.READY_TO_ENQUEUE: "queued",
+    JobStatus.RATE_LIMITED: "queued",
+    JobStatus.STARTED: "running",
+    JobStatus.FINISHED: "succeeded",
+    JobStatus.FAILED: "failed",
+    JobStatus.STOPPED: "canceled",
+    JobStatus.CANCELED: "canceled",
+}
+
+
+def utc(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def reap_abandoned(connection, queue_name: str) -> None:
+    """Fail jobs whose worker stopped heart-beating (RQ's own abandoned-job path).
+
+    Workers keep each running job's registry entry alive for `worker_lost_after_s`; a worker that
+    dies stops doing so, and the cleanup moves the job to failed.
+    """
+    StartedJobRegistry(queue_name, connection=connection, serializer=JSONSerializer).cleanup()
+
+
+def error_of(job: RQJob, meta: dict) -> dict | None:
+    if "error" in meta:
+        return meta["error"]
+    exc = job.exc_info or ""
+    if "AbandonedJobError" in exc:
+        return {"code": "worker_lost",
+                "message": "the worker running this job stopped responding (crashed or was killed); submit it again"}
+    if exc:
+        return {"code": "internal_error", "message": "the job failed in the worker; this is a bug, please report it"}
+    return {"code": "expired", "message": "the job expired before a worker took it"}
+
+
+def job_view(connection, job: RQJob, settings: Settings) -> dict:
+    status_rq = job.get_status(refresh=False)
+    if status_rq == JobStatus.STARTED:
+        reap_abandoned(connection, job.origin)
+        job.refresh()
+        status_rq = job.get_status(refresh=False)
+    meta = job.get_meta(refresh=False)
+    status = "canceled" if meta.get("canceled") else STATUS.get(status_rq, "queued")
+
+    expires_at = None
+    if status in ("succeeded", "failed", "canceled") and job.ended_at:
+        expires_at = utc(job.ended_at) + timedelta(seconds=settings.result_ttl_s)
+    elif status == "queued" and job.enqueued_at:
+        expires_at = utc(job.enqueued_at) + timedelta(seconds=settings.queued_ttl_s)
+
+    result = None
+    if status == "succeeded":
+        result = job.return_value(refresh=True)
+        if isinstance(result, dict) and "timings_ms" in result and job.started_at and job.enqueued_at:
+            queued_ms = (utc(job.started_at) - utc(job.enqueued_at)).total_seconds() * 1000
+            result = {**result, "timings_ms": {"queue": round(queued_ms, 1), **result["timings_ms"]}}
+
+    progress = meta.get("progress") or {"stage": "queued", "fraction": 0.0}
+    if status == "succeeded":
+        progress = {**progress, "stage": "done", "fraction": 1.0}
+    return {
+        "id": job.id,
+        "kind": meta.get("kind", "unsupervised"),
+        "status": status,
+        "progress": progress,
+        "created_at": utc(job.created_at),
+        "started_at": utc(job.started_at),
+        "finished_at": utc(job.ended_at) if status in ("succeeded", "failed", "canceled") else None,
+        "expires_at": expires_at,
+        "params": meta.get("params", {}),
+        "result": result,
+        "error": error_of(job, meta) if status == "failed" else None,
+    }

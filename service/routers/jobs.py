@@ -1,0 +1,79 @@
+"""GET/DELETE /jobs/{id} and the overlay picture."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, Query, Response
+from rq.exceptions import NoSuchJobError
+from rq.job import Job as RQJob
+from rq.serializers import JSONSerializer
+from starlette.concurrency import run_in_threadpool
+
+from attnseg.images import ImageMissingError, load_image
+from attnseg.queue import cancel_key
+from attnseg.settings import Settings
+from service.deps import get_redis, get_settings, require_api_key
+from service.errors import ApiError
+from service.job_view import job_view
+from service.overlay import render_overlay
+from service.schemas import ErrorResponse, Job
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
+
+FINAL = ("succeeded", "failed", "canceled")
+POLL_S = 0.2
+
+
+def fetch_job(connection, job_id: str) -> RQJob:
+    try:
+        job = RQJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
+    except NoSuchJobError:
+        job = None
+    if job is None or "kind" not in job.get_meta(refresh=False):
+        raise ApiError(404, "not_found", f"no job with id '{job_id}' (finished jobs are kept for a limited time, "
+                                         "see expires_at)", field="job_id")
+    return job
+
+
+@router.get("/{job_id}", response_model=Job, responses={404: {"model": ErrorResponse}})
+async def get_job(job_id: str, wait: float = Query(0, ge=0, le=60, description="Hold up to this many seconds "
+                                                                                "until the job ends."),
+                  settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+    deadline = time.monotonic() + wait
+    while True:
+        view = await run_in_threadpool(lambda: job_view(connection, fetch_job(connection, job_id), settings))
+        if view["status"] in FINAL or time.monotonic() >= deadline:
+            return view
+        await asyncio.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+@router.delete("/{job_id}", response_model=Job, responses={404: {"model": ErrorResponse}})
+def cancel_job(job_id: str, settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+    """Cancels a queued job at once; asks a running one to stop (the worker checks between steps)."""
+    job = fetch_job(connection, job_id)
+    view = job_view(connection, job, settings)
+    if view["status"] == "queued":
+        job.cancel()
+    elif view["status"] == "running":
+        connection.set(cancel_key(job_id), 1, ex=settings.result_ttl_s)
+    return job_view(connection, fetch_job(connection, job_id), settings)
+
+
+@router.get("/{job_id}/overlay.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse},
+                       409: {"model": ErrorResponse}, 410: {"model": ErrorResponse}})
+def job_overlay(job_id: str, settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+    """The image with the job's segments drawn and labelled, for people."""
+    job = fetch_job(connection, job_id)
+    view = job_view(connection, job, settings)
+    if view["status"] != "succeeded" or "segments" not in (view["result"] or {}):
+        raise ApiError(409, "not_ready", f"job {job_id} is {view['status']}; an overlay needs a succeeded "
+                                         "segmentation job")
+    key = job.args[0]["image"]["key"]
+    try:
+        image = load_image(connection, key)
+    except ImageMissingError:
+        raise ApiError(410, "image_expired", "the job's image has expired from the store") from None
+    return Response(render_overlay(image, view["result"]["segments"]), media_type="image/png")

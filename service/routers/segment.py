@@ -1,0 +1,38 @@
+"""POST /segment/unsupervised (DiffSeg)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from attnseg.settings import Settings
+from service.deps import get_redis, get_settings, require_api_key
+from service.schemas import ErrorResponse, Job, UnsupervisedParams
+from service.submissions import openapi_body, read_submission, validate_params
+from service.submit import image_entry, submit_job
+from service.uploads import decode_rgb
+
+router = APIRouter(prefix="/segment", tags=["segment"], dependencies=[Depends(require_api_key)])
+
+SUBMIT_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429)}
+
+
+@router.post("/unsupervised", status_code=202, response_model=Job, responses=SUBMIT_ERRORS,
+             openapi_extra=openapi_body(UnsupervisedParams, {"image": False}),
+             summary="Segment an image without a prompt (DiffSeg)")
+async def segment_unsupervised(request: Request, response: Response,
+                               settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+    """Segments the whole image into regions by merging self-attention maps (KL distance).
+
+    Answers 202 with the job; poll `GET /jobs/{id}`. Pass `vocabulary` to name the segments.
+    """
+    submission = await read_submission(request, UnsupervisedParams, ("image",))
+    params = validate_params(UnsupervisedParams, submission.fields)
+    data = submission.one_file("image")
+
+    def store_and_enqueue():
+        image = decode_rgb(data, max_pixels=settings.max_image_pixels)
+        payload = {"image": image_entry(connection, image, settings), "params": params.model_dump()}
+        return submit_job(connection, settings, response, "unsupervised", payload)
+
+    return await run_in_threadpool(store_and_enqueue)

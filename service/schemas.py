@@ -1,0 +1,153 @@
+"""Pydantic models at the HTTP edge: request parameters, the job object, results, errors."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+MAX_WORDS = 32
+Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+
+
+def new_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+def unique_words(words: list[str], field: str) -> list[str]:
+    seen: set[str] = set()
+    for word in words:
+        if "," in word or "." in word:
+            raise ValueError(f"{field}: {word!r} contains ',' or '.', which separate words in the prompt")
+        if word.lower() in seen:
+            raise ValueError(f"{field}: {word!r} is given twice")
+        seen.add(word.lower())
+    return words
+
+
+class Params(BaseModel):
+    # Unknown fields are an error: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(default_factory=new_seed, ge=0, lt=2**31,
+                      description="Seeds every random draw; the same seed gives the same masks.")
+    resolution: int = Field(512, ge=256, le=1024, multiple_of=64,
+                            description="Working resolution (the image is resized to it, aspect not kept).")
+
+
+class UnsupervisedParams(Params):
+    kl_threshold: float = Field(1.0, gt=0, le=10, description="tau: merge maps closer than this (symmetric KL).")
+    grid: int = Field(16, ge=2, le=64, description="Anchors per side (M).")
+    iterations: int = Field(3, ge=1, le=10, description="Merging iterations, the first included.")
+    timestep: int = Field(300, ge=1, le=999, description="Diffusion timestep of the single UNet pass.")
+    refine: bool = Field(False, description="K-means refinement of the merged proposals.")
+    vocabulary: list[Word] | None = Field(None, max_length=MAX_WORDS,
+                                          description="Words to name the segments (cross-attention).")
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _vocabulary(cls, value):
+        return None if not value else unique_words(value, "vocabulary")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_fits(cls, value, info):
+        resolution = info.data.get("resolution", 512)
+        if value > resolution // 8:
+            raise ValueError(f"grid {value} exceeds the latent side {resolution // 8} at resolution {resolution}")
+        return value
+
+
+class Progress(BaseModel):
+    stage: str
+    fraction: float = Field(ge=0, le=1)
+    epoch: int | None = None
+    epochs: int | None = None
+    loss: float | None = None
+    best_iou: float | None = None
+
+
+class JobErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class RLE(BaseModel):
+    size: tuple[int, int] = Field(description="[height, width], COCO order.")
+    counts: str = Field(description="COCO compressed RLE, column-major, as pycocotools encodes it.")
+
+
+class Segment(BaseModel):
+    id: int
+    label: str | None
+    label_id: int | None
+    score: float | None
+    area: int
+    bbox: tuple[int, int, int, int] = Field(description="[x, y, width, height]")
+    segmentation: RLE
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class SegmentationResult(BaseModel):
+    image: ImageSize
+    mask_format: Literal["coco_rle"] = "coco_rle"
+    bbox_format: Literal["xywh"] = "xywh"
+    segments: list[Segment]
+    labels: list[str] | None = None
+    random_weights: bool = Field(False, description="True when the worker's model has random weights "
+                                                    "(tiny-random): the masks mean nothing.")
+    timings_ms: dict[str, float]
+
+
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "canceled"]
+JobKindName = Literal["unsupervised", "text", "oneshot_train", "oneshot_segment"]
+
+
+class Job(BaseModel):
+    id: str
+    kind: JobKindName
+    status: JobStatusName
+    progress: Progress
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    expires_at: datetime | None = Field(description="When the job and its result are deleted.")
+    params: dict[str, Any]
+    result: dict[str, Any] | None = Field(None, description="A SegmentationResult (or training summary).")
+    error: JobErrorBody | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class WorkerInfo(BaseModel):
+    name: str
+    host: str
+    pid: int
+    device: str
+    dtype: str
+    sd_model: str
+    clip_model: str | None = None
+    random_weights: bool
+    state: str
+    ready_at: datetime
+
+
+class Readiness(BaseModel):
+    ready: bool
+    redis: bool
+    workers: list[WorkerInfo]
+    queues: dict[str, int]

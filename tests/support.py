@@ -1,0 +1,106 @@
+"""Test helpers: a private redis-server on a free loopback port, images, and a running stack."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """Our own redis-server (never the machine's shared one): started, restarted and stopped here."""
+
+    def __init__(self, directory: Path, *, appendonly: bool = True):
+        self.directory = directory
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed (.ci/run installs it)"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+                "--maxmemory-policy", "noeviction", "--logfile", str(self.directory / "redis.log")]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = self.client()
+        for _ in range(100):
+            try:
+                if client.ping():
+                    return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_connect_timeout=1)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def image_bytes(width: int = 300, height: int = 200, fmt: str = "PNG", seed: int = 0) -> bytes:
+    """A picture with a few flat regions (so segments have something to find), as file bytes."""
+    rng = np.random.default_rng(seed)
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[:, : width // 2] = (200, 40, 40)
+    pixels[:, width // 2 :] = (40, 60, 200)
+    pixels[height // 2 :, width // 3 : 2 * width // 3] = (40, 180, 60)
+    pixels = np.clip(pixels + rng.integers(-10, 10, pixels.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def worker_env(redis_url: str, cache_dir: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSEG_")}
+    env.update({"ATTNSEG_REDIS_URL": redis_url, "ATTNSEG_SD_MODEL": "tiny-random",
+                "ATTNSEG_CLIP_MODEL": "tiny-random", "ATTNSEG_CACHE_DIR": str(cache_dir),
+                "ATTNSEG_DEVICE": "cpu", "ATTNSEG_WORKER_HEARTBEAT_S": "1", "ATTNSEG_WORKER_LOST_AFTER_S": "5",
+                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
+def start_worker(redis_url: str, cache_dir: Path, log_path: Path, **extra: str) -> subprocess.Popen:
+    log = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, "-m", "attnseg.cli", "worker"], cwd=ROOT,
+                            env=worker_env(redis_url, cache_dir, **extra), stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")

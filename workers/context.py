@@ -1,0 +1,100 @@
+"""What a running job sees of the queue: progress reporting, cancellation, user-facing failures."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Callable
+
+from rq import get_current_job
+from rq.timeouts import JobTimeoutException
+
+from attnseg.job_metrics import record_job_duration
+from attnseg.queue import cancel_key
+
+log = logging.getLogger("attnseg.worker")
+
+
+class JobFailure(Exception):
+    """A failure the user can act on (bad model id, expired image...): its message is shown as is."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class JobCanceled(Exception):
+    pass
+
+
+class JobContext:
+    """Progress and cancellation for the current RQ job; a no-op outside a worker (Python API use)."""
+
+    def __init__(self, job=None):
+        self.job = job
+
+    @property
+    def connection(self):
+        return self.job.connection if self.job else None
+
+    def report(self, stage: str, fraction: float, **extra) -> None:
+        """Publish progress and stop here if the job was canceled (the check between steps)."""
+        if self.job is None:
+            return
+        self.job.meta["progress"] = {"stage": stage, "fraction": round(min(max(fraction, 0.0), 1.0), 4), **extra}
+        self.job.save_meta()
+        if self.job.connection.exists(cancel_key(self.job.id)):
+            raise JobCanceled
+
+    def update_params(self, **values) -> None:
+        """Record what the worker actually used (model ids) in the job's echoed params."""
+        if self.job is None:
+            return
+        self.job.meta["params"] = {**self.job.meta.get("params", {}), **values}
+        self.job.save_meta()
+
+    def fail(self, code: str, message: str) -> None:
+        if self.job is not None:
+            self.job.meta["error"] = {"code": code, "message": message}
+            self.job.save_meta()
+
+
+def job_function(kind: str) -> Callable:
+    """Wrap a job body `fn(ctx, payload)`: errors become a clear message, durations a metric."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(payload: dict):
+            ctx = JobContext(get_current_job())
+            started = time.perf_counter()
+            outcome = "failed"
+            try:
+                result = fn(ctx, payload)
+                outcome = "succeeded"
+                return result
+            except JobCanceled:
+                outcome = "canceled"
+                if ctx.job is not None:
+                    ctx.job.meta["canceled"] = True
+                    ctx.job.save_meta()
+                raise
+            except JobFailure as exc:
+                ctx.fail(exc.code, str(exc))
+                raise
+            except JobTimeoutException:
+                timeout = ctx.job.timeout if ctx.job else "?"
+                ctx.fail("timeout", f"the job ran longer than its limit of {timeout} s")
+                raise
+            except Exception as exc:
+                log.exception("%s job failed", kind)
+                ctx.fail("internal_error", f"the worker failed: {type(exc).__name__}: {exc}; this is a bug, "
+                                           "please report it")
+                raise
+            finally:
+                if ctx.connection is not None:
+                    record_job_duration(ctx.connection, kind, outcome, time.perf_counter() - started)
+
+        return run
+
+    return decorate
