@@ -105,6 +105,22 @@ def cmd_up(args) -> None:
         sys.exit(f"stopped; a process exited with an error: {failed}")
 
 
+def cmd_health(args) -> None:
+    """Exit 0 when a worker on this host has announced itself ready (container health check)."""
+    import socket
+
+    from attnseg.workers_registry import ready_workers
+
+    host = socket.gethostname()
+    try:
+        ours = [w for w in ready_workers(connect(get_settings().redis_url)) if w["host"] == host]
+    except redis.RedisError as exc:
+        sys.exit(f"redis unavailable: {exc}")
+    if not ours:
+        sys.exit(f"no ready worker on {host}")
+    print(json.dumps(ours))
+
+
 def cmd_openapi(args) -> None:
     from service.app import create_app
 
@@ -140,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", help="SD model id or directory; 'tiny-random' for an offline demo")
     up.add_argument("--port", type=int)
     up.set_defaults(func=cmd_up)
+
+    health = sub.add_parser("health", help="exit 0 when this host's worker is ready")
+    health.add_argument("role", choices=["worker"])
+    health.set_defaults(func=cmd_health)
 
     openapi = sub.add_parser("openapi", help="print (or write) the OpenAPI document")
     openapi.add_argument("--output", "-o")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -49,8 +51,11 @@ class QueueFullError(Exception):
 
 
 def connect(url: str) -> redis.Redis:
-    # Bytes in, bytes out: RQ stores binary fields; short timeouts so a dead Redis fails fast.
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+    """Bytes in, bytes out (RQ stores binary fields). Commands are retried for a few seconds, so a
+    Redis restart is invisible to callers; a longer outage raises redis.ConnectionError."""
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30,
+                                retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=5),
+                                retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
 def get_queue(connection: redis.Redis, name: str) -> Queue:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -59,6 +60,13 @@ def install_error_handlers(app: FastAPI) -> None:
         codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
         return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
                               headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_down(_: Request, exc: Exception):
+        log.warning("redis unavailable: %s", exc)
+        return error_response(503, "unavailable", "the job store (Redis) is unavailable; retry shortly",
+                              headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -53,6 +53,16 @@ def error_of(job: RQJob, meta: dict) -> dict | None:
     return {"code": "expired", "message": "the job expired before a worker took it"}
 
 
+def ended_at(job: RQJob, meta: dict) -> datetime | None:
+    """RQ records the end of a success on the job, of a failure on its Result; a cancel in our meta."""
+    if job.ended_at:
+        return utc(job.ended_at)
+    result = job.latest_result()
+    if result is not None:
+        return utc(result.created_at)
+    return datetime.fromisoformat(meta["finished_at"]) if "finished_at" in meta else None
+
+
 def job_view(connection, job: RQJob, settings: Settings) -> dict:
     status_rq = job.get_status(refresh=False)
     if status_rq == JobStatus.STARTED:
@@ -62,9 +72,10 @@ def job_view(connection, job: RQJob, settings: Settings) -> dict:
     meta = job.get_meta(refresh=False)
     status = "canceled" if meta.get("canceled") else STATUS.get(status_rq, "queued")
 
+    finished_at = ended_at(job, meta) if status in ("succeeded", "failed", "canceled") else None
     expires_at = None
-    if status in ("succeeded", "failed", "canceled") and job.ended_at:
-        expires_at = utc(job.ended_at) + timedelta(seconds=settings.result_ttl_s)
+    if finished_at is not None:
+        expires_at = finished_at + timedelta(seconds=settings.result_ttl_s)
     elif status == "queued" and job.enqueued_at:
         expires_at = utc(job.enqueued_at) + timedelta(seconds=settings.queued_ttl_s)
 
@@ -85,7 +96,7 @@ def job_view(connection, job: RQJob, settings: Settings) -> dict:
         "progress": progress,
         "created_at": utc(job.created_at),
         "started_at": utc(job.started_at),
-        "finished_at": utc(job.ended_at) if status in ("succeeded", "failed", "canceled") else None,
+        "finished_at": finished_at,
         "expires_at": expires_at,
         "params": meta.get("params", {}),
         "result": result,

@@ -104,3 +104,59 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "c
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+
+
+class Stack:
+    """Redis, the API (uvicorn, real HTTP) and workers as separate processes, like production."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.redis = RedisServer(directory / "redis", appendonly=True)
+        self.cache_dir = directory / "cache"
+        self.api_port = free_port()
+        self.api: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def start_api(self) -> None:
+        log = open(self.directory / "api.log", "ab")
+        self.api = subprocess.Popen([sys.executable, "-m", "attnseg.cli", "api", "--port", str(self.api_port)],
+                                    cwd=ROOT, env=worker_env(self.redis.url, self.cache_dir), stdout=log,
+                                    stderr=subprocess.STDOUT)
+
+    def start_worker(self) -> subprocess.Popen:
+        worker = start_worker(self.redis.url, self.cache_dir, self.directory / "worker.log")
+        self.workers.append(worker)
+        return worker
+
+    def ready_workers(self) -> int:
+        import httpx
+
+        try:
+            return len(httpx.get(f"{self.base_url}/readyz", timeout=2).json()["workers"])
+        except (httpx.HTTPError, ValueError, KeyError):
+            return 0
+
+    def logs(self) -> str:
+        return "\n".join((self.directory / name).read_text(errors="replace")[-4000:]
+                         for name in ("api.log", "worker.log") if (self.directory / name).exists())
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.terminate()
+                try:
+                    worker.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+        self.workers = []
+
+    def stop(self) -> None:
+        self.stop_workers()
+        if self.api and self.api.poll() is None:
+            self.api.terminate()
+            self.api.wait(timeout=10)
+        self.redis.stop()

@@ -110,6 +110,7 @@ def test_cancel_a_queued_job(client, redis_server):
     canceled = client.delete(f"/jobs/{job['id']}")
     assert canceled.status_code == 200
     assert canceled.json()["status"] == "canceled"
+    assert canceled.json()["finished_at"] is not None and canceled.json()["expires_at"] is not None
     assert queued_jobs(redis_server) == 0
 
 

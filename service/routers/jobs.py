@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime, timezone
 
 from fastapi import APIRouter, Depends, Query, Response
 from rq.exceptions import NoSuchJobError
@@ -55,6 +56,8 @@ def cancel_job(job_id: str, settings: Settings = Depends(get_settings), connecti
     job = fetch_job(connection, job_id)
     view = job_view(connection, job, settings)
     if view["status"] == "queued":
+        job.meta["finished_at"] = datetime.now(timezone.utc).isoformat()
+        job.save_meta()
         job.cancel()
     elif view["status"] == "running":
         connection.set(cancel_key(job_id), 1, ex=settings.result_ttl_s)

@@ -1,0 +1,153 @@
+"""The service end to end: redis-server, the API over real HTTP, and tiny-random workers.
+
+Masks from random weights mean nothing: these tests check structure and invariants (RLE round
+trip through pycocotools at the original size, a partition of the image, area and bbox agreeing),
+and the queue's behaviour when Redis restarts or a worker dies.
+"""
+
+import io
+import os
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as coco
+
+from tests.support import Stack, image_bytes, wait_for
+from workers.tiny_random import build_tiny_random
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("stack"))
+    build_tiny_random(stack.cache_dir / "tiny-random")  # once, before workers race to build it
+    stack.redis.start()
+    stack.start_api()
+    stack.start_worker()
+    try:
+        wait_for(lambda: stack.ready_workers() >= 1, timeout=240, message="a ready worker")
+    except AssertionError:
+        stack.stop()
+        raise AssertionError(stack.logs()) from None
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def http(stack):
+    with httpx.Client(base_url=stack.base_url, timeout=90) as client:
+        yield client
+
+
+def submit(http, width=300, height=200, **fields) -> dict:
+    response = http.post("/segment/unsupervised", files={"image": ("i.png", image_bytes(width, height), "image/png")},
+                         data=fields)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def wait_job(http, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = http.get(f"/jobs/{job_id}", params={"wait": 10}).json()
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            return job
+    raise AssertionError(f"job {job_id} did not end in {timeout} s")
+
+
+def decode_all(result: dict) -> list[np.ndarray]:
+    masks = []
+    for segment in result["segments"]:
+        rle = segment["segmentation"]
+        masks.append(coco.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool))
+    return masks
+
+
+def test_readyz_lists_the_worker_and_its_models(http):
+    ready = http.get("/readyz").json()
+    assert ready["ready"] is True
+    worker = ready["workers"][0]
+    assert worker["sd_model"] == "tiny-random" and worker["device"] == "cpu" and worker["random_weights"] is True
+
+
+def test_unsupervised_job_end_to_end(http):
+    job = submit(http, 300, 200, seed="3")
+    done = wait_job(http, job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["progress"]["fraction"] == 1.0
+    assert done["params"]["sd_model"] == "tiny-random" and done["params"]["seed"] == 3
+    result = done["result"]
+    assert result["image"] == {"width": 300, "height": 200}
+    assert result["random_weights"] is True
+    assert {"queue", "inference", "encode"} <= set(result["timings_ms"])
+    masks = decode_all(result)
+    assert masks and all(mask.shape == (200, 300) for mask in masks)
+    coverage = np.sum(masks, axis=0)
+    np.testing.assert_array_equal(coverage, 1)  # the segments partition the image
+    for segment, mask in zip(result["segments"], masks):
+        assert segment["area"] == int(mask.sum()) > 0
+        ys, xs = np.nonzero(mask)
+        assert segment["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert segment["segmentation"]["size"] == [200, 300]
+    assert [s["id"] for s in result["segments"]] == list(range(1, len(masks) + 1))
+
+    overlay = http.get(f"/jobs/{job['id']}/overlay.png")
+    assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(overlay.content)).size == (300, 200)
+
+    metrics = http.get("/metrics").text
+    assert 'attnseg_job_duration_seconds_count{kind="unsupervised",outcome="succeeded"}' in metrics
+
+
+def test_same_seed_same_masks_and_vocabulary_names_segments(http):
+    first = wait_job(http, submit(http, 120, 90, seed="5", vocabulary='["sky", "grass"]')["id"])
+    second = wait_job(http, submit(http, 120, 90, seed="5", vocabulary='["sky", "grass"]')["id"])
+    assert first["status"] == second["status"] == "succeeded"
+    assert first["result"]["segments"] == second["result"]["segments"]
+    for segment in first["result"]["segments"]:
+        assert segment["label"] in ("sky", "grass")
+        assert isinstance(segment["score"], float)
+
+
+def test_jobs_survive_a_redis_restart(stack, http):
+    stack.stop_workers()
+    wait_for(lambda: stack.ready_workers() == 0, timeout=30, message="workers gone")
+    jobs = [submit(http, 64, 64) for _ in range(2)]
+    stack.redis.restart()  # AOF on: the queue and the job hashes come back from disk
+    for job in jobs:
+        assert http.get(f"/jobs/{job['id']}").json()["status"] == "queued"
+    stack.start_worker()
+    for job in jobs:
+        assert wait_job(http, job["id"])["status"] == "succeeded"
+
+
+def test_a_worker_killed_mid_job_fails_the_job_promptly(stack, http):
+    worker = stack.workers[-1]
+    job = submit(http, 300, 200, resolution="1024", grid="16")
+    wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "running", timeout=120, interval=0.05,
+             message="the job to start")
+    os.kill(worker.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    failed = wait_for(lambda: (j := http.get(f"/jobs/{job['id']}").json())["status"] == "failed" and j,
+                      timeout=120, interval=0.5, message="the job to be failed")
+    assert failed["error"]["code"] == "worker_lost"
+    assert "worker" in failed["error"]["message"]
+    assert time.monotonic() - killed_at < 120
+    stack.workers.remove(worker)
+    stack.start_worker()
+    wait_for(lambda: stack.ready_workers() >= 1, timeout=240, message="a new worker")
+
+
+def test_cancel_a_running_job(stack, http):
+    job = submit(http, 300, 200, resolution="1024")
+    wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "running", timeout=120, interval=0.05,
+             message="the job to start")
+    assert http.delete(f"/jobs/{job['id']}").status_code == 200
+    ended = wait_job(http, job["id"])
+    assert ended["status"] == "canceled"  # the 1024 px UNet pass outlasts the request; the next step stops
+    assert ended["finished_at"] is not None and ended["result"] is None

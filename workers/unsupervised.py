@@ -1,0 +1,127 @@
+"""DiffSeg end to end on one image (methods.md section 1): one UNet pass, aggregate, merge, name.
+
+Usable without the service::
+
+    sd = load_stable_diffusion("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    out = segment_unsupervised(sd, rgb_uint8, kl_threshold=1.0)
+    out.labels  # (H, W) int64, 0..K-1
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from workers import diffseg
+from workers.attention import AttentionStore, capture_attention
+from workers.models import StableDiffusion
+from workers.prompts import Prompt, mean_over_spans, pad_ids, word_spans
+from workers.sd import encode_latents, encode_prompt_ids, encode_prompts, image_to_pixels, unet_noise
+
+ALL_BLOCKS = tuple(range(1, 17))
+
+
+@dataclass
+class UnsupervisedSegmentation:
+    labels: np.ndarray  # (H, W) int64, 0..K-1, numbered by first appearance
+    names: list[str | None]  # per label: the vocabulary word naming it, or None
+    scores: list[float | None]  # per label: that word's mean score over the segment
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Timer:
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+
+    def __call__(self, name: str, started: float) -> float:
+        now = time.perf_counter()
+        self.ms[name] = round(self.ms.get(name, 0.0) + (now - started) * 1000, 1)
+        return now
+
+
+def self_attention_by_grid(store: AttentionStore) -> dict[int, torch.Tensor]:
+    """Per grid g: the (g^2, g^2) self-attention of sample 0, averaged over that grid's layers."""
+    return {grid: store.mean("self", grid)[0] for grid in store.grids("self")}
+
+
+def vocabulary_word_maps(store: AttentionStore, prompt: Prompt, size: int) -> torch.Tensor:
+    """methods.md 1.10: (V, size, size) word maps from the cross-attention of every grid.
+
+    Per grid: span mean per word, bilinear upsample, renormalise over the words at each pixel;
+    then the grids are summed and each word map L2-normalised over the pixels.
+    """
+    total = None
+    for grid in store.grids("cross"):
+        words = mean_over_spans(store.mean("cross", grid)[0], prompt.class_spans)  # (g*g, V)
+        maps = words.T.reshape(1, -1, grid, grid).float()
+        maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)[0]
+        maps = maps / maps.sum(0, keepdim=True).clamp_min(1e-12)
+        total = maps if total is None else total + maps
+    return total / total.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
+
+
+def segment_unsupervised(
+    sd: StableDiffusion,
+    image: np.ndarray,
+    *,
+    kl_threshold: float = 1.0,
+    grid: int = 16,
+    iterations: int = 3,
+    timestep: int = 300,
+    resolution: int = 512,
+    refine: bool = False,
+    vocabulary: list[str] | None = None,
+    seed: int = 0,
+    report: Callable[[str, float], None] | None = None,
+) -> UnsupervisedSegmentation:
+    """Segments an RGB uint8 image (H, W, 3) with DiffSeg; labels come back at (H, W).
+
+    The pass runs on the clean latent (posterior mean: `seed` is unused unless a later option
+    adds noise, and is kept so every method takes one). With a `vocabulary`, the pass uses the
+    prompt built from the words and each segment is named by its best word (paper appendix).
+    """
+    report = report or (lambda stage, fraction: None)
+    timer = Timer()
+    height, width = image.shape[:2]
+    started = time.perf_counter()
+
+    report("encoding", 0.05)
+    pixels = image_to_pixels(image, resolution, sd.device, sd.dtype)
+    with torch.inference_mode():
+        latents = encode_latents(sd, pixels)
+        prompt = word_spans(sd.tokenizer, vocabulary) if vocabulary else None
+        text = encode_prompt_ids(sd, pad_ids(prompt, sd.tokenizer)) if prompt else encode_prompts(sd, [""])
+    started = timer("latent", started)
+
+    report("attention", 0.2)
+    store = AttentionStore()
+    with torch.inference_mode(), capture_attention(sd.unet, store, self_blocks=ALL_BLOCKS,
+                                                   cross_blocks=ALL_BLOCKS if prompt else ()):
+        unet_noise(sd, latents, timestep, text)
+    started = timer("unet", started)
+
+    report("aggregating", 0.6)
+    attn = diffseg.aggregate(self_attention_by_grid(store))
+    started = timer("aggregate", started)
+
+    report("merging", 0.7)
+    labels = diffseg.merge(attn, grid=grid, iterations=iterations, kl_threshold=kl_threshold,
+                           output_size=(height, width), refine=refine)
+    started = timer("merge", started)
+
+    count = int(labels.max()) + 1
+    names: list[str | None] = [None] * count
+    scores: list[float | None] = [None] * count
+    if prompt is not None:
+        word_scores = diffseg.segment_word_scores(labels, vocabulary_word_maps(store, prompt, resolution))
+        best, word = word_scores.max(dim=1)
+        names = [vocabulary[i] for i in word.tolist()]
+        scores = [round(v, 6) for v in best.tolist()]
+        timer("naming", started)
+    return UnsupervisedSegmentation(labels.cpu().numpy(), names, scores, timer.ms)
+
