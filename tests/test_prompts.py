@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from _tokenizer import clip_tokenizer
+from workers.tiny_random import clip_tokenizer
 from workers.prompts import (
     PromptTooLongError,
     build_prompt,

@@ -25,7 +25,7 @@ from huggingface_hub import try_to_load_from_cache
 from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from safetensors.torch import save_file
 
-from workers.models import ModelUnavailableError, _hub_offline
+from workers.models import ModelUnavailableError, hub_offline
 
 DEFAULT_CLIP_MODEL = "ViT-B-16-quickgelu"
 DEFAULT_CLIP_PRETRAINED = "metaclip_400m"  # best in the langseg report
@@ -132,7 +132,7 @@ def _resolve_weights(
     checkpoint = _cached_checkpoint(tag_cfg, cache_dir)
     if checkpoint is not None:
         return name, checkpoint, tag_cfg
-    if _hub_offline():
+    if hub_offline():
         raise ModelUnavailableError(_unavailable_message(name, pretrained, "not in the local cache, offline"))
     try:
         checkpoint = open_clip.download_pretrained(tag_cfg, cache_dir=_str_or_none(cache_dir))

@@ -1,0 +1,193 @@
+"""A randomly initialised Stable Diffusion 1.x pipeline at tiny widths, for tests and offline runs.
+
+The topology is the real SD 1.x one (methods.md 0.2: 16 transformer blocks at grids R, R/2, R/4,
+R/8; a VAE that downsamples by 8; a 77-token CLIP text encoder with the real BPE vocabulary), only
+the widths are small, so every code path that works here works on the real weights. The pipeline
+is written in diffusers layout and loaded through the same `from_pretrained` calls as real weights.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+RANDOM_WEIGHTS_MARKER = "attnseg_random_weights.json"
+
+TEXT_WIDTH = 32
+MAX_TOKENS = 77
+VOCAB_SIZE = 49408
+# open_clip's SimpleTokenizer keeps the first 49152 - 256 - 2 merges of its BPE file.
+NUM_MERGES = 49152 - 256 - 2
+BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
+
+
+def clip_bpe_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary and merges, built as open_clip's SimpleTokenizer builds them.
+
+    Returns (vocab token -> id, 49408 entries; merges as (left, right) pairs in rank order).
+    """
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+
+    bpe_file = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.decompress(bpe_file.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]  # line 0: a version header
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    tokens += ["".join(merge) for merge in merges]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_bpe_vocabulary()
+    # transformers 5 ignores vocab_file=; the vocabulary must be passed in memory.
+    # pad = EOS as in SD 1.x, so "" encodes to BOS + 76 EOS.
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        model_max_length=MAX_TOKENS,
+    )
+
+
+def _text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=2 * TEXT_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act="quick_gelu",
+        bos_token_id=VOCAB_SIZE - 2,
+        eos_token_id=VOCAB_SIZE - 1,
+        pad_token_id=VOCAB_SIZE - 1,
+    )
+    return CLIPTextModel(config)
+
+
+def _unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        norm_num_groups=8,
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=2,  # SD 1.x/2.x configs use this as the head count (methods.md 0.3)
+    )
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamplings: factor 8 like SD
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+
+
+def _scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def _model_index() -> dict:
+    import diffusers
+
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def tiny_random_components(seed: int = 0) -> dict:
+    """The five components, weights drawn from torch.manual_seed(seed): same seed, same weights."""
+    # fork_rng: seeding must not disturb the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        components = {"unet": _unet(), "vae": _vae(), "text_encoder": _text_encoder()}
+    components["tokenizer"] = clip_tokenizer()
+    components["scheduler"] = _scheduler()
+    return components
+
+
+def _write_pipeline(directory: Path, seed: int) -> None:
+    for subfolder, component in tiny_random_components(seed).items():
+        component.save_pretrained(directory / subfolder)
+    (directory / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+    marker = {"random_weights": True, "seed": seed, "note": "attnseg tiny-random test model, not trained"}
+    (directory / RANDOM_WEIGHTS_MARKER).write_text(json.dumps(marker, indent=2))
+
+
+def build_tiny_random(path: Path, seed: int = 0) -> Path:
+    """Write the tiny random SD pipeline into `path` (diffusers layout) unless it is already there.
+
+    Safe under concurrent builders: each builds in a private directory next to `path` and renames
+    it into place; a builder that loses the race discards its copy.
+    """
+    path = Path(path)
+    if (path / RANDOM_WEIGHTS_MARKER).exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared between users
+    try:
+        _write_pipeline(staging, seed)
+        try:
+            os.rename(staging, path)
+        except OSError:
+            if not (path / RANDOM_WEIGHTS_MARKER).exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
