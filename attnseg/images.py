@@ -1,7 +1,8 @@
-"""Normalised images in Redis, by content hash: the API stores them, workers read them.
+"""Normalised images and label masks in Redis, by content hash: the API stores, workers read.
 
-An image is stored once as lossless PNG (fast compression) under the SHA-256 of its RGB pixels
-and size, so identical uploads share one key whatever their original encoding.
+An image is stored once as lossless PNG (fast compression) under the SHA-256 of its pixels, mode
+and size, so identical uploads share one key whatever their original encoding. Images are RGB;
+label masks are single-channel 8-bit (class ids).
 """
 
 from __future__ import annotations
@@ -20,21 +21,23 @@ class ImageMissingError(LookupError):
 
 
 def store_image(connection, image: Image.Image, ttl_s: int) -> str:
-    """Store an RGB PIL image; returns its Redis key. Refreshes the TTL of an existing copy."""
-    rgb = np.asarray(image.convert("RGB"))
-    digest = hashlib.sha256(f"{rgb.shape[1]}x{rgb.shape[0]}:".encode() + rgb.tobytes()).hexdigest()
-    key = image_key(digest)
+    """Store an RGB or L (mask) PIL image; returns its Redis key. Refreshes the TTL of an existing copy."""
+    if image.mode not in ("RGB", "L"):
+        raise ValueError(f"store RGB images or L masks, not {image.mode}")
+    pixels = np.asarray(image)
+    header = f"{image.mode}:{image.width}x{image.height}:".encode()
+    key = image_key(hashlib.sha256(header + pixels.tobytes()).hexdigest())
     if not connection.expire(key, ttl_s):
         buffer = io.BytesIO()
-        Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
+        image.save(buffer, format="PNG", compress_level=1)
         connection.set(key, buffer.getvalue(), ex=ttl_s)
     return key
 
 
 def load_image(connection, key: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; raises ImageMissingError when the key is gone."""
+    """(H, W, 3) uint8 RGB for an image, (H, W) uint8 for a mask; ImageMissingError when gone."""
     data = connection.get(key)
     if data is None:
         raise ImageMissingError(f"the uploaded image {key} has expired; upload it again")
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(image)

@@ -12,6 +12,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from rq import Queue
+from rq.job import Dependency
 from rq.serializers import JSONSerializer
 
 from attnseg.settings import Settings
@@ -63,10 +64,11 @@ def get_queue(connection: redis.Redis, name: str) -> Queue:
 
 
 def enqueue(connection: redis.Redis, settings: Settings, kind: str, payload: dict, *, job_id: str | None = None,
-            extra_meta: dict | None = None):
+            extra_meta: dict | None = None, after: str | None = None):
     """Enqueue one job of `kind` with a JSON `payload`; raises QueueFullError at the limit.
 
     `payload["params"]` is echoed in the job object; the rest (image keys) is for the worker.
+    `after`: a job id this one waits for (it runs whether that job succeeds or fails, and says so).
     """
     job_kind = KINDS[kind]
     queue = get_queue(connection, job_kind.queue)
@@ -75,11 +77,14 @@ def enqueue(connection: redis.Redis, settings: Settings, kind: str, payload: dic
         raise QueueFullError(job_kind.queue, depth)
     meta = {"kind": kind, "params": payload["params"], "progress": {"stage": "queued", "fraction": 0.0}}
     meta.update(extra_meta or {})
+    waiting = Dependency(jobs=[after], allow_failure=True) if after else None
+    queued_ttl = settings.queued_ttl_s + (KINDS["oneshot_train"].timeout(settings) if after else 0)
     return queue.enqueue_call(
         job_kind.func,
         args=(payload,),
         timeout=job_kind.timeout(settings),
-        ttl=settings.queued_ttl_s,
+        ttl=queued_ttl,
+        depends_on=waiting,
         result_ttl=settings.result_ttl_s,
         failure_ttl=settings.result_ttl_s,
         job_id=job_id,

@@ -19,7 +19,7 @@ class Settings(BaseSettings):
 
     # Models. `tiny-random` builds a tiny SD (and CLIP) of the real topology with random weights.
     sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    clip_model: str = "ViT-B-16-quickgelu"
+    clip_model: str = "ViT-B-16-quickgelu"  # "none": no CLIP, the gem methods are refused
     clip_pretrained: str = "metaclip_400m"
     device: str = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"

@@ -87,10 +87,13 @@ def job_view(connection, job: RQJob, settings: Settings) -> dict:
             result = {**result, "timings_ms": {"queue": round(queued_ms, 1), **result["timings_ms"]}}
 
     progress = meta.get("progress") or {"stage": "queued", "fraction": 0.0}
+    if status_rq == JobStatus.DEFERRED:
+        progress = {"stage": "waiting for the model's training", "fraction": 0.0}
     if status == "succeeded":
         progress = {**progress, "stage": "done", "fraction": 1.0}
     return {
         "id": job.id,
+        "model_id": meta.get("model_id"),
         "kind": meta.get("kind", "unsupervised"),
         "status": status,
         "progress": progress,

@@ -6,7 +6,7 @@ import secrets
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 MAX_WORDS = 32
 Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
@@ -60,6 +60,90 @@ class UnsupervisedParams(Params):
         return value
 
 
+TEXT_METHOD_TIMESTEP = {"selfcross": 150, "gem": None, "gem_refined": 100, "cluster": 100}
+MAX_CLASSES = 32
+
+
+class TextParams(Params):
+    classes: list[Word] = Field(min_length=1, max_length=MAX_CLASSES,
+                                description="Class names to find, 1 to 32, each up to 64 characters.")
+    method: Literal["selfcross", "gem", "gem_refined", "cluster"] = Field(
+        "selfcross", description="selfcross: From Text to Mask (SD cross x self attention); gem: dense CLIP; "
+                                 "gem_refined: GEM propagated by SD self-attention; cluster: DiffSeg segments "
+                                 "named by GEM.")
+    background: bool = Field(True, description="Add a background class (label_id 0) where no class is strong.")
+    background_words: list[Word] | None = Field(None, max_length=8, description="selfcross: extra words in the "
+                                                "prompt that absorb attention (never reported).")
+    samples: int = Field(1, ge=1, le=10, description="selfcross: noise draws averaged (the paper uses 10).")
+    timestep: int | None = Field(None, ge=1, le=999, description="Default per method: selfcross 150, "
+                                                                 "gem_refined and cluster 100; gem uses none.")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, value):
+        return unique_words(value, "classes")
+
+    @field_validator("background_words")
+    @classmethod
+    def _background_words(cls, value, info):
+        if not value:
+            return None
+        unique_words(value, "background_words")
+        classes = {c.lower() for c in info.data.get("classes") or []}
+        clash = [word for word in value if word.lower() in classes]
+        if clash:
+            raise ValueError(f"background_words repeat classes: {clash}")
+        return value
+
+    @model_validator(mode="after")
+    def _method_timestep(self):
+        if self.timestep is None:
+            self.timestep = TEXT_METHOD_TIMESTEP[self.method]
+        return self
+
+
+MAX_PARTS = 31  # one prompt token per class ("part " * K) leaves room in 77 positions; 31 is plenty
+
+
+class TrainParams(Params):
+    labels: list[Word] = Field(min_length=1, max_length=MAX_PARTS,
+                               description="Part names for mask values 1..K-1 (0 is background).")
+    epochs: int = Field(200, ge=1, le=2000)
+    learning_rate: float = Field(0.1, gt=0, le=10)
+    crops_per_side: Literal[1, 2] = Field(1, description="Default for segmenting with this model: 1 for whole "
+                                                         "objects, 2 (400 px crops) for faces and fine parts.")
+    min_crop: float = Field(0.7, ge=0.5, le=1.0, description="Smallest random crop side, as a fraction.")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value):
+        return unique_words(value, "labels")
+
+
+class OneshotSegmentParams(Params):
+    crops_per_side: Literal[1, 2] | None = Field(None, description="Default: the model's.")
+    resolution: int | None = Field(None, ge=256, le=1024, multiple_of=64,
+                                   description="Default: the resolution the model was trained at.")
+
+
+class OneshotModel(BaseModel):
+    id: str
+    status: Literal["training", "ready", "failed"]
+    labels: list[str] = Field(description="label_id -> name; 0 is background.")
+    sd_model: str | None = Field(description="The SD model the vectors belong to (set when training starts).")
+    created_at: datetime
+    params: dict[str, Any]
+    metrics: dict[str, Any] = Field(description="train_iou (best seen), loss, epochs.")
+    train_job_id: str
+    progress: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+class OneshotModelList(BaseModel):
+    models: list[OneshotModel]
+    total: int
+
+
 class Progress(BaseModel):
     stage: str
     fraction: float = Field(ge=0, le=1)
@@ -99,7 +183,8 @@ class SegmentationResult(BaseModel):
     mask_format: Literal["coco_rle"] = "coco_rle"
     bbox_format: Literal["xywh"] = "xywh"
     segments: list[Segment]
-    labels: list[str] | None = None
+    labels: list[str] | None = Field(None, description="Text and one-shot: label_id -> name, 0 = background.")
+    passes: int | None = Field(None, description="selfcross: SD passes used (a long class list is split).")
     random_weights: bool = Field(False, description="True when the worker's model has random weights "
                                                     "(tiny-random): the masks mean nothing.")
     timings_ms: dict[str, float]
@@ -111,6 +196,7 @@ JobKindName = Literal["unsupervised", "text", "oneshot_train", "oneshot_segment"
 
 class Job(BaseModel):
     id: str
+    model_id: str | None = Field(None, description="One-shot jobs: the model trained or used.")
     kind: JobKindName
     status: JobStatusName
     progress: Progress

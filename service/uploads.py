@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
+
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import ApiError
@@ -58,3 +60,24 @@ def open_image(data: bytes, *, max_pixels: int, field: str = "image") -> Image.I
 
 def decode_rgb(data: bytes, *, max_pixels: int, field: str = "image") -> Image.Image:
     return open_image(data, max_pixels=max_pixels, field=field).convert("RGB")
+
+
+def decode_mask(data: bytes, *, max_pixels: int, field: str) -> np.ndarray:
+    """A label mask PNG -> (H, W) int64 class ids.
+
+    Accepted: 8/16-bit grey, palette PNGs (the palette index is the class id, as in VOC), 1-bit,
+    and RGB(A) whose channels are all equal. Colour-coded masks are refused with an explanation.
+    """
+    if sniff_format(data) != "PNG":
+        raise ApiError(415, "unsupported_media_type", f"{field} must be a PNG whose pixel values are class ids",
+                       field=field)
+    image = open_image(data, max_pixels=max_pixels, field=field)
+    if image.mode in ("RGB", "RGBA"):
+        pixels = np.asarray(image)[..., :3]
+        if not (np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2])):
+            raise ApiError(422, "invalid_mask", f"{field} is a colour image; send a single-channel PNG whose pixel "
+                                                "values are class ids (0 = background)", field=field)
+        return pixels[..., 0].astype(np.int64)
+    if image.mode == "LA":
+        image = image.getchannel("L")
+    return np.asarray(image).astype(np.int64)

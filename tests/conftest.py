@@ -22,3 +22,35 @@ def tiny_sd(tiny_sd_dir):
     from workers.models import load_stable_diffusion
 
     return load_stable_diffusion(str(tiny_sd_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """Our own redis-server on a free loopback port (never the machine's shared one)."""
+    from tests.support import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis-api"), appendonly=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_client(redis_server):
+    """An API test client on a flushed private Redis (no worker), with small limits for the tests."""
+    from fastapi.testclient import TestClient
+
+    from attnseg.settings import Settings
+    from service.app import create_app
+
+    def make(**overrides):
+        redis_server.client().flushall()  # our own server, started above
+        settings = Settings(redis_url=redis_server.url, max_upload_bytes=2_000_000, max_image_pixels=1_000_000,
+                            **overrides)
+        return TestClient(create_app(settings))
+
+    return make
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()

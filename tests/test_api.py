@@ -8,36 +8,10 @@ import zlib
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from attnseg.queue import QUEUES, get_queue
-from attnseg.settings import Settings
-from service.app import create_app
-from tests.support import RedisServer, image_bytes
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis-api"), appendonly=False).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def make_client(redis_server):
-    def make(**overrides):
-        redis_server.client().flushall()  # our own server, started above
-        settings = Settings(redis_url=redis_server.url, max_upload_bytes=2_000_000, max_image_pixels=1_000_000,
-                            **overrides)
-        return TestClient(create_app(settings))
-
-    return make
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
+from tests.support import image_bytes
 
 
 def queued_jobs(redis_server) -> int:

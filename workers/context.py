@@ -56,12 +56,17 @@ class JobContext:
 
     def fail(self, code: str, message: str) -> None:
         if self.job is not None:
-            self.job.meta["error"] = {"code": code, "message": message}
+            if code != "canceled":
+                self.job.meta["error"] = {"code": code, "message": message}
             self.job.save_meta()
 
 
-def job_function(kind: str) -> Callable:
-    """Wrap a job body `fn(ctx, payload)`: errors become a clear message, durations a metric."""
+def job_function(kind: str, on_error: Callable[[JobContext, dict, dict], None] | None = None) -> Callable:
+    """Wrap a job body `fn(ctx, payload)`: errors become a clear message, durations a metric.
+
+    `on_error(ctx, payload, error)` runs for every outcome but success (failure, cancel, timeout), so
+    a job can record the error where users look for it (a one-shot model's record, say).
+    """
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -75,23 +80,27 @@ def job_function(kind: str) -> Callable:
                 return result
             except JobCanceled:
                 outcome = "canceled"
+                error = {"code": "canceled", "message": "canceled by request"}
                 if ctx.job is not None:
                     ctx.job.meta["canceled"] = True
-                    ctx.job.save_meta()
                 raise
             except JobFailure as exc:
-                ctx.fail(exc.code, str(exc))
+                error = {"code": exc.code, "message": str(exc)}
                 raise
             except JobTimeoutException:
                 timeout = ctx.job.timeout if ctx.job else "?"
-                ctx.fail("timeout", f"the job ran longer than its limit of {timeout} s")
+                error = {"code": "timeout", "message": f"the job ran longer than its limit of {timeout} s"}
                 raise
             except Exception as exc:
                 log.exception("%s job failed", kind)
-                ctx.fail("internal_error", f"the worker failed: {type(exc).__name__}: {exc}; this is a bug, "
-                                           "please report it")
+                error = {"code": "internal_error", "message": f"the worker failed: {type(exc).__name__}: {exc}; "
+                                                              "this is a bug, please report it"}
                 raise
             finally:
+                if outcome != "succeeded":
+                    ctx.fail(**error)
+                    if on_error is not None and ctx.connection is not None:
+                        on_error(ctx, payload, error)
                 if ctx.connection is not None:
                     record_job_duration(ctx.connection, kind, outcome, time.perf_counter() - started)
 

@@ -6,10 +6,13 @@ import time
 
 import numpy as np
 
-from attnseg import rle
+from attnseg import oneshot_store, rle
 from attnseg.images import ImageMissingError, load_image
 from workers import runtime
 from workers.context import JobContext, JobFailure, job_function
+from workers.oneshot import ModelMismatchError, OneshotModel, segment_oneshot, train_oneshot
+from workers.prompts import PromptTooLongError
+from workers.textseg import segment_text as run_text
 from workers.unsupervised import segment_unsupervised as run_diffseg
 
 
@@ -55,3 +58,79 @@ def segment_unsupervised(ctx: JobContext, payload: dict) -> dict:
     count = len(out.names)
     segments = segments_from_labels(out.labels, out.names, [None] * count, out.scores)
     return finish(ctx, payload["image"], segments, timings(out.timings_ms, started))
+
+
+@job_function("text")
+def segment_text(ctx: JobContext, payload: dict) -> dict:
+    rt = runtime.current()
+    params = dict(payload["params"])
+    classes = params.pop("classes")
+    if params["method"] != "selfcross" and rt.clip is None:
+        raise JobFailure("clip_unavailable", f"method {params['method']} needs a CLIP model and this worker runs "
+                                             "without one (ATTNSEG_CLIP_MODEL=none)")
+    ctx.update_params(sd_model=rt.sd.model_id, clip_model=rt.clip.name if rt.clip else None)
+    image = fetch_image(ctx, payload["image"])
+    try:
+        out = run_text(rt.sd, rt.clip, image, classes, report=ctx.report, **params)
+    except PromptTooLongError as exc:
+        raise JobFailure("prompt_too_long", str(exc)) from None
+    started = time.perf_counter()
+    names = ["background", *classes]
+    ids = list(range(len(names)))
+    segments = segments_from_labels(out.labels, names, ids, [out.scores.get(i) for i in ids])
+    return finish(ctx, payload["image"], segments, timings(out.timings_ms, started), labels=names,
+                  passes=out.passes)
+
+
+def mark_model_failed(ctx: JobContext, payload: dict, error: dict) -> None:
+    oneshot_store.update(ctx.connection, payload["model_id"], status="failed", error=error)
+
+
+@job_function("oneshot_train", on_error=mark_model_failed)
+def oneshot_train(ctx: JobContext, payload: dict) -> dict:
+    rt = runtime.current()
+    params = payload["params"]
+    model_id = payload["model_id"]
+    record = oneshot_store.update(ctx.connection, model_id, sd_model=rt.sd.model_id)
+    if record is None:
+        raise JobFailure("model_deleted", f"model {model_id} was deleted before its training started")
+    ctx.update_params(sd_model=rt.sd.model_id)
+    examples = [(fetch_image(ctx, e["image"]), fetch_image(ctx, e["mask"])) for e in payload["examples"]]
+    model = train_oneshot(rt.sd, [image for image, _ in examples], [mask.astype(np.int64) for _, mask in examples],
+                          record["labels"], epochs=params["epochs"], learning_rate=params["learning_rate"],
+                          seed=params["seed"], resolution=params["resolution"], min_crop=params["min_crop"],
+                          report=ctx.report)
+    if oneshot_store.update(ctx.connection, model_id, status="ready", artefact=model.to_json(),
+                            metrics=model.metrics) is None:
+        raise JobFailure("model_deleted", f"model {model_id} was deleted during its training")
+    return {"model_id": model_id, "labels": ["background", *record["labels"]], "metrics": model.metrics,
+            "random_weights": rt.sd.random_weights}
+
+
+def ready_model(connection, model_id: str) -> OneshotModel:
+    record = oneshot_store.get(connection, model_id)
+    if record is None:
+        raise JobFailure("model_deleted", f"one-shot model {model_id} does not exist (deleted)")
+    if record["status"] != "ready":
+        reason = (record.get("error") or {}).get("message", "its training did not finish")
+        raise JobFailure("model_failed", f"one-shot model {model_id} is not usable: {reason}")
+    return OneshotModel.from_json(record["artefact"])
+
+
+@job_function("oneshot_segment")
+def oneshot_segment(ctx: JobContext, payload: dict) -> dict:
+    rt = runtime.current()
+    params = payload["params"]
+    model = ready_model(ctx.connection, payload["model_id"])
+    ctx.update_params(sd_model=rt.sd.model_id)
+    image = fetch_image(ctx, payload["image"])
+    try:
+        out = segment_oneshot(rt.sd, model, image, crops_per_side=params["crops_per_side"], seed=params["seed"],
+                              resolution=params["resolution"], report=ctx.report)
+    except ModelMismatchError as exc:
+        raise JobFailure("model_mismatch", str(exc)) from None
+    started = time.perf_counter()
+    names = ["background", *model.labels]
+    ids = list(range(len(names)))
+    segments = segments_from_labels(out.labels, names, ids, [out.scores.get(i) for i in ids])
+    return finish(ctx, payload["image"], segments, timings(out.timings_ms, started), labels=names)

@@ -6,7 +6,10 @@ import logging
 from dataclasses import dataclass
 
 from attnseg.settings import Settings
+from workers.clip import Clip, load_clip
 from workers.models import StableDiffusion, load_stable_diffusion
+
+NO_CLIP = "none"
 
 log = logging.getLogger("attnseg.worker")
 
@@ -15,9 +18,12 @@ log = logging.getLogger("attnseg.worker")
 class Runtime:
     settings: Settings
     sd: StableDiffusion
+    clip: Clip | None  # None when ATTNSEG_CLIP_MODEL=none: the gem methods are then refused
 
     def describe(self) -> dict:
-        return self.sd.describe()
+        clip = self.clip.describe() if self.clip else {"clip_model": None}
+        return {**self.sd.describe(), **clip,
+                "random_weights": self.sd.random_weights or bool(self.clip and self.clip.random_weights)}
 
 
 _runtime: Runtime | None = None
@@ -27,7 +33,12 @@ def load_runtime(settings: Settings) -> Runtime:
     log.info("loading %s on %s (%s)", settings.sd_model, settings.device, settings.dtype)
     sd = load_stable_diffusion(settings.sd_model, device=settings.device, dtype=settings.dtype,
                                cache_dir=settings.cache_dir)
-    return Runtime(settings=settings, sd=sd)
+    clip = None
+    if settings.clip_model != NO_CLIP:
+        log.info("loading CLIP %s (%s)", settings.clip_model, settings.clip_pretrained)
+        clip = load_clip(settings.clip_model, settings.clip_pretrained, device=sd.device, dtype=sd.dtype,
+                         cache_dir=settings.cache_dir)
+    return Runtime(settings=settings, sd=sd, clip=clip)
 
 
 def install(runtime: Runtime) -> None:

@@ -1,4 +1,4 @@
-"""POST /segment/unsupervised (DiffSeg)."""
+"""POST /segment/unsupervised (DiffSeg) and POST /segment/text (class names)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 
 from attnseg.settings import Settings
 from service.deps import get_redis, get_settings, require_api_key
-from service.schemas import ErrorResponse, Job, UnsupervisedParams
+from service.schemas import ErrorResponse, Job, TextParams, UnsupervisedParams
 from service.submissions import openapi_body, read_submission, validate_params
 from service.submit import image_entry, submit_job
 from service.uploads import decode_rgb
@@ -26,13 +26,29 @@ async def segment_unsupervised(request: Request, response: Response,
 
     Answers 202 with the job; poll `GET /jobs/{id}`. Pass `vocabulary` to name the segments.
     """
-    submission = await read_submission(request, UnsupervisedParams, ("image",))
-    params = validate_params(UnsupervisedParams, submission.fields)
+    return await submit_one_image(request, response, settings, connection, UnsupervisedParams, "unsupervised")
+
+
+@router.post("/text", status_code=202, response_model=Job, responses=SUBMIT_ERRORS,
+             openapi_extra=openapi_body(TextParams, {"image": False}),
+             summary="Segment an image into the given classes")
+async def segment_text(request: Request, response: Response,
+                       settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+    """One segment per class found, plus background (`label_id` 0); `labels` lists every class asked for.
+
+    Methods: `selfcross` (default), `gem`, `gem_refined`, `cluster`. Answers 202 with the job.
+    """
+    return await submit_one_image(request, response, settings, connection, TextParams, "text")
+
+
+async def submit_one_image(request: Request, response: Response, settings: Settings, connection, model, kind: str):
+    submission = await read_submission(request, model, ("image",))
+    params = validate_params(model, submission.fields)
     data = submission.one_file("image")
 
     def store_and_enqueue():
         image = decode_rgb(data, max_pixels=settings.max_image_pixels)
         payload = {"image": image_entry(connection, image, settings), "params": params.model_dump()}
-        return submit_job(connection, settings, response, "unsupervised", payload)
+        return submit_job(connection, settings, response, kind, payload)
 
     return await run_in_threadpool(store_and_enqueue)

@@ -1,0 +1,168 @@
+"""One-shot part segmentation (SLiMe): train from annotated images, then segment new ones."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request, Response
+from PIL import Image
+from rq.exceptions import NoSuchJobError
+from rq.job import Job as RQJob
+from rq.serializers import JSONSerializer
+from starlette.concurrency import run_in_threadpool
+
+from attnseg import oneshot_store
+from attnseg.queue import cancel_key
+from attnseg.settings import Settings
+from service.deps import get_redis, get_settings, require_api_key
+from service.errors import ApiError
+from service.job_view import job_view
+from service.schemas import ErrorResponse, Job, OneshotModel, OneshotModelList, OneshotSegmentParams, TrainParams
+from service.submissions import openapi_body, read_submission, validate_params
+from service.submit import image_entry, submit_job
+from service.uploads import decode_mask, decode_rgb
+
+router = APIRouter(prefix="/oneshot", tags=["oneshot"], dependencies=[Depends(require_api_key)])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 429)}
+
+
+def check_mask(mask: np.ndarray, image: Image.Image, num_classes: int, field: str) -> None:
+    """Each error names the file and the problem; nothing is stored or queued before all pass."""
+    if mask.shape != (image.height, image.width):
+        raise ApiError(422, "invalid_mask", f"{field} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                                            f"{image.width}x{image.height}; a mask must have its image's size",
+                       field=field)
+    values = np.unique(mask)
+    outside = values[(values < 0) | (values >= num_classes)]
+    if outside.size:
+        raise ApiError(422, "invalid_mask", f"{field} has class ids {outside[:8].tolist()} but `labels` names "
+                                            f"{num_classes - 1} parts: ids must be 0 (background) to "
+                                            f"{num_classes - 1}", field=field)
+    if not (values > 0).any():
+        raise ApiError(422, "invalid_mask", f"{field} has no part pixel (all background)", field=field)
+
+
+def model_view(connection, record: dict, settings: Settings) -> dict:
+    """The stored record, with a training that ended without the worker saying so shown as failed."""
+    view = {**record, "labels": ["background", *record["labels"]], "progress": None}
+    view.pop("artefact", None)  # the vectors stay in Redis; workers read them
+    if record["status"] == "training":
+        try:
+            job = job_view(connection, RQJob.fetch(record["train_job_id"], connection=connection,
+                                                   serializer=JSONSerializer), settings)
+        except NoSuchJobError:
+            job = {"status": "failed", "progress": None,
+                   "error": {"code": "expired", "message": "the training job no longer exists"}}
+        view["progress"] = job["progress"]
+        if job["status"] in ("failed", "canceled"):
+            view["status"] = "failed"
+            view["error"] = job["error"] or {"code": "canceled", "message": "training was canceled"}
+    return view
+
+
+def get_record(connection, model_id: str) -> dict:
+    record = oneshot_store.get(connection, model_id)
+    if record is None:
+        raise ApiError(404, "not_found", f"no one-shot model with id '{model_id}'", field="model_id")
+    return record
+
+
+@router.post("/train", status_code=202, response_model=Job, responses=ERRORS,
+             openapi_extra=openapi_body(TrainParams, {"images": True, "masks": True}),
+             summary="Train a one-shot part model (SLiMe) from images and label masks")
+async def train(request: Request, response: Response, settings: Settings = Depends(get_settings),
+                connection=Depends(get_redis)):
+    """`images[i]` with `masks[i]` (a PNG of class ids, 0 = background, same size), `labels` naming ids 1..K-1.
+
+    Answers 202 with the training job and its `model_id` at once; the model is usable when ready
+    (segment jobs submitted earlier wait for it).
+    """
+    submission = await read_submission(request, TrainParams, ("images", "masks"))
+    params = validate_params(TrainParams, submission.fields)
+    images, masks = submission.files.get("images", []), submission.files.get("masks", [])
+    if not images:
+        raise ApiError(422, "invalid_field", "at least one file in `images` is required", field="images")
+    if len(images) != len(masks):
+        raise ApiError(422, "invalid_field", f"{len(images)} images but {len(masks)} masks: give one mask per image, "
+                                             "in the same order", field="masks")
+
+    def validate_store_enqueue():
+        decoded = []
+        for index, ((image_name, image_data), (mask_name, mask_data)) in enumerate(zip(images, masks)):
+            image = decode_rgb(image_data, max_pixels=settings.max_image_pixels,
+                               field=f"images[{index}] ({image_name})")
+            mask = decode_mask(mask_data, max_pixels=settings.max_image_pixels, field=f"masks[{index}] ({mask_name})")
+            check_mask(mask, image, len(params.labels) + 1, f"masks[{index}] ({mask_name})")
+            decoded.append((image, Image.fromarray(mask.astype(np.uint8), mode="L")))
+        entries = [{"image": image_entry(connection, image, settings), "mask": image_entry(connection, mask, settings)}
+                   for image, mask in decoded]
+        model_id, job_id = uuid.uuid4().hex, uuid.uuid4().hex
+        oneshot_store.create(connection, model_id, labels=params.labels, params=params.model_dump(),
+                             train_job_id=job_id)
+        payload = {"model_id": model_id, "examples": entries, "params": {**params.model_dump(), "model_id": model_id}}
+        try:
+            return submit_job(connection, settings, response, "oneshot_train", payload, job_id=job_id,
+                              extra_meta={"model_id": model_id})
+        except ApiError:
+            oneshot_store.delete(connection, model_id)
+            raise
+
+    return await run_in_threadpool(validate_store_enqueue)
+
+
+@router.get("", response_model=OneshotModelList)
+def list_models(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
+                settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+    """Models, newest first."""
+    records = [oneshot_store.get(connection, i) for i in oneshot_store.list_ids(connection, offset=offset, limit=limit)]
+    return {"models": [model_view(connection, r, settings) for r in records if r is not None],
+            "total": oneshot_store.count(connection)}
+
+
+@router.get("/{model_id}", response_model=OneshotModel, responses=ERRORS)
+def get_model(model_id: str, settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+    return model_view(connection, get_record(connection, model_id), settings)
+
+
+@router.delete("/{model_id}", status_code=204, response_class=Response, responses=ERRORS)
+def delete_model(model_id: str, settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+    """Deletes the model; a training still under way is canceled. Segment jobs waiting for it fail."""
+    record = get_record(connection, model_id)
+    if record["status"] == "training":
+        try:
+            job = RQJob.fetch(record["train_job_id"], connection=connection, serializer=JSONSerializer)
+            if job_view(connection, job, settings)["status"] == "queued":
+                job.cancel()
+            connection.set(cancel_key(job.id), 1, ex=settings.result_ttl_s)
+        except NoSuchJobError:
+            pass
+    oneshot_store.delete(connection, model_id)
+    return Response(status_code=204)
+
+
+@router.post("/{model_id}/segment", status_code=202, response_model=Job, responses=ERRORS,
+             openapi_extra=openapi_body(OneshotSegmentParams, {"image": False}),
+             summary="Segment an image into a one-shot model's parts")
+async def segment(model_id: str, request: Request, response: Response, settings: Settings = Depends(get_settings),
+                  connection=Depends(get_redis)):
+    """One segment per part present, named by the model's labels. Allowed while the model trains."""
+    submission = await read_submission(request, OneshotSegmentParams, ("image",))
+    params = validate_params(OneshotSegmentParams, submission.fields)
+    data = submission.one_file("image")
+
+    def store_and_enqueue():
+        view = model_view(connection, get_record(connection, model_id), settings)
+        if view["status"] == "failed":
+            raise ApiError(409, "model_failed", f"model {model_id} failed training: "
+                                                f"{(view['error'] or {}).get('message', 'unknown error')}")
+        filled = {**params.model_dump(), "model_id": model_id,
+                  "crops_per_side": params.crops_per_side or view["params"]["crops_per_side"],
+                  "resolution": params.resolution or view["params"]["resolution"]}
+        image = decode_rgb(data, max_pixels=settings.max_image_pixels)
+        payload = {"model_id": model_id, "image": image_entry(connection, image, settings), "params": filled}
+        after = view["train_job_id"] if view["status"] == "training" else None
+        return submit_job(connection, settings, response, "oneshot_segment", payload, after=after,
+                          extra_meta={"model_id": model_id})
+
+    return await run_in_threadpool(store_and_enqueue)
