@@ -134,6 +134,10 @@ def cmd_openapi(args) -> None:
 def cmd_evaluate(args) -> None:
     from workers.evaluate import main as evaluate_main
 
+    required = {"text": ("classes",), "oneshot": ("parts", "train_images", "train_masks")}
+    missing = [f"--{name.replace('_', '-')}" for name in required.get(args.protocol, ()) if not getattr(args, name)]
+    if missing:
+        sys.exit(f"evaluate {args.protocol} needs {', '.join(missing)}")
     evaluate_main(args)
 
 
@@ -166,15 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     openapi.set_defaults(func=cmd_openapi)
 
     evaluate = sub.add_parser("evaluate", help="score a method on a folder of images and label PNGs")
-    evaluate.add_argument("protocol", choices=["unsupervised"], help="methods.md section 4")
+    evaluate.add_argument("protocol", choices=["unsupervised", "text", "oneshot"], help="methods.md section 4")
     evaluate.add_argument("--images", type=Path, required=True, help="folder of images (jpg/png/webp)")
     evaluate.add_argument("--labels", type=Path, required=True,
                           help="folder of label PNGs with the same stems; 255 = ignore")
-    evaluate.add_argument("--num-classes", type=int, required=True, help="ground-truth classes (27 for COCO-Stuff-27)")
-    evaluate.add_argument("--kl-threshold", type=float, default=1.1, help="1.1 reproduces COCO-Stuff-27")
     evaluate.add_argument("--resolution", type=int, default=512)
     evaluate.add_argument("--limit", type=int, help="only the first N images")
-    evaluate.add_argument("--output", type=Path, help="write the scores as JSON here")
+    evaluate.add_argument("--output", type=Path, help="write the scores as JSON here too")
+    evaluate.add_argument("--num-classes", type=int, default=27, help="unsupervised: ground-truth classes")
+    evaluate.add_argument("--kl-threshold", type=float, default=1.1, help="unsupervised: 1.1 for COCO-Stuff-27")
+    evaluate.add_argument("--classes", help="text: comma-separated class names; label i = i-th class, 0 background")
+    evaluate.add_argument("--method", default="selfcross", choices=["selfcross", "gem", "gem_refined", "cluster"])
+    evaluate.add_argument("--parts", help="oneshot: comma-separated part names for mask values 1..K-1")
+    evaluate.add_argument("--train-images", type=Path, nargs="+", help="oneshot: training image(s)")
+    evaluate.add_argument("--train-masks", type=Path, nargs="+", help="oneshot: their label masks")
+    evaluate.add_argument("--epochs", type=int, default=200, help="oneshot: training epochs")
+    evaluate.add_argument("--crops-per-side", type=int, default=1, choices=[1, 2], help="oneshot")
     evaluate.set_defaults(func=cmd_evaluate)
     return parser
 

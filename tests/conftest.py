@@ -54,3 +54,13 @@ def make_client(redis_server):
 @pytest.fixture
 def client(make_client):
     return make_client()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """The tiny random CLIP (ViT-B/16 topology, tiny widths) on CPU in fp32, built once per session."""
+    import torch
+
+    from workers.clip import load_clip
+
+    return load_clip("tiny-random", device="cpu", dtype=torch.float32, cache_dir=tmp_path_factory.mktemp("clip"))

@@ -6,6 +6,7 @@ and the queue's behaviour when Redis restarts or a worker dies.
 """
 
 import io
+import json
 import os
 import signal
 import time
@@ -151,3 +152,22 @@ def test_cancel_a_running_job(stack, http):
     ended = wait_job(http, job["id"])
     assert ended["status"] == "canceled"  # the 1024 px UNet pass outlasts the request; the next step stops
     assert ended["finished_at"] is not None and ended["result"] is None
+
+
+@pytest.mark.parametrize("method", ["selfcross", "gem", "gem_refined", "cluster"])
+def test_text_job_end_to_end(http, method):
+    classes = ["dog", "person with clothes", "grass"]
+    response = http.post("/segment/text", files={"image": ("i.png", image_bytes(150, 100), "image/png")},
+                         data={"classes": json.dumps(classes), "method": method, "resolution": "256", "seed": "1"})
+    assert response.status_code == 202, response.text
+    done = wait_job(http, response.json()["id"])
+    assert done["status"] == "succeeded", done
+    assert done["params"]["clip_model"] == "tiny-random"
+    result = done["result"]
+    assert result["labels"] == ["background", *classes]
+    masks = decode_all(result)
+    np.testing.assert_array_equal(np.sum(masks, axis=0), 1)  # one segment per label present: a partition
+    for segment, mask in zip(result["segments"], masks):
+        assert segment["label"] == result["labels"][segment["label_id"]]
+        assert segment["area"] == int(mask.sum()) and isinstance(segment["score"], float)
+    assert len({s["label_id"] for s in result["segments"]}) == len(result["segments"])

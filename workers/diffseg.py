@@ -235,13 +235,14 @@ def refine_proposals(
 
 
 def proposals_to_labels(
-    proposals: torch.Tensor, output_size: tuple[int, int] | None = None
+    proposals: torch.Tensor, output_size: tuple[int, int] | None = None, mode: str = "bilinear"
 ) -> torch.Tensor:
     """Non-maximum suppression (step 8): pixel-wise argmax of the upsampled proposals.
 
     Args:
         proposals: (K, R*R) maps.
         output_size: (H, W); defaults to (R, R).
+        mode: the upsampling, "bilinear" (DiffSeg) or "bicubic" (AggGEM's class maps).
 
     Returns:
         (H, W) int64 labels: index of the proposal with the highest upsampled value (bilinear,
@@ -258,7 +259,7 @@ def proposals_to_labels(
     for start in range(0, maps.shape[1], UPSAMPLE_CHUNK):
         chunk = maps[:, start:start + UPSAMPLE_CHUNK]
         if size != (side, side):
-            chunk = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)
+            chunk = F.interpolate(chunk, size=size, mode=mode, align_corners=False)
         value, index = chunk[0].max(0)
         index += start
         if best_value is None:

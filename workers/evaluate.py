@@ -2,6 +2,10 @@
 
 Images and labels are paired by file stem. Both are centre-cropped square and resized to the
 working resolution (labels nearest), as the COCO-Stuff-27 protocol does; 255 in a label is ignored.
+- unsupervised: per-image Hungarian matching, pixel accuracy and mIoU.
+- text: labels hold 0 = background and i = the i-th class of --classes; confusion matrix, mIoU.
+- oneshot: train on --train-images/--train-masks, then per-part IoU per image, averaged over the
+  images where the part occurs.
 """
 
 from __future__ import annotations
@@ -16,9 +20,8 @@ import numpy as np
 from PIL import Image
 
 from attnseg.settings import get_settings
-from workers.metrics import UnsupervisedScore
+from workers.metrics import ConfusionScore, PartIoUScore, UnsupervisedScore
 from workers.models import load_stable_diffusion
-from workers.unsupervised import segment_unsupervised
 
 log = logging.getLogger("attnseg.evaluate")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -51,30 +54,72 @@ def load_pair(image_path: Path, label_path: Path, size: int) -> tuple[np.ndarray
         return np.asarray(rgb), np.asarray(gt).astype(np.int64)
 
 
-def evaluate_unsupervised(sd, pairs, *, num_classes: int, kl_threshold: float, resolution: int) -> dict:
-    score = UnsupervisedScore(num_classes)
+def score_dataset(pairs, resolution: int, score, predict) -> dict:
+    """Runs `predict(rgb) -> labels` over the pairs, adding each to `score`."""
     started = time.perf_counter()
     for index, (image_path, label_path) in enumerate(pairs):
         rgb, gt = load_pair(image_path, label_path, resolution)
-        out = segment_unsupervised(sd, rgb, kl_threshold=kl_threshold, resolution=resolution)
-        score.add(out.labels, gt)
-        log.info("%d/%d %s: %d segments", index + 1, len(pairs), image_path.name, len(out.names))
-    result = score.result()
-    return {"protocol": "unsupervised", "images": len(pairs), "kl_threshold": kl_threshold,
-            "pixel_accuracy": result["pixel_accuracy"], "miou": result["miou"],
-            "per_class_iou": [None if np.isnan(v) else v for v in np.asarray(result["per_class_iou"]).tolist()],
-            "seconds_per_image": (time.perf_counter() - started) / len(pairs)}
+        score.add(predict(rgb), gt)
+        log.info("%d/%d %s", index + 1, len(pairs), image_path.name)
+    result = {key: plain(value) for key, value in score.result().items()}
+    return {**result, "images": len(pairs), "seconds_per_image": (time.perf_counter() - started) / len(pairs)}
+
+
+def plain(value):
+    """numpy results -> JSON (NaN, a class never seen, becomes null)."""
+    if isinstance(value, np.ndarray):
+        return [plain(v) for v in value.tolist()]
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value
+
+
+def evaluate(args, sd, clip_loader) -> dict:
+    pairs = dataset_pairs(args.images, args.labels)[: args.limit]
+    if args.protocol == "unsupervised":
+        from workers.unsupervised import segment_unsupervised
+
+        result = score_dataset(pairs, args.resolution, UnsupervisedScore(args.num_classes),
+                               lambda rgb: segment_unsupervised(sd, rgb, kl_threshold=args.kl_threshold,
+                                                                resolution=args.resolution).labels)
+        return {"protocol": "unsupervised", "kl_threshold": args.kl_threshold, **result}
+    if args.protocol == "text":
+        from workers.textseg import segment_text
+
+        classes = [c.strip() for c in args.classes.split(",")]
+        clip = clip_loader() if args.method != "selfcross" else None
+        result = score_dataset(pairs, args.resolution, ConfusionScore(len(classes) + 1),
+                               lambda rgb: segment_text(sd, clip, rgb, classes, method=args.method,
+                                                        resolution=args.resolution).labels)
+        return {"protocol": "text", "method": args.method, "classes": ["background", *classes], **result}
+    from workers.oneshot import segment_oneshot, train_oneshot
+
+    parts = [p.strip() for p in args.parts.split(",")]
+    examples = [load_pair(i, m, args.resolution) for i, m in zip(args.train_images, args.train_masks, strict=True)]
+    model = train_oneshot(sd, [rgb for rgb, _ in examples], [mask for _, mask in examples], parts,
+                          epochs=args.epochs, resolution=args.resolution)
+    result = score_dataset(pairs, args.resolution, PartIoUScore(len(parts) + 1),
+                           lambda rgb: segment_oneshot(sd, model, rgb, crops_per_side=args.crops_per_side,
+                                                       resolution=args.resolution).labels)
+    return {"protocol": "oneshot", "parts": ["background", *parts], "train_iou": model.metrics.get("train_iou"),
+            **result}
 
 
 def main(args) -> dict:
     settings = get_settings()
     sd = load_stable_diffusion(settings.sd_model, device=settings.device, dtype=settings.dtype,
                                cache_dir=settings.cache_dir)
-    pairs = dataset_pairs(args.images, args.labels)[: args.limit]
-    result = evaluate_unsupervised(sd, pairs, num_classes=args.num_classes, kl_threshold=args.kl_threshold,
-                                   resolution=args.resolution)
-    result["sd_model"] = sd.model_id
-    result["random_weights"] = sd.random_weights
+
+    def clip_loader():
+        from workers.clip import load_clip
+
+        return load_clip(settings.clip_model, settings.clip_pretrained, device=sd.device, dtype=sd.dtype,
+                         cache_dir=settings.cache_dir)
+
+    result = evaluate(args, sd, clip_loader)
+    result.update(sd_model=sd.model_id, random_weights=sd.random_weights, resolution=args.resolution)
     document = json.dumps(result, indent=2)
     if args.output:
         args.output.write_text(document + "\n")
