@@ -54,7 +54,7 @@ def start_local_redis(url: str, data_dir: Path) -> subprocess.Popen:
     data_dir.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen([binary, "--port", str(parsed.port or 6379), "--bind", parsed.hostname or "127.0.0.1",
                                 "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
-                                "--maxmemory-policy", "noeviction", "--save", ""])
+                                "--maxmemory-policy", "noeviction", "--save", ""], start_new_session=True)
     for _ in range(50):
         if redis_answers(url):
             return process
@@ -78,29 +78,29 @@ def cmd_up(args) -> None:
             env.setdefault("ATTNSEG_CLIP_MODEL", "tiny-random")
     attnseg = [sys.executable, "-m", "attnseg.cli"]
     port = ["--port", str(args.port)] if args.port else []
-    children.append(subprocess.Popen([*attnseg, "worker"], env=env))
-    children.append(subprocess.Popen([*attnseg, "api", *port], env=env))
+    # Own sessions: Ctrl-C reaches only this process, which then stops the children in order.
+    children.append(subprocess.Popen([*attnseg, "worker"], env=env, start_new_session=True))
+    children.append(subprocess.Popen([*attnseg, "api", *port], env=env, start_new_session=True))
     stop = False
 
     def request_stop(*_):
         nonlocal stop
         stop = True
 
+    signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    try:
-        while not stop and all(child.poll() is None for child in children):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+    while not stop and all(child.poll() is None for child in children):
+        time.sleep(0.5)
+    # API first (no new jobs), then the worker (RQ finishes its job), Redis last.
     for child in reversed(children):
         if child.poll() is None:
-            child.send_signal(signal.SIGINT)
-    for child in reversed(children):
+            child.terminate()
         try:
-            child.wait(timeout=30)
+            child.wait(timeout=60)
         except subprocess.TimeoutExpired:
             child.kill()
-    failed = [child.args for child in children if child.returncode not in (0, -2, -15, 130, None)]
+            child.wait()
+    failed = [child.args for child in children if child.returncode not in (0, -2, -15, 130)]
     if failed:
         sys.exit(f"stopped; a process exited with an error: {failed}")
 

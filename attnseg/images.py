@@ -40,4 +40,4 @@ def load_image(connection, key: str) -> np.ndarray:
     if data is None:
         raise ImageMissingError(f"the uploaded image {key} has expired; upload it again")
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image)
+        return np.array(image)  # writable: torch.from_numpy warns on read-only arrays

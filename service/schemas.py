@@ -6,7 +6,7 @@ import secrets
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_serializer, model_validator
 
 MAX_WORDS = 32
 Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
@@ -147,10 +147,14 @@ class OneshotModelList(BaseModel):
 class Progress(BaseModel):
     stage: str
     fraction: float = Field(ge=0, le=1)
-    epoch: int | None = None
+    epoch: int | None = Field(None, description="Training only, like epochs, loss and best_iou.")
     epochs: int | None = None
     loss: float | None = None
     best_iou: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_what_applies(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class JobErrorBody(BaseModel):

@@ -37,7 +37,7 @@ BACKGROUND_OFFSET = 0.8
 
 def preprocess(clip: Clip, image: np.ndarray, size: int = GEM_IMAGE_SIZE) -> Tensor:
     """uint8 RGB (H, W, 3) -> (1, 3, size, size): bicubic resize (aspect not kept), CLIP mean/std."""
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255
     # antialias: like PIL's bicubic when shrinking; clamp: bicubic overshoots, PIL clips to uint8.
     pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     pixels = pixels.clamp(0, 1)

@@ -1,0 +1,46 @@
+"""`attnseg up`, the README's second command: Redis + API + worker, stopped cleanly by Ctrl-C."""
+
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.support import ROOT, free_port, image_bytes, wait_for, worker_env
+from workers.tiny_random import build_tiny_random
+
+pytestmark = pytest.mark.slow
+
+
+def test_up_starts_the_stack_and_ctrl_c_stops_everything(tmp_path):
+    cache = tmp_path / "cache"
+    build_tiny_random(cache / "tiny-random")
+    redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing answers there: `up` starts its own redis-server
+    port = free_port()
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen([sys.executable, "-m", "attnseg.cli", "up", "--model", "tiny-random", "--port", str(port)],
+                          cwd=ROOT, env=worker_env(redis_url, cache), stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def ready():
+            try:
+                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=240, message="the stack to be ready")
+        job = httpx.post(f"{base}/segment/unsupervised", files={"image": ("i.png", image_bytes(64, 48), "image/png")},
+                         data={"resolution": "256"}).json()
+        done = httpx.get(f"{base}/jobs/{job['id']}", params={"wait": 60}, timeout=90).json()
+        assert done["status"] == "succeeded", done
+        assert (cache / "redis" / "appendonlydir").exists()  # the local Redis keeps an AOF
+    finally:
+        up.send_signal(signal.SIGINT)
+        code = up.wait(timeout=120)
+    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{base}/healthz", timeout=2)
+    leftover = subprocess.run(["pgrep", "-f", f"--port {port}|{redis_url.split(':')[2].split('/')[0]}"],
+                              capture_output=True, text=True).stdout.split()
+    assert leftover == []
