@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     worker_heartbeat_s: int = Field(10, gt=0, description="How often a worker says it is alive.")
     worker_lost_after_s: int = Field(60, gt=0, description="Silence after which a running job is failed.")
     warmup: bool = True
+    torch_threads: int | None = Field(None, gt=0, description="CPU threads per worker (torch.set_num_threads); "
+                                                              "unset: torch's default. Set 1-2 when workers share "
+                                                              "a CPU host: oversubscription slows them 2-20x.")
 
     # API.
     api_host: str = "127.0.0.1"

@@ -127,6 +127,11 @@ class Stack:
                                     cwd=ROOT, env=worker_env(self.redis.url, self.cache_dir), stdout=log,
                                     stderr=subprocess.STDOUT)
 
+    def restart_api(self) -> None:
+        self.api.terminate()
+        self.api.wait(timeout=10)
+        self.start_api()
+
     def start_worker(self) -> subprocess.Popen:
         worker = start_worker(self.redis.url, self.cache_dir, self.directory / "worker.log")
         self.workers.append(worker)

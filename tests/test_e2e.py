@@ -171,3 +171,93 @@ def test_text_job_end_to_end(http, method):
         assert segment["label"] == result["labels"][segment["label_id"]]
         assert segment["area"] == int(mask.sum()) and isinstance(segment["score"], float)
     assert len({s["label_id"] for s in result["segments"]}) == len(result["segments"])
+
+
+def two_part_example(width=128, height=96) -> tuple[bytes, bytes]:
+    """A two-colour picture and its mask: parts 1 (left) and 2 (right) under a background band."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, : width // 2] = (220, 40, 40)
+    pixels[:, width // 2 :] = (40, 60, 220)
+    pixels[:16] = (20, 20, 20)
+    mask = np.zeros((height, width), np.uint8)
+    mask[16:, : width // 2] = 1
+    mask[16:, width // 2 :] = 2
+    encoded = []
+    for array in (pixels, mask):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return encoded[0], encoded[1]
+
+
+def train(http, epochs=15) -> dict:
+    image, mask = two_part_example()
+    response = http.post("/oneshot/train", files=[("images", ("car.png", image, "image/png")),
+                                                  ("masks", ("car_mask.png", mask, "image/png"))],
+                         data={"labels": '["left", "right"]', "epochs": str(epochs), "resolution": "256", "seed": "0"})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def segment_with(http, model_id: str) -> dict:
+    image, _ = two_part_example()
+    response = http.post(f"/oneshot/{model_id}/segment", files={"image": ("new.png", image, "image/png")},
+                         data={"seed": "0"})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_oneshot_train_progress_segment_and_restarts(stack, http):
+    job = train(http)
+    model_id = job["model_id"]
+    waiting = segment_with(http, model_id)  # allowed while the model trains: it waits for it
+
+    seen_epochs = set()
+
+    def trained():
+        view = http.get(f"/jobs/{job['id']}").json()
+        if view["status"] == "running" and "epoch" in view["progress"]:
+            seen_epochs.add(view["progress"]["epoch"])
+            assert view["progress"]["epochs"] == 15 and view["progress"]["stage"] == "training"
+        return view["status"] in ("succeeded", "failed") and view
+
+    done = wait_for(trained, timeout=600, interval=0.2, message="training")
+    assert done["status"] == "succeeded", done
+    assert seen_epochs, "training progress was never reported"
+    model = http.get(f"/oneshot/{model_id}").json()
+    assert model["status"] == "ready" and model["sd_model"] == "tiny-random"
+    assert model["labels"] == ["background", "left", "right"] and 0 <= model["metrics"]["train_iou"] <= 1
+
+    first = wait_job(http, waiting["id"])
+    assert first["status"] == "succeeded", first
+    result = first["result"]
+    assert result["labels"] == ["background", "left", "right"] and first["model_id"] == model_id
+    masks = decode_all(result)
+    assert all(mask.shape == (96, 128) for mask in masks)
+    np.testing.assert_array_equal(np.sum(masks, axis=0), 1)
+    for segment in result["segments"]:
+        assert segment["label"] == result["labels"][segment["label_id"]]
+
+    stack.restart_api()  # nothing about models lives in the API process
+    wait_for(lambda: stack.ready_workers() >= 1, timeout=60, message="the API back")
+    stack.redis.restart()  # AOF: the model's record and vectors come back
+    assert http.get(f"/oneshot/{model_id}").json()["status"] == "ready"
+    again = wait_job(http, segment_with(http, model_id)["id"])
+    assert again["status"] == "succeeded", again
+    assert again["result"]["segments"] == result["segments"]  # same seed, same masks
+
+    assert http.delete(f"/oneshot/{model_id}").status_code == 204
+    assert http.get(f"/oneshot/{model_id}").status_code == 404
+    assert http.post(f"/oneshot/{model_id}/segment",
+                     files={"image": ("x.png", two_part_example()[0], "image/png")}).status_code == 404
+
+
+def test_segment_waiting_for_a_deleted_model_fails_clearly(stack, http):
+    job = train(http, epochs=200)
+    waiting = segment_with(http, job["model_id"])
+    wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "running", timeout=120, interval=0.1,
+             message="training to start")
+    assert http.delete(f"/oneshot/{job['model_id']}").status_code == 204
+    assert wait_job(http, job["id"])["status"] == "canceled"
+    failed = wait_job(http, waiting["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "model_deleted"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+
+import torch
 from dataclasses import dataclass
 
 from attnseg.settings import Settings
@@ -30,6 +32,8 @@ _runtime: Runtime | None = None
 
 
 def load_runtime(settings: Settings) -> Runtime:
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     log.info("loading %s on %s (%s)", settings.sd_model, settings.device, settings.dtype)
     sd = load_stable_diffusion(settings.sd_model, device=settings.device, dtype=settings.dtype,
                                cache_dir=settings.cache_dir)

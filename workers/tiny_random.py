@@ -4,6 +4,9 @@ The topology is the real SD 1.x one (methods.md 0.2: 16 transformer blocks at gr
 R/8; a VAE that downsamples by 8; a 77-token CLIP text encoder with the real BPE vocabulary), only
 the widths are small, so every code path that works here works on the real weights. The pipeline
 is written in diffusers layout and loaded through the same `from_pretrained` calls as real weights.
+
+The same builder also makes the real SD 1.5 sizes with random weights ("sd15" in ARCHITECTURES):
+it costs what the real weights cost to run, so benchmarks need no download.
 """
 
 from __future__ import annotations
@@ -62,15 +65,30 @@ def clip_tokenizer():
     )
 
 
-def _text_encoder():
+# What differs between the tiny test model and the real SD 1.5 (the widths of its published
+# configs: UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M parameters); the block types, grids,
+# tokenizer and scheduler are shared. The UNet's cross-attention width is the text width.
+ARCHITECTURES = {
+    "tiny": {
+        "text": {"hidden_size": TEXT_WIDTH, "intermediate_size": 2 * TEXT_WIDTH, "num_hidden_layers": 2,
+                 "num_attention_heads": 2},
+        "unet": {"block_out_channels": (32, 32, 64, 64), "norm_num_groups": 8, "attention_head_dim": 2},
+        "vae": {"block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
+    },
+    "sd15": {
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+        "unet": {"block_out_channels": (320, 640, 1280, 1280), "norm_num_groups": 32, "attention_head_dim": 8},
+        "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32},
+    },
+}
+
+
+def _text_encoder(widths: dict):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=2 * TEXT_WIDTH,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **widths,
         max_position_embeddings=MAX_TOKENS,
         hidden_act="quick_gelu",
         bos_token_id=VOCAB_SIZE - 2,
@@ -80,7 +98,7 @@ def _text_encoder():
     return CLIPTextModel(config)
 
 
-def _unet():
+def _unet(widths: dict, cross_attention_dim: int):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -94,15 +112,13 @@ def _unet():
             "DownBlock2D",
         ),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 32, 64, 64),
         layers_per_block=2,
-        norm_num_groups=8,
-        cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=2,  # SD 1.x/2.x configs use this as the head count (methods.md 0.3)
+        cross_attention_dim=cross_attention_dim,
+        **widths,  # attention_head_dim: SD 1.x/2.x configs use it as the head count (methods.md 0.3)
     )
 
 
-def _vae():
+def _vae(widths: dict):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -110,9 +126,7 @@ def _vae():
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamplings: factor 8 like SD
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
+        **widths,
         latent_channels=4,
         sample_size=512,
         scaling_factor=0.18215,
@@ -150,28 +164,50 @@ def _model_index() -> dict:
     }
 
 
-def tiny_random_components(seed: int = 0) -> dict:
-    """The five components, weights drawn from torch.manual_seed(seed): same seed, same weights."""
+def random_components(architecture: str = "tiny", seed: int = 0) -> dict:
+    """The five components of an ARCHITECTURES entry, weights drawn from torch.manual_seed(seed).
+
+    Same architecture and seed, same weights. "sd15" takes about 4.3 GB of memory (fp32).
+    """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(ARCHITECTURES)}")
+    widths = ARCHITECTURES[architecture]
     # fork_rng: seeding must not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        components = {"unet": _unet(), "vae": _vae(), "text_encoder": _text_encoder()}
+        components = {
+            "unet": _unet(widths["unet"], cross_attention_dim=widths["text"]["hidden_size"]),
+            "vae": _vae(widths["vae"]),
+            "text_encoder": _text_encoder(widths["text"]),
+        }
     components["tokenizer"] = clip_tokenizer()
     components["scheduler"] = _scheduler()
     return components
 
 
-def _write_pipeline(directory: Path, seed: int) -> None:
-    for subfolder, component in tiny_random_components(seed).items():
+def tiny_random_components(seed: int = 0) -> dict:
+    """The five tiny components, weights drawn from torch.manual_seed(seed): same seed, same weights."""
+    return random_components("tiny", seed)
+
+
+def _write_pipeline(directory: Path, architecture: str, seed: int) -> None:
+    for subfolder, component in random_components(architecture, seed).items():
         component.save_pretrained(directory / subfolder)
     (directory / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
-    marker = {"random_weights": True, "seed": seed, "note": "attnseg tiny-random test model, not trained"}
+    marker = {"random_weights": True, "architecture": architecture, "seed": seed,
+              "note": f"attnseg {architecture} random-weights model, not trained"}
     (directory / RANDOM_WEIGHTS_MARKER).write_text(json.dumps(marker, indent=2))
 
 
 def build_tiny_random(path: Path, seed: int = 0) -> Path:
-    """Write the tiny random SD pipeline into `path` (diffusers layout) unless it is already there.
+    """Write the tiny random SD pipeline into `path` (diffusers layout) unless it is already there."""
+    return build_random(path, "tiny", seed)
 
+
+def build_random(path: Path, architecture: str = "tiny", seed: int = 0) -> Path:
+    """Write a random SD pipeline (an ARCHITECTURES entry) into `path` unless it is already there.
+
+    Diffusers layout, loadable with load_stable_diffusion(path); "sd15" writes 4.3 GB (fp32).
     Safe under concurrent builders: each builds in a private directory next to `path` and renames
     it into place; a builder that loses the race discards its copy.
     """
@@ -182,7 +218,7 @@ def build_tiny_random(path: Path, seed: int = 0) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared between users
     try:
-        _write_pipeline(staging, seed)
+        _write_pipeline(staging, architecture, seed)
         try:
             os.rename(staging, path)
         except OSError:

@@ -80,7 +80,7 @@ def warm_up(runtime: runtime_module.Runtime) -> float:
     """One real pass so the first user job does not pay for lazy initialisation."""
     started = time.perf_counter()
     image = np.full((64, 64, 3), 127, dtype=np.uint8)
-    segment_unsupervised(runtime.sd, image, resolution=256, grid=4)
+    segment_unsupervised(runtime.sd, image)  # the default resolution: the shapes most jobs will use
     return time.perf_counter() - started
 
 

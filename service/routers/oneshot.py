@@ -133,7 +133,7 @@ def delete_model(model_id: str, settings: Settings = Depends(get_settings), conn
         try:
             job = RQJob.fetch(record["train_job_id"], connection=connection, serializer=JSONSerializer)
             if job_view(connection, job, settings)["status"] == "queued":
-                job.cancel()
+                job.cancel(enqueue_dependents=True)  # jobs waiting on it run and say why they cannot
             connection.set(cancel_key(job.id), 1, ex=settings.result_ttl_s)
         except NoSuchJobError:
             pass
