@@ -76,8 +76,9 @@ def job_view(connection, job: RQJob, settings: Settings) -> dict:
     expires_at = None
     if finished_at is not None:
         expires_at = finished_at + timedelta(seconds=settings.result_ttl_s)
-    elif status == "queued" and job.enqueued_at:
-        expires_at = utc(job.enqueued_at) + timedelta(seconds=settings.queued_ttl_s)
+    elif status == "queued" and job.ttl:
+        # A job waiting on a training job has a longer queued TTL than ATTNSEG_QUEUED_TTL_S: use the job's own.
+        expires_at = utc(job.enqueued_at or job.created_at) + timedelta(seconds=job.ttl)
 
     result = None
     if status == "succeeded":

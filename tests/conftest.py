@@ -3,7 +3,11 @@ without them."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tests build their models locally; nothing may wait on the hub (CI has no route to it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
