@@ -67,7 +67,8 @@ def test_text_protocol(dataset, tiny_env, capsys):
               "--method", "gem", "--resolution", "256")
     assert out["classes"] == ["background", "red thing", "green thing"]
     assert np.asarray(out["confusion"]).shape == (3, 3)
-    assert np.asarray(out["confusion"]).sum() == 2 * (80 * 80 - 1)  # centre square, one ignored pixel
+    # every pixel of the centre square, resized to 256, once (the ignored corner pixel is cropped away)
+    assert np.asarray(out["confusion"]).sum() == 2 * 256 * 256
     check_unit_interval(out["pixel_accuracy"], out["miou"])
 
 

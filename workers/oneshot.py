@@ -34,7 +34,7 @@ from workers.sd import (
     sample_noise,
     unet_noise,
 )
-from workers.unsupervised import Timer
+from workers.timing import Timer
 
 CROSS_BLOCKS = (8, 9, 10, 11, 12)  # attn2 at grids R/4 and R/2 (methods 3.2)
 SELF_BLOCKS = (14, 15, 16)  # attn1 at grid R
@@ -227,7 +227,7 @@ def score_maps(
         started = timer("scores", started)
         report(stage="segmenting", fraction=(index + 1) / len(boxes))
     # Every pixel is covered by a crop, so this mean is what Canvas.labels takes the argmax of.
-    mean = canvas.sums / canvas.counts.clamp(min=1)
+    mean = canvas.mean()
     height, width = image.shape[:2]
     mean = F.interpolate(mean[None], size=(height, width), mode="bilinear", align_corners=False)[0]
     timer("resize", started)

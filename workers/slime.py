@@ -361,8 +361,11 @@ class Canvas:
         self.sums[kept, top : top + height, left : left + width] += scores.to(self.sums)
         self.counts[kept, top : top + height, left : left + width] += 1
 
+    def mean(self) -> Tensor:
+        """(K,H,W) averaged scores; 0 where no crop kept the class."""
+        return self.sums / self.counts.clamp(min=1)
+
     def labels(self) -> Tensor:
         """(H,W) long label map: argmax over classes of the averaged scores; pixels no crop
         covered (all counts 0) are background."""
-        mean = self.sums / self.counts.clamp(min=1)
-        return torch.where(self.counts.sum(dim=0) > 0, mean.argmax(dim=0), 0)
+        return torch.where(self.counts.sum(dim=0) > 0, self.mean().argmax(dim=0), 0)

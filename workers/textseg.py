@@ -38,7 +38,8 @@ from workers.sd import (
     unet_noise,
 )
 from workers.selfcross import background_score, selfcross_scores
-from workers.unsupervised import ALL_BLOCKS, Timer, self_attention_by_grid
+from workers.timing import Timer
+from workers.unsupervised import ALL_BLOCKS, self_attention_by_grid
 
 METHODS = ("selfcross", "gem", "gem_refined", "cluster")
 DEFAULT_TIMESTEPS = {"selfcross": 150, "gem": None, "gem_refined": 100, "cluster": 100}

@@ -22,6 +22,7 @@ from workers.attention import AttentionStore, capture_attention
 from workers.models import StableDiffusion
 from workers.prompts import Prompt, mean_over_spans, pad_ids, word_spans
 from workers.sd import encode_latents, encode_prompt_ids, encode_prompts, image_to_pixels, unet_noise
+from workers.timing import Timer
 
 ALL_BLOCKS = tuple(range(1, 17))
 
@@ -32,21 +33,6 @@ class UnsupervisedSegmentation:
     names: list[str | None]  # per label: the vocabulary word naming it, or None
     scores: list[float | None]  # per label: that word's mean score over the segment
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-class Timer:
-    """Accumulates stage times in ms. On CUDA it waits for queued kernels first, or a stage's time
-    would be charged to whichever later stage happens to synchronise."""
-
-    def __init__(self):
-        self.ms: dict[str, float] = {}
-
-    def __call__(self, name: str, started: float) -> float:
-        if torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.ms[name] = round(self.ms.get(name, 0.0) + (now - started) * 1000, 1)
-        return now
 
 
 def self_attention_by_grid(store: AttentionStore) -> dict[int, torch.Tensor]:
