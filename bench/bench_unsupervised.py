@@ -20,26 +20,21 @@ real weights), 'tiny-random', a local diffusers directory, or a hub id already i
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from bench.common import MIB, MemoryMeter, Stopwatch, machine_info, print_header, print_table, summary, \
-    synchronize, write_json
-from tests.support import image_bytes
+from bench.common import (MIB, MemoryMeter, Stopwatch, add_run_arguments, bench_images, print_table, start_run,
+                          summary, synchronize, write_json)
 from workers import diffseg
 from workers.jobs import segments_from_labels
-from workers.models import DEFAULT_CACHE_DIR, StableDiffusion, load_stable_diffusion, resolve_device
+from workers.models import StableDiffusion
 from workers.sd import encode_latents, encode_prompts, image_to_pixels, unet_noise
-from workers.tiny_random import build_random
 from workers.unsupervised import segment_unsupervised
 
-SD15_RANDOM = "sd15-random"
 # segment_unsupervised's progress stages -> the names in the table
 STAGE_NAMES = {"encoding": "latent", "attention": "unet_capture", "aggregating": "aggregate", "merging": "merge"}
 STAGE_MEANINGS = {
@@ -54,28 +49,6 @@ STAGE_MEANINGS = {
     "unet_plain": "breakdown: UNet pass, stock processors",
 }
 BREAKDOWN = ("vae_encode", "text_encode", "unet_plain")  # measured apart, not part of "total"
-
-
-def load_model(name: str, cache_dir: Path, device: str, dtype: str) -> tuple[StableDiffusion, dict]:
-    """The model and how long building (first use of sd15-random only) and loading took."""
-    timings = {}
-    started = time.perf_counter()
-    if name == SD15_RANDOM:
-        source = build_random(cache_dir / SD15_RANDOM, "sd15")
-        timings["build_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        sd = load_stable_diffusion(str(source), device=device, dtype=dtype)
-    else:
-        sd = load_stable_diffusion(name, device=device, dtype=dtype, cache_dir=cache_dir)
-    synchronize(sd.device)
-    timings["load_s"] = time.perf_counter() - started
-    return sd, timings
-
-
-def bench_images(count: int, width: int, height: int) -> list[np.ndarray]:
-    """RGB uint8 pictures with a few flat regions and noise (the test suite's), one seed each."""
-    return [np.asarray(Image.open(io.BytesIO(image_bytes(width, height, seed=seed))).convert("RGB"))
-            for seed in range(count)]
 
 
 class StageClock:
@@ -198,44 +171,24 @@ def report_rows(measured: list[dict], total_ms: list[float]) -> list[dict]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default="auto", help="auto: fp16 on cuda, fp32 on cpu")
-    parser.add_argument("--model", default=SD15_RANDOM,
-                        help="sd15-random (default), tiny-random, a diffusers directory or a cached hub id")
+    add_run_arguments(parser, dtype_help="auto: fp16 on cuda, fp32 on cpu")
     parser.add_argument("--images", type=int, help="measured images (default 3 on cpu, 30 on cuda)")
     parser.add_argument("--warmup", type=int, help="warm-up images, not counted (default 1 on cpu, 3 on cuda)")
-    parser.add_argument("--resolution", type=int, default=512, help="working size (R = resolution / 8)")
-    parser.add_argument("--image-size", default="640x480", help="WIDTHxHEIGHT of the input pictures")
     parser.add_argument("--kl-threshold", type=float, default=1.0)
     parser.add_argument("--grid", type=int, default=16)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--timestep", type=int, default=300)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(os.environ.get("ATTNSEG_CACHE_DIR", DEFAULT_CACHE_DIR)).expanduser())
     parser.add_argument("--no-merge-sweep", dest="merge_sweep", action="store_false",
                         help="skip merge + RLE timing on planted maps with 1, 4, 16, 64 segments")
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    on_gpu = device.type == "cuda"
+    info, sd, load, meter, (width, height) = start_run(args, "DiffSeg unsupervised benchmark")
+    on_gpu = sd.device.type == "cuda"
     images = args.images if args.images is not None else (30 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
-    width, height = (int(v) for v in args.image_size.lower().split("x"))
-
-    info = machine_info()
-    print_header("DiffSeg unsupervised benchmark", info)
-    sd, load = load_model(args.model, args.cache_dir, str(device), args.dtype)
-    meter = MemoryMeter(sd.device)
-    print(f"model     {args.model}: {sd.model_id} ({'random weights' if sd.random_weights else 'trained weights'}), "
-          f"{sd.device}, {str(sd.dtype).removeprefix('torch.')}; "
-          + ", ".join(f"{k} {v:.1f}" for k, v in load.items()))
     print(f"run       {images} images of {width}x{height} at {args.resolution} (R={args.resolution // 8}), "
           f"{warmup} warm-up; tau {args.kl_threshold}, grid {args.grid}, t {args.timestep}; memory: {meter.method}")
 

@@ -6,6 +6,7 @@ Run the benchmarks from the repository root as modules (`python -m bench.bench_u
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -17,6 +18,14 @@ import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tests.support import image_bytes
+from workers.models import DEFAULT_CACHE_DIR, StableDiffusion, load_stable_diffusion, resolve_device
+from workers.tiny_random import build_random
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "diffusers", "transformers", "open_clip_torch", "rq", "redis", "fastapi", "uvicorn", "numpy")
@@ -240,3 +249,60 @@ def write_json(report: dict, destination: str | None) -> None:
     else:
         Path(destination).write_text(text + "\n")
         print(f"wrote {destination}", file=sys.stderr)
+
+
+SD15_RANDOM = "sd15-random"
+
+
+def load_model(name: str, cache_dir: Path, device: str, dtype: str) -> tuple[StableDiffusion, dict]:
+    """The model and how long building (first use of sd15-random only) and loading took."""
+    timings = {}
+    started = time.perf_counter()
+    if name == SD15_RANDOM:
+        source = build_random(cache_dir / SD15_RANDOM, "sd15")
+        timings["build_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        sd = load_stable_diffusion(str(source), device=device, dtype=dtype)
+    else:
+        sd = load_stable_diffusion(name, device=device, dtype=dtype, cache_dir=cache_dir)
+    synchronize(sd.device)
+    timings["load_s"] = time.perf_counter() - started
+    return sd, timings
+
+
+def bench_images(count: int, width: int, height: int) -> list[np.ndarray]:
+    """RGB uint8 pictures with a few flat regions and noise (the test suite's), one seed each."""
+    return [np.asarray(Image.open(io.BytesIO(image_bytes(width, height, seed=seed))).convert("RGB"))
+            for seed in range(count)]
+
+
+def add_run_arguments(parser, dtype_help: str = "auto: fp16 on cuda, fp32 on cpu") -> None:
+    """The arguments every model benchmark takes."""
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="auto", help=dtype_help)
+    parser.add_argument("--model", default=SD15_RANDOM,
+                        help="sd15-random (default), tiny-random, a diffusers directory or a cached hub id")
+    parser.add_argument("--resolution", type=int, default=512, help="working size (R = resolution / 8)")
+    parser.add_argument("--image-size", default="640x480", help="WIDTHxHEIGHT of the input pictures")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--cache-dir", type=Path,
+                        default=Path(os.environ.get("ATTNSEG_CACHE_DIR", DEFAULT_CACHE_DIR)).expanduser())
+    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout)")
+
+
+def start_run(args, title: str):
+    """Threads, the machine header, the model (built on first use) and a memory meter.
+
+    Returns (machine info, model, load timings, meter, (width, height) of the pictures).
+    """
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info()
+    print_header(title, info)
+    sd, load = load_model(args.model, args.cache_dir, str(resolve_device(args.device)), args.dtype)
+    meter = MemoryMeter(sd.device)
+    print(f"model     {args.model}: {sd.model_id} ({'random weights' if sd.random_weights else 'trained weights'}), "
+          f"{sd.device}, {str(sd.dtype).removeprefix('torch.')}; "
+          + ", ".join(f"{k} {v:.1f}" for k, v in load.items()))
+    width, height = (int(v) for v in args.image_size.lower().split("x"))
+    return info, sd, load, meter, (width, height)
