@@ -212,3 +212,14 @@ def test_openapi_document_is_checked_in_and_current(client):
 
     checked_in = json.loads((Path(__file__).parents[1] / "openapi" / "openapi.json").read_text())
     assert checked_in == client.app.openapi(), "run: attnseg openapi -o openapi/openapi.json"
+
+
+def test_the_api_never_imports_torch():
+    """The API image has no torch: building the app and its OpenAPI must not pull it in."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from service.app import create_app; create_app().openapi(); "
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'open_clip') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
