@@ -15,7 +15,6 @@ from workers.attention import AttentionStore
 from workers.prompts import PromptTooLongError, build_prompt
 from workers.textseg import (
     gem_channels,
-    label_scores,
     name_segments,
     propagate_class_maps,
     segment_text,
@@ -251,4 +250,4 @@ def test_label_scores_are_means_of_each_labels_own_channel():
     channels[0] = torch.tensor([[0.2, 0.4, 9.0, 9.0], [0.6, 0.8, 9.0, 9.0]])
     channels[1] = 5.0  # label 2 is absent: no score
     channels[2, :, 2:] = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
-    assert label_scores(labels, channels, first_label=1) == pytest.approx({1: 0.5, 3: 0.5})
+    assert textseg.diffseg.label_scores(labels, channels, first_label=1) == pytest.approx({1: 0.5, 3: 0.5})

@@ -348,3 +348,17 @@ def segment_word_scores(labels: torch.Tensor, word_maps: torch.Tensor) -> torch.
                                      align_corners=False)[0, 0]
         columns.append(torch.bincount(flat, weights=word_map.flatten().double(), minlength=count) / pixels)
     return torch.stack(columns, dim=1).float()
+
+
+def label_scores(labels: torch.Tensor, channels: torch.Tensor, first_label: int) -> dict[int, float]:
+    """Mean of each present label's channel (bilinearly upsampled) over that label's pixels.
+
+    labels: (H, W) int64; channels: (N, h, w), channel k for label first_label + k. Only the present
+    labels' channels are upsampled, one at a time (segment_word_scores).
+    """
+    present = torch.unique(labels).tolist()
+    table = segment_word_scores(labels, channels[[label - first_label for label in present]])
+    return {label: round(float(table[label, column]), 6) for column, label in enumerate(present)}
+
+
+# --- the SD passes ------------------------------------------------------------------------

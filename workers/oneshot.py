@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers import slime
+from workers import diffseg, slime
 from workers.attention import AttentionStore, capture_attention
 from workers.models import StableDiffusion
 from workers.sd import (
@@ -208,11 +208,11 @@ def score_maps(
     report: Report,
     timer: Timer,
 ) -> torch.Tensor:
-    """Class scores (K, H, W) of an RGB uint8 image (H, W, 3), at the image's own size.
+    """Class scores (K, resolution, resolution) of an RGB uint8 image (H, W, 3).
 
     The crops' rescaled WAS maps are composed on a resolution x resolution canvas (per-class crop
-    averages), then resized bilinearly to (H, W): argmax after that gives smooth boundaries,
-    unlike a nearest upscale of the label map.
+    averages). `labels_and_scores` upsamples them bilinearly to (H, W) before the argmax: smooth
+    boundaries, unlike a nearest upscale of the label map.
     """
     started = time.perf_counter()
     pixels = image_to_pixels(image, resolution, sd.device, sd.dtype)
@@ -226,22 +226,14 @@ def score_maps(
         canvas.add(scores, kept, box)
         started = timer("scores", started)
         report(stage="segmenting", fraction=(index + 1) / len(boxes))
-    # Every pixel is covered by a crop, so this mean is what Canvas.labels takes the argmax of.
-    mean = canvas.mean()
-    height, width = image.shape[:2]
-    mean = F.interpolate(mean[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    timer("resize", started)
-    return mean
+    return canvas.mean()  # every pixel is covered by a crop: Canvas.labels would argmax this
 
 
-def labels_and_scores(scores: torch.Tensor) -> tuple[np.ndarray, dict[int, float]]:
-    """Argmax label map (H, W) int64 of scores (K, H, W), and each present label's mean score."""
-    best, labels = scores.max(dim=0)
-    ids = labels.flatten()
-    sums = torch.zeros(scores.shape[0], device=scores.device).index_add_(0, ids, best.flatten())
-    counts = torch.bincount(ids, minlength=scores.shape[0])
-    mean_scores = {c: round(sums[c].item() / counts[c].item(), 6) for c in range(scores.shape[0]) if counts[c] > 0}
-    return labels.cpu().numpy().astype(np.int64), mean_scores
+def labels_and_scores(scores: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, dict[int, float]]:
+    """Scores (K, r, r) -> the (H, W) argmax of their bilinear upsampling (chunked, so memory stays
+    at a few maps of the output size), and each present label's mean score over its pixels."""
+    labels = diffseg.proposals_to_labels(scores.flatten(1), size)
+    return labels, diffseg.label_scores(labels, scores, first_label=0)
 
 
 def segment_oneshot(
@@ -272,8 +264,10 @@ def segment_oneshot(
     timer("text", started)
     scores = score_maps(sd, text, num_classes, image, crops_per_side=crops_per_side, seed=seed,
                         resolution=resolution, report=report, timer=timer)
-    labels, mean_scores = labels_and_scores(scores)
-    return OneshotSegmentation(labels, mean_scores, timer.ms)
+    started = time.perf_counter()
+    labels, mean_scores = labels_and_scores(scores, image.shape[:2])
+    timer("label", started)
+    return OneshotSegmentation(labels.cpu().numpy(), mean_scores, timer.ms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,8 +326,8 @@ def training_iou(
     for image, mask in zip(images, masks):
         scores = score_maps(sd, text, num_classes, image, crops_per_side=1, seed=seed, resolution=resolution,
                             report=lambda **progress: None, timer=Timer())
-        truth = torch.from_numpy(mask.astype(np.int64)).to(scores.device)
-        ious.append(slime.mean_iou(scores.argmax(dim=0), truth, num_classes))
+        labels, _ = labels_and_scores(scores, mask.shape)
+        ious.append(slime.mean_iou(labels, torch.from_numpy(mask.astype(np.int64)).to(labels.device), num_classes))
     return sum(ious) / len(ious)
 
 

@@ -146,20 +146,6 @@ def name_segments(segments: torch.Tensor, channels: torch.Tensor) -> torch.Tenso
 # --- labels and scores --------------------------------------------------------------------
 
 
-def label_scores(labels: torch.Tensor, channels: torch.Tensor, first_label: int) -> dict[int, float]:
-    """Mean of each present label's channel (bilinearly upsampled) over that label's pixels.
-
-    labels: (H, W) int64; channels: (N, h, w), channel k for label first_label + k. Only the present
-    labels' channels are upsampled, one at a time (diffseg.segment_word_scores).
-    """
-    present = torch.unique(labels).tolist()
-    table = diffseg.segment_word_scores(labels, channels[[label - first_label for label in present]])
-    return {label: round(float(table[label, column]), 6) for column, label in enumerate(present)}
-
-
-# --- the SD passes ------------------------------------------------------------------------
-
-
 def clean_latents(sd: StableDiffusion, image: np.ndarray, resolution: int) -> torch.Tensor:
     """The VAE posterior mean of the image resized to resolution x resolution, (1, 4, R, R)."""
     with torch.inference_mode():
@@ -283,6 +269,6 @@ def segment_text(
         labels = (name_segments(segments, channels) + first_label)[segments]
         started = timer("label", started)
 
-    scores = label_scores(labels, channels, first_label)
+    scores = diffseg.label_scores(labels, channels, first_label)
     timer("scores", started)
     return TextSegmentation(labels.cpu().numpy(), scores, passes, timer.ms)
