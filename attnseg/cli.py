@@ -33,9 +33,13 @@ def cmd_api(args) -> None:
 
 
 def cmd_worker(args) -> None:
+    from workers.models import ModelUnavailableError
     from workers.worker import run_worker
 
-    run_worker(get_settings(), queues=tuple(args.queues or QUEUES), name=args.name, burst=args.burst)
+    try:
+        run_worker(get_settings(), queues=tuple(args.queues or QUEUES), name=args.name, burst=args.burst)
+    except ModelUnavailableError as exc:
+        sys.exit(f"attnseg worker: {exc}")
 
 
 def redis_answers(url: str) -> bool:

@@ -44,3 +44,13 @@ def test_up_starts_the_stack_and_ctrl_c_stops_everything(tmp_path):
     leftover = subprocess.run(["pgrep", "-f", f"--port {port}|{redis_url.split(':')[2].split('/')[0]}"],
                               capture_output=True, text=True).stdout.split()
     assert leftover == []
+
+
+def test_worker_with_missing_weights_exits_with_a_clear_message(tmp_path):
+    env = worker_env(f"redis://127.0.0.1:{free_port()}/0", tmp_path / "cache",
+                     ATTNSEG_SD_MODEL=str(tmp_path / "no-such-model"))
+    done = subprocess.run([sys.executable, "-m", "attnseg.cli", "worker"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("attnseg worker:") and "no-such-model" in last and "ATTNSEG_SD_MODEL" in last
