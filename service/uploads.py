@@ -11,9 +11,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import ApiError
 
-ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP"}
-
-
 def sniff_format(data: bytes) -> str | None:
     """The format from the magic bytes, whatever the declared content type says."""
     if data.startswith(b"\xff\xd8\xff"):

@@ -309,18 +309,6 @@ def test_background_channel_formula():
     assert torch.allclose(background, torch.tensor([[[0.0, 0.0], [0.16, 0.16]]]), atol=1e-6)
 
 
-def test_gem_segment_upsamples_and_takes_argmax():
-    scores = torch.zeros(3, 4, 4)
-    scores[0] = 0.5  # background
-    scores[1, :, :2] = 0.9  # class 1 on the left half
-    scores[2, 3, 3] = 0.9  # class 2 at the bottom-right corner
-    labels = gem.gem_segment(scores, (40, 60))
-    assert labels.shape == (40, 60) and labels.dtype == torch.int64
-    assert (labels[:, :20] == 1).all()
-    assert (labels[:10, 40:] == 0).all()
-    assert labels[-1, -1] == 2
-
-
 # --- loading ------------------------------------------------------------------------------
 
 

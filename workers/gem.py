@@ -187,12 +187,3 @@ def background_channel(probs: Tensor, offset: float = BACKGROUND_OFFSET) -> Tens
     can win a pixel only where max_c CA < (1 - offset) / 2 = 0.1, which needs more than 10 classes.
     """
     return (1 - probs.max(dim=0, keepdim=True).values - offset).clamp(min=0)
-
-
-def gem_segment(probs: Tensor, output_size: tuple[int, int]) -> Tensor:
-    """(K, h, w) scores (channel 0 = background when one was added) -> (H, W) int64 labels.
-
-    Bilinear upsampling (score maps, methods.md 0.4), then argmax over channels.
-    """
-    scores = F.interpolate(probs[None].float(), size=tuple(output_size), mode="bilinear", align_corners=False)
-    return scores[0].argmax(dim=0)

@@ -97,7 +97,7 @@ async def train(request: Request, response: Response, settings: Settings = Depen
             decoded.append((image, Image.fromarray(mask.astype(np.uint8), mode="L")))
         entries = [{"image": image_entry(connection, image, settings), "mask": image_entry(connection, mask, settings)}
                    for image, mask in decoded]
-        model_id, job_id = uuid.uuid4().hex, uuid.uuid4().hex
+        model_id, job_id = oneshot_store.new_model_id(), uuid.uuid4().hex
         oneshot_store.create(connection, model_id, labels=params.labels, params=params.model_dump(),
                              train_job_id=job_id)
         payload = {"model_id": model_id, "examples": entries, "params": {**params.model_dump(), "model_id": model_id}}
