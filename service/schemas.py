@@ -231,8 +231,10 @@ class WorkerInfo(BaseModel):
     dtype: str
     sd_model: str
     clip_model: str | None = None
+    clip_pretrained: str | None = None
+    queues: list[str] = Field(default_factory=list, description="The queues it serves, in priority order.")
     random_weights: bool
-    state: str
+    state: str = Field(description="idle or busy")
     ready_at: datetime
 
 

@@ -74,6 +74,7 @@ def test_readyz_lists_the_worker_and_its_models(http):
     assert ready["ready"] is True
     worker = ready["workers"][0]
     assert worker["sd_model"] == "tiny-random" and worker["device"] == "cpu" and worker["random_weights"] is True
+    assert worker["clip_model"] == "tiny-random" and worker["queues"] == ["attnseg:segment", "attnseg:train"]
 
 
 def test_unsupervised_job_end_to_end(http):
