@@ -117,6 +117,8 @@ BAD_TRAINING = [
     ("image not an image", lambda: ([b"nope"], [mask_png(two_part_mask())]), {}, "i0.png"),
     ("too many labels", lambda: ([image_bytes()], [mask_png(two_part_mask())]),
      {"labels": json.dumps([f"p{i}" for i in range(32)])}, "labels"),
+    ("part without pixels", lambda: ([image_bytes()], [mask_png(two_part_mask())]),
+     {"labels": '["body", "wing", "tail"]'}, "'tail' (id 3)"),
     ("epochs", lambda: ([image_bytes()], [mask_png(two_part_mask())]), {"epochs": "0"}, "epochs"),
     ("crops", lambda: ([image_bytes()], [mask_png(two_part_mask())]), {"crops_per_side": "3"}, "crops_per_side"),
 ]

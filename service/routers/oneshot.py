@@ -89,12 +89,19 @@ async def train(request: Request, response: Response, settings: Settings = Depen
 
     def validate_store_enqueue():
         decoded = []
+        present: set[int] = set()  # class ids seen over all masks
         for index, ((image_name, image_data), (mask_name, mask_data)) in enumerate(zip(images, masks)):
             image = decode_rgb(image_data, max_pixels=settings.max_image_pixels,
                                field=f"images[{index}] ({image_name})")
             mask = decode_mask(mask_data, max_pixels=settings.max_image_pixels, field=f"masks[{index}] ({mask_name})")
             check_mask(mask, image, len(params.labels) + 1, f"masks[{index}] ({mask_name})")
             decoded.append((image, Image.fromarray(mask.astype(np.uint8), mode="L")))
+            present.update(np.unique(mask).tolist())
+        unused = [f"{name!r} (id {index})" for index, name in enumerate(params.labels, start=1) if index not in present]
+        if unused:
+            raise ApiError(422, "invalid_mask", f"no mask has a pixel of part {', '.join(unused)}: every part in "
+                                                "`labels` needs pixels in at least one mask to be learned",
+                           field="labels")
         entries = [{"image": image_entry(connection, image, settings), "mask": image_entry(connection, mask, settings)}
                    for image, mask in decoded]
         model_id, job_id = oneshot_store.new_model_id(), uuid.uuid4().hex
