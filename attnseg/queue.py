@@ -36,10 +36,10 @@ class JobKind:
 KINDS = {
     kind.name: kind
     for kind in (
-        JobKind("unsupervised", SEGMENT_QUEUE, "workers.jobs.segment_unsupervised"),
-        JobKind("text", SEGMENT_QUEUE, "workers.jobs.segment_text"),
-        JobKind("oneshot_train", TRAIN_QUEUE, "workers.jobs.oneshot_train", long=True),
-        JobKind("oneshot_segment", SEGMENT_QUEUE, "workers.jobs.oneshot_segment"),
+        JobKind("unsupervised", SEGMENT_QUEUE, "workers.engine.jobs.segment_unsupervised"),
+        JobKind("text", SEGMENT_QUEUE, "workers.engine.jobs.segment_text"),
+        JobKind("oneshot_train", TRAIN_QUEUE, "workers.engine.jobs.oneshot_train", long=True),
+        JobKind("oneshot_segment", SEGMENT_QUEUE, "workers.engine.jobs.oneshot_segment"),
     )
 }
 

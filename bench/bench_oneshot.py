@@ -1,14 +1,14 @@
 """One-shot parts (SLiMe, POST /oneshot/train and /oneshot/{id}/segment) on the real SD 1.5 architecture.
 
 Three parts, in this order:
-  1. `workers.oneshot.train_oneshot` on one annotated picture for --run-epochs epochs, as the worker
+  1. `workers.methods.oneshot.train_oneshot` on one annotated picture for --run-epochs epochs, as the worker
      runs it: its timings_ms (training steps, training-set IoU checks) and the time of every epoch
      from its progress callback. It is also the warm-up of everything below and gives the model.
-  2. --epochs more training epochs, one at a time and measured alone: `workers.oneshot.train_step`
+  2. --epochs more training epochs, one at a time and measured alone: `workers.methods.oneshot.train_step`
      (augment, VAE sample, UNet [uncond, learned] forward with capture, SLiMe loss, backward, Adam
      step), wired as train_oneshot wires it, with the peak memory of each epoch. With one training
      picture an epoch is one step.
-  3. `workers.oneshot.segment_oneshot` with the trained model, crops_per_side 1 and 2: its
+  3. `workers.methods.oneshot.segment_oneshot` with the trained model, crops_per_side 1 and 2: its
      timings_ms, wall time and peak memory.
 
     python -m bench.bench_oneshot                              # CPU here: 1 + 3 epochs, 2 + 2 images
@@ -30,8 +30,8 @@ import torch
 
 from bench.common import (MIB, MemoryMeter, Stopwatch, add_run_arguments, bench_images, print_table, start_run,
                           summary, write_json)
-from workers.models import StableDiffusion, resolve_device
-from workers.oneshot import (
+from workers.models.stable_diffusion import StableDiffusion, resolve_device
+from workers.methods.oneshot import (
     grad_scaler,
     part_prompt_outputs,
     prepare_example,
@@ -41,7 +41,7 @@ from workers.oneshot import (
     train_step,
     training_example,
 )
-from workers.sd import make_generator
+from workers.models.sd_ops import make_generator
 
 PART_NAMES = ["green block", "blue half"]
 LEARNING_RATE = 0.1  # train_oneshot's default

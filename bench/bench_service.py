@@ -37,7 +37,7 @@ import httpx
 from bench.common import machine_info, print_header, print_table, summary, write_json
 from service.routers.jobs import FINAL
 from tests.support import Stack, image_bytes, start_worker, wait_for
-from workers.tiny_random import build_tiny_random
+from workers.models.tiny_random import build_tiny_random
 
 JOB_TIMEOUT_S = 120
 WORKER_READY_TIMEOUT_S = 240

@@ -1,6 +1,6 @@
 """Text queries (POST /segment/text): the four methods on the real SD 1.5 and ViT-B/16 architectures.
 
-Per method and measured image, `workers.textseg.segment_text` runs as the worker runs it; its own
+Per method and measured image, `workers.methods.textseg.segment_text` runs as the worker runs it; its own
 `timings_ms` give the stages (its timer syncs CUDA at every boundary), a Stopwatch the wall time of
 the call, and its progress callback the memory peak of each progress stage (bench_unsupervised's
 StageClock). Methods are interleaved image by image, so a change in the machine's load lands on all
@@ -11,7 +11,7 @@ of them. Warm-up images run the same and are not counted.
 
 --clip: 'ViT-B-16-random' (default: open_clip's ViT-B-16-quickgelu built with random weights, no
 download), 'tiny-random', or a ViT-B-16-quickgelu pretrained tag, checkpoint file or local-dir
-folder for workers.clip.load_clip.
+folder for workers.models.clip.load_clip.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 from bench.bench_unsupervised import StageClock
 from bench.common import (MIB, MemoryMeter, Stopwatch, add_run_arguments, bench_images, print_table, start_run,
                           summary, write_json)
-from workers.clip import DEFAULT_CLIP_MODEL, TINY_RANDOM, Clip, load_clip
-from workers.textseg import METHODS, segment_text
+from workers.models.clip import DEFAULT_CLIP_MODEL, TINY_RANDOM, Clip, load_clip
+from workers.methods.textseg import METHODS, segment_text
 
 RANDOM_VIT_B_16 = "ViT-B-16-random"
 DEFAULT_CLASSES = "cat,traffic light,grass"  # 3 classes, one of them two BPE tokens

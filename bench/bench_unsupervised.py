@@ -1,11 +1,11 @@
 """DiffSeg (POST /segment/unsupervised) on the real SD 1.5 architecture: stage times, images/s, memory.
 
 Each measured image runs, in this order:
-  1. workers.unsupervised.segment_unsupervised, the code the worker runs, timed stage by stage
+  1. workers.methods.unsupervised.segment_unsupervised, the code the worker runs, timed stage by stage
      through its progress callback (a device sync at every stage boundary, so GPU time lands in
      the stage that queued it): latent (resize + VAE encode + empty-prompt text encode), UNet with
      the 16 self-attention layers captured, aggregate, merge;
-  2. workers.jobs.segments_from_labels: the label map to COCO RLE segments, as the job does;
+  2. workers.engine.jobs.segments_from_labels: the label map to COCO RLE segments, as the job does;
   3. for the breakdown, alone: VAE encode, text encode, and one UNet call without capture (the
      same latents, timestep and text), so capture overhead = UNet with capture - UNet without.
 Warm-up images run the same sequence and are not counted. "total" is 1 + 2: one request's work.
@@ -29,11 +29,11 @@ import torch
 
 from bench.common import (MIB, MemoryMeter, Stopwatch, add_run_arguments, bench_images, print_table, start_run,
                           summary, synchronize, write_json)
-from workers import diffseg
-from workers.jobs import segments_from_labels
-from workers.models import StableDiffusion
-from workers.sd import encode_latents, encode_prompts, image_to_pixels, unet_noise
-from workers.unsupervised import segment_unsupervised
+from workers.methods import diffseg
+from workers.engine.jobs import segments_from_labels
+from workers.models.stable_diffusion import StableDiffusion
+from workers.models.sd_ops import encode_latents, encode_prompts, image_to_pixels, unet_noise
+from workers.methods.unsupervised import segment_unsupervised
 
 # segment_unsupervised's progress stages -> the names in the table
 STAGE_NAMES = {"encoding": "latent", "attention": "unet_capture", "aggregating": "aggregate", "merging": "merge"}

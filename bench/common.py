@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from tests.support import image_bytes
-from workers.models import DEFAULT_CACHE_DIR, StableDiffusion, load_stable_diffusion, resolve_device
-from workers.tiny_random import build_random
+from workers.models.stable_diffusion import DEFAULT_CACHE_DIR, StableDiffusion, load_stable_diffusion, resolve_device
+from workers.models.tiny_random import build_random
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "diffusers", "transformers", "open_clip_torch", "rq", "redis", "fastapi", "uvicorn", "numpy")

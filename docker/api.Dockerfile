@@ -6,6 +6,7 @@ RUN useradd --create-home --uid 10001 attnseg
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY attnseg attnseg
+COPY cli cli
 COPY service service
 COPY workers workers
 # Base dependencies only: the worker extra (torch, diffusers, open_clip) is not installed here.

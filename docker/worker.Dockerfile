@@ -12,6 +12,7 @@ RUN useradd --create-home --uid 10001 attnseg
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY attnseg attnseg
+COPY cli cli
 COPY service service
 COPY workers workers
 RUN pip install '.[worker]'

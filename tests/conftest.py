@@ -15,7 +15,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory) -> Path:
     """The tiny random SD pipeline (real SD 1.x topology, tiny widths), built once per session."""
-    from workers.tiny_random import build_tiny_random
+    from workers.models.tiny_random import build_tiny_random
 
     return build_tiny_random(tmp_path_factory.mktemp("models") / "tiny-random")
 
@@ -23,7 +23,7 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd(tiny_sd_dir):
     """tiny_sd_dir loaded like real weights, on CPU in fp32. Shared: do not modify its weights."""
-    from workers.models import load_stable_diffusion
+    from workers.models.stable_diffusion import load_stable_diffusion
 
     return load_stable_diffusion(str(tiny_sd_dir), device="cpu", dtype="float32")
 
@@ -65,6 +65,6 @@ def tiny_clip(tmp_path_factory):
     """The tiny random CLIP (ViT-B/16 topology, tiny widths) on CPU in fp32, built once per session."""
     import torch
 
-    from workers.clip import load_clip
+    from workers.models.clip import load_clip
 
     return load_clip("tiny-random", device="cpu", dtype=torch.float32, cache_dir=tmp_path_factory.mktemp("clip"))

@@ -92,7 +92,7 @@ def worker_env(redis_url: str, cache_dir: Path, **extra: str) -> dict:
 
 def start_worker(redis_url: str, cache_dir: Path, log_path: Path, **extra: str) -> subprocess.Popen:
     log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "attnseg.cli", "worker"], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=ROOT,
                             env=worker_env(redis_url, cache_dir, **extra), stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -123,7 +123,7 @@ class Stack:
 
     def start_api(self) -> None:
         log = open(self.directory / "api.log", "ab")
-        self.api = subprocess.Popen([sys.executable, "-m", "attnseg.cli", "api", "--port", str(self.api_port)],
+        self.api = subprocess.Popen([sys.executable, "-m", "cli", "api", "--port", str(self.api_port)],
                                     cwd=ROOT, env=worker_env(self.redis.url, self.cache_dir), stdout=log,
                                     stderr=subprocess.STDOUT)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.attention import (
+from workers.models.attention import (
     AttentionStore,
     CapturingAttnProcessor,
     capture_attention,
     head_mean_attention,
     transformer_blocks,
 )
-from workers.sd import encode_prompts, unet_noise
+from workers.models.sd_ops import encode_prompts, unet_noise
 
 ALL = tuple(range(1, 17))
 TABLE = (  # methods.md 0.2

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from tests.support import ROOT, free_port, image_bytes, wait_for, worker_env
-from workers.tiny_random import build_tiny_random
+from workers.models.tiny_random import build_tiny_random
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ def test_up_starts_the_stack_and_ctrl_c_stops_everything(tmp_path):
     redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing answers there: `up` starts its own redis-server
     port = free_port()
     log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "attnseg.cli", "up", "--model", "tiny-random", "--port", str(port)],
+    up = subprocess.Popen([sys.executable, "-m", "cli", "up", "--model", "tiny-random", "--port", str(port)],
                           cwd=ROOT, env=worker_env(redis_url, cache), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -49,7 +49,7 @@ def test_up_starts_the_stack_and_ctrl_c_stops_everything(tmp_path):
 def test_worker_with_missing_weights_exits_with_a_clear_message(tmp_path):
     env = worker_env(f"redis://127.0.0.1:{free_port()}/0", tmp_path / "cache",
                      ATTNSEG_SD_MODEL=str(tmp_path / "no-such-model"))
-    done = subprocess.run([sys.executable, "-m", "attnseg.cli", "worker"], cwd=ROOT, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "cli", "worker"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]

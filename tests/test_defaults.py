@@ -3,8 +3,8 @@
 import inspect
 
 from service.schemas import TEXT_METHOD_TIMESTEP, TextParams, UnsupervisedParams
-from workers import textseg
-from workers.unsupervised import segment_unsupervised
+from workers.methods import textseg
+from workers.methods.unsupervised import segment_unsupervised
 
 
 def python_defaults(function) -> dict:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers import diffseg
+from workers.methods import diffseg
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

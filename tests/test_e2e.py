@@ -18,7 +18,7 @@ from PIL import Image
 from pycocotools import mask as coco
 
 from tests.support import Stack, image_bytes, wait_for
-from workers.tiny_random import build_tiny_random
+from workers.models.tiny_random import build_tiny_random
 
 pytestmark = pytest.mark.slow
 

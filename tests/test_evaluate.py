@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnseg.cli import main
+from cli.main import main
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""GEM dense CLIP features (workers/gem.py) and CLIP loading (workers/clip.py) on a tiny random CLIP.
+"""GEM dense CLIP features (workers/methods/gem.py) and CLIP loading (workers/models/clip.py) on a tiny random CLIP.
 
 The key check recomputes the GEM stream with a slow, loop-based reference that handles one image
 as a plain (tokens, width) sequence, so no batch/sequence axis can be confused, and takes every
@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers import gem
-from workers.clip import (
+from workers.methods import gem
+from workers.models.clip import (
     TINY_RANDOM_CONFIG,
     TINY_RANDOM_SEED,
     ModelUnavailableError,

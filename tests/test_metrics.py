@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from workers.metrics import ConfusionScore, PartIoUScore, UnsupervisedScore, hungarian_match
+from workers.evaluation.metrics import ConfusionScore, PartIoUScore, UnsupervisedScore, hungarian_match
 
 IGNORE = 255
 

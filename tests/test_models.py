@@ -10,8 +10,8 @@ import pytest
 import torch
 from open_clip import get_tokenizer
 
-from workers.models import ModelUnavailableError, load_stable_diffusion, resolve_device, resolve_dtype
-from workers.sd import (
+from workers.models.stable_diffusion import ModelUnavailableError, load_stable_diffusion, resolve_device, resolve_dtype
+from workers.models.sd_ops import (
     add_noise,
     encode_latents,
     encode_prompts,
@@ -20,7 +20,7 @@ from workers.sd import (
     sample_noise,
     unet_noise,
 )
-from workers.tiny_random import (
+from workers.models.tiny_random import (
     RANDOM_WEIGHTS_MARKER,
     build_tiny_random,
     clip_bpe_vocabulary,

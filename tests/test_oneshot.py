@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from workers import oneshot
-from workers.attention import CapturingAttnProcessor, transformer_blocks
-from workers.models import load_stable_diffusion
-from workers.oneshot import ModelMismatchError, OneshotModel, segment_oneshot, train_oneshot
-from workers.sd import image_to_pixels
-from workers.slime import mean_iou
+from workers.methods import oneshot
+from workers.models.attention import CapturingAttnProcessor, transformer_blocks
+from workers.models.stable_diffusion import load_stable_diffusion
+from workers.methods.oneshot import ModelMismatchError, OneshotModel, segment_oneshot, train_oneshot
+from workers.models.sd_ops import image_to_pixels
+from workers.methods.slime import mean_iou
 
 RESOLUTION = 256
 HEIGHT, WIDTH = 48, 80  # not square: labels must come back at the image's own size

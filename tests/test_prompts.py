@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from workers.tiny_random import clip_tokenizer
-from workers.prompts import (
+from workers.models.tiny_random import clip_tokenizer
+from workers.methods.prompts import (
     PromptTooLongError,
     build_prompt,
     mean_over_spans,

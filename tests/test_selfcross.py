@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from workers.selfcross import (
+from workers.methods.selfcross import (
     background_score,
     box_gate,
     class_cross_maps,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from workers.slime import (
+from workers.methods.slime import (
     Canvas,
     augment,
     class_weights,

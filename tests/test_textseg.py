@@ -1,4 +1,4 @@
-"""Text segmentation (workers/textseg.py): planted signals for each step, invariants end to end on the
+"""Text segmentation (workers/methods/textseg.py): planted signals for each step, invariants end to end on the
 tiny random SD and CLIP at resolution 256 on a non-square image."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers import textseg
-from workers.attention import AttentionStore
-from workers.prompts import PromptTooLongError, build_prompt
-from workers.textseg import (
+from workers.methods import textseg
+from workers.models.attention import AttentionStore
+from workers.methods.prompts import PromptTooLongError, build_prompt
+from workers.methods.textseg import (
     gem_channels,
     name_segments,
     propagate_class_maps,

@@ -33,8 +33,8 @@ def cmd_api(args) -> None:
 
 
 def cmd_worker(args) -> None:
-    from workers.models import ModelUnavailableError
-    from workers.worker import run_worker
+    from workers.models.stable_diffusion import ModelUnavailableError
+    from workers.engine.worker import run_worker
 
     try:
         run_worker(get_settings(), queues=tuple(args.queues or QUEUES), name=args.name, burst=args.burst)
@@ -80,7 +80,7 @@ def cmd_up(args) -> None:
         env["ATTNSEG_SD_MODEL"] = args.model
         if args.model == "tiny-random":
             env.setdefault("ATTNSEG_CLIP_MODEL", "tiny-random")
-    attnseg = [sys.executable, "-m", "attnseg.cli"]
+    attnseg = [sys.executable, "-m", "cli"]
     port = ["--port", str(args.port)] if args.port else []
     # Own sessions: Ctrl-C reaches only this process, which then stops the children in order.
     children.append(subprocess.Popen([*attnseg, "worker"], env=env, start_new_session=True))
@@ -136,7 +136,7 @@ def cmd_openapi(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from workers.evaluate import main as evaluate_main
+    from workers.evaluation.evaluate import main as evaluate_main
 
     required = {"text": ("classes",), "oneshot": ("parts", "train_images", "train_masks")}
     missing = [f"--{name.replace('_', '-')}" for name in required.get(args.protocol, ()) if not getattr(args, name)]
@@ -198,7 +198,3 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     args.func(args)
-
-
-if __name__ == "__main__":
-    main()

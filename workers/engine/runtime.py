@@ -8,8 +8,8 @@ import torch
 from dataclasses import dataclass
 
 from attnseg.settings import Settings
-from workers.clip import Clip, load_clip
-from workers.models import StableDiffusion, load_stable_diffusion
+from workers.models.clip import Clip, load_clip
+from workers.models.stable_diffusion import StableDiffusion, load_stable_diffusion
 
 NO_CLIP = "none"
 

@@ -8,7 +8,7 @@ Usable without the service::
     out = segment_oneshot(sd, model, other_rgb_uint8)
     out.labels  # (H, W) int64: 0 background, 1.. the parts in `model.labels` order
 
-The pure tensor steps live in `workers.slime`; this module runs the UNet and wires them together.
+The pure tensor steps live in `workers.methods.slime`; this module runs the UNet and wires them together.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers import diffseg, slime
-from workers.attention import AttentionStore, capture_attention
-from workers.models import StableDiffusion
-from workers.sd import (
+from workers.methods import diffseg
+
+from workers.methods import slime
+from workers.models.attention import AttentionStore, capture_attention
+from workers.models.stable_diffusion import StableDiffusion
+from workers.models.sd_ops import (
     add_noise,
     encode_latents,
     encode_prompts,
@@ -34,7 +36,7 @@ from workers.sd import (
     sample_noise,
     unet_noise,
 )
-from workers.timing import Timer
+from workers.methods.timing import Timer
 
 CROSS_BLOCKS = (8, 9, 10, 11, 12)  # attn2 at grids R/4 and R/2 (methods 3.2)
 SELF_BLOCKS = (14, 15, 16)  # attn1 at grid R

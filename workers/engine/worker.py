@@ -26,8 +26,8 @@ from rq.worker import SimpleWorker, WorkerStatus
 from attnseg.queue import QUEUES, connect, get_queue
 from attnseg.settings import Settings
 from attnseg.workers_registry import announce, withdraw
-from workers import runtime as runtime_module
-from workers.unsupervised import segment_unsupervised
+from workers.engine import runtime as runtime_module
+from workers.methods.unsupervised import segment_unsupervised
 
 log = logging.getLogger("attnseg.worker")
 

@@ -23,12 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers import diffseg, gem
-from workers.attention import AttentionStore, capture_attention
-from workers.clip import Clip
-from workers.models import StableDiffusion
-from workers.prompts import Prompt, PromptTooLongError, build_prompt, pad_ids
-from workers.sd import (
+from workers.methods import diffseg
+
+from workers.methods import gem
+from workers.models.attention import AttentionStore, capture_attention
+from workers.models.clip import Clip
+from workers.models.stable_diffusion import StableDiffusion
+from workers.methods.prompts import Prompt, PromptTooLongError, build_prompt, pad_ids
+from workers.models.sd_ops import (
     add_noise,
     encode_latents,
     encode_prompt_ids,
@@ -37,9 +39,9 @@ from workers.sd import (
     make_generator,
     unet_noise,
 )
-from workers.selfcross import background_score, selfcross_scores
-from workers.timing import Timer
-from workers.unsupervised import ALL_BLOCKS, self_attention_by_grid
+from workers.methods.selfcross import background_score, selfcross_scores
+from workers.methods.timing import Timer
+from workers.methods.unsupervised import ALL_BLOCKS, self_attention_by_grid
 
 METHODS = ("selfcross", "gem", "gem_refined", "cluster")
 DEFAULT_TIMESTEPS = {"selfcross": 150, "gem": None, "gem_refined": 100, "cluster": 100}

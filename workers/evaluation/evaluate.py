@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from attnseg.settings import get_settings
-from workers.metrics import ConfusionScore, PartIoUScore, UnsupervisedScore
-from workers.models import load_stable_diffusion
+from workers.evaluation.metrics import ConfusionScore, PartIoUScore, UnsupervisedScore
+from workers.models.stable_diffusion import load_stable_diffusion
 
 log = logging.getLogger("attnseg.evaluate")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -79,14 +79,14 @@ def plain(value):
 def evaluate(args, sd, clip_loader) -> dict:
     pairs = dataset_pairs(args.images, args.labels)[: args.limit]
     if args.protocol == "unsupervised":
-        from workers.unsupervised import segment_unsupervised
+        from workers.methods.unsupervised import segment_unsupervised
 
         result = score_dataset(pairs, args.resolution, UnsupervisedScore(args.num_classes),
                                lambda rgb: segment_unsupervised(sd, rgb, kl_threshold=args.kl_threshold,
                                                                 resolution=args.resolution).labels)
         return {"protocol": "unsupervised", "kl_threshold": args.kl_threshold, **result}
     if args.protocol == "text":
-        from workers.textseg import segment_text
+        from workers.methods.textseg import segment_text
 
         classes = [c.strip() for c in args.classes.split(",")]
         clip = clip_loader() if args.method != "selfcross" else None
@@ -94,7 +94,7 @@ def evaluate(args, sd, clip_loader) -> dict:
                                lambda rgb: segment_text(sd, clip, rgb, classes, method=args.method,
                                                         resolution=args.resolution).labels)
         return {"protocol": "text", "method": args.method, "classes": ["background", *classes], **result}
-    from workers.oneshot import segment_oneshot, train_oneshot
+    from workers.methods.oneshot import segment_oneshot, train_oneshot
 
     parts = [p.strip() for p in args.parts.split(",")]
     examples = [load_pair(i, m, args.resolution) for i, m in zip(args.train_images, args.train_masks, strict=True)]
@@ -113,7 +113,7 @@ def main(args) -> dict:
                                cache_dir=settings.cache_dir)
 
     def clip_loader():
-        from workers.clip import load_clip
+        from workers.models.clip import load_clip
 
         return load_clip(settings.clip_model, settings.clip_pretrained, device=sd.device, dtype=sd.dtype,
                          cache_dir=settings.cache_dir)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from workers.prompts import mean_over_spans
+from workers.methods.prompts import mean_over_spans
 
 
 def minmax_per_class(maps: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from huggingface_hub import try_to_load_from_cache
 from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from safetensors.torch import save_file
 
-from workers.models import ModelUnavailableError, hub_offline
+from workers.models.stable_diffusion import ModelUnavailableError, hub_offline
 
 DEFAULT_CLIP_MODEL = "ViT-B-16-quickgelu"
 DEFAULT_CLIP_PRETRAINED = "metaclip_400m"  # best in the langseg report

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers import diffseg
-from workers.attention import AttentionStore, capture_attention
-from workers.models import StableDiffusion
-from workers.prompts import Prompt, mean_over_spans, pad_ids, word_spans
-from workers.sd import encode_latents, encode_prompt_ids, encode_prompts, image_to_pixels, unet_noise
-from workers.timing import Timer
+from workers.methods import diffseg
+from workers.models.attention import AttentionStore, capture_attention
+from workers.models.stable_diffusion import StableDiffusion
+from workers.methods.prompts import Prompt, mean_over_spans, pad_ids, word_spans
+from workers.models.sd_ops import encode_latents, encode_prompt_ids, encode_prompts, image_to_pixels, unet_noise
+from workers.methods.timing import Timer
 
 ALL_BLOCKS = tuple(range(1, 17))
 

@@ -8,12 +8,12 @@ import numpy as np
 
 from attnseg import oneshot_store, rle
 from attnseg.images import ImageMissingError, load_image
-from workers import runtime
-from workers.context import JobContext, JobFailure, job_function
-from workers.oneshot import ModelMismatchError, OneshotModel, segment_oneshot, train_oneshot
-from workers.prompts import PromptTooLongError
-from workers.textseg import segment_text as run_text
-from workers.unsupervised import segment_unsupervised as run_diffseg
+from workers.engine import runtime
+from workers.engine.context import JobContext, JobFailure, job_function
+from workers.methods.oneshot import ModelMismatchError, OneshotModel, segment_oneshot, train_oneshot
+from workers.methods.prompts import PromptTooLongError
+from workers.methods.textseg import segment_text as run_text
+from workers.methods.unsupervised import segment_unsupervised as run_diffseg
 
 
 def fetch_image(ctx: JobContext, entry: dict) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from workers.tiny_random import RANDOM_WEIGHTS_MARKER, build_tiny_random
+from workers.models.tiny_random import RANDOM_WEIGHTS_MARKER, build_tiny_random
 
 TINY_RANDOM = "tiny-random"
 DEFAULT_CACHE_DIR = Path("~/.cache/attnseg")

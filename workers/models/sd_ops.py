@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.models import StableDiffusion
+from workers.models.stable_diffusion import StableDiffusion
 
 
 def make_generator(sd: StableDiffusion, seed: int) -> torch.Generator:

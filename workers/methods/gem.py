@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor, nn
 
-from workers.clip import Clip
+from workers.models.clip import Clip
 
 GEM_DEPTH = 7  # the last GEM_DEPTH - 1 = 6 residual blocks get self-self attention
 GEM_IMAGE_SIZE = 448
