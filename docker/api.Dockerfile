@@ -4,13 +4,15 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN useradd --create-home --uid 10001 attnseg
 WORKDIR /app
+# Base dependencies only, from the lock (the worker extra: torch, diffusers, open_clip is not here).
+COPY requirements/api.txt requirements/api.txt
+RUN pip install -r requirements/api.txt
 COPY pyproject.toml README.md ./
 COPY attnseg attnseg
 COPY cli cli
 COPY service service
 COPY workers workers
-# Base dependencies only: the worker extra (torch, diffusers, open_clip) is not installed here.
-RUN pip install . && rm -rf /root/.cache
+RUN pip install --no-deps .
 
 USER attnseg
 EXPOSE 8000
