@@ -83,9 +83,11 @@ def coco_document(done: list[tuple[Path, str, Result]], failed: list[dict]) -> d
     for image_id, (path, job_id, result) in enumerate(done, start=1):
         images.append({"id": image_id, "file_name": str(path), "width": result.width, "height": result.height,
                        "job_id": job_id})
+        for label_id, name in enumerate(result.labels or []):  # every class asked for, found or not
+            categories.setdefault(name, label_id)
         for segment in result.segments:
             if result.labels is not None:
-                category = categories.setdefault(result.labels[segment.label_id], segment.label_id)
+                category = segment.label_id
             else:
                 category = categories.setdefault(segment.label or "segment", len(categories) + 1)
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,

@@ -217,14 +217,14 @@ def two_part_example(width: int = 96, height: int = 64) -> tuple[np.ndarray, np.
 @pytest.mark.slow
 def test_oneshot_train_wait_and_segment(client):
     pixels, mask = two_part_example()
-    model = client.train_oneshot(pixels, mask, ["left", "right"], epochs=4, resolution=256, seed=0)
+    model = client.train_oneshot(pixels, mask, ["left", "right"], epochs=2, resolution=256, seed=0)
     assert model.status == "training" and model.labels == ["background", "left", "right"]
     early = model.segment(Image.fromarray(pixels))  # allowed while it trains: the job waits for it
     progress = []
     assert model.wait(timeout=600, on_progress=progress.append) is model
     assert model.status == "ready" and 0 <= model.metrics["train_iou"] <= 1
     epochs = [p for p in progress if p.epoch is not None]
-    assert epochs and epochs[-1].epochs == 4 and all(p.loss is not None and p.best_iou is not None for p in epochs)
+    assert epochs and epochs[-1].epochs == 2 and all(p.loss is not None and p.best_iou is not None for p in epochs)
     assert client.oneshot_model(model.id).status == "ready"
     for job in (early, model.segment(pixels, seed=0)):
         result = job.result(timeout=300)
