@@ -43,6 +43,13 @@ def words(values: list[str] | None) -> list[str] | None:
     return [word.strip() for value in values for word in value.split(",") if word.strip()]
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def pictures(paths: list[Path]) -> list[Path]:
     """Files as given; a folder gives its pictures (by suffix, sorted, not recursive)."""
     found = []
@@ -299,7 +306,7 @@ def add_outputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, help="COCO-style results JSON (default: stdout)")
     parser.add_argument("--masks-dir", type=Path, help="one PNG label map per picture, named after it")
     parser.add_argument("--overlay-dir", type=Path, help="the API's overlay PNG per picture")
-    parser.add_argument("--concurrency", type=int, default=4, help="jobs in flight at once (default 4)")
+    parser.add_argument("--concurrency", type=positive, default=4, help="jobs in flight at once (default 4)")
 
 
 def add_client_commands(sub: argparse._SubParsersAction) -> None:

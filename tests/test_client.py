@@ -20,6 +20,7 @@ from attnseg.client import (
 )
 from attnseg.client import protocol
 from attnseg.client.inputs import file_part
+from attnseg.client.results import JobState, segmentation_result
 from tests.support import image_bytes
 
 JOB = {"id": "j1", "kind": "unsupervised", "status": "queued", "progress": {"stage": "queued", "fraction": 0.0},
@@ -60,7 +61,8 @@ def test_retry_after_seconds_and_dates_are_honoured_and_bounded():
     assert 40 < sleeps[1] <= 50  # an HTTP date: the time until then
     assert sleeps[2] == protocol.BACKOFF_S * 4  # no header: backoff doubling per attempt (third retry)
     assert response.json() == JOB
-    assert protocol.retry_delay(error(429, "queue_full", "x", **{"Retry-After": "3600"}), 0) == protocol.MAX_RETRY_AFTER_S
+    too_long = error(429, "queue_full", "x", **{"Retry-After": "3600"})
+    assert protocol.retry_delay(too_long, 0) == protocol.MAX_RETRY_AFTER_S
 
 
 def test_the_client_retries_a_full_queue_then_raises_queue_full_with_the_api_fields():
@@ -68,7 +70,8 @@ def test_the_client_retries_a_full_queue_then_raises_queue_full_with_the_api_fie
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return error(429, "queue_full", "the attnseg:segment queue is full (200 jobs); retry later", **{"Retry-After": "0"})
+        return error(429, "queue_full", "the attnseg:segment queue is full (200 jobs); retry later",
+                     **{"Retry-After": "0"})
 
     with Client("http://api", api_key="k3y", retries=2, transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(QueueFull) as raised:
@@ -122,6 +125,13 @@ def test_form_fields_and_image_inputs():
         file_part(pixels.astype(np.float32), "image")
     with pytest.raises(TypeError, match="PIL image"):
         file_part(3, "image")
+
+
+def test_a_training_job_has_no_segmentation_result():
+    training = JobState.from_api({**JOB, "kind": "oneshot_train", "status": "succeeded", "model_id": "m1",
+                                  "result": {"model_id": "m1"}})
+    with pytest.raises(TypeError, match="oneshot_model"):
+        segmentation_result(training)
 
 
 # -- against the real stack ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ import httpx
 
 from attnseg.client import protocol
 from attnseg.client.inputs import ImageInput
-from attnseg.client.results import JobState, JobView, ModelState, ModelView, Result
+from attnseg.client.results import JobState, JobView, ModelState, ModelView, Result, segmentation_result
 from attnseg.client.sync import ProgressCallback
 
 
@@ -92,7 +92,7 @@ class AsyncJob(JobView):
         return self
 
     async def result(self, timeout: float | None = None) -> Result:
-        return Result.from_api((await self.wait(timeout)).state.raw["result"])
+        return segmentation_result((await self.wait(timeout)).state)
 
     async def cancel(self) -> "AsyncJob":
         self.state = (await self.client.cancel(self.id)).state

@@ -106,8 +106,9 @@ class JobState:
 
     @classmethod
     def from_api(cls, body: dict) -> "JobState":
-        return cls(id=body["id"], kind=body["kind"], status=body["status"], progress=Progress.from_api(body["progress"]),
-                   model_id=body.get("model_id"), params=body.get("params") or {}, error=body.get("error"),
+        return cls(id=body["id"], kind=body["kind"], status=body["status"],
+                   progress=Progress.from_api(body["progress"]), model_id=body.get("model_id"),
+                   params=body.get("params") or {}, error=body.get("error"),
                    **{name: parse_time(body.get(name)) for name in ("created_at", "started_at", "finished_at",
                                                                      "expires_at")},
                    raw=body)
@@ -129,6 +130,13 @@ class ModelState:
     def from_api(cls, body: dict) -> "ModelState":
         return cls(id=body["id"], status=body["status"], labels=body["labels"], metrics=body.get("metrics") or {},
                    train_job_id=body["train_job_id"], error=body.get("error"), raw=body)
+
+
+def segmentation_result(state: JobState) -> Result:
+    """A succeeded segmentation job's `Result`; a training job's product is its model, not a Result."""
+    if state.kind == "oneshot_train":
+        raise TypeError(f"job {state.id} trains model {state.model_id}: use client.oneshot_model(...) for it")
+    return Result.from_api(state.raw["result"])
 
 
 class JobView:

@@ -10,7 +10,9 @@ import httpx
 
 from attnseg.client import protocol
 from attnseg.client.inputs import ImageInput
-from attnseg.client.results import JobState, JobView, ModelState, ModelView, Progress, Result
+from attnseg.client.results import (
+    JobState, JobView, ModelState, ModelView, Progress, Result, segmentation_result,
+)
 
 ProgressCallback = Callable[[Progress], Any]
 
@@ -108,7 +110,7 @@ class Job(JobView):
 
     def result(self, timeout: float | None = None) -> Result:
         """Wait if needed, then the segmentation `Result`."""
-        return Result.from_api(self.wait(timeout).state.raw["result"])
+        return segmentation_result(self.wait(timeout).state)
 
     def cancel(self) -> "Job":
         self.state = self.client.cancel(self.id).state
