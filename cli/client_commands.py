@@ -29,6 +29,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 INTERRUPTED = 130  # the shell's code for a SIGINT death
 
+# What fails one picture and not the run: the API's refusal, a failed job, the network, a file.
+PICTURE_ERRORS = (AttnsegError, httpx.HTTPError, OSError)
 Submit = Callable[[AsyncClient, Path], Awaitable[AsyncJob]]
 
 
@@ -134,7 +136,7 @@ class Submitted:
 
 def describe(error: BaseException) -> str:
     if isinstance(error, httpx.HTTPError):
-        return f"cannot reach the API: {error!r}"
+        return f"cannot reach the API: {type(error).__name__}: {error}"
     return str(error)
 
 
@@ -152,14 +154,19 @@ async def segment_pictures(args, submit: Submit) -> int:
 
     async def one(client: AsyncClient, path: Path) -> tuple[Path, str, Result]:
         async with limit:
-            job = await submitted.submit(submit(client, path))
-            bar.write(f"{path}: job {job.id}", file=sys.stderr)
-            result = await job.result()
-            if args.overlay_dir:
-                (args.overlay_dir / f"{path.stem}.png").write_bytes(await job.overlay())
-            if args.masks_dir:
-                label_png(result.label_map()).save(args.masks_dir / f"{path.stem}.png")
-            bar.update()
+            try:
+                job = await submitted.submit(submit(client, path))
+                bar.write(f"{path}: job {job.id}", file=sys.stderr)
+                result = await job.result()
+                if args.overlay_dir:
+                    (args.overlay_dir / f"{path.stem}.png").write_bytes(await job.overlay())
+                if args.masks_dir:
+                    label_png(result.label_map()).save(args.masks_dir / f"{path.stem}.png")
+            except PICTURE_ERRORS as exc:
+                bar.write(f"attnseg: {path}: {describe(exc)}", file=sys.stderr)
+                raise
+            finally:
+                bar.update()
             return path, job.id, result
 
     async with AsyncClient(*connection(args)) as client:
@@ -173,11 +180,9 @@ async def segment_pictures(args, submit: Submit) -> int:
     bar.close()
     done, failed = [], []
     for path, outcome in zip(paths, outcomes):
-        if isinstance(outcome, (AttnsegError, httpx.HTTPError, OSError)):
-            code = getattr(outcome, "code", type(outcome).__name__)
-            failed.append({"file_name": str(path), "code": code, "message": describe(outcome),
-                           "job_id": getattr(outcome, "job_id", None)})
-            print(f"attnseg: {path}: {describe(outcome)}", file=sys.stderr)
+        if isinstance(outcome, PICTURE_ERRORS):
+            failed.append({"file_name": str(path), "code": getattr(outcome, "code", type(outcome).__name__),
+                           "message": describe(outcome), "job_id": getattr(outcome, "job_id", None)})
         elif isinstance(outcome, BaseException):
             raise outcome
         else:
@@ -252,17 +257,18 @@ def cmd_oneshot_train(args) -> int:
             raise CommandError(f"no such file: {path}")
     with Client(*connection(args)) as client:
         model = client.train_oneshot(args.image, args.mask, words(args.labels), **params(args, TRAIN))
-        print(f"model {model.id}: training (job {model.state.train_job_id})", file=sys.stderr)
-        if not args.no_wait:
-            bar, show = training_bar(model.state.raw["params"]["epochs"])
-            try:
+        bar = None
+        try:
+            print(f"model {model.id}: training (job {model.state.train_job_id})", file=sys.stderr)
+            if not args.no_wait:
+                bar, show = training_bar(model.state.raw["params"]["epochs"])
                 model.wait(on_progress=show)
-            except KeyboardInterrupt:
-                bar.close()
-                client.cancel(model.state.train_job_id)
-                print(f"attnseg: interrupted; canceled training job {model.state.train_job_id}", file=sys.stderr)
-                return INTERRUPTED
-            finally:
+        except KeyboardInterrupt:
+            client.cancel(model.state.train_job_id)
+            print(f"attnseg: interrupted; canceled training job {model.state.train_job_id}", file=sys.stderr)
+            return INTERRUPTED
+        finally:
+            if bar is not None:
                 bar.close()
         write_json(model.state.raw, args.output)
     return 0

@@ -136,3 +136,22 @@ def test_ctrl_c_cancels_what_was_submitted(api_env, tmp_path):
     with Client(api_env.base_url) as client:
         for job_id in submitted:
             wait_for(lambda: client.job(job_id).status == "canceled", timeout=120, message=f"job {job_id} canceled")
+
+
+def test_ctrl_c_cancels_a_training(api_env, tmp_path):
+    pixels, mask = two_part_example()
+    Image.fromarray(pixels).save(tmp_path / "car.png")
+    Image.fromarray(mask).save(tmp_path / "car_mask.png")
+    process = subprocess.Popen([sys.executable, "-m", "cli", "oneshot", "train", "--image", str(tmp_path / "car.png"),
+                                "--mask", str(tmp_path / "car_mask.png"), "--labels", "left", "right",
+                                "--epochs", "500", "--resolution", "256", "--url", api_env.base_url],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stderr.readline()  # "model <id>: training (job <id>)"
+    assert first.startswith("model "), first
+    job_id = first.strip().rstrip(")").rsplit(" ", 1)[1]
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert f"canceled training job {job_id}" in err
+    with Client(api_env.base_url) as client:
+        wait_for(lambda: client.job(job_id).status == "canceled", timeout=120, message="the training canceled")

@@ -96,8 +96,13 @@ def unsupervised_call(image: ImageInput, params: dict) -> Call:
     return Call("POST", "/segment/unsupervised", data=form_fields(params), files=[("image", file_part(image, "image"))])
 
 
-def text_call(image: ImageInput, classes: Sequence[str], method: str, params: dict) -> Call:
-    fields = form_fields({"classes": list(classes), "method": method, **params})
+def names(value: str | Sequence[str]) -> list[str]:
+    """One name or several (a lone string is one name, not its letters)."""
+    return [value] if isinstance(value, str) else list(value)
+
+
+def text_call(image: ImageInput, classes: str | Sequence[str], method: str, params: dict) -> Call:
+    fields = form_fields({"classes": names(classes), "method": method, **params})
     return Call("POST", "/segment/text", data=fields, files=[("image", file_part(image, "image"))])
 
 
@@ -106,11 +111,11 @@ def as_list(value: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def train_call(images, masks, labels: Sequence[str], params: dict) -> Call:
+def train_call(images, masks, labels: str | Sequence[str], params: dict) -> Call:
     images, masks = as_list(images), as_list(masks)
     files = [("images", file_part(image, f"image{i}")) for i, image in enumerate(images)]
     files += [("masks", file_part(mask, f"mask{i}", mask=True)) for i, mask in enumerate(masks)]
-    return Call("POST", "/oneshot/train", data=form_fields({"labels": list(labels), **params}), files=files)
+    return Call("POST", "/oneshot/train", data=form_fields({"labels": names(labels), **params}), files=files)
 
 
 def oneshot_segment_call(model_id: str, image: ImageInput, params: dict) -> Call:
