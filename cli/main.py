@@ -1,4 +1,5 @@
-"""`attnseg`: run the API, a worker, or the whole stack in the foreground; evaluate; export OpenAPI."""
+"""`attnseg`: run the API, a worker, or the whole stack in the foreground; evaluate; export OpenAPI;
+and, as a client of a running API, segment pictures, train one-shot models, look at jobs."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import redis
 
 from attnseg.queue import QUEUES, connect
 from attnseg.settings import get_settings
+from cli.client_commands import add_client_commands
 
 log = logging.getLogger("attnseg")
 
@@ -191,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--epochs", type=int, default=200, help="oneshot: training epochs")
     evaluate.add_argument("--crops-per-side", type=int, default=1, choices=[1, 2], help="oneshot")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    add_client_commands(sub)
     return parser
 
 

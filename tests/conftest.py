@@ -68,3 +68,14 @@ def tiny_clip(tmp_path_factory):
     from workers.models.clip import load_clip
 
     return load_clip("tiny-random", device="cpu", dtype=torch.float32, cache_dir=tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="session")
+def shared_stack(tmp_path_factory):
+    """Redis, the API and one tiny-random worker, started once for every test that only submits jobs
+    (the client, the CLI). Tests that restart or kill parts of a stack keep their own."""
+    from tests.support import Stack
+
+    stack = Stack(tmp_path_factory.mktemp("shared-stack")).start_ready()
+    yield stack
+    stack.stop()

@@ -127,6 +127,21 @@ class Stack:
                                     cwd=ROOT, env=worker_env(self.redis.url, self.cache_dir), stdout=log,
                                     stderr=subprocess.STDOUT)
 
+    def start_ready(self, timeout: float = 240) -> "Stack":
+        """Redis, the API and one worker; returns once the worker is ready (stopped, with logs, if not)."""
+        from workers.models.tiny_random import build_tiny_random
+
+        build_tiny_random(self.cache_dir / "tiny-random")  # once, before workers race to build it
+        self.redis.start()
+        self.start_api()
+        self.start_worker()
+        try:
+            wait_for(lambda: self.ready_workers() >= 1, timeout=timeout, message="a ready worker")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(self.logs()) from None
+        return self
+
     def restart_api(self) -> None:
         self.api.terminate()
         self.api.wait(timeout=10)

@@ -1,0 +1,377 @@
+"""`attnseg segment|oneshot|jobs`: the API from the command line, on `attnseg.client`.
+
+Pictures (files, or folders of .jpg/.jpeg/.png/.webp) run concurrently, at most `--concurrency`
+at a time, with a progress bar on stderr. Outputs: a COCO-style results JSON (`-o`, else stdout),
+`--masks-dir` (one PNG label map per picture: label_id, or the segment id when unsupervised) and
+`--overlay-dir` (the API's overlay). Ctrl-C cancels every job this run submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from attnseg.client import AsyncClient, AsyncJob, AttnsegError, Client, JobFailed, Progress, Result, WaitTimeout
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+INTERRUPTED = 130  # the shell's code for a SIGINT death
+
+# What fails one picture and not the run: the API's refusal, a failed job, the network, a file.
+PICTURE_ERRORS = (AttnsegError, httpx.HTTPError, OSError)
+Submit = Callable[[AsyncClient, Path], Awaitable[AsyncJob]]
+
+
+class CommandError(Exception):
+    """A mistake on the command line (a missing file, clashing outputs): one line, exit 2."""
+
+
+def words(values: list[str] | None) -> list[str] | None:
+    """`--classes dog grass` and `--classes dog,grass` alike (names never contain commas)."""
+    if values is None:
+        return None
+    return [word.strip() for value in values for word in value.split(",") if word.strip()]
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def pictures(paths: list[Path]) -> list[Path]:
+    """Files as given; a folder gives its pictures (by suffix, sorted, not recursive)."""
+    found = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in PICTURE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise CommandError(f"no such file or folder: {path}")
+    if not found:
+        raise CommandError(f"no pictures ({', '.join(PICTURE_SUFFIXES)}) in {', '.join(map(str, paths))}")
+    return found
+
+
+def check_output_names(paths: list[Path]) -> None:
+    """Per-picture outputs are named after the picture's stem: two pictures must not share one."""
+    seen: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in seen:
+            raise CommandError(f"{seen[path.stem]} and {path} would write the same output file {path.stem}.png")
+        seen[path.stem] = path
+
+
+def label_png(label_map: np.ndarray) -> Image.Image:
+    """(H, W) int label map -> an 8-bit PNG image, or 16-bit when a value passes 255."""
+    return Image.fromarray(label_map.astype(np.uint8 if label_map.max(initial=0) < 256 else np.uint16))
+
+
+def coco_document(done: list[tuple[Path, str, Result]], failed: list[dict]) -> dict:
+    """COCO-style results: `images` (with the job id), `annotations` (RLE, bbox xywh, area, score), `categories`.
+
+    Category ids are label_ids when the result has `labels` (text, one-shot: 0 is background);
+    unsupervised segments get one category per name (`segment` when unnamed), numbered from 1.
+    """
+    categories: dict[str, int] = {}
+    images, annotations = [], []
+    for image_id, (path, job_id, result) in enumerate(done, start=1):
+        images.append({"id": image_id, "file_name": str(path), "width": result.width, "height": result.height,
+                       "job_id": job_id})
+        for label_id, name in enumerate(result.labels or []):  # every class asked for, found or not
+            categories.setdefault(name, label_id)
+        for segment in result.segments:
+            if result.labels is not None:
+                category = segment.label_id
+            else:
+                category = categories.setdefault(segment.label or "segment", len(categories) + 1)
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
+                                "segmentation": segment.rle, "area": segment.area, "bbox": list(segment.bbox),
+                                "score": segment.score, "iscrowd": 0})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": i, "name": name} for name, i in sorted(categories.items(), key=lambda c: c[1])],
+            "failed": failed}
+
+
+class Submitted:
+    """Every job this run created, so that Ctrl-C can cancel them (submissions in flight included)."""
+
+    def __init__(self):
+        self.jobs: list[AsyncJob] = []
+        self.in_flight: set[asyncio.Task] = set()
+
+    async def submit(self, submission: Awaitable[AsyncJob]) -> AsyncJob:
+        # Shielded: a Ctrl-C during the POST must not lose a job the server has already created.
+        task = asyncio.ensure_future(submission)
+        self.in_flight.add(task)
+        task.add_done_callback(self._landed)
+        return await asyncio.shield(task)
+
+    def _landed(self, task: asyncio.Task) -> None:
+        self.in_flight.discard(task)
+        if not task.cancelled() and task.exception() is None:
+            self.jobs.append(task.result())
+
+    async def cancel_all(self, client: AsyncClient) -> int:
+        if self.in_flight:
+            await asyncio.wait(self.in_flight, timeout=30)
+        open_jobs = [job for job in self.jobs if not job.done]
+        await asyncio.gather(*(client.cancel(job.id) for job in open_jobs), return_exceptions=True)
+        return len(open_jobs)
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, httpx.HTTPError):
+        return f"cannot reach the API: {type(error).__name__}: {error}"
+    return str(error)
+
+
+async def segment_pictures(args, submit: Submit) -> int:
+    """Submit every picture (at most --concurrency at a time), wait, write the outputs; 1 if any failed."""
+    paths = pictures(args.images)
+    if args.masks_dir or args.overlay_dir:
+        check_output_names(paths)
+    for folder in (args.masks_dir, args.overlay_dir):
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
+    limit = asyncio.Semaphore(args.concurrency)
+    submitted = Submitted()
+    bar = tqdm(total=len(paths), unit="picture", file=sys.stderr)
+
+    async def one(client: AsyncClient, path: Path) -> tuple[Path, str, Result]:
+        async with limit:
+            try:
+                job = await submitted.submit(submit(client, path))
+                bar.write(f"{path}: job {job.id}", file=sys.stderr)
+                result = await job.result()
+                if args.overlay_dir:
+                    (args.overlay_dir / f"{path.stem}.png").write_bytes(await job.overlay())
+                if args.masks_dir:
+                    label_png(result.label_map()).save(args.masks_dir / f"{path.stem}.png")
+            except PICTURE_ERRORS as exc:
+                bar.write(f"attnseg: {path}: {describe(exc)}", file=sys.stderr)
+                raise
+            finally:
+                bar.update()
+            return path, job.id, result
+
+    async with AsyncClient(*connection(args)) as client:
+        try:
+            outcomes = await asyncio.gather(*(one(client, path) for path in paths), return_exceptions=True)
+        except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels us, then raises KeyboardInterrupt
+            bar.close()
+            canceled = await submitted.cancel_all(client)
+            print(f"attnseg: interrupted; canceled {canceled} unfinished job(s) of this run", file=sys.stderr)
+            raise
+    bar.close()
+    done, failed = [], []
+    for path, outcome in zip(paths, outcomes):
+        if isinstance(outcome, PICTURE_ERRORS):
+            failed.append({"file_name": str(path), "code": getattr(outcome, "code", type(outcome).__name__),
+                           "message": describe(outcome), "job_id": getattr(outcome, "job_id", None)})
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            done.append(outcome)
+    write_json(coco_document(done, failed), args.output)
+    return 1 if failed else 0
+
+
+def write_json(document: dict, output: Path | None) -> None:
+    text = json.dumps(document)
+    if output:
+        output.write_text(text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+def connection(args) -> tuple[str, str | None]:
+    return (args.url or os.environ.get("ATTNSEG_URL") or DEFAULT_URL,
+            args.api_key or os.environ.get("ATTNSEG_API_KEY") or None)
+
+
+def params(args, names: tuple[str, ...]) -> dict:
+    """The method parameters given on the command line; the rest are the server's defaults."""
+    values = {name: getattr(args, name) for name in names}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+UNSUPERVISED = ("kl_threshold", "grid", "iterations", "timestep", "resolution", "refine", "vocabulary", "seed")
+TEXT = ("background", "background_words", "samples", "timestep", "resolution", "seed")
+TRAIN = ("epochs", "learning_rate", "crops_per_side", "min_crop", "resolution", "seed")
+ONESHOT_SEGMENT = ("crops_per_side", "resolution", "seed")
+
+
+def cmd_segment_unsupervised(args) -> int:
+    options = {**params(args, UNSUPERVISED), "vocabulary": words(args.vocabulary)}
+    return asyncio.run(segment_pictures(args, lambda client, path: client.segment_unsupervised(path, **options)))
+
+
+def cmd_segment_text(args) -> int:
+    classes = words(args.classes)
+    options = {**params(args, TEXT), "background_words": words(args.background_words)}
+    return asyncio.run(segment_pictures(
+        args, lambda client, path: client.segment_text(path, classes, method=args.method, **options)))
+
+
+def cmd_oneshot_segment(args) -> int:
+    options = params(args, ONESHOT_SEGMENT)
+    return asyncio.run(segment_pictures(
+        args, lambda client, path: client.oneshot_segment(args.model, path, **options)))
+
+
+def training_bar(epochs: int) -> tuple[tqdm, Callable[[Progress], None]]:
+    bar = tqdm(total=epochs, unit="epoch", file=sys.stderr)
+
+    def show(progress: Progress) -> None:
+        if progress.epoch is None:
+            bar.set_description(progress.stage)
+            return
+        bar.set_description("training")
+        bar.update(progress.epoch - bar.n)
+        bar.set_postfix({name: f"{value:.3f}" for name, value in (("loss", progress.loss), ("iou", progress.best_iou))
+                         if value is not None})
+
+    return bar, show
+
+
+def cmd_oneshot_train(args) -> int:
+    if len(args.image) != len(args.mask):
+        raise CommandError(f"{len(args.image)} --image but {len(args.mask)} --mask: give one mask per image")
+    for path in (*args.image, *args.mask):
+        if not path.is_file():
+            raise CommandError(f"no such file: {path}")
+    with Client(*connection(args)) as client:
+        model = client.train_oneshot(args.image, args.mask, words(args.labels), **params(args, TRAIN))
+        bar = None
+        try:
+            print(f"model {model.id}: training (job {model.state.train_job_id})", file=sys.stderr)
+            if not args.no_wait:
+                bar, show = training_bar(model.state.raw["params"]["epochs"])
+                model.wait(on_progress=show)
+        except KeyboardInterrupt:
+            client.cancel(model.state.train_job_id)
+            print(f"attnseg: interrupted; canceled training job {model.state.train_job_id}", file=sys.stderr)
+            return INTERRUPTED
+        finally:
+            if bar is not None:
+                bar.close()
+        write_json(model.state.raw, args.output)
+    return 0
+
+
+def cmd_jobs_get(args) -> int:
+    with Client(*connection(args)) as client:
+        job = client.job(args.job_id)
+        if args.wait:
+            try:
+                job.wait(timeout=args.wait)
+            except (WaitTimeout, JobFailed):
+                pass  # the state is what this command prints, whatever it is
+        write_json(job.state.raw, None)
+    return 0
+
+
+def cmd_jobs_cancel(args) -> int:
+    with Client(*connection(args)) as client:
+        write_json(client.cancel(args.job_id).state.raw, None)
+    return 0
+
+
+def run(command: Callable[[argparse.Namespace], int], args) -> None:
+    """Run a client command; errors become one line on stderr and an exit code."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    try:
+        code = command(args)
+    except CommandError as exc:
+        sys.exit(f"attnseg: {exc}")
+    except (AttnsegError, httpx.HTTPError) as exc:
+        print(f"attnseg: {describe(exc)}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = INTERRUPTED
+    sys.exit(code)
+
+
+def add_outputs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMG", help="pictures, or folders of pictures")
+    parser.add_argument("-o", "--output", type=Path, help="COCO-style results JSON (default: stdout)")
+    parser.add_argument("--masks-dir", type=Path, help="one PNG label map per picture, named after it")
+    parser.add_argument("--overlay-dir", type=Path, help="the API's overlay PNG per picture")
+    parser.add_argument("--concurrency", type=positive, default=4, help="jobs in flight at once (default 4)")
+
+
+def add_client_commands(sub: argparse._SubParsersAction) -> None:
+    """Registers `segment`, `oneshot` and `jobs` on the `attnseg` parser."""
+    api = argparse.ArgumentParser(add_help=False)
+    api.add_argument("--url", help=f"the API (default: $ATTNSEG_URL or {DEFAULT_URL})")
+    api.add_argument("--api-key", help="bearer key (default: $ATTNSEG_API_KEY)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--resolution", type=int, help="working resolution (256..1024, multiple of 64)")
+    common.add_argument("--seed", type=int, help="the same seed gives the same masks")
+
+    segment = sub.add_parser("segment", help="segment pictures through the API").add_subparsers(dest="method_name",
+                                                                                                required=True)
+    unsupervised = segment.add_parser("unsupervised", parents=[common, api], help="DiffSeg, no prompt")
+    add_outputs(unsupervised)
+    unsupervised.add_argument("--kl-threshold", type=float, help="tau: larger merges more (default 1.0)")
+    unsupervised.add_argument("--grid", type=int, help="anchors per side (16)")
+    unsupervised.add_argument("--iterations", type=int, help="merging iterations (3)")
+    unsupervised.add_argument("--timestep", type=int, help="the UNet pass's timestep (300)")
+    unsupervised.add_argument("--refine", action="store_const", const=True, help="k-means refinement")
+    unsupervised.add_argument("--vocabulary", nargs="+", help="words to name the segments")
+    unsupervised.set_defaults(func=partial(run, cmd_segment_unsupervised))
+
+    text = segment.add_parser("text", parents=[common, api], help="one segment per class name")
+    add_outputs(text)
+    text.add_argument("--classes", nargs="+", required=True, help="class names (space- or comma-separated)")
+    text.add_argument("--method", default="selfcross", choices=["selfcross", "gem", "gem_refined", "cluster"])
+    text.add_argument("--no-background", dest="background", action="store_const", const=False,
+                      help="no background class")
+    text.add_argument("--background-words", nargs="+", help="selfcross: extra words that absorb attention")
+    text.add_argument("--samples", type=int, help="selfcross: noise draws averaged (1)")
+    text.add_argument("--timestep", type=int, help="default per method")
+    text.set_defaults(func=partial(run, cmd_segment_text))
+
+    oneshot = sub.add_parser("oneshot", help="train and use one-shot part models (SLiMe)").add_subparsers(
+        dest="oneshot_command", required=True)
+    train = oneshot.add_parser("train", parents=[common, api], help="train from picture(s) and label mask(s)")
+    train.add_argument("--image", type=Path, action="append", required=True, help="a training picture (repeatable)")
+    train.add_argument("--mask", type=Path, action="append", required=True,
+                       help="its mask: a PNG of class ids, 0 background (repeatable, same order)")
+    train.add_argument("--labels", nargs="+", required=True, help="names of mask values 1..K-1")
+    train.add_argument("--epochs", type=int, help="(200)")
+    train.add_argument("--learning-rate", type=float, help="(0.1)")
+    train.add_argument("--crops-per-side", type=int, choices=[1, 2], help="1 whole objects, 2 fine parts (1)")
+    train.add_argument("--min-crop", type=float, help="smallest random crop side, a fraction (0.7)")
+    train.add_argument("--no-wait", action="store_true", help="print the model at once; do not follow training")
+    train.add_argument("-o", "--output", type=Path, help="the model's JSON (default: stdout)")
+    train.set_defaults(func=partial(run, cmd_oneshot_train))
+    oneshot_segment = oneshot.add_parser("segment", parents=[common, api], help="segment pictures into a model's parts")
+    oneshot_segment.add_argument("model", help="the model id (from `oneshot train`)")
+    add_outputs(oneshot_segment)
+    oneshot_segment.add_argument("--crops-per-side", type=int, choices=[1, 2], help="default: the model's")
+    oneshot_segment.set_defaults(func=partial(run, cmd_oneshot_segment))
+
+    jobs = sub.add_parser("jobs", help="look at or cancel a job").add_subparsers(dest="jobs_command", required=True)
+    get = jobs.add_parser("get", parents=[api], help="print a job's JSON")
+    get.add_argument("job_id")
+    get.add_argument("--wait", type=float, help="first wait up to this many seconds for it to end")
+    get.set_defaults(func=partial(run, cmd_jobs_get))
+    cancel = jobs.add_parser("cancel", parents=[api], help="cancel a job (a running one stops at its next step)")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(func=partial(run, cmd_jobs_cancel))

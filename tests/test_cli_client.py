@@ -1,0 +1,157 @@
+"""`attnseg segment|oneshot|jobs` against the real stack (shared with tests/test_client.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from attnseg.client import Client
+from cli.main import main
+from tests.support import ROOT, image_bytes, wait_for
+from tests.test_client import two_part_example
+
+pytestmark = pytest.mark.slow
+
+
+def attnseg(*argv: str) -> int:
+    """Run the command in this process; its exit code."""
+    with pytest.raises(SystemExit) as exited:
+        main([str(arg) for arg in argv])
+    return exited.value.code
+
+
+@pytest.fixture
+def api_env(shared_stack, monkeypatch):
+    monkeypatch.setenv("ATTNSEG_URL", shared_stack.base_url)  # the CLI reads it when --url is absent
+    return shared_stack
+
+
+def test_a_folder_with_masks_overlays_and_results_json(api_env, tmp_path):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    sizes = {"a": (64, 48), "b": (80, 40), "c": (48, 64)}
+    for seed, (stem, (width, height)) in enumerate(sizes.items()):
+        (folder / f"{stem}.{'jpg' if stem == 'b' else 'png'}").write_bytes(
+            image_bytes(width, height, fmt="JPEG" if stem == "b" else "PNG", seed=seed))
+    (folder / "notes.txt").write_text("not a picture")
+    results = tmp_path / "results.json"
+    code = attnseg("segment", "unsupervised", folder, "--resolution", "256", "--seed", "3", "--concurrency", "2",
+                   "-o", results, "--masks-dir", tmp_path / "masks", "--overlay-dir", tmp_path / "overlays")
+    assert code == 0
+    document = json.loads(results.read_text())
+    assert document["failed"] == [] and document["categories"] == [{"id": 1, "name": "segment"}]
+    dataset = COCO(str(results))  # pycocotools reads it as a COCO dataset
+    for image in document["images"]:
+        stem = os.path.basename(image["file_name"]).split(".")[0]
+        assert (image["width"], image["height"]) == sizes[stem]
+        label_map = np.asarray(Image.open(tmp_path / "masks" / f"{stem}.png"))
+        assert label_map.shape == sizes[stem][::-1]
+        assert Image.open(tmp_path / "overlays" / f"{stem}.png").size == sizes[stem]
+        annotations = dataset.loadAnns(dataset.getAnnIds(imgIds=[image["id"]]))
+        assert sorted(np.unique(label_map)) == list(range(1, len(annotations) + 1))  # unsupervised: segment ids
+        for index, annotation in enumerate(annotations, start=1):
+            mask = dataset.annToMask(annotation).astype(bool)
+            assert annotation["area"] == mask.sum() and (label_map[mask] == index).all()
+    assert len(document["images"]) == 3
+
+
+def test_text_to_stdout(api_env, tmp_path, capsys):
+    picture = tmp_path / "park.png"
+    picture.write_bytes(image_bytes(64, 48))
+    assert attnseg("segment", "text", picture, "--classes", "dog,grass", "person with clothes",
+                   "--method", "gem") == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["categories"] == [{"id": i, "name": name} for i, name in
+                                      enumerate(["background", "dog", "grass", "person with clothes"])]
+    assert document["images"][0]["file_name"] == str(picture)
+    assert document["annotations"] and all(0 <= a["category_id"] <= 3 for a in document["annotations"])
+
+
+def test_oneshot_train_then_segment(api_env, tmp_path, capsys):
+    pixels, mask = two_part_example()
+    Image.fromarray(pixels).save(tmp_path / "car.png")
+    Image.fromarray(mask).save(tmp_path / "car_mask.png")
+    assert attnseg("oneshot", "train", "--image", tmp_path / "car.png", "--mask", tmp_path / "car_mask.png",
+                   "--labels", "left", "right", "--epochs", "2", "--resolution", "256", "--seed", "0") == 0
+    out, err = capsys.readouterr()
+    model = json.loads(out)
+    assert model["status"] == "ready" and model["labels"] == ["background", "left", "right"]
+    assert "2/2" in err and "loss=" in err and "iou=" in err  # the progress bar: epoch, loss and IoU
+
+    assert attnseg("oneshot", "segment", model["id"], tmp_path / "car.png", "--masks-dir", tmp_path / "parts") == 0
+    document = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in document["categories"]] == ["background", "left", "right"]
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "parts" / "car.png")))) <= {0, 1, 2}
+
+
+def test_jobs_get_and_cancel(api_env, capsys):
+    with Client(api_env.base_url) as client:
+        job = client.segment_unsupervised(image_bytes(300, 200), resolution=1024)
+    assert attnseg("jobs", "cancel", job.id) == 0
+    assert json.loads(capsys.readouterr().out)["status"] in ("canceled", "running")
+    assert attnseg("jobs", "get", job.id, "--wait", "120") == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "canceled"
+    assert attnseg("jobs", "get", "no-such-job") == 1
+    assert "404 not_found" in capsys.readouterr().err
+
+
+def test_bad_input_is_reported_per_picture(api_env, tmp_path, capsys):
+    (tmp_path / "good.png").write_bytes(image_bytes(32, 32))
+    (tmp_path / "bad.png").write_bytes(b"not a picture at all")
+    assert attnseg("segment", "unsupervised", tmp_path, "--resolution", "256") == 1
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)
+    assert [image["file_name"] for image in document["images"]] == [str(tmp_path / "good.png")]
+    assert document["failed"][0]["file_name"] == str(tmp_path / "bad.png")
+    assert document["failed"][0]["code"] == "unsupported_media_type"
+    assert "bad.png" in captured.err
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["segment", "unsupervised", str(tmp_path / "missing.png")])
+
+
+def test_ctrl_c_cancels_what_was_submitted(api_env, tmp_path):
+    for seed in range(3):
+        (tmp_path / f"p{seed}.png").write_bytes(image_bytes(300, 200, seed=seed))
+    process = subprocess.Popen([sys.executable, "-m", "cli", "segment", "unsupervised", str(tmp_path),
+                                "--resolution", "1024", "--concurrency", "2", "--url", api_env.base_url],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    submitted = []
+    for line in process.stderr:  # "<picture>: job <id>" once each job is accepted
+        if ": job " in line:
+            submitted.append(line.strip().rsplit(" ", 1)[1])
+            if len(submitted) == 2:
+                break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "canceled 2 unfinished job(s)" in err
+    with Client(api_env.base_url) as client:
+        for job_id in submitted:
+            wait_for(lambda: client.job(job_id).status == "canceled", timeout=120, message=f"job {job_id} canceled")
+
+
+def test_ctrl_c_cancels_a_training(api_env, tmp_path):
+    pixels, mask = two_part_example()
+    Image.fromarray(pixels).save(tmp_path / "car.png")
+    Image.fromarray(mask).save(tmp_path / "car_mask.png")
+    process = subprocess.Popen([sys.executable, "-m", "cli", "oneshot", "train", "--image", str(tmp_path / "car.png"),
+                                "--mask", str(tmp_path / "car_mask.png"), "--labels", "left", "right",
+                                "--epochs", "500", "--resolution", "256", "--url", api_env.base_url],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stderr.readline()  # "model <id>: training (job <id>)"
+    assert first.startswith("model "), first
+    job_id = first.strip().rstrip(")").rsplit(" ", 1)[1]
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert f"canceled training job {job_id}" in err
+    with Client(api_env.base_url) as client:
+        wait_for(lambda: client.job(job_id).status == "canceled", timeout=120, message="the training canceled")
