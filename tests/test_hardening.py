@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -366,3 +367,48 @@ def mask_bytes() -> bytes:
     mask = np.zeros((200, 300), np.uint8)
     mask[50:150, 100:200] = 1
     return encoded(Image.fromarray(mask, mode="L"))
+
+
+def test_sigterm_answers_open_long_polls_and_exits_promptly(tmp_path):
+    """A `wait=60` long-poll used to hold the API's exit for 61 s; now it answers with the current state."""
+    import httpx
+
+    from tests.support import Stack, wait_for
+
+    stack = Stack(tmp_path)
+    stack.redis.start()
+    stack.start_api()
+    try:
+        def up():
+            try:
+                return httpx.get(f"{stack.base_url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout=60, message="the API")
+        job = httpx.post(f"{stack.base_url}/segment/unsupervised",
+                         files={"image": ("x.png", image_bytes(), "image/png")}).json()
+        answers: list = []
+        poll = threading.Thread(target=lambda: answers.append(
+            httpx.get(f"{stack.base_url}/jobs/{job['id']}", params={"wait": 60}, timeout=90)))
+        poll.start()
+        time.sleep(3)  # let the long-poll reach the API (it holds for 60 s, so it is still open)
+        assert poll.is_alive()
+        stack.api.terminate()
+        stack.api.wait(timeout=20)  # 61 s before; the bound here only tells a hang from an exit
+        poll.join(timeout=20)
+        assert answers and answers[0].status_code == 200 and answers[0].json()["status"] == "queued"
+    finally:
+        stack.stop()
+
+
+def test_worker_names_are_unique_per_process_start():
+    """A restarted worker (same host, same pid 1 under Docker) never meets its dead predecessor's name."""
+    import os
+    import socket
+
+    from workers.engine.worker import default_worker_name
+
+    first, second = default_worker_name(), default_worker_name()
+    assert first != second
+    assert first.startswith(f"{socket.gethostname()}.{os.getpid()}.")
