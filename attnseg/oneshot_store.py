@@ -13,20 +13,22 @@ from datetime import datetime, timezone
 
 import redis
 
-from attnseg.queue import ONESHOT_INDEX_KEY, oneshot_model_key
+from attnseg.ownership import owner_of, stamp
+from attnseg.queue import oneshot_index_key, oneshot_model_key
 
 
 def new_model_id() -> str:
     return uuid.uuid4().hex
 
 
-def create(connection, model_id: str, *, labels: list[str], params: dict, train_job_id: str) -> dict:
+def create(connection, model_id: str, *, tenant: str, labels: list[str], params: dict, train_job_id: str) -> dict:
     now = datetime.now(timezone.utc)
-    record = {"id": model_id, "status": "training", "labels": labels, "params": params, "sd_model": None,
-              "train_job_id": train_job_id, "created_at": now.isoformat(), "metrics": {}, "error": None}
+    record = stamp({"id": model_id, "status": "training", "labels": labels, "params": params, "sd_model": None,
+                    "train_job_id": train_job_id, "created_at": now.isoformat(), "metrics": {}, "error": None},
+                   tenant)
     with connection.pipeline() as pipe:
         pipe.set(oneshot_model_key(model_id), json.dumps(record))
-        pipe.zadd(ONESHOT_INDEX_KEY, {model_id: now.timestamp()})
+        pipe.zadd(oneshot_index_key(tenant), {model_id: now.timestamp()})
         pipe.execute()
     return record
 
@@ -56,17 +58,18 @@ def update(connection, model_id: str, **fields) -> dict | None:
                 continue
 
 
-def list_ids(connection, *, offset: int = 0, limit: int = 100) -> list[str]:
-    return [i.decode() for i in connection.zrevrange(ONESHOT_INDEX_KEY, offset, offset + limit - 1)]
+def list_ids(connection, tenant: str, *, offset: int = 0, limit: int = 100) -> list[str]:
+    """A tenant's model ids, newest first."""
+    return [i.decode() for i in connection.zrevrange(oneshot_index_key(tenant), offset, offset + limit - 1)]
 
 
-def count(connection) -> int:
-    return connection.zcard(ONESHOT_INDEX_KEY)
+def count(connection, tenant: str) -> int:
+    return connection.zcard(oneshot_index_key(tenant))
 
 
-def delete(connection, model_id: str) -> bool:
+def delete(connection, record: dict) -> bool:
     with connection.pipeline() as pipe:
-        pipe.delete(oneshot_model_key(model_id))
-        pipe.zrem(ONESHOT_INDEX_KEY, model_id)
+        pipe.delete(oneshot_model_key(record["id"]))
+        pipe.zrem(oneshot_index_key(owner_of(record)), record["id"])
         deleted, _ = pipe.execute()
     return bool(deleted)

@@ -12,7 +12,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from rq import Queue
-from rq.job import Dependency
+from rq.job import Dependency, Job, JobStatus
+from rq.registry import CanceledJobRegistry
 from rq.serializers import JSONSerializer
 
 from attnseg.settings import Settings
@@ -44,13 +45,6 @@ KINDS = {
 }
 
 
-class QueueFullError(Exception):
-    def __init__(self, queue: str, depth: int):
-        super().__init__(f"queue {queue} holds {depth} jobs, its limit")
-        self.queue = queue
-        self.depth = depth
-
-
 def connect(url: str) -> redis.Redis:
     """Bytes in, bytes out (RQ stores binary fields). Commands are retried for a few seconds, so a
     Redis restart is invisible to callers; a longer outage raises redis.ConnectionError."""
@@ -63,18 +57,40 @@ def get_queue(connection: redis.Redis, name: str) -> Queue:
     return Queue(name, connection=connection, serializer=JSONSerializer)
 
 
+WAITING = (JobStatus.QUEUED.value, JobStatus.DEFERRED.value, JobStatus.SCHEDULED.value)
+
+
+def job_statuses(connection: redis.Redis, job_ids: list[str]) -> list[str | None]:
+    """RQ status of each job id in one round trip; None for a job that no longer exists (expired)."""
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(Job.key_for(job_id), "status")
+        return [status.decode() if status else None for status in pipe.execute()]
+
+
+def live_queued_count(connection: redis.Redis, name: str) -> int:
+    """Jobs waiting in queue `name` that still exist (the list keeps ids of jobs that expired queued)."""
+    ids = [job_id.decode() for job_id in connection.lrange(get_queue(connection, name).key, 0, -1)]
+    return sum(status in WAITING for status in job_statuses(connection, ids))
+
+
+def clean_canceled(connection: redis.Redis, name: str) -> int:
+    """Drop entries of queue `name`'s canceled registry whose job is gone (RQ never prunes it)."""
+    key = CanceledJobRegistry(name, connection=connection, serializer=JSONSerializer).key
+    ids = [job_id.decode() for job_id in connection.zrange(key, 0, -1)]
+    gone = [job_id for job_id, status in zip(ids, job_statuses(connection, ids)) if status is None]
+    return connection.zrem(key, *gone) if gone else 0
+
+
 def enqueue(connection: redis.Redis, settings: Settings, kind: str, payload: dict, *, job_id: str | None = None,
             extra_meta: dict | None = None, after: str | None = None):
-    """Enqueue one job of `kind` with a JSON `payload`; raises QueueFullError at the limit.
+    """Enqueue one job of `kind` with a JSON `payload` (admission, the caps included, is the API's).
 
     `payload["params"]` is echoed in the job object; the rest (image keys) is for the worker.
     `after`: a job id this one waits for (it runs whether that job succeeds or fails, and says so).
     """
     job_kind = KINDS[kind]
     queue = get_queue(connection, job_kind.queue)
-    depth = queue.count
-    if depth >= settings.max_queued_jobs:
-        raise QueueFullError(job_kind.queue, depth)
     meta = {"kind": kind, "params": payload["params"], "progress": {"stage": "queued", "fraction": 0.0}}
     meta.update(extra_meta or {})
     waiting = Dependency(jobs=[after], allow_failure=True) if after else None
@@ -113,5 +129,15 @@ def oneshot_model_key(model_id: str) -> str:
     return f"attnseg:oneshot:{model_id}"
 
 
-ONESHOT_INDEX_KEY = "attnseg:oneshot-index"
+def oneshot_index_key(tenant: str) -> str:
+    """A tenant's one-shot models, scored by creation time."""
+    return f"attnseg:oneshot-index:{tenant}"
+
+
+def tenant_jobs_key(tenant: str) -> str:
+    """Ids of a tenant's recent jobs (for its queued-job cap; pruned as they end)."""
+    return f"attnseg:tenant-jobs:{tenant}"
+
+
+ADMISSION_LOCK_KEY = "attnseg:admission-lock"
 JOB_METRICS_KEY = "attnseg:metrics:jobs"

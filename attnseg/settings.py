@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
 
@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(24 * 3600, gt=0, description="How long a finished job and its result are kept.")
     queued_ttl_s: int = Field(3600, gt=0, description="A job still queued after this is dropped.")
     max_queued_jobs: int = Field(200, gt=0, description="Per queue; beyond it new jobs get 429.")
+    max_queued_per_tenant: int | None = Field(None, gt=0, description="Queued jobs one tenant may have (all "
+                                                                     "queues); beyond it 429. Unset: no limit.")
     segment_timeout_s: int = Field(600, gt=0)
     train_timeout_s: int = Field(4 * 3600, gt=0)
 
@@ -48,7 +50,19 @@ class Settings(BaseSettings):
     # API.
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    api_key: str | None = Field(None, description="When set, requests need `Authorization: Bearer <key>`.")
+    api_key: str | None = Field(None, description="When set, requests need `Authorization: Bearer <key>`; "
+                                                  "its holder is tenant `default`.")
+    api_keys: str | None = Field(None, description="Comma-separated `tenant:key` pairs.")
+    api_keys_file: Path | None = Field(None, description="One `tenant:key` a line; re-read when it changes.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated exact origins browsers may call the API from.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
 
 
 @lru_cache

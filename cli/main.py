@@ -25,13 +25,11 @@ log = logging.getLogger("attnseg")
 
 
 def cmd_api(args) -> None:
-    import uvicorn
-
     from service.app import create_app
+    from service.lifecycle import serve
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
-                log_level="info")
+    serve(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port)
 
 
 def cmd_worker(args) -> None:

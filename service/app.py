@@ -9,7 +9,10 @@ from fastapi import FastAPI
 
 from attnseg.queue import connect
 from attnseg.settings import Settings, get_settings
+from service.auth import KeyRing
+from service.edges import install_edges
 from service.errors import install_error_handlers
+from service.lifecycle import begin_shutdown, open_lifecycle
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.routers import jobs, oneshot, ops, segment
@@ -19,6 +22,8 @@ DESCRIPTION = """Segmentation on Stable Diffusion attention maps.
 Every model call is an asynchronous job: `POST` answers **202** with a job and a `Location`
 header; poll `GET /jobs/{id}` (optionally `?wait=N`). Masks come back as COCO compressed RLE in
 the original image's pixel grid. Errors are `{"error": {"code", "message", "field"?}}`.
+With API keys configured, every model and job route needs `Authorization: Bearer <key>`; jobs and
+models belong to the key's tenant (others get 404).
 """
 
 
@@ -28,17 +33,21 @@ def create_app(settings: Settings | None = None, connection=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        open_lifecycle(app)
         yield
+        begin_shutdown(app)
         connection.close()
 
     app = FastAPI(title="attnseg", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.redis = connection
     app.state.metrics = Metrics(connection)
+    app.state.keyring = KeyRing(settings)
     install_error_handlers(app)
     for router in (segment.router, oneshot.router, jobs.router, ops.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    install_edges(app, settings.cors_origins)
     logging.getLogger("attnseg").setLevel(logging.INFO)
     return app

@@ -1,13 +1,10 @@
-"""FastAPI dependencies: settings, the Redis connection, authentication."""
+"""FastAPI dependencies: settings and the Redis connection (the caller's tenant: service.auth)."""
 
 from __future__ import annotations
 
-import secrets
-
-from fastapi import Depends, Request
+from fastapi import Request
 
 from attnseg.settings import Settings
-from service.errors import ApiError
 
 
 def get_settings(request: Request) -> Settings:
@@ -16,13 +13,3 @@ def get_settings(request: Request) -> Settings:
 
 def get_redis(request: Request):
     return request.app.state.redis
-
-
-def require_api_key(request: Request, settings: Settings = Depends(get_settings)) -> None:
-    """With ATTNSEG_API_KEY set, every model and job route needs `Authorization: Bearer <key>`."""
-    if settings.api_key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), settings.api_key.encode()):
-        raise ApiError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                       headers={"WWW-Authenticate": "Bearer"})

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("attnseg.api")
 
@@ -22,6 +23,23 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.headers = headers
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """OpenAPI `responses` entries for the error statuses a route can answer."""
+    from service.schemas import ErrorResponse
+
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first route's)."""
+    return [method for method in HTTP_METHODS
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+                   for route in request.app.router.routes)]
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
@@ -56,10 +74,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_field", message, field)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
-        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
-                              headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        message = str(exc.detail)
+        if exc.status_code == 405:
+            allowed = allowed_methods(request)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{request.method} is not allowed here; allowed: {', '.join(allowed)}"
+        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), message, headers=headers)
 
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)
@@ -70,5 +93,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
+        from service.edges import SECURITY_HEADERS  # this answer bypasses the middleware stack
+
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error; this is a bug, please report it")
+        return error_response(500, "internal_error", "internal error; this is a bug, please report it",
+                              headers=SECURITY_HEADERS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -9,7 +10,42 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_serializer, model_validator
 
 MAX_WORDS = 32
+MAX_OFFSET = 1_000_000  # paging: beyond any real listing, far below what Redis indexes overflow at
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # job and model ids (RQ's alphabet); anything else is unknown
+
+
+def valid_id(value: str) -> bool:
+    return ID_PATTERN.fullmatch(value) is not None
+
+
+def shown_id(value: str) -> str:
+    """An id as echoed in a message: never more than 64 characters of whatever the client sent."""
+    return value if len(value) <= 64 else value[:61] + "..."
 Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+
+
+# The API has no tokenizer (it never loads the text model): it refuses prompts that surely cannot fit
+# the text encoder's 77 tokens by a lower bound on their tokens. CLIP's BPE pre-splits text into
+# letter runs, single digits and punctuation runs, and every piece is at least one token; anything
+# that passes this bound but still does not fit is failed by the worker as `prompt_too_long`.
+PROMPT_TOKENS = 77
+PROMPT_FIXED_TOKENS = 6  # start, "a photo including" (3), ".", end
+CLIP_PIECE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
+
+
+def min_tokens(text: str) -> int:
+    """A lower bound on the CLIP BPE tokens of `text` (its pre-tokenizer pieces)."""
+    return len(CLIP_PIECE.findall(text.lower()))
+
+
+def check_prompt_fits(field: str, items: list[str], background_words: list[str] = ()) -> None:
+    """Refuse items that cannot share one prompt "a photo including a, b, and c." (ValueError names the limit)."""
+    words = [*items, *background_words]
+    needed = PROMPT_FIXED_TOKENS + sum(min_tokens(word) for word in words) + len(words) - 1 + bool(background_words)
+    if needed > PROMPT_TOKENS:
+        raise ValueError(f"{field}: the prompt would need at least {needed} tokens but the text encoder holds "
+                         f"{PROMPT_TOKENS} (each word costs at least one token per word or punctuation run, plus "
+                         "one for its separator); use fewer or shorter words")
 
 
 def new_seed() -> int:
@@ -49,7 +85,10 @@ class UnsupervisedParams(Params):
     @field_validator("vocabulary")
     @classmethod
     def _vocabulary(cls, value):
-        return None if not value else unique_words(value, "vocabulary")
+        if not value:
+            return None
+        check_prompt_fits("vocabulary", value)
+        return unique_words(value, "vocabulary")
 
     @field_validator("grid")
     @classmethod
@@ -94,6 +133,14 @@ class TextParams(Params):
         if clash:
             raise ValueError(f"background_words repeat classes: {clash}")
         return value
+
+    @model_validator(mode="after")
+    def _each_class_fits(self):
+        # selfcross splits the classes over as many prompts as needed; each must fit with the background words.
+        if self.method == "selfcross":
+            for name in self.classes:
+                check_prompt_fits("classes", [name], self.background_words or [])
+        return self
 
     @model_validator(mode="after")
     def _method_timestep(self):
@@ -241,5 +288,6 @@ class WorkerInfo(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     redis: bool
-    workers: list[WorkerInfo]
-    queues: dict[str, int]
+    workers: list[WorkerInfo] = Field(default_factory=list, description="Absent for callers without a key "
+                                                                        "when keys are configured.")
+    queues: dict[str, int] = Field(default_factory=dict, description="Queued jobs per queue; like workers.")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -28,19 +30,114 @@ class Submission:
         return files[0][1]
 
 
-def list_fields(model: type[BaseModel]) -> set[str]:
-    return {name for name, info in model.model_fields.items() if "list[" in repr(info.annotation)}
+MAX_JSON_DEPTH = 32  # the deepest real body is 3 (object > list > string)
+MAX_INT_DIGITS = 20  # seeds and counts fit comfortably; 5,000-digit integers do not get parsed
 
 
-def parse_form_value(values: list[str], is_list: bool) -> Any:
-    if is_list:
+def json_types(schema: dict) -> set[str]:
+    """JSON types a property's schema admits (through anyOf/oneOf, enum and const values)."""
+    types: set[str] = set()
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        declared = node.get("type")
+        types.update(declared if isinstance(declared, list) else [declared] if declared else [])
+        for value in [*node.get("enum", []), *([node["const"]] if "const" in node else [])]:
+            types.add("string" if isinstance(value, str) else "number")
+        stack += node.get("anyOf", []) + node.get("oneOf", [])
+    return types
+
+
+@lru_cache
+def form_field_kinds(model: type[BaseModel]) -> tuple[frozenset[str], frozenset[str]]:
+    """(list fields, scalar fields that take no string): how a form value of each field is read."""
+    properties = model.model_json_schema()["properties"]
+    lists = {name for name, schema in properties.items() if "array" in json_types(schema)}
+    typed = {name for name, schema in properties.items() if name not in lists and "string" not in json_types(schema)}
+    return frozenset(lists), frozenset(typed)
+
+
+def parse_form_value(name: str, values: list[str], model: type[BaseModel]) -> Any:
+    """Form strings -> the value JSON would carry, so both encodings accept the same fields and types.
+
+    Lists: repeated fields, or one JSON array. Numbers and booleans: their JSON spelling ("2", "0.8",
+    "true"); anything else is left as text for the model to refuse with its own message.
+    """
+    lists, typed = form_field_kinds(model)
+    if name in lists:
         if len(values) == 1 and values[0].lstrip().startswith("["):
             try:
-                return json.loads(values[0])
-            except json.JSONDecodeError:
-                pass
+                parsed = parse_json_limited(values[0].encode())
+            except ApiError as exc:
+                raise ApiError(422, "invalid_field", f"{name}: starts with '[' but is not a valid JSON array "
+                                                     f'({exc.message}); send ["a", "b"] or repeat the field',
+                               field=name) from None
+            if not isinstance(parsed, list):
+                raise ApiError(422, "invalid_field", f"{name}: a JSON array was expected", field=name)
+            return parsed
         return values
-    return values[0] if len(values) == 1 else values
+    if len(values) != 1:
+        raise ApiError(422, "invalid_field", f"{name}: given {len(values)} times, expected once", field=name)
+    if name in typed:
+        try:
+            parsed = parse_json_limited(values[0].encode())
+        except ApiError:
+            return values[0]
+        if isinstance(parsed, (bool, int, float)):
+            return parsed
+    return values[0]
+
+
+class JsonLimitError(ValueError):
+    pass
+
+
+def reject_long_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise JsonLimitError(f"an integer of {len(text.lstrip('-'))} digits exceeds the limit of {MAX_INT_DIGITS}")
+    return int(text)
+
+
+def reject_non_finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise JsonLimitError(f"the number {text[:20]} is out of range (finite numbers only)")
+    return value
+
+
+def reject_constant(name: str) -> float:
+    raise JsonLimitError(f"{name} is not a number JSON allows")
+
+
+def depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, level + 1)
+            stack += [(child, level + 1) for child in (node.values() if isinstance(node, dict) else node)]
+    return deepest
+
+
+def parse_json_limited(raw: bytes) -> Any:
+    """JSON with its limits named in the 400: depth, integer digits, finite numbers."""
+    try:
+        value = json.loads(raw, parse_int=reject_long_int, parse_float=reject_non_finite,
+                           parse_constant=reject_constant)
+    except RecursionError:
+        value = None
+        too_deep = True
+    except JsonLimitError as exc:
+        raise ApiError(400, "invalid_json", f"the JSON body is refused: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    else:
+        too_deep = depth(value) > MAX_JSON_DEPTH
+    if too_deep:
+        raise ApiError(400, "invalid_json", f"the JSON body is nested deeper than the limit of {MAX_JSON_DEPTH} "
+                                            "levels")
+    return value
 
 
 async def read_submission(request: Request, model: type[BaseModel], file_fields: tuple[str, ...]) -> Submission:
@@ -58,13 +155,9 @@ async def read_submission(request: Request, model: type[BaseModel], file_fields:
                 raise ApiError(422, "invalid_field", f"'{key}' must be a file part", field=key)
             else:
                 raw.setdefault(key, []).append(value)
-        lists = list_fields(model)
-        submission.fields = {key: parse_form_value(values, key in lists) for key, values in raw.items()}
+        submission.fields = {key: parse_form_value(key, values, model) for key, values in raw.items()}
     elif content_type == "application/json":
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        body = parse_json_limited(await request.body())
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_json", "the JSON body must be an object")
         for name in file_fields:
@@ -103,9 +196,10 @@ def openapi_body(model: type[BaseModel], file_fields: dict[str, bool]) -> dict:
     """OpenAPI requestBody for both encodings; `file_fields` maps a file field to "many allowed"."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     properties = dict(schema.get("properties", {}))
-    multipart = {"type": "object", "properties": dict(properties), "required": list(file_fields)}
+    required = schema.get("required", [])
+    multipart = {"type": "object", "properties": dict(properties), "required": [*file_fields, *required]}
     as_json = {"type": "object", "properties": dict(properties),
-               "required": [f"{name}_base64" for name in file_fields]}
+               "required": [*(f"{name}_base64" for name in file_fields), *required]}
     for name, many in file_fields.items():
         binary = {"type": "string", "format": "binary"}
         b64 = {"type": "string", "contentEncoding": "base64", "description": "Image bytes, base64 (or a data URL)."}

@@ -1,29 +1,37 @@
-"""Decoding uploaded images safely: format from the bytes, pixel cap before decoding, EXIF, RGB."""
+"""Checking uploaded pictures before anything is stored: format from the bytes, pixel cap from the
+header, a full decode for integrity, a pixel mode that has an RGB form, EXIF orientation."""
 
 from __future__ import annotations
 
 import io
+import re
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
-
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from attnseg.images import HIGH_DEPTH_GREY, PILLOW_TO_RGB, sniff_format, upright_size
 from service.errors import ApiError
 
-def sniff_format(data: bytes) -> str | None:
-    """The format from the magic bytes, whatever the declared content type says."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """An upload that passed every check; `width`/`height` are after EXIF orientation."""
+
+    data: bytes
+    width: int
+    height: int
 
 
-def open_image(data: bytes, *, max_pixels: int, field: str = "image") -> Image.Image:
-    """Bytes -> a fully decoded image in its stored mode, EXIF orientation applied.
+def decoder_message(exc: Exception) -> str:
+    # Pillow names its file object ("<_io.BytesIO object at 0x...>"): meaningless to a client.
+    return re.sub(r"\s*<_io\.\w+ object at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
+
+
+def open_checked(data: bytes, *, max_pixels: int, field: str, formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+                 ) -> Image.Image:
+    """Bytes -> a fully decoded image in its stored mode (orientation not applied).
 
     The pixel count is checked from the header before any pixel is decoded, so a small file that
     declares a huge canvas (a decompression bomb) costs nothing.
@@ -31,9 +39,10 @@ def open_image(data: bytes, *, max_pixels: int, field: str = "image") -> Image.I
     if not data:
         raise ApiError(422, "invalid_field", f"{field} is empty", field=field)
     fmt = sniff_format(data)
-    if fmt is None:
-        raise ApiError(415, "unsupported_media_type",
-                       f"{field} is not a JPEG, PNG or WebP image (detected from its bytes)", field=field)
+    if fmt not in formats:
+        names = " or ".join("WebP" if f == "WEBP" else f for f in formats)
+        raise ApiError(415, "unsupported_media_type", f"{field} is not a {names} image (detected from its bytes)",
+                       field=field)
     try:
         with warnings.catch_warnings():
             # Our own cap below is the one that applies; Pillow's bomb warning would only be noise.
@@ -51,30 +60,34 @@ def open_image(data: bytes, *, max_pixels: int, field: str = "image") -> Image.I
         raise ApiError(413, "image_too_large", f"{field} declares more pixels than the limit of {max_pixels}",
                        field=field) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ApiError(400, "invalid_image", f"{field} could not be decoded as {fmt}: {exc}", field=field) from None
-    return ImageOps.exif_transpose(image)
+        raise ApiError(400, "invalid_image", f"{field} could not be decoded as {fmt}: {decoder_message(exc)}",
+                       field=field) from None
+    return image
 
 
-def decode_rgb(data: bytes, *, max_pixels: int, field: str = "image") -> Image.Image:
-    return open_image(data, max_pixels=max_pixels, field=field).convert("RGB")
+def check_image(data: bytes, *, max_pixels: int, field: str = "image") -> CheckedImage:
+    """Everything a worker will need to decode the upload, checked; the pixels are dropped again."""
+    image = open_checked(data, max_pixels=max_pixels, field=field)
+    if image.mode not in PILLOW_TO_RGB | HIGH_DEPTH_GREY:
+        raise ApiError(415, "unsupported_media_type", f"{field} has pixel mode {image.mode!r}, which has no 8-bit "
+                                                      "RGB form; send an RGB or greyscale picture", field=field)
+    width, height = upright_size(image)
+    return CheckedImage(data, width, height)
 
 
 def decode_mask(data: bytes, *, max_pixels: int, field: str) -> np.ndarray:
-    """A label mask PNG -> (H, W) int64 class ids.
+    """A label mask PNG -> (H, W) class ids, in the PNG's own integer type (uint8, uint16, int32 or bool).
 
     Accepted: 8/16-bit grey, palette PNGs (the palette index is the class id, as in VOC), 1-bit,
     and RGB(A) whose channels are all equal. Colour-coded masks are refused with an explanation.
     """
-    if sniff_format(data) != "PNG":
-        raise ApiError(415, "unsupported_media_type", f"{field} must be a PNG whose pixel values are class ids",
-                       field=field)
-    image = open_image(data, max_pixels=max_pixels, field=field)
+    image = ImageOps.exif_transpose(open_checked(data, max_pixels=max_pixels, field=field, formats=("PNG",)))
     if image.mode in ("RGB", "RGBA"):
         pixels = np.asarray(image)[..., :3]
         if not (np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2])):
             raise ApiError(422, "invalid_mask", f"{field} is a colour image; send a single-channel PNG whose pixel "
                                                 "values are class ids (0 = background)", field=field)
-        return pixels[..., 0].astype(np.int64)
-    if image.mode == "LA":
-        image = image.getchannel("L")
-    return np.asarray(image).astype(np.int64)
+        return pixels[..., 0]
+    if image.mode in ("LA", "PA"):
+        image = image.getchannel(0)
+    return np.asarray(image)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from attnseg.images import load_image
 from attnseg.queue import QUEUES, get_queue
 from tests.support import image_bytes
 
@@ -193,10 +194,12 @@ def test_exif_orientation_is_applied(client, redis_server):
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", exif=exif)
     job = post_image(client, buffer.getvalue()).json()
-    key = redis_server.client().keys("attnseg:image:*")[0]
-    stored = Image.open(io.BytesIO(redis_server.client().get(key)))
-    assert stored.size == (20, 40)
     assert job["status"] == "queued"
+    payload = get_queue(redis_server.client(), QUEUES[0]).fetch_job(job["id"]).args[0]
+    assert (payload["image"]["width"], payload["image"]["height"]) == (20, 40)  # upright, for the masks
+    stored = redis_server.client().get(payload["image"]["key"])
+    assert stored == buffer.getvalue()  # kept as received: the worker applies the orientation
+    assert load_image(redis_server.client(), payload["image"]["key"]).shape == (40, 20, 3)
 
 
 def test_metrics_expose_requests_and_queue_depth(client):

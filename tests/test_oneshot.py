@@ -206,6 +206,26 @@ def test_exception_from_report_stops_training_cleanly(tiny_sd):
     quick_train(tiny_sd, epochs=1)  # the model is still usable
 
 
+def test_report_runs_between_steps_and_evaluated_images(tiny_sd):
+    """With many (or large) pictures an epoch is long: a cancel is seen after every step and image."""
+    image, mask = two_colour_example()
+    fractions = []
+    train_oneshot(tiny_sd, [image, image], [mask, mask], LABELS, epochs=1, resolution=RESOLUTION,
+                  report=lambda **p: fractions.append(p["fraction"]))
+    # after step 1 of 2; between the 2 images of the IoU check (the epoch's steps are done); its end
+    assert fractions == [0.5, 1.0, 1.0]
+
+    class Canceled(Exception):
+        pass
+
+    def cancel(**progress):
+        raise Canceled
+
+    with pytest.raises(Canceled):
+        train_oneshot(tiny_sd, [image] * 3, [mask] * 3, LABELS, epochs=1, resolution=RESOLUTION, report=cancel)
+    assert unet_untouched(tiny_sd)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_reduced_precision_unet_trains_in_place(tiny_sd, tiny_sd_dir, dtype):
     """Autocast (and loss scaling for fp16) through the resident UNet in its own dtype: the first

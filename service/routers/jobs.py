@@ -2,58 +2,68 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from datetime import datetime, timezone
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from attnseg.images import ImageMissingError, load_image
+from attnseg.ownership import owned_by
 from attnseg.queue import cancel_key
 from attnseg.settings import Settings
-from service.deps import get_redis, get_settings, require_api_key
-from service.errors import ApiError
+from service.auth import current_tenant
+from service.deps import get_redis, get_settings
+from service.errors import ApiError, error_responses
 from service.job_view import job_view
+from service.lifecycle import pause_unless_shutting_down
 from service.overlay import render_overlay
-from service.schemas import ErrorResponse, Job
+from service.schemas import Job, shown_id, valid_id
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 FINAL = ("succeeded", "failed", "canceled")
 POLL_S = 0.05  # one cheap Redis read per waiting request per tick
 
 
-def fetch_job(connection, job_id: str) -> RQJob:
-    try:
-        job = RQJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
-    except NoSuchJobError:
-        job = None
-    if job is None or "kind" not in job.get_meta(refresh=False):
-        raise ApiError(404, "not_found", f"no job with id '{job_id}' (finished jobs are kept for a limited time, "
-                                         "see expires_at)", field="job_id")
+def fetch_job(connection, job_id: str, tenant: str) -> RQJob:
+    """The tenant's job; 404 for ids of any other shape, unknown ids and other tenants' jobs alike."""
+    job = None
+    if valid_id(job_id):
+        try:
+            job = RQJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
+        except NoSuchJobError:
+            pass
+    meta = job.get_meta(refresh=False) if job is not None else {}
+    if "kind" not in meta or not owned_by(meta, tenant):
+        raise ApiError(404, "not_found", f"no job with id '{shown_id(job_id)}' (finished jobs are kept for a "
+                                         "limited time, see expires_at)", field="job_id")
     return job
 
 
-@router.get("/{job_id}", response_model=Job, responses={404: {"model": ErrorResponse}})
-async def get_job(job_id: str, wait: float = Query(0, ge=0, le=60, description="Hold up to this many seconds "
-                                                                                "until the job ends."),
-                  settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+@router.get("/{job_id}", response_model=Job, responses=error_responses(401, 404, 422, 503))
+async def get_job(job_id: str, request: Request,
+                  wait: float = Query(0, ge=0, le=60, description="Hold up to this many seconds until the job ends "
+                                                                  "(a shutting-down API answers at once)."),
+                  tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
+                  connection=Depends(get_redis)):
     deadline = time.monotonic() + wait
     while True:
-        view = await run_in_threadpool(lambda: job_view(connection, fetch_job(connection, job_id), settings))
+        view = await run_in_threadpool(lambda: job_view(connection, fetch_job(connection, job_id, tenant), settings))
         if view["status"] in FINAL or time.monotonic() >= deadline:
             return view
-        await asyncio.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+        if not await pause_unless_shutting_down(request.app, min(POLL_S, max(0.0, deadline - time.monotonic()))):
+            return view
 
 
-@router.delete("/{job_id}", response_model=Job, responses={404: {"model": ErrorResponse}})
-def cancel_job(job_id: str, settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+@router.delete("/{job_id}", response_model=Job, responses=error_responses(401, 404, 422, 503))
+def cancel_job(job_id: str, tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
+               connection=Depends(get_redis)):
     """Cancels a queued job at once; asks a running one to stop (the worker checks between steps)."""
-    job = fetch_job(connection, job_id)
+    job = fetch_job(connection, job_id, tenant)
     view = job_view(connection, job, settings)
     if view["status"] == "queued":
         job.meta["finished_at"] = datetime.now(timezone.utc).isoformat()
@@ -61,15 +71,15 @@ def cancel_job(job_id: str, settings: Settings = Depends(get_settings), connecti
         job.cancel(enqueue_dependents=True)  # jobs waiting on it run and say why they cannot
     elif view["status"] == "running":
         connection.set(cancel_key(job_id), 1, ex=settings.result_ttl_s)
-    return job_view(connection, fetch_job(connection, job_id), settings)
+    return job_view(connection, fetch_job(connection, job_id, tenant), settings)
 
 
 @router.get("/{job_id}/overlay.png", response_class=Response,
-            responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse},
-                       409: {"model": ErrorResponse}, 410: {"model": ErrorResponse}})
-def job_overlay(job_id: str, settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+            responses={200: {"content": {"image/png": {}}}, **error_responses(401, 404, 409, 410, 422, 503)})
+def job_overlay(job_id: str, tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
+                connection=Depends(get_redis)):
     """The image with the job's segments drawn and labelled, for people."""
-    job = fetch_job(connection, job_id)
+    job = fetch_job(connection, job_id, tenant)
     view = job_view(connection, job, settings)
     if view["status"] != "succeeded" or "segments" not in (view["result"] or {}):
         raise ApiError(409, "not_ready", f"job {job_id} is {view['status']}; an overlay needs a succeeded "

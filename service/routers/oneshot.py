@@ -6,29 +6,30 @@ import uuid
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
-from PIL import Image
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from attnseg import oneshot_store
+from attnseg.ownership import owned_by
 from attnseg.queue import cancel_key
 from attnseg.settings import Settings
-from service.deps import get_redis, get_settings, require_api_key
-from service.errors import ApiError
+from service.auth import current_tenant
+from service.deps import get_redis, get_settings
+from service.errors import ApiError, error_responses
 from service.job_view import job_view
-from service.schemas import ErrorResponse, Job, OneshotModel, OneshotModelList, OneshotSegmentParams, TrainParams
+from service.schemas import MAX_OFFSET, Job, valid_id, shown_id, OneshotModel, OneshotModelList, OneshotSegmentParams, TrainParams
 from service.submissions import openapi_body, read_submission, validate_params
-from service.submit import image_entry, submit_job
-from service.uploads import decode_mask, decode_rgb
+from service.submit import checked_mask, image_entry, submit_job
+from service.uploads import CheckedImage, check_image, decode_mask
 
-router = APIRouter(prefix="/oneshot", tags=["oneshot"], dependencies=[Depends(require_api_key)])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 429)}
+router = APIRouter(prefix="/oneshot", tags=["oneshot"])
+ERRORS = error_responses(400, 401, 404, 409, 413, 415, 422, 429, 503)
 
 
-def check_mask(mask: np.ndarray, image: Image.Image, num_classes: int, field: str) -> None:
-    """Each error names the file and the problem; nothing is stored or queued before all pass."""
+def check_mask(mask: np.ndarray, image: CheckedImage, num_classes: int, field: str) -> set[int]:
+    """The class ids present; each error names the file and the problem (nothing is stored before all pass)."""
     if mask.shape != (image.height, image.width):
         raise ApiError(422, "invalid_mask", f"{field} is {mask.shape[1]}x{mask.shape[0]} but its image is "
                                             f"{image.width}x{image.height}; a mask must have its image's size",
@@ -41,6 +42,7 @@ def check_mask(mask: np.ndarray, image: Image.Image, num_classes: int, field: st
                                             f"{num_classes - 1}", field=field)
     if not (values > 0).any():
         raise ApiError(422, "invalid_mask", f"{field} has no part pixel (all background)", field=field)
+    return {int(value) for value in values}
 
 
 def model_view(connection, record: dict, settings: Settings) -> dict:
@@ -61,18 +63,19 @@ def model_view(connection, record: dict, settings: Settings) -> dict:
     return view
 
 
-def get_record(connection, model_id: str) -> dict:
-    record = oneshot_store.get(connection, model_id)
-    if record is None:
-        raise ApiError(404, "not_found", f"no one-shot model with id '{model_id}'", field="model_id")
+def get_record(connection, model_id: str, tenant: str) -> dict:
+    """The tenant's model; 404 for an unknown id and for another tenant's (existence is not revealed)."""
+    record = oneshot_store.get(connection, model_id) if valid_id(model_id) else None
+    if not owned_by(record, tenant):
+        raise ApiError(404, "not_found", f"no one-shot model with id '{shown_id(model_id)}'", field="model_id")
     return record
 
 
 @router.post("/train", status_code=202, response_model=Job, responses=ERRORS,
              openapi_extra=openapi_body(TrainParams, {"images": True, "masks": True}),
              summary="Train a one-shot part model (SLiMe) from images and label masks")
-async def train(request: Request, response: Response, settings: Settings = Depends(get_settings),
-                connection=Depends(get_redis)):
+async def train(request: Request, response: Response, tenant: str = Depends(current_tenant),
+                settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
     """`images[i]` with `masks[i]` (a PNG of class ids, 0 = background, same size), `labels` naming ids 1..K-1.
 
     Answers 202 with the training job and its `model_id` at once; the model is usable when ready
@@ -87,55 +90,62 @@ async def train(request: Request, response: Response, settings: Settings = Depen
         raise ApiError(422, "invalid_field", f"{len(images)} images but {len(masks)} masks: give one mask per image, "
                                              "in the same order", field="masks")
 
-    def validate_store_enqueue():
-        decoded = []
-        present: set[int] = set()  # class ids seen over all masks
-        for index, ((image_name, image_data), (mask_name, mask_data)) in enumerate(zip(images, masks)):
-            image = decode_rgb(image_data, max_pixels=settings.max_image_pixels,
-                               field=f"images[{index}] ({image_name})")
-            mask = decode_mask(mask_data, max_pixels=settings.max_image_pixels, field=f"masks[{index}] ({mask_name})")
-            check_mask(mask, image, len(params.labels) + 1, f"masks[{index}] ({mask_name})")
-            decoded.append((image, Image.fromarray(mask.astype(np.uint8), mode="L")))
-            present.update(np.unique(mask).tolist())
+    def check_pair(index: int, image_file: tuple[str, bytes], mask_file: tuple[str, bytes]):
+        """One pair decoded and checked at a time: memory stays that of the largest picture."""
+        image_field, mask_field = f"images[{index}] ({image_file[0]})", f"masks[{index}] ({mask_file[0]})"
+        image = check_image(image_file[1], max_pixels=settings.max_image_pixels, field=image_field)
+        mask = decode_mask(mask_file[1], max_pixels=settings.max_image_pixels, field=mask_field)
+        classes = check_mask(mask, image, len(params.labels) + 1, mask_field)
+        return image, checked_mask(mask), classes
+
+    def check_and_submit():
+        pairs, present = [], set()  # class ids seen over all masks
+        for index, (image_file, mask_file) in enumerate(zip(images, masks)):
+            image, mask, classes = check_pair(index, image_file, mask_file)
+            pairs.append((image, mask))
+            present.update(classes)
         unused = [f"{name!r} (id {index})" for index, name in enumerate(params.labels, start=1) if index not in present]
         if unused:
             raise ApiError(422, "invalid_mask", f"no mask has a pixel of part {', '.join(unused)}: every part in "
                                                 "`labels` needs pixels in at least one mask to be learned",
                            field="labels")
-        entries = [{"image": image_entry(connection, image, settings), "mask": image_entry(connection, mask, settings)}
-                   for image, mask in decoded]
         model_id, job_id = oneshot_store.new_model_id(), uuid.uuid4().hex
-        oneshot_store.create(connection, model_id, labels=params.labels, params=params.model_dump(),
-                             train_job_id=job_id)
-        payload = {"model_id": model_id, "examples": entries, "params": {**params.model_dump(), "model_id": model_id}}
-        try:
-            return submit_job(connection, settings, response, "oneshot_train", payload, job_id=job_id,
-                              extra_meta={"model_id": model_id})
-        except ApiError:
-            oneshot_store.delete(connection, model_id)
-            raise
 
-    return await run_in_threadpool(validate_store_enqueue)
+        def store():
+            entries = [{"image": image_entry(connection, image, settings), "mask": image_entry(connection, mask, settings)}
+                       for image, mask in pairs]
+            oneshot_store.create(connection, model_id, tenant=tenant, labels=params.labels,
+                                 params=params.model_dump(), train_job_id=job_id)
+            return {"model_id": model_id, "examples": entries, "params": {**params.model_dump(), "model_id": model_id}}
 
+        return submit_job(connection, settings, response, tenant, "oneshot_train", store, job_id=job_id,
+                          extra_meta={"model_id": model_id})
 
-@router.get("", response_model=OneshotModelList)
-def list_models(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
-                settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
-    """Models, newest first."""
-    records = [oneshot_store.get(connection, i) for i in oneshot_store.list_ids(connection, offset=offset, limit=limit)]
-    return {"models": [model_view(connection, r, settings) for r in records if r is not None],
-            "total": oneshot_store.count(connection)}
+    return await run_in_threadpool(check_and_submit)
 
 
-@router.get("/{model_id}", response_model=OneshotModel, responses=ERRORS)
-def get_model(model_id: str, settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
-    return model_view(connection, get_record(connection, model_id), settings)
+@router.get("", response_model=OneshotModelList, responses=error_responses(401, 422, 503))
+def list_models(offset: int = Query(0, ge=0, le=MAX_OFFSET), limit: int = Query(50, ge=1, le=500),
+                tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
+                connection=Depends(get_redis)):
+    """Your models, newest first."""
+    ids = oneshot_store.list_ids(connection, tenant, offset=offset, limit=limit)
+    records = [oneshot_store.get(connection, i) for i in ids]
+    return {"models": [model_view(connection, r, settings) for r in records if owned_by(r, tenant)],
+            "total": oneshot_store.count(connection, tenant)}
 
 
-@router.delete("/{model_id}", status_code=204, response_class=Response, responses=ERRORS)
-def delete_model(model_id: str, settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+@router.get("/{model_id}", response_model=OneshotModel, responses=error_responses(401, 404, 422, 503))
+def get_model(model_id: str, tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
+              connection=Depends(get_redis)):
+    return model_view(connection, get_record(connection, model_id, tenant), settings)
+
+
+@router.delete("/{model_id}", status_code=204, response_class=Response, responses=error_responses(401, 404, 422, 503))
+def delete_model(model_id: str, tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
+                 connection=Depends(get_redis)):
     """Deletes the model; a training still under way is canceled. Segment jobs waiting for it fail."""
-    record = get_record(connection, model_id)
+    record = get_record(connection, model_id, tenant)
     if record["status"] == "training":
         try:
             job = RQJob.fetch(record["train_job_id"], connection=connection, serializer=JSONSerializer)
@@ -144,32 +154,33 @@ def delete_model(model_id: str, settings: Settings = Depends(get_settings), conn
             connection.set(cancel_key(job.id), 1, ex=settings.result_ttl_s)
         except NoSuchJobError:
             pass
-    oneshot_store.delete(connection, model_id)
+    oneshot_store.delete(connection, record)
     return Response(status_code=204)
 
 
 @router.post("/{model_id}/segment", status_code=202, response_model=Job, responses=ERRORS,
              openapi_extra=openapi_body(OneshotSegmentParams, {"image": False}),
              summary="Segment an image into a one-shot model's parts")
-async def segment(model_id: str, request: Request, response: Response, settings: Settings = Depends(get_settings),
-                  connection=Depends(get_redis)):
+async def segment(model_id: str, request: Request, response: Response, tenant: str = Depends(current_tenant),
+                  settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
     """One segment per part present, named by the model's labels. Allowed while the model trains."""
     submission = await read_submission(request, OneshotSegmentParams, ("image",))
     params = validate_params(OneshotSegmentParams, submission.fields)
     data = submission.one_file("image")
 
-    def store_and_enqueue():
-        view = model_view(connection, get_record(connection, model_id), settings)
+    def check_and_submit():
+        view = model_view(connection, get_record(connection, model_id, tenant), settings)
         if view["status"] == "failed":
             raise ApiError(409, "model_failed", f"model {model_id} failed training: "
                                                 f"{(view['error'] or {}).get('message', 'unknown error')}")
         filled = {**params.model_dump(), "model_id": model_id,
                   "crops_per_side": params.crops_per_side or view["params"]["crops_per_side"],
                   "resolution": params.resolution or view["params"]["resolution"]}
-        image = decode_rgb(data, max_pixels=settings.max_image_pixels)
-        payload = {"model_id": model_id, "image": image_entry(connection, image, settings), "params": filled}
+        image = check_image(data, max_pixels=settings.max_image_pixels)
         after = view["train_job_id"] if view["status"] == "training" else None
-        return submit_job(connection, settings, response, "oneshot_segment", payload, after=after,
-                          extra_meta={"model_id": model_id})
+        return submit_job(connection, settings, response, tenant, "oneshot_segment",
+                          lambda: {"model_id": model_id, "image": image_entry(connection, image, settings),
+                                   "params": filled},
+                          after=after, extra_meta={"model_id": model_id})
 
-    return await run_in_threadpool(store_and_enqueue)
+    return await run_in_threadpool(check_and_submit)

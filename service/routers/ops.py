@@ -1,4 +1,8 @@
-"""Operations: liveness, readiness (Redis and ready workers) and Prometheus metrics."""
+"""Operations: liveness, readiness (Redis and ready workers) and Prometheus metrics.
+
+With API keys configured, `/metrics` needs a key and `/readyz` answers a probe without one with
+the bare verdict only (worker hosts, pids and models are for key holders).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from attnseg.queue import QUEUES, get_queue
 from attnseg.workers_registry import ready_workers
+from service.auth import current_tenant, optional_tenant
 from service.deps import get_redis
+from service.errors import error_responses
 from service.schemas import Readiness
 
 router = APIRouter(tags=["operations"])
@@ -22,8 +28,11 @@ def healthz():
 
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
-def readyz(connection=Depends(get_redis)):
-    """Ready when Redis answers and at least one worker has loaded its models."""
+def readyz(tenant: str | None = Depends(optional_tenant), connection=Depends(get_redis)):
+    """Ready when Redis answers and at least one worker has loaded its models (200, else 503).
+
+    Without a valid key (when keys are configured) only `ready` and `redis` are given.
+    """
     try:
         connection.ping()
         workers = ready_workers(connection)
@@ -32,9 +41,12 @@ def readyz(connection=Depends(get_redis)):
     except redis.RedisError:
         workers, queues, reachable = [], {}, False
     body = Readiness(ready=reachable and bool(workers), redis=reachable, workers=workers, queues=queues)
-    return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)
+    content = body.model_dump(mode="json", exclude=None if tenant else {"workers", "queues"})
+    return JSONResponse(content, status_code=200 if body.ready else 503)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, dependencies=[Depends(current_tenant)],
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, **error_responses(401)})
 def metrics(request: Request):
+    """Prometheus text: HTTP requests, queue depth, ready workers, job durations."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

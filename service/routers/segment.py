@@ -6,49 +6,52 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from attnseg.settings import Settings
-from service.deps import get_redis, get_settings, require_api_key
-from service.schemas import ErrorResponse, Job, TextParams, UnsupervisedParams
+from service.auth import current_tenant
+from service.deps import get_redis, get_settings
+from service.errors import error_responses
+from service.schemas import Job, TextParams, UnsupervisedParams
 from service.submissions import openapi_body, read_submission, validate_params
 from service.submit import image_entry, submit_job
-from service.uploads import decode_rgb
+from service.uploads import check_image
 
-router = APIRouter(prefix="/segment", tags=["segment"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/segment", tags=["segment"])
 
-SUBMIT_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429)}
+SUBMIT_ERRORS = error_responses(400, 401, 413, 415, 422, 429, 503)
 
 
 @router.post("/unsupervised", status_code=202, response_model=Job, responses=SUBMIT_ERRORS,
              openapi_extra=openapi_body(UnsupervisedParams, {"image": False}),
              summary="Segment an image without a prompt (DiffSeg)")
-async def segment_unsupervised(request: Request, response: Response,
+async def segment_unsupervised(request: Request, response: Response, tenant: str = Depends(current_tenant),
                                settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
     """Segments the whole image into regions by merging self-attention maps (KL distance).
 
     Answers 202 with the job; poll `GET /jobs/{id}`. Pass `vocabulary` to name the segments.
     """
-    return await submit_one_image(request, response, settings, connection, UnsupervisedParams, "unsupervised")
+    return await submit_one_image(request, response, tenant, settings, connection, UnsupervisedParams, "unsupervised")
 
 
 @router.post("/text", status_code=202, response_model=Job, responses=SUBMIT_ERRORS,
              openapi_extra=openapi_body(TextParams, {"image": False}),
              summary="Segment an image into the given classes")
-async def segment_text(request: Request, response: Response,
+async def segment_text(request: Request, response: Response, tenant: str = Depends(current_tenant),
                        settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
     """One segment per class found, plus background (`label_id` 0); `labels` lists every class asked for.
 
     Methods: `selfcross` (default), `gem`, `gem_refined`, `cluster`. Answers 202 with the job.
     """
-    return await submit_one_image(request, response, settings, connection, TextParams, "text")
+    return await submit_one_image(request, response, tenant, settings, connection, TextParams, "text")
 
 
-async def submit_one_image(request: Request, response: Response, settings: Settings, connection, model, kind: str):
+async def submit_one_image(request: Request, response: Response, tenant: str, settings: Settings, connection,
+                           model, kind: str):
     submission = await read_submission(request, model, ("image",))
     params = validate_params(model, submission.fields)
     data = submission.one_file("image")
 
-    def store_and_enqueue():
-        image = decode_rgb(data, max_pixels=settings.max_image_pixels)
-        payload = {"image": image_entry(connection, image, settings), "params": params.model_dump()}
-        return submit_job(connection, settings, response, kind, payload)
+    def check_and_submit():
+        image = check_image(data, max_pixels=settings.max_image_pixels)
+        return submit_job(connection, settings, response, tenant, kind,
+                          lambda: {"image": image_entry(connection, image, settings), "params": params.model_dump()})
 
-    return await run_in_threadpool(store_and_enqueue)
+    return await run_in_threadpool(check_and_submit)

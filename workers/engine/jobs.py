@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from attnseg import oneshot_store, rle
-from attnseg.images import ImageMissingError, load_image
+from attnseg.images import ImageMissingError, load_image, load_mask
 from workers.engine import runtime
 from workers.engine.context import JobContext, JobFailure, job_function
 from workers.methods.oneshot import ModelMismatchError, OneshotModel, segment_oneshot, train_oneshot
@@ -16,9 +16,10 @@ from workers.methods.textseg import segment_text as run_text
 from workers.methods.unsupervised import segment_unsupervised as run_diffseg
 
 
-def fetch_image(ctx: JobContext, entry: dict) -> np.ndarray:
+def fetch_image(ctx: JobContext, entry: dict, load=load_image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB (`load_mask`: (H, W) uint8 class ids) of a payload's picture entry."""
     try:
-        return load_image(ctx.connection, entry["key"])
+        return load(ctx.connection, entry["key"])
     except ImageMissingError as exc:
         raise JobFailure("image_expired", str(exc)) from None
 
@@ -53,7 +54,10 @@ def segment_unsupervised(ctx: JobContext, payload: dict) -> dict:
     params = payload["params"]
     ctx.update_params(sd_model=rt.sd.model_id)
     image = fetch_image(ctx, payload["image"])
-    out = run_diffseg(rt.sd, image, report=ctx.report, **params)
+    try:
+        out = run_diffseg(rt.sd, image, report=ctx.report, **params)
+    except PromptTooLongError as exc:  # vocabulary words longer in tokens than the API's bound could tell
+        raise JobFailure("prompt_too_long", f"vocabulary: {exc}") from None
     started = time.perf_counter()
     count = len(out.names)
     segments = segments_from_labels(out.labels, out.names, [None] * count, out.scores)
@@ -95,7 +99,7 @@ def oneshot_train(ctx: JobContext, payload: dict) -> dict:
     if record is None:
         raise JobFailure("model_deleted", f"model {model_id} was deleted before its training started")
     ctx.update_params(sd_model=rt.sd.model_id)
-    examples = [(fetch_image(ctx, e["image"]), fetch_image(ctx, e["mask"])) for e in payload["examples"]]
+    examples = [(fetch_image(ctx, e["image"]), fetch_image(ctx, e["mask"], load_mask)) for e in payload["examples"]]
     model = train_oneshot(rt.sd, [image for image, _ in examples], [mask.astype(np.int64) for _, mask in examples],
                           record["labels"], epochs=params["epochs"], learning_rate=params["learning_rate"],
                           seed=params["seed"], resolution=params["resolution"], min_crop=params["min_crop"],

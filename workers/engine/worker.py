@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -23,7 +24,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, WorkerStatus
 
-from attnseg.queue import QUEUES, connect, get_queue
+from attnseg.queue import QUEUES, clean_canceled, connect, get_queue
 from attnseg.settings import Settings
 from attnseg.workers_registry import announce, withdraw
 from workers.engine import runtime as runtime_module
@@ -67,6 +68,7 @@ class Pulse(threading.Thread):
             self.worker.maintain_heartbeats(*running)
         for name in QUEUES:
             StartedJobRegistry(name, connection=connection, serializer=JSONSerializer).cleanup()
+            clean_canceled(connection, name)
 
     def run(self) -> None:
         while not self.stopped.wait(self.settings.worker_heartbeat_s):
@@ -84,6 +86,12 @@ def warm_up(runtime: runtime_module.Runtime) -> float:
     return time.perf_counter() - started
 
 
+def default_worker_name() -> str:
+    """Unique per process start: a restart (same host, and under Docker the same pid 1) never collides
+    with the registration RQ keeps for a crashed predecessor until its heartbeat lapses."""
+    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
+
+
 def run_worker(settings: Settings, *, queues: tuple[str, ...] = QUEUES, name: str | None = None,
                burst: bool = False) -> None:
     runtime = runtime_module.load_runtime(settings)
@@ -92,7 +100,7 @@ def run_worker(settings: Settings, *, queues: tuple[str, ...] = QUEUES, name: st
         log.info("warm-up pass took %.1f s", warm_up(runtime))
 
     connection = connect(settings.redis_url)
-    name = name or f"{socket.gethostname()}.{os.getpid()}"
+    name = name or default_worker_name()
     ModelWorker.lost_after_s = settings.worker_lost_after_s
     worker = ModelWorker([get_queue(connection, q) for q in queues], connection=connection, name=name,
                          serializer=JSONSerializer)

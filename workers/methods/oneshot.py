@@ -320,12 +320,15 @@ def training_loss(
 
 def training_iou(
     sd: StableDiffusion, text: torch.Tensor, num_classes: int, images: list[np.ndarray], masks: list[np.ndarray],
-    *, seed: int, resolution: int,
+    *, seed: int, resolution: int, between: Callable[[], None] = lambda: None,
 ) -> float:
     """Mean over the training images of slime.mean_iou between the segment path (1 crop, labels
-    at the image's size) and the image's mask. text: (2, 77, D) [uncond, learned]."""
+    at the image's size) and the image's mask. text: (2, 77, D) [uncond, learned].
+    between() runs between images (a cancel check: large images take seconds each)."""
     ious = []
-    for image, mask in zip(images, masks):
+    for index, (image, mask) in enumerate(zip(images, masks)):
+        if index:
+            between()
         scores = score_maps(sd, text, num_classes, image, crops_per_side=1, seed=seed, resolution=resolution,
                             report=lambda **progress: None, timer=Timer())
         labels, _ = labels_and_scores(scores, mask.shape)
@@ -377,7 +380,9 @@ def train_oneshot(
     Adam on the vectors only, batch 1, each epoch one step per image. Every max(1, epochs // 10)
     epochs and after the last, the training-set IoU of the segment path (1 crop) is measured and
     the best vectors so far are kept. report(stage="training", fraction, epoch, epochs, loss,
-    best_iou) runs after every epoch; an exception from it stops training (nothing stays allocated).
+    best_iou) runs after every epoch, after each step of an epoch over several images and between the
+    images of an IoU check, so a cancel (an exception from it) stops training within one step or
+    image, whatever their size; nothing stays allocated.
     """
     check_training_inputs(images, masks, labels)
     if epochs < 1:
@@ -413,10 +418,16 @@ def train_oneshot(
                                     optimizer, scaler)
                 skipped_steps += result.pop("skipped")
                 totals = {name: totals.get(name, 0.0) + value for name, value in result.items()}
+                progress = {"stage": "training", "fraction": (epoch - 1 + (index + 1) / len(examples)) / epochs,
+                            "epoch": epoch, "epochs": epochs, "loss": totals["loss"] / (index + 1),
+                            "best_iou": best["train_iou"]}
+                if index + 1 < len(examples):  # within an epoch of many pictures: a cancel stops here
+                    report(**progress)
             started = timer("training", started)
             if epoch % every == 0 or epoch == epochs:
                 text = text_batch(base, uncond, vectors.detach())
-                iou = training_iou(sd, text, num_classes, images, masks, seed=seed, resolution=resolution)
+                iou = training_iou(sd, text, num_classes, images, masks, seed=seed, resolution=resolution,
+                                   between=lambda: report(**progress))
                 if best["train_iou"] is None or iou > best["train_iou"]:
                     best = {"train_iou": iou, "best_epoch": epoch, "vectors": vectors.detach().clone()}
                 started = timer("evaluation", started)

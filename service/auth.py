@@ -1,0 +1,124 @@
+"""Tenants and their API keys, and the `current_tenant` dependency every owned resource uses.
+
+Keys come from `ATTNSEG_API_KEYS` (`tenant:key,tenant:key`), `ATTNSEG_API_KEYS_FILE` (one
+`tenant:key` a line, `#` comments; re-read when its modification time changes) and the single
+`ATTNSEG_API_KEY` (tenant `default`). With no key configured, auth is off and every caller is
+tenant `default`. Keys are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from attnseg.ownership import DEFAULT_TENANT
+from attnseg.settings import Settings
+from service.errors import ApiError
+
+log = logging.getLogger("attnseg.api")
+
+TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
+
+
+class KeyConfigError(ValueError):
+    """A malformed key configuration (the message names the source, never the key)."""
+
+
+def parse_pairs(text: str, source: str, separator: str) -> list[tuple[str, bytes]]:
+    """'tenant:key' entries separated by `separator` -> [(tenant, key bytes)]."""
+    pairs = []
+    for number, entry in enumerate(text.split(separator), start=1):
+        entry = entry.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        tenant, colon, key = entry.partition(":")
+        tenant, key = tenant.strip(), key.strip()
+        if not colon or not key or not TENANT_NAME.fullmatch(tenant):
+            raise KeyConfigError(f"{source}: entry {number} is not 'tenant:key' (tenant: letters, digits, '_.-', "
+                                 "up to 64)")
+        pairs.append((tenant, key.encode()))
+    return pairs
+
+
+class KeyRing:
+    """Every configured (tenant, key); the keys file is re-read when its mtime changes."""
+
+    def __init__(self, settings: Settings):
+        self.fixed: list[tuple[str, bytes]] = []
+        if settings.api_key:
+            self.fixed.append((DEFAULT_TENANT, settings.api_key.encode()))
+        if settings.api_keys:
+            self.fixed += parse_pairs(settings.api_keys, "ATTNSEG_API_KEYS", ",")
+        self.path: Path | None = settings.api_keys_file
+        self._file_pairs: list[tuple[str, bytes]] = []
+        self._mtime: int | None = None
+        self._lock = threading.Lock()
+        if self.path is not None:
+            self._refresh()  # a broken file at start-up is an error, not an open API
+
+    def _refresh(self) -> None:
+        mtime = os.stat(self.path).st_mtime_ns
+        if mtime == self._mtime:
+            return
+        with self._lock:
+            self._file_pairs = parse_pairs(self.path.read_text(), str(self.path), "\n")
+            self._mtime = mtime
+            log.info("API keys file %s loaded: %d tenants' keys", self.path, len(self._file_pairs))
+
+    def pairs(self) -> list[tuple[str, bytes]]:
+        if self.path is not None:
+            try:
+                self._refresh()
+            except (OSError, KeyConfigError) as exc:  # keep the last good keys; say why
+                log.error("API keys file not reloaded: %s", exc)
+        return self.fixed + self._file_pairs
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.fixed) or self.path is not None
+
+    def tenant_of(self, token: str) -> str | None:
+        """The tenant whose key this is, comparing against every key (no early exit: constant time)."""
+        given = token.encode()
+        found = None
+        for tenant, key in self.pairs():
+            if hmac.compare_digest(given, key):
+                found = tenant
+        return found
+
+
+def unauthorized() -> ApiError:
+    return ApiError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    headers={"WWW-Authenticate": "Bearer"})
+
+
+def tenant_from(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    """The caller's tenant; None when keys are configured and the request has no valid one."""
+    keyring: KeyRing = request.app.state.keyring
+    if not keyring.enabled:
+        return DEFAULT_TENANT
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        return None
+    return keyring.tenant_of(credentials.credentials)
+
+
+def current_tenant(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+    """FastAPI dependency: the tenant owning what this request creates and sees; 401 without a valid key."""
+    tenant = tenant_from(request, credentials)
+    if tenant is None:
+        raise unauthorized()
+    return tenant
+
+
+def optional_tenant(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+                    ) -> str | None:
+    """Like current_tenant, but None instead of 401 (for answers that have a public, reduced form)."""
+    return tenant_from(request, credentials)
