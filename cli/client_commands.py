@@ -38,11 +38,9 @@ class CommandError(Exception):
     """A mistake on the command line (a missing file, clashing outputs): one line, exit 2."""
 
 
-def words(values: list[str] | None) -> list[str] | None:
+def words(values: list[str] | None) -> list[str]:
     """`--classes dog grass` and `--classes dog,grass` alike (names never contain commas)."""
-    if values is None:
-        return None
-    return [word.strip() for value in values for word in value.split(",") if word.strip()]
+    return [word.strip() for value in values or [] for word in value.split(",") if word.strip()]
 
 
 def positive(text: str) -> int:
@@ -88,7 +86,8 @@ def coco_document(done: list[tuple[Path, str, Result]], failed: list[dict]) -> d
     unsupervised segments get one category per name (`segment` when unnamed), numbered from 1.
     """
     categories: dict[str, int] = {}
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for image_id, (path, job_id, result) in enumerate(done, start=1):
         images.append({"id": image_id, "file_name": str(path), "width": result.width, "height": result.height,
                        "job_id": job_id})
@@ -217,13 +216,13 @@ ONESHOT_SEGMENT = ("crops_per_side", "resolution", "seed")
 
 
 def cmd_segment_unsupervised(args) -> int:
-    options = {**params(args, UNSUPERVISED), "vocabulary": words(args.vocabulary)}
+    options = {**params(args, UNSUPERVISED), "vocabulary": words(args.vocabulary) or None}
     return asyncio.run(segment_pictures(args, lambda client, path: client.segment_unsupervised(path, **options)))
 
 
 def cmd_segment_text(args) -> int:
     classes = words(args.classes)
-    options = {**params(args, TEXT), "background_words": words(args.background_words)}
+    options = {**params(args, TEXT), "background_words": words(args.background_words) or None}
     return asyncio.run(segment_pictures(
         args, lambda client, path: client.segment_text(path, classes, method=args.method, **options)))
 

@@ -81,6 +81,19 @@ def image_bytes(width: int = 300, height: int = 200, fmt: str = "PNG", seed: int
     return buffer.getvalue()
 
 
+def two_part_arrays(width: int = 96, height: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A two-colour picture and its class-id mask: parts 1 (left) and 2 (right) under a background band."""
+    band = height // 6
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, : width // 2] = (220, 40, 40)
+    pixels[:, width // 2 :] = (40, 60, 220)
+    pixels[:band] = (20, 20, 20)
+    mask = np.zeros((height, width), np.uint8)
+    mask[band:, : width // 2] = 1
+    mask[band:, width // 2 :] = 2
+    return pixels, mask
+
+
 def worker_env(redis_url: str, cache_dir: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSEG_")}
     env.update({"ATTNSEG_REDIS_URL": redis_url, "ATTNSEG_SD_MODEL": "tiny-random",

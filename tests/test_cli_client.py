@@ -15,8 +15,7 @@ from pycocotools.coco import COCO
 
 from attnseg.client import Client
 from cli.main import main
-from tests.support import ROOT, image_bytes, wait_for
-from tests.test_client import two_part_example
+from tests.support import ROOT, image_bytes, two_part_arrays, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +75,7 @@ def test_text_to_stdout(api_env, tmp_path, capsys):
 
 
 def test_oneshot_train_then_segment(api_env, tmp_path, capsys):
-    pixels, mask = two_part_example()
+    pixels, mask = two_part_arrays()
     Image.fromarray(pixels).save(tmp_path / "car.png")
     Image.fromarray(mask).save(tmp_path / "car_mask.png")
     assert attnseg("oneshot", "train", "--image", tmp_path / "car.png", "--mask", tmp_path / "car_mask.png",
@@ -139,7 +138,7 @@ def test_ctrl_c_cancels_what_was_submitted(api_env, tmp_path):
 
 
 def test_ctrl_c_cancels_a_training(api_env, tmp_path):
-    pixels, mask = two_part_example()
+    pixels, mask = two_part_arrays()
     Image.fromarray(pixels).save(tmp_path / "car.png")
     Image.fromarray(mask).save(tmp_path / "car_mask.png")
     process = subprocess.Popen([sys.executable, "-m", "cli", "oneshot", "train", "--image", str(tmp_path / "car.png"),

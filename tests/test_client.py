@@ -21,7 +21,7 @@ from attnseg.client import (
 from attnseg.client import protocol
 from attnseg.client.inputs import file_part
 from attnseg.client.results import JobState, segmentation_result
-from tests.support import image_bytes
+from tests.support import image_bytes, two_part_arrays
 
 JOB = {"id": "j1", "kind": "unsupervised", "status": "queued", "progress": {"stage": "queued", "fraction": 0.0},
        "created_at": "2026-12-01T10:00:00Z", "started_at": None, "finished_at": None,
@@ -204,6 +204,8 @@ def test_async_client_runs_jobs_concurrently(shared_stack):
             jobs = await asyncio.gather(client.segment_unsupervised(image_bytes(64, 48, seed=1), resolution=256),
                                         client.segment_text(image_bytes(64, 48, seed=2), ["sky"], method="gem"))
             again = await client.job(jobs[0].id)
+            with pytest.raises(NotFound):
+                await client.oneshot_model("no-such-model")
             return await asyncio.gather(*(job.result(timeout=300) for job in jobs)), again
 
     (unsupervised, text), again = asyncio.run(main())
@@ -212,21 +214,9 @@ def test_async_client_runs_jobs_concurrently(shared_stack):
     assert text.labels == ["background", "sky"] and again.state.kind == "unsupervised"
 
 
-def two_part_example(width: int = 96, height: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """A two-colour picture and its class-id mask: parts 1 (left) and 2 (right) under a background band."""
-    pixels = np.zeros((height, width, 3), np.uint8)
-    pixels[:, : width // 2] = (220, 40, 40)
-    pixels[:, width // 2 :] = (40, 60, 220)
-    pixels[:12] = (20, 20, 20)
-    mask = np.zeros((height, width), np.uint8)
-    mask[12:, : width // 2] = 1
-    mask[12:, width // 2 :] = 2
-    return pixels, mask
-
-
 @pytest.mark.slow
 def test_oneshot_train_wait_and_segment(client):
-    pixels, mask = two_part_example()
+    pixels, mask = two_part_arrays()
     model = client.train_oneshot(pixels, mask, ["left", "right"], epochs=2, resolution=256, seed=0)
     assert model.status == "training" and model.labels == ["background", "left", "right"]
     early = model.segment(Image.fromarray(pixels))  # allowed while it trains: the job waits for it

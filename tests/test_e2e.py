@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco
 
-from tests.support import Stack, image_bytes, wait_for
+from tests.support import Stack, image_bytes, two_part_arrays, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -165,16 +165,9 @@ def test_text_job_end_to_end(http, method):
 
 
 def two_part_example(width=128, height=96) -> tuple[bytes, bytes]:
-    """A two-colour picture and its mask: parts 1 (left) and 2 (right) under a background band."""
-    pixels = np.zeros((height, width, 3), np.uint8)
-    pixels[:, : width // 2] = (220, 40, 40)
-    pixels[:, width // 2 :] = (40, 60, 220)
-    pixels[:16] = (20, 20, 20)
-    mask = np.zeros((height, width), np.uint8)
-    mask[16:, : width // 2] = 1
-    mask[16:, width // 2 :] = 2
+    """`two_part_arrays` (parts 1 left and 2 right under a background band) as PNG bytes."""
     encoded = []
-    for array in (pixels, mask):
+    for array in two_part_arrays(width, height):
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="PNG")
         encoded.append(buffer.getvalue())

@@ -175,6 +175,7 @@ def request(call: Call, retries: int) -> Operation[httpx.Response]:
     """Send `call`; on 429/503 wait as told and resend, at most `retries` times; raise typed errors."""
     for attempt in range(retries + 1):
         response = yield call
+        assert response is not None, "the driver answers every Call with its response"
         if response.status_code in RETRY_STATUSES and attempt < retries:
             yield Sleep(retry_delay(response, attempt))
             continue

@@ -27,7 +27,8 @@ class Progress:
 
     @classmethod
     def from_api(cls, body: dict) -> "Progress":
-        return cls(**{name: body.get(name) for name in cls.__dataclass_fields__ if name in body})
+        return cls(stage=body["stage"], fraction=body["fraction"], epoch=body.get("epoch"), epochs=body.get("epochs"),
+                   loss=body.get("loss"), best_iou=body.get("best_iou"))
 
 
 @dataclass(frozen=True)
