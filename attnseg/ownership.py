@@ -8,7 +8,7 @@ Another tenant is told the thing does not exist (404), never that it is someone 
 from __future__ import annotations
 
 DEFAULT_TENANT = "default"
-OWNER_FIELD = "tenant"
+OWNER_FIELD = "owner"
 
 
 def owner_of(record: dict) -> str:

@@ -1,4 +1,4 @@
-"""Tenants and their API keys, and the `current_tenant` dependency every owned resource uses.
+"""Tenants and their API keys (the `current_tenant` dependency on them is in service.deps).
 
 Keys come from `ATTNSEG_API_KEYS` (`tenant:key,tenant:key`), `ATTNSEG_API_KEYS_FILE` (one
 `tenant:key` a line, `#` comments; re-read when its modification time changes) and the single
@@ -15,17 +15,12 @@ import re
 import threading
 from pathlib import Path
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
 from attnseg.ownership import DEFAULT_TENANT
 from attnseg.settings import Settings
-from service.errors import ApiError
 
 log = logging.getLogger("attnseg.api")
 
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
 
 
 class KeyConfigError(ValueError):
@@ -93,32 +88,3 @@ class KeyRing:
             if hmac.compare_digest(given, key):
                 found = tenant
         return found
-
-
-def unauthorized() -> ApiError:
-    return ApiError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    headers={"WWW-Authenticate": "Bearer"})
-
-
-def tenant_from(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str | None:
-    """The caller's tenant; None when keys are configured and the request has no valid one."""
-    keyring: KeyRing = request.app.state.keyring
-    if not keyring.enabled:
-        return DEFAULT_TENANT
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        return None
-    return keyring.tenant_of(credentials.credentials)
-
-
-def current_tenant(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
-    """FastAPI dependency: the tenant owning what this request creates and sees; 401 without a valid key."""
-    tenant = tenant_from(request, credentials)
-    if tenant is None:
-        raise unauthorized()
-    return tenant
-
-
-def optional_tenant(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
-                    ) -> str | None:
-    """Like current_tenant, but None instead of 401 (for answers that have a public, reduced form)."""
-    return tenant_from(request, credentials)

@@ -8,8 +8,11 @@ the job enqueued. A refused request leaves Redis as it was.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Callable
+
+import redis
 
 from fastapi import Response
 
@@ -21,6 +24,8 @@ from attnseg.settings import Settings
 from service.errors import ApiError
 from service.job_view import job_view
 from service.uploads import CheckedImage
+
+log = logging.getLogger("attnseg.api")
 
 LOCK_TIMEOUT_S = 10  # a crashed API replica's lock lapses after this
 
@@ -75,7 +80,10 @@ def admission_lock(connection):
     try:
         yield
     finally:
-        lock.release()
+        try:
+            lock.release()
+        except redis.exceptions.LockError:  # held past its timeout (a very slow store): it lapsed already
+            log.warning("admission lock expired before release; raise LOCK_TIMEOUT_S if this recurs")
 
 
 def submit_job(connection, settings: Settings, response: Response, tenant: str, kind: str,

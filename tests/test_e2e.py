@@ -96,6 +96,23 @@ def test_unsupervised_job_end_to_end(http):
     assert 'attnseg_job_duration_seconds_count{kind="unsupervised",outcome="succeeded"}' in metrics
 
 
+def test_a_large_rotated_jpeg_is_decoded_small_and_masked_at_its_size(http):
+    """Stored as received, decoded by the worker near the working size; masks at the upright original size."""
+    from tests.test_images import jpeg
+
+    data = jpeg(1600, 1200, orientation=6)
+    job = http.post("/segment/unsupervised", files={"image": ("r.jpg", data, "image/jpeg")},
+                    data={"resolution": "256", "grid": "8"}).json()
+    done = wait_job(http, job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["result"]["image"] == {"width": 1200, "height": 1600}
+    masks = decode_all(done["result"])
+    assert all(mask.shape == (1600, 1200) for mask in masks)
+    np.testing.assert_array_equal(np.sum(masks, axis=0), 1)
+    overlay = Image.open(io.BytesIO(http.get(f"/jobs/{job['id']}/overlay.png").content))
+    assert overlay.size == (1200, 1600)
+
+
 def test_same_seed_same_masks_and_vocabulary_names_segments(http):
     first = wait_job(http, submit(http, 120, 90, seed="5", vocabulary='["sky", "grass"]')["id"])
     second = wait_job(http, submit(http, 120, 90, seed="5", vocabulary='["sky", "grass"]')["id"])

@@ -15,8 +15,7 @@ from attnseg.images import ImageMissingError, load_image
 from attnseg.ownership import owned_by
 from attnseg.queue import cancel_key
 from attnseg.settings import Settings
-from service.auth import current_tenant
-from service.deps import get_redis, get_settings
+from service.deps import current_tenant, get_redis, get_settings
 from service.errors import ApiError, error_responses
 from service.job_view import job_view
 from service.lifecycle import pause_unless_shutting_down

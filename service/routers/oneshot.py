@@ -15,17 +15,18 @@ from attnseg import oneshot_store
 from attnseg.ownership import owned_by
 from attnseg.queue import cancel_key
 from attnseg.settings import Settings
-from service.auth import current_tenant
-from service.deps import get_redis, get_settings
+from service.deps import current_tenant, get_redis, get_settings
 from service.errors import ApiError, error_responses
 from service.job_view import job_view
-from service.schemas import MAX_OFFSET, Job, valid_id, shown_id, OneshotModel, OneshotModelList, OneshotSegmentParams, TrainParams
+from service.schemas import (MAX_OFFSET, Job, OneshotModel, OneshotModelList, OneshotSegmentParams, TrainParams,
+                             shown_id, valid_id)
 from service.submissions import openapi_body, read_submission, validate_params
 from service.submit import checked_mask, image_entry, submit_job
 from service.uploads import CheckedImage, check_image, decode_mask
 
 router = APIRouter(prefix="/oneshot", tags=["oneshot"])
-ERRORS = error_responses(400, 401, 404, 409, 413, 415, 422, 429, 503)
+TRAIN_ERRORS = error_responses(400, 401, 413, 415, 422, 429, 503)
+SEGMENT_ERRORS = error_responses(400, 401, 404, 409, 413, 415, 422, 429, 503)
 
 
 def check_mask(mask: np.ndarray, image: CheckedImage, num_classes: int, field: str) -> set[int]:
@@ -71,7 +72,7 @@ def get_record(connection, model_id: str, tenant: str) -> dict:
     return record
 
 
-@router.post("/train", status_code=202, response_model=Job, responses=ERRORS,
+@router.post("/train", status_code=202, response_model=Job, responses=TRAIN_ERRORS,
              openapi_extra=openapi_body(TrainParams, {"images": True, "masks": True}),
              summary="Train a one-shot part model (SLiMe) from images and label masks")
 async def train(request: Request, response: Response, tenant: str = Depends(current_tenant),
@@ -158,7 +159,7 @@ def delete_model(model_id: str, tenant: str = Depends(current_tenant), settings:
     return Response(status_code=204)
 
 
-@router.post("/{model_id}/segment", status_code=202, response_model=Job, responses=ERRORS,
+@router.post("/{model_id}/segment", status_code=202, response_model=Job, responses=SEGMENT_ERRORS,
              openapi_extra=openapi_body(OneshotSegmentParams, {"image": False}),
              summary="Segment an image into a one-shot model's parts")
 async def segment(model_id: str, request: Request, response: Response, tenant: str = Depends(current_tenant),

@@ -13,8 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from attnseg.queue import QUEUES, get_queue
 from attnseg.workers_registry import ready_workers
-from service.auth import current_tenant, optional_tenant
-from service.deps import get_redis
+from service.deps import current_tenant, get_redis, optional_tenant
 from service.errors import error_responses
 from service.schemas import Readiness
 

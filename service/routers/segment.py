@@ -6,8 +6,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from attnseg.settings import Settings
-from service.auth import current_tenant
-from service.deps import get_redis, get_settings
+from service.deps import current_tenant, get_redis, get_settings
 from service.errors import error_responses
 from service.schemas import Job, TextParams, UnsupervisedParams
 from service.submissions import openapi_body, read_submission, validate_params

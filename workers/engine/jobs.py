@@ -10,18 +10,27 @@ from attnseg import oneshot_store, rle
 from attnseg.images import ImageMissingError, load_image, load_mask
 from workers.engine import runtime
 from workers.engine.context import JobContext, JobFailure, job_function
+from workers.methods.gem import GEM_IMAGE_SIZE
 from workers.methods.oneshot import ModelMismatchError, OneshotModel, segment_oneshot, train_oneshot
 from workers.methods.prompts import PromptTooLongError
 from workers.methods.textseg import segment_text as run_text
 from workers.methods.unsupervised import segment_unsupervised as run_diffseg
 
 
-def fetch_image(ctx: JobContext, entry: dict, load=load_image) -> np.ndarray:
-    """(H, W, 3) uint8 RGB (`load_mask`: (H, W) uint8 class ids) of a payload's picture entry."""
+def fetch_image(ctx: JobContext, entry: dict, load=load_image, **options) -> np.ndarray:
+    """(H, W, 3) uint8 RGB (`load_mask`: (H, W) uint8 class ids) of a payload's picture entry.
+
+    options: min_side, to decode no larger than the working size needs (the entry's width and
+    height stay the original's, for the masks: see `original_size`)."""
     try:
-        return load(ctx.connection, entry["key"])
+        return load(ctx.connection, entry["key"], **options)
     except ImageMissingError as exc:
         raise JobFailure("image_expired", str(exc)) from None
+
+
+def original_size(entry: dict) -> tuple[int, int]:
+    """(H, W) of a payload's picture after EXIF orientation: the masks' size."""
+    return entry["height"], entry["width"]
 
 
 def segments_from_labels(labels: np.ndarray, names: list, label_ids: list, scores: list) -> list[dict]:
@@ -53,9 +62,9 @@ def segment_unsupervised(ctx: JobContext, payload: dict) -> dict:
     rt = runtime.current()
     params = payload["params"]
     ctx.update_params(sd_model=rt.sd.model_id)
-    image = fetch_image(ctx, payload["image"])
+    image = fetch_image(ctx, payload["image"], min_side=params["resolution"])
     try:
-        out = run_diffseg(rt.sd, image, report=ctx.report, **params)
+        out = run_diffseg(rt.sd, image, report=ctx.report, output_size=original_size(payload["image"]), **params)
     except PromptTooLongError as exc:  # vocabulary words longer in tokens than the API's bound could tell
         raise JobFailure("prompt_too_long", f"vocabulary: {exc}") from None
     started = time.perf_counter()
@@ -73,9 +82,10 @@ def segment_text(ctx: JobContext, payload: dict) -> dict:
         raise JobFailure("clip_unavailable", f"method {params['method']} needs a CLIP model and this worker runs "
                                              "without one (ATTNSEG_CLIP_MODEL=none)")
     ctx.update_params(sd_model=rt.sd.model_id, clip_model=rt.clip.name if rt.clip else None)
-    image = fetch_image(ctx, payload["image"])
+    image = fetch_image(ctx, payload["image"], min_side=max(params["resolution"], GEM_IMAGE_SIZE))
     try:
-        out = run_text(rt.sd, rt.clip, image, classes, report=ctx.report, **params)
+        out = run_text(rt.sd, rt.clip, image, classes, report=ctx.report, output_size=original_size(payload["image"]),
+                       **params)
     except PromptTooLongError as exc:
         raise JobFailure("prompt_too_long", str(exc)) from None
     started = time.perf_counter()
@@ -127,10 +137,11 @@ def oneshot_segment(ctx: JobContext, payload: dict) -> dict:
     params = payload["params"]
     model = ready_model(ctx.connection, payload["model_id"])
     ctx.update_params(sd_model=rt.sd.model_id)
-    image = fetch_image(ctx, payload["image"])
+    image = fetch_image(ctx, payload["image"], min_side=params["resolution"])
     try:
         out = segment_oneshot(rt.sd, model, image, crops_per_side=params["crops_per_side"], seed=params["seed"],
-                              resolution=params["resolution"], report=ctx.report)
+                              resolution=params["resolution"], report=ctx.report,
+                              output_size=original_size(payload["image"]))
     except ModelMismatchError as exc:
         raise JobFailure("model_mismatch", str(exc)) from None
     started = time.perf_counter()

@@ -247,8 +247,10 @@ def segment_oneshot(
     seed: int = 0,
     resolution: int = 512,
     report: Report | None = None,
+    output_size: tuple[int, int] | None = None,
 ) -> OneshotSegmentation:
-    """Segment an RGB uint8 image (H, W, 3) with a trained model; labels come back at (H, W).
+    """Segment an RGB uint8 image (H, W, 3) with a trained model; labels come back at (H, W), or at
+    `output_size` (H, W) when the image was decoded smaller than the original.
 
     Raises ModelMismatchError when the model was trained on another SD model.
     """
@@ -267,7 +269,7 @@ def segment_oneshot(
     scores = score_maps(sd, text, num_classes, image, crops_per_side=crops_per_side, seed=seed,
                         resolution=resolution, report=report, timer=timer)
     started = time.perf_counter()
-    labels, mean_scores = labels_and_scores(scores, image.shape[:2])
+    labels, mean_scores = labels_and_scores(scores, tuple(output_size or image.shape[:2]))
     timer("label", started)
     return OneshotSegmentation(labels.cpu().numpy(), mean_scores, timer.ms)
 

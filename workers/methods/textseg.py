@@ -195,8 +195,10 @@ def segment_text(
     resolution: int = 512,
     seed: int = 0,
     report: Callable[[str, float], None] | None = None,
+    output_size: tuple[int, int] | None = None,
 ) -> TextSegmentation:
-    """Segments an RGB uint8 image (H, W, 3) into the given classes; labels come back at (H, W).
+    """Segments an RGB uint8 image (H, W, 3) into the given classes; labels come back at (H, W), or
+    at `output_size` (H, W) when the image was decoded smaller than the original.
 
     method: "selfcross" (needs sd), "gem" (needs clip), "gem_refined" or "cluster" (need both).
     background: add label 0 where no class is strong; without it every pixel gets a class.
@@ -220,7 +222,7 @@ def segment_text(
         raise ValueError(f"method {method!r} needs a CLIP model")
     report = report or (lambda stage, fraction: None)
     timestep = DEFAULT_TIMESTEPS[method] if timestep is None else timestep
-    output_size = tuple(image.shape[:2])
+    output_size = tuple(output_size or image.shape[:2])
     first_label = 0 if background else 1
     timer = Timer()
     started = time.perf_counter()

@@ -69,8 +69,10 @@ def segment_unsupervised(
     vocabulary: list[str] | None = None,
     seed: int = 0,
     report: Callable[[str, float], None] | None = None,
+    output_size: tuple[int, int] | None = None,
 ) -> UnsupervisedSegmentation:
-    """Segments an RGB uint8 image (H, W, 3) with DiffSeg; labels come back at (H, W).
+    """Segments an RGB uint8 image (H, W, 3) with DiffSeg; labels come back at (H, W), or at
+    `output_size` (H, W) when the image was decoded smaller than the original (a worker's working size).
 
     The pass runs on the clean latent (posterior mean: `seed` is unused unless a later option
     adds noise, and is kept so every method takes one). With a `vocabulary`, the pass uses the
@@ -78,7 +80,7 @@ def segment_unsupervised(
     """
     report = report or (lambda stage, fraction: None)
     timer = Timer()
-    height, width = image.shape[:2]
+    height, width = output_size or image.shape[:2]
     started = time.perf_counter()
 
     report("encoding", 0.05)
