@@ -77,6 +77,10 @@ class TextParams(Params):
     samples: int = Field(1, ge=1, le=10, description="selfcross: noise draws averaged (the paper uses 10).")
     timestep: int | None = Field(None, ge=1, le=999, description="Default per method: selfcross 150, "
                                                                  "gem_refined and cluster 100; gem uses none.")
+    gate_threshold: float | None = Field(0.2, ge=0, lt=1, description="selfcross: box gate level on the "
+                                         "quantised class map (VOC 0.2, COCO 0.5); null turns the gate off.")
+    background_threshold: float = Field(0.5, gt=0, le=1, description="selfcross: thr of the background "
+                                        "(2 * thr - max)^2 (VOC 0.5, COCO 0.35); lower gives more background.")
 
     @field_validator("classes")
     @classmethod

@@ -128,6 +128,15 @@ def test_selfcross_draws_use_consecutive_seeds_and_are_averaged(tiny_sd, image, 
     assert 0.38 < out.scores[1] <= 0.5  # label 1 holds where 0.5-ish beats (1 - value)^2
     assert 0 in out.scores and 2 not in out.scores
 
+    # The thresholds reach the steps: gate level as given, and a background threshold of 0.75
+    # gives bg = (1.5 - 0.5)^2 = 1 on the class columns, so background wins everywhere.
+    gates = []
+    scores = textseg.selfcross_scores
+    monkeypatch.setattr(textseg, "selfcross_scores", lambda *args: gates.append(args[4]) or scores(*args))
+    out = segment_text(tiny_sd, None, image, ["cat", "dog"], samples=2, seed=10, resolution=RESOLUTION,
+                       gate_threshold=0.5, background_threshold=0.75)
+    assert gates == [0.5, 0.5] and set(out.scores) == {0}
+
 
 def test_prompt_too_long_for_one_class_raises(tiny_sd, image):
     with pytest.raises(PromptTooLongError):

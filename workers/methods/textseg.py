@@ -47,6 +47,8 @@ METHODS = ("selfcross", "gem", "gem_refined", "cluster")
 DEFAULT_TIMESTEPS = {"selfcross": 150, "gem": None, "gem_refined": 100, "cluster": 100}
 SELFCROSS_CROSS_BLOCKS = (5, 6, 7, 8, 9)  # grids R/4 and R/8
 SELFCROSS_SELF_BLOCK = 12  # up_blocks.2.attentions.1, grid R/2
+# The reference's VOC settings (box gate, background threshold); COCO uses 0.5 and 0.35.
+SELFCROSS_GATE_THRESHOLD = 0.2
 SELFCROSS_BACKGROUND_THRESHOLD = 0.5  # the paper's bg = (1 - max_c SC_c)^2
 VOC_BACKGROUND_TEMPERATURE = 0.1  # langseg's VOC recipe: CA at s = 0.1 when a background channel is added
 CLUSTER_KL_THRESHOLD = 0.8
@@ -84,12 +86,15 @@ def split_classes(tokenizer, classes: list[str], background_words: list[str] = (
     return prompts
 
 
-def selfcross_draw(store: AttentionStore, prompts: list[Prompt]) -> torch.Tensor:
+def selfcross_draw(
+    store: AttentionStore, prompts: list[Prompt], gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD
+) -> torch.Tensor:
     """SelfCross maps of all classes from one noise draw: (C, g, g) in [0, 1], classes in prompt order.
 
     store: cross-attention of SELFCROSS_CROSS_BLOCKS and self-attention of SELFCROSS_SELF_BLOCK,
     recorded from one UNet call whose batch row i is prompts[i]. Each prompt's class spans select
     its classes' tokens; min-max normalisation stays per class, so prompts do not interact.
+    gate_threshold: the box gate's level (None: no gate).
     """
     (self_grid,) = store.grids("self")
     cross_grids = store.grids("cross")
@@ -98,15 +103,17 @@ def selfcross_draw(store: AttentionStore, prompts: list[Prompt]) -> torch.Tensor
     for row, prompt in enumerate(prompts):
         cross_by_grid = {grid: store.mean("cross", grid)[row] for grid in cross_grids}
         self_attn = store.mean("self", self_grid)[row]
-        maps.append(selfcross_scores(cross_by_grid, layers_by_grid, self_attn, prompt.class_spans))
+        maps.append(selfcross_scores(cross_by_grid, layers_by_grid, self_attn, prompt.class_spans, gate_threshold))
     return torch.cat(maps)
 
 
-def selfcross_channels(sc: torch.Tensor, background: bool) -> torch.Tensor:
+def selfcross_channels(
+    sc: torch.Tensor, background: bool, threshold: float = SELFCROSS_BACKGROUND_THRESHOLD
+) -> torch.Tensor:
     """(C, g, g) SelfCross maps -> channels: [bg, SC_1..SC_C] with background, else SC alone."""
     if not background:
         return sc
-    return torch.cat([background_score(sc, SELFCROSS_BACKGROUND_THRESHOLD), sc])
+    return torch.cat([background_score(sc, threshold), sc])
 
 
 # --- GEM-based methods --------------------------------------------------------------------
@@ -194,6 +201,8 @@ def segment_text(
     timestep: int | None = None,
     resolution: int = 512,
     seed: int = 0,
+    gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD,
+    background_threshold: float = SELFCROSS_BACKGROUND_THRESHOLD,
     report: Callable[[str, float], None] | None = None,
 ) -> TextSegmentation:
     """Segments an RGB uint8 image (H, W, 3) into the given classes; labels come back at (H, W).
@@ -202,6 +211,8 @@ def segment_text(
     background: add label 0 where no class is strong; without it every pixel gets a class.
     background_words: selfcross only, extra prompt words that absorb attention, never reported.
     samples: selfcross only, noise draws averaged; draw i uses seed + i.
+    gate_threshold, background_threshold: selfcross only, the box gate's level (None: no gate) and
+    the background's thr; VOC values by default, COCO 0.5 and 0.35 (methods 2.2).
     timestep: None for the method's default (DEFAULT_TIMESTEPS); gem has no SD pass and ignores it,
     as it ignores resolution, samples and seed (CLIP runs at 448).
     report(stage, fraction) is called between steps (progress and cancellation).
@@ -235,10 +246,10 @@ def segment_text(
             report("attention", 0.1 + 0.7 * draw / samples)
             store = selfcross_pass(sd, latents, prompts, timestep, seed + draw)
             started = timer("unet", started)
-            sc = selfcross_draw(store, prompts)
+            sc = selfcross_draw(store, prompts, gate_threshold)
             total = sc if total is None else total + sc
             started = timer("propagate", started)
-        channels = selfcross_channels(total / samples, background)
+        channels = selfcross_channels(total / samples, background, background_threshold)
         passes = len(prompts)
     else:
         report("clip", 0.05)
