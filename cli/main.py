@@ -78,7 +78,7 @@ def cmd_up(args) -> None:
     env = {**os.environ, "ATTNSEG_REDIS_URL": settings.redis_url}
     if args.model:
         env["ATTNSEG_SD_MODEL"] = args.model
-        if args.model == "tiny-random":
+        if args.model.startswith("tiny-random"):
             env.setdefault("ATTNSEG_CLIP_MODEL", "tiny-random")
     attnseg = [sys.executable, "-m", "cli"]
     port = ["--port", str(args.port)] if args.port else []
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     up = sub.add_parser("up", help="Redis + API + one worker in the foreground (Ctrl-C stops all)")
-    up.add_argument("--model", help="SD model id or directory; 'tiny-random' for an offline demo")
+    up.add_argument("--model", help="SD model id or directory; 'tiny-random' (SD 1.x) or 'tiny-random-sd2' for an offline demo")
     up.add_argument("--port", type=int)
     up.set_defaults(func=cmd_up)
 
