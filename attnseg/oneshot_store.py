@@ -1,72 +1,40 @@
 """Trained one-shot (SLiMe) models, stored durably in Redis (no TTL) so any worker can use them.
 
-A model record is a JSON document: id, status (training | ready | failed), labels, the SD model
-it belongs to, training parameters and metrics, the training job id, and (when ready) the learned
-vectors. An index sorted by creation time lists them.
+A model record is a JSON document (attnseg.record_store): id, owner, status (training | ready |
+failed), labels, the SD model it belongs to, training parameters and metrics, the training job id,
+and (when ready) the learned vectors.
 """
 
 from __future__ import annotations
 
-import json
-import uuid
-from datetime import datetime, timezone
+from attnseg.queue import ONESHOT_INDEX_KEY, ONESHOT_PREFIX
+from attnseg.record_store import RecordStore, new_id
 
-import redis
-
-from attnseg.queue import ONESHOT_INDEX_KEY, oneshot_model_key
-
-
-def new_model_id() -> str:
-    return uuid.uuid4().hex
+store = RecordStore(ONESHOT_PREFIX, ONESHOT_INDEX_KEY)
+new_model_id = new_id
 
 
 def create(connection, model_id: str, *, labels: list[str], params: dict, train_job_id: str) -> dict:
-    now = datetime.now(timezone.utc)
-    record = {"id": model_id, "status": "training", "labels": labels, "params": params, "sd_model": None,
-              "train_job_id": train_job_id, "created_at": now.isoformat(), "metrics": {}, "error": None}
-    with connection.pipeline() as pipe:
-        pipe.set(oneshot_model_key(model_id), json.dumps(record))
-        pipe.zadd(ONESHOT_INDEX_KEY, {model_id: now.timestamp()})
-        pipe.execute()
-    return record
+    return store.create(connection, model_id, {"status": "training", "labels": labels, "params": params,
+                                               "sd_model": None, "train_job_id": train_job_id, "metrics": {}})
 
 
 def get(connection, model_id: str) -> dict | None:
-    data = connection.get(oneshot_model_key(model_id))
-    return json.loads(data) if data is not None else None
+    return store.get(connection, model_id)
 
 
 def update(connection, model_id: str, **fields) -> dict | None:
     """Update fields of an existing record; None when it was deleted meanwhile (nothing is recreated)."""
-    key = oneshot_model_key(model_id)
-    with connection.pipeline() as pipe:
-        while True:
-            try:
-                pipe.watch(key)
-                data = pipe.get(key)
-                if data is None:
-                    pipe.unwatch()
-                    return None
-                record = {**json.loads(data), **fields}
-                pipe.multi()
-                pipe.set(key, json.dumps(record))
-                pipe.execute()
-                return record
-            except redis.WatchError:  # a concurrent update: read again
-                continue
+    return store.update(connection, model_id, **fields)
 
 
 def list_ids(connection, *, offset: int = 0, limit: int = 100) -> list[str]:
-    return [i.decode() for i in connection.zrevrange(ONESHOT_INDEX_KEY, offset, offset + limit - 1)]
+    return store.list_ids(connection, offset=offset, limit=limit)
 
 
 def count(connection) -> int:
-    return connection.zcard(ONESHOT_INDEX_KEY)
+    return store.count(connection)
 
 
 def delete(connection, model_id: str) -> bool:
-    with connection.pipeline() as pipe:
-        pipe.delete(oneshot_model_key(model_id))
-        pipe.zrem(ONESHOT_INDEX_KEY, model_id)
-        deleted, _ = pipe.execute()
-    return bool(deleted)
+    return store.delete(connection, model_id)

@@ -40,6 +40,9 @@ KINDS = {
         JobKind("text", SEGMENT_QUEUE, "workers.engine.jobs.segment_text"),
         JobKind("oneshot_train", TRAIN_QUEUE, "workers.engine.jobs.oneshot_train", long=True),
         JobKind("oneshot_segment", SEGMENT_QUEUE, "workers.engine.jobs.oneshot_segment"),
+        JobKind("concept_train", TRAIN_QUEUE, "workers.engine.concept_jobs.concept_train", long=True),
+        JobKind("concept_import", SEGMENT_QUEUE, "workers.engine.concept_jobs.concept_import"),
+        JobKind("referring", SEGMENT_QUEUE, "workers.engine.concept_jobs.segment_referring"),
     )
 }
 
@@ -109,9 +112,13 @@ def worker_key(name: str) -> str:
 WORKER_KEY_PATTERN = "attnseg:worker:*"
 
 
-def oneshot_model_key(model_id: str) -> str:
-    return f"attnseg:oneshot:{model_id}"
-
-
+ONESHOT_PREFIX = "attnseg:oneshot"  # records attnseg:oneshot:<id> (attnseg.record_store)
 ONESHOT_INDEX_KEY = "attnseg:oneshot-index"
+CONCEPT_PREFIX = "attnseg:concept"
+CONCEPT_INDEX_KEY = "attnseg:concept-index"
+
+
+def concept_identifier_key(owner: str | None, identifier: str) -> str:
+    """identifier -> concept id, one per owner: queries name concepts by identifier."""
+    return f"attnseg:concept-identifier:{owner or ''}:{identifier.lower()}"
 JOB_METRICS_KEY = "attnseg:metrics:jobs"
