@@ -13,6 +13,7 @@ No torch here: the API checks uploads with it before queueing, the worker after 
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
@@ -20,6 +21,12 @@ KV_FILE = "pytorch_custom_diffusion_weights.safetensors"
 KV_SUFFIXES = {"to_k": ".processor.to_k_custom_diffusion.weight", "to_v": ".processor.to_v_custom_diffusion.weight"}
 UNSUPPORTED_KV = ("to_q_custom_diffusion", "to_out_custom_diffusion")
 MAX_VECTORS = 16
+IDENTIFIER = re.compile(r"<([A-Za-z0-9-]+)>")  # a concept's identifier as written in text
+
+
+def identifiers_in(text: str) -> list[str]:
+    """The concept identifiers written `<identifier>` in text, in order."""
+    return IDENTIFIER.findall(text)
 
 
 class ConceptFileError(ValueError):

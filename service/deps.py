@@ -26,3 +26,9 @@ def require_api_key(request: Request, settings: Settings = Depends(get_settings)
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), settings.api_key.encode()):
         raise ApiError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
                        headers={"WWW-Authenticate": "Bearer"})
+
+
+def current_tenant(request: Request) -> str | None:
+    """The caller's tenant, owner of the records it creates and the only one who sees them; None
+    while the service has no tenants (one shared space)."""
+    return getattr(request.state, "tenant", None)

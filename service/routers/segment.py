@@ -1,4 +1,4 @@
-"""POST /segment/unsupervised (DiffSeg) and POST /segment/text (class names)."""
+"""POST /segment/unsupervised (DiffSeg), POST /segment/text (class names) and POST /segment/referring."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from attnseg.settings import Settings
-from service.deps import get_redis, get_settings, require_api_key
-from service.schemas import ErrorResponse, Job, TextParams, UnsupervisedParams
+from service.deps import current_tenant, get_redis, get_settings, require_api_key
+from service.errors import ApiError
+from service.routers.concepts import resolve_concepts
+from service.schemas import ErrorResponse, Job, ReferringParams, TextParams, UnsupervisedParams
 from service.submissions import openapi_body, read_submission, validate_params
 from service.submit import image_entry, submit_job
 from service.uploads import decode_rgb
 
 router = APIRouter(prefix="/segment", tags=["segment"], dependencies=[Depends(require_api_key)])
 
-SUBMIT_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429)}
+SUBMIT_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 409, 413, 415, 422, 429)}
 
 
 @router.post("/unsupervised", status_code=202, response_model=Job, responses=SUBMIT_ERRORS,
@@ -32,23 +34,46 @@ async def segment_unsupervised(request: Request, response: Response,
 @router.post("/text", status_code=202, response_model=Job, responses=SUBMIT_ERRORS,
              openapi_extra=openapi_body(TextParams, {"image": False}),
              summary="Segment an image into the given classes")
-async def segment_text(request: Request, response: Response,
-                       settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+async def segment_text(request: Request, response: Response, settings: Settings = Depends(get_settings),
+                       connection=Depends(get_redis), owner: str | None = Depends(current_tenant)):
     """One segment per class found, plus background (`label_id` 0); `labels` lists every class asked for.
 
-    Methods: `selfcross` (default), `gem`, `gem_refined`, `cluster`. Answers 202 with the job.
+    Methods: `selfcross` (default), `gem`, `gem_refined`, `cluster`. A class may name a concept
+    (`"<my-mug> mug"`, selfcross only). Answers 202 with the job.
     """
-    return await submit_one_image(request, response, settings, connection, TextParams, "text")
+    return await submit_one_image(request, response, settings, connection, TextParams, "text", owner=owner,
+                                  concept_texts=lambda params: params.classes)
 
 
-async def submit_one_image(request: Request, response: Response, settings: Settings, connection, model, kind: str):
+@router.post("/referring", status_code=202, response_model=Job, responses=SUBMIT_ERRORS,
+             openapi_extra=openapi_body(ReferringParams, {"image": False}),
+             summary="Find the instance each query refers to (personalized referring segmentation)")
+async def segment_referring(request: Request, response: Response, settings: Settings = Depends(get_settings),
+                            connection=Depends(get_redis), owner: str | None = Depends(current_tenant)):
+    """Separates the instances of `class_word` and gives each query its instance: one segment per
+    query found (`label` the query, `score` its mean attribution), plus the other instances unlabelled.
+    Queries may name concepts: `"<my-mug> mug"`, `"a <my-mug> mug with cola"`, `"a red mug"`."""
+    return await submit_one_image(request, response, settings, connection, ReferringParams, "referring", owner=owner,
+                                  concept_texts=lambda params: params.queries)
+
+
+async def submit_one_image(request: Request, response: Response, settings: Settings, connection, model, kind: str,
+                           *, owner: str | None = None, concept_texts=None):
+    """concept_texts(params): the texts that may name concepts, resolved to the caller's concepts."""
     submission = await read_submission(request, model, ("image",))
     params = validate_params(model, submission.fields)
     data = submission.one_file("image")
 
     def store_and_enqueue():
+        field = "queries" if kind == "referring" else "classes"
+        concepts, after = ({}, None) if concept_texts is None else resolve_concepts(
+            connection, owner, concept_texts(params), settings, field)
+        if concepts and getattr(params, "method", "selfcross") != "selfcross":
+            raise ApiError(422, "invalid_field", f"concepts work with method 'selfcross' only, not "
+                                                 f"'{params.method}'", field="method")
         image = decode_rgb(data, max_pixels=settings.max_image_pixels)
-        payload = {"image": image_entry(connection, image, settings), "params": params.model_dump()}
-        return submit_job(connection, settings, response, kind, payload)
+        payload = {"image": image_entry(connection, image, settings), "params": params.model_dump(),
+                   "concepts": concepts}
+        return submit_job(connection, settings, response, kind, payload, after=after)
 
     return await run_in_threadpool(store_and_enqueue)

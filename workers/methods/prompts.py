@@ -16,13 +16,13 @@ text encoder gets the vectors there (workers.models.concept_hooks.token_embeddin
 span covers the identifier and the words around it.
 """
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 
+from attnseg.concept_files import IDENTIFIER
+
 PROMPT_PREFIX = "a photo including"
-IDENTIFIER = re.compile(r"<([A-Za-z0-9-]+)>")  # a concept's identifier as written in text
 
 
 @dataclass
@@ -97,11 +97,6 @@ def prompt_pieces(classes: list[str], background_words: list[str] = ()) -> list[
         pieces.append((item, index))
     pieces.append((".", None))
     return pieces
-
-
-def identifiers_in(text: str) -> list[str]:
-    """The concept identifiers written `<identifier>` in text, in order."""
-    return IDENTIFIER.findall(text)
 
 
 def tokenize_text(tokenizer, text: str, vector_counts: dict[str, int]) -> tuple[list[int], dict[str, list[int]]]:

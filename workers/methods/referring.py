@@ -26,7 +26,8 @@ from sklearn.cluster import SpectralClustering
 
 from workers.methods import diffseg
 from workers.methods.concepts import Concept, vector_counts
-from workers.methods.prompts import IDENTIFIER, Prompt, build_prompt, prompt_from_pieces
+from attnseg.concept_files import IDENTIFIER
+from workers.methods.prompts import Prompt, build_prompt, prompt_from_pieces
 from workers.methods.selfcross import background_score
 from workers.methods.textseg import (
     DEFAULT_TIMESTEPS,
