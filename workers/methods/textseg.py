@@ -239,12 +239,12 @@ def segment_text(
         raise ValueError("at least one class is needed")
     if samples < 1:
         raise ValueError("samples must be at least 1")
+    if method != "selfcross" and concepts:
+        raise ValueError(f"concepts work with method 'selfcross' only, not {method!r}")
     if method != "gem" and sd is None:
         raise ValueError(f"method {method!r} needs a Stable Diffusion model")
     if method != "selfcross" and clip is None:
         raise ValueError(f"method {method!r} needs a CLIP model")
-    if method != "selfcross" and concepts:
-        raise ValueError(f"concepts work with method 'selfcross' only, not {method!r}")
     report = report or (lambda stage, fraction: None)
     timestep = DEFAULT_TIMESTEPS[method] if timestep is None else timestep
     output_size = tuple(image.shape[:2])
