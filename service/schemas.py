@@ -81,7 +81,7 @@ class TextParams(Params):
     gate_threshold: float | None = Field(0.2, ge=0, lt=1, description="selfcross: box gate level on the "
                                          "quantised class map (VOC 0.2, COCO 0.5); null turns the gate off.")
     background_threshold: float = Field(0.5, gt=0, le=1, description="selfcross: thr of the background "
-                                        "(2 * thr - max)^2 (VOC 0.5, COCO 0.35); lower gives more background.")
+                                        "(2 * thr - max)^2 (VOC 0.5, COCO 0.35); lower gives less background.")
 
     @field_validator("classes")
     @classmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -100,7 +101,10 @@ def spectral_instances(self_attn: torch.Tensor, area: torch.Tensor, *, max_insta
         return instances
     clustering = SpectralClustering(n_clusters=count, affinity="precomputed", assign_labels="cluster_qr",
                                     random_state=seed)
-    labels = clustering.fit_predict(affinity)
+    with warnings.catch_warnings():
+        # Instances that never attend to each other make a disconnected graph: the ideal case.
+        warnings.filterwarnings("ignore", message="Graph is not fully connected")
+        labels = clustering.fit_predict(affinity)
     _, first = np.unique(labels, return_index=True)
     order = {label: rank for rank, label in enumerate(labels[np.sort(first)])}  # renumber by first position
     instances[positions] = torch.tensor([order[label] for label in labels])
