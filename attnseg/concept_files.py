@@ -84,22 +84,24 @@ def kv_layers(shapes: dict[str, list[int]]) -> dict[str, dict[str, list[int]]]:
     return layers
 
 
-def check_shapes(embedding_shape: list[int], kv: dict[str, dict[str, list[int]]] | None, expected: dict,
-                 model: str) -> None:
-    """Raise ConceptFileError unless the concept fits the SD model described by `expected`.
-
-    embedding_shape: (n, D) or (D,); kv: as `kv_layers`, or None; expected: {"text_width": D,
-    "cross_attention": {attn2 path: [inner, D]}} as the worker announces it (`concept_shapes`).
-    """
+def check_embedding_shape(shape: list[int], expected: dict, model: str) -> None:
+    """ConceptFileError unless an embedding of `shape` ((n, D) or (D,)) fits the text width in
+    `expected` ({"text_width": D, "cross_attention": {attn2 path: [inner, D]}}, as the worker
+    announces it in `concept_shapes`)."""
     width = expected["text_width"]
-    if len(embedding_shape) not in (1, 2) or (len(embedding_shape) == 2 and not 1 <= embedding_shape[0] <= MAX_VECTORS):
-        raise ConceptFileError(f"the embedding has shape {embedding_shape}; expected (D,) or (n, D) with 1 <= n <= "
+    if len(shape) not in (1, 2) or (len(shape) == 2 and not 1 <= shape[0] <= MAX_VECTORS):
+        raise ConceptFileError(f"the embedding has shape {shape}; expected (D,) or (n, D) with 1 <= n <= "
                                f"{MAX_VECTORS} vectors")
-    if embedding_shape[-1] != width:
-        raise ConceptFileError(f"the embedding is {embedding_shape[-1]} wide but the text encoder of {model} is "
-                               f"{width} wide: the concept was trained for another Stable Diffusion model "
-                               "(SD 1.x text is 768 wide, SD 2.x 1024)")
-    for layer, projections in (kv or {}).items():
+    if shape[-1] != width:
+        raise ConceptFileError(f"the embedding is {shape[-1]} wide but the text encoder of {model} is {width} wide: "
+                               "the concept was trained for another Stable Diffusion model (SD 1.x text is 768 wide, "
+                               "SD 2.x 1024)")
+
+
+def check_kv_shapes(kv: dict[str, dict[str, list[int]]], expected: dict, model: str) -> None:
+    """ConceptFileError unless every layer of `kv` (as `kv_layers`) is a cross-attention layer of the
+    model with the same projection shapes."""
+    for layer, projections in kv.items():
         target = expected["cross_attention"].get(layer)
         if target is None:
             raise ConceptFileError(f"the weights file names layer {layer!r}, which {model} does not have as a "
@@ -108,3 +110,10 @@ def check_shapes(embedding_shape: list[int], kv: dict[str, dict[str, list[int]]]
             if list(shape) != list(target):
                 raise ConceptFileError(f"{layer} {projection} has shape {list(shape)} but {model} needs "
                                        f"{list(target)}: the weights were trained for another Stable Diffusion model")
+
+
+def check_shapes(embedding_shape: list[int], kv: dict[str, dict[str, list[int]]] | None, expected: dict,
+                 model: str) -> None:
+    """Both checks: the embedding, then the attention weights when there are any."""
+    check_embedding_shape(embedding_shape, expected, model)
+    check_kv_shapes(kv or {}, expected, model)

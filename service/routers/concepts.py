@@ -4,6 +4,7 @@ from the files the diffusers training scripts write; used as `<identifier>` in t
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -15,7 +16,8 @@ from attnseg.concept_files import (
     EMBEDDINGS_FILE,
     KV_FILE,
     ConceptFileError,
-    check_shapes,
+    check_embedding_shape,
+    check_kv_shapes,
     embedding_key,
     identifiers_in,
     kv_layers,
@@ -99,16 +101,28 @@ def precheck_files(connection, identifier: str, embeddings: bytes, weights: byte
     """Check safetensors uploads from their headers, here, before anything is queued: what they
     hold, and their shapes against a ready worker's model. Torch `.bin` files are checked by the
     worker (reading them needs torch)."""
+    expected = announced_shapes(connection)
     embedding_shapes = safetensors_shapes(embeddings)
+    if embedding_shapes is not None:
+        with refused_as("embeddings"):
+            shape = embedding_shapes[embedding_key(embedding_shapes, identifier)]
+            if expected is not None:
+                check_embedding_shape(shape, *expected)
     weight_shapes = safetensors_shapes(weights) if weights else None
+    if weight_shapes is not None:
+        with refused_as("weights"):
+            kv = kv_layers(weight_shapes)
+            if expected is not None:
+                check_kv_shapes(kv, *expected)
+
+
+@contextmanager
+def refused_as(field: str):
+    """A ConceptFileError inside becomes a 422 naming the file's field."""
     try:
-        embedding_shape = embedding_shapes[embedding_key(embedding_shapes, identifier)] if embedding_shapes else None
-        kv = kv_layers(weight_shapes) if weight_shapes is not None else None
-        expected = announced_shapes(connection)
-        if embedding_shape is not None and expected is not None:
-            check_shapes(embedding_shape, kv, *expected)
+        yield
     except ConceptFileError as exc:
-        raise ApiError(422, "invalid_concept", str(exc), field="weights" if "weights" in str(exc) else "embeddings")
+        raise ApiError(422, "invalid_concept", str(exc), field=field) from None
 
 
 @router.post("/train", status_code=202, response_model=Job, responses=ERRORS,
