@@ -136,7 +136,7 @@ def assign_queries(scores: torch.Tensor) -> list[int | None]:
 
 def instance_labels(instances: torch.Tensor, chosen: list[int | None], count: int) -> torch.Tensor:
     """Output label of each instance: 1 + query index for chosen ones, then the others in order
-    (M + 1, M + 2, ...). instances: (Q,) -1..count-1. Returns (Q,) long, 0 outside the area."""
+    (M + 1, M + 2, ...). instances: (...) -1..count-1, any shape. Returns (...) long, 0 outside."""
     label_of = {}
     for query, instance in enumerate(chosen):
         if instance is not None:
@@ -176,6 +176,8 @@ class ReferringSegmentation:
     scores: dict[int, float]  # query label -> its mean attribution over its instance
     instance_scores: list[list[float]]  # (M, K) every query's mean attribution on every instance
     instances: int  # K, instances found in the object area
+    instance_map: np.ndarray  # (H, W) int64: -1 background, 0..K-1 the instances
+    assignment: list[int | None]  # each query's instance (joint when several queries)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -249,11 +251,12 @@ def segment_referring(
     report("assigning", 0.85)
     scores = instance_scores(torch.stack(attributions), instances, count)
     chosen = assign_queries(scores)
-    labels_q = instance_labels(instances, chosen, count)
-    grid = sc_class.shape[-1]
-    channels = torch.nn.functional.one_hot(labels_q, len(queries) + count + 1).T.float().view(-1, grid, grid)
-    labels = diffseg.proposals_to_labels(channels.flatten(1), tuple(image.shape[:2]))
+    # Instances (and the outside) as one-hot channels, upsampled bilinearly to the image and argmaxed.
+    channels = torch.nn.functional.one_hot(instances + 1, count + 1).T.float()
+    instance_map = diffseg.proposals_to_labels(channels, tuple(image.shape[:2])) - 1
+    labels = instance_labels(instance_map.cpu(), chosen, count)
     query_scores = {query + 1: float(scores[query, instance]) for query, instance in enumerate(chosen)
                     if instance is not None}
     timer("label", started)
-    return ReferringSegmentation(labels.cpu().numpy(), query_scores, scores.tolist(), count, timer.ms)
+    return ReferringSegmentation(labels.numpy(), query_scores, scores.tolist(), count,
+                                 instance_map.cpu().numpy(), chosen, timer.ms)
