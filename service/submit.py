@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from fastapi import Response
 from PIL import Image
 
@@ -26,3 +28,13 @@ def submit_job(connection, settings: Settings, response: Response, kind: str, pa
                        headers={"Retry-After": "30"}) from None
     response.headers["Location"] = f"/jobs/{job.id}"
     return job_view(connection, job, settings)
+
+
+def submit_or_undo(connection, settings: Settings, response: Response, kind: str, payload: dict,
+                   undo: Callable[[], object], **enqueue_options) -> dict:
+    """submit_job for a job that makes a stored record; undo() (deleting that record) when refused."""
+    try:
+        return submit_job(connection, settings, response, kind, payload, **enqueue_options)
+    except ApiError:
+        undo()
+        raise

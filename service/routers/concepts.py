@@ -31,7 +31,7 @@ from service.errors import ApiError
 from service.records import cancel_job, with_job_state
 from service.schemas import Concept, ConceptImportParams, ConceptList, ConceptTrainParams, ErrorResponse, Job
 from service.submissions import openapi_body, read_submission, validate_params
-from service.submit import image_entry, submit_job
+from service.submit import image_entry, submit_or_undo
 from service.uploads import decode_mask, decode_rgb
 
 router = APIRouter(prefix="/concepts", tags=["concepts"], dependencies=[Depends(require_api_key)])
@@ -160,12 +160,9 @@ async def train(request: Request, response: Response, settings: Settings = Depen
         payload = {"concept_id": concept_id, "photos": [image_entry(connection, p, settings) for p in photos],
                    "masks": [image_entry(connection, m, settings) for m in mask_images] or None,
                    "params": {**params.model_dump(), "concept_id": concept_id}}
-        try:
-            return submit_job(connection, settings, response, "concept_train", payload, job_id=job_id,
+        return submit_or_undo(connection, settings, response, "concept_train", payload,
+                              lambda: concept_store.delete(connection, concept_id), job_id=job_id,
                               extra_meta={"concept_id": concept_id})
-        except ApiError:
-            concept_store.delete(connection, concept_id)
-            raise
 
     return await run_in_threadpool(validate_store_enqueue)
 
@@ -197,12 +194,9 @@ async def import_concept(request: Request, response: Response, settings: Setting
         if weights:
             store.put_file(connection, concept_id, UPLOAD_PREFIX + KV_FILE, weights)
         payload = {"concept_id": concept_id, "params": {**params.model_dump(), "concept_id": concept_id}}
-        try:
-            return submit_job(connection, settings, response, "concept_import", payload, job_id=job_id,
+        return submit_or_undo(connection, settings, response, "concept_import", payload,
+                              lambda: concept_store.delete(connection, concept_id), job_id=job_id,
                               extra_meta={"concept_id": concept_id})
-        except ApiError:
-            concept_store.delete(connection, concept_id)
-            raise
 
     return await run_in_threadpool(check_store_enqueue)
 

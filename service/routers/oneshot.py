@@ -16,7 +16,7 @@ from service.errors import ApiError
 from service.records import cancel_job, with_job_state
 from service.schemas import ErrorResponse, Job, OneshotModel, OneshotModelList, OneshotSegmentParams, TrainParams
 from service.submissions import openapi_body, read_submission, validate_params
-from service.submit import image_entry, submit_job
+from service.submit import image_entry, submit_job, submit_or_undo
 from service.uploads import decode_mask, decode_rgb
 
 router = APIRouter(prefix="/oneshot", tags=["oneshot"], dependencies=[Depends(require_api_key)])
@@ -95,12 +95,9 @@ async def train(request: Request, response: Response, settings: Settings = Depen
         oneshot_store.create(connection, model_id, labels=params.labels, params=params.model_dump(),
                              train_job_id=job_id)
         payload = {"model_id": model_id, "examples": entries, "params": {**params.model_dump(), "model_id": model_id}}
-        try:
-            return submit_job(connection, settings, response, "oneshot_train", payload, job_id=job_id,
+        return submit_or_undo(connection, settings, response, "oneshot_train", payload,
+                              lambda: oneshot_store.delete(connection, model_id), job_id=job_id,
                               extra_meta={"model_id": model_id})
-        except ApiError:
-            oneshot_store.delete(connection, model_id)
-            raise
 
     return await run_in_threadpool(validate_store_enqueue)
 
