@@ -116,6 +116,7 @@ def instance_scores(attributions: torch.Tensor, instances: torch.Tensor, count: 
 
     attributions: (M, Q) query maps; instances: (Q,) -1 or 0..count-1. Returns (M, count).
     """
+    instances = instances.to(attributions.device)
     onehot = torch.nn.functional.one_hot(instances.clamp_min(0), count).float() * (instances >= 0)[:, None]
     return (attributions.float() @ onehot) / onehot.sum(0).clamp_min(1)
 
@@ -252,7 +253,7 @@ def segment_referring(
     scores = instance_scores(torch.stack(attributions), instances, count)
     chosen = assign_queries(scores)
     # Instances (and the outside) as one-hot channels, upsampled bilinearly to the image and argmaxed.
-    channels = torch.nn.functional.one_hot(instances + 1, count + 1).T.float()
+    channels = torch.nn.functional.one_hot(instances + 1, count + 1).T.float().to(sc_class.device)
     instance_map = diffseg.proposals_to_labels(channels, tuple(image.shape[:2])) - 1
     labels = instance_labels(instance_map.cpu(), chosen, count)
     query_scores = {query + 1: float(scores[query, instance]) for query, instance in enumerate(chosen)
