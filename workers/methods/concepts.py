@@ -154,15 +154,15 @@ def vector_counts(concepts: dict[str, Concept] | None) -> dict[str, int]:
     return {identifier: concept.vectors.shape[0] for identifier, concept in (concepts or {}).items()}
 
 
-def placed_vectors(prompts: list[Prompt], vectors: dict[str, torch.Tensor], width: int
+def placed_vectors(prompts: list[Prompt], vectors: dict[str, torch.Tensor], width: int, length: int
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(B, T) positions and (B, T, D) values of the concepts' vectors in padded prompts (T = 77);
-    (None, None) without concepts. vectors: identifier -> (n, D), in the graph when trained."""
+    """(B, T) positions and (B, T, D) values of the concepts' vectors in prompts padded to T = length
+    (77); (None, None) without concepts. vectors: identifier -> (n, D), in the graph when trained."""
     if not any(prompt.concept_positions for prompt in prompts):
         return None, None
     first = next(iter(vectors.values()))
-    mask = torch.zeros(len(prompts), 77, dtype=torch.bool)
-    values = torch.zeros(len(prompts), 77, width, dtype=first.dtype, device=first.device)
+    mask = torch.zeros(len(prompts), length, dtype=torch.bool)
+    values = torch.zeros(len(prompts), length, width, dtype=first.dtype, device=first.device)
     for row, prompt in enumerate(prompts):
         for identifier, positions in prompt.concept_positions.items():
             values[row, positions] = vectors[identifier][: len(positions)].to(values)  # autograd: CopySlices
@@ -175,7 +175,7 @@ def encode_with_concepts(sd: StableDiffusion, prompts: list[Prompt], vectors: di
     No grad context of its own: gradients reach trained vectors."""
     ids = torch.cat([pad_ids(prompt, sd.tokenizer) for prompt in prompts]).to(sd.device)
     width = sd.text_encoder.get_input_embeddings().weight.shape[1]
-    positions, values = placed_vectors(prompts, vectors, width)
+    positions, values = placed_vectors(prompts, vectors, width, ids.shape[1])
     with token_embeddings(sd.text_encoder, positions, values):
         return sd.text_encoder(ids)[0]
 
