@@ -41,6 +41,9 @@ KINDS = {
         JobKind("text", SEGMENT_QUEUE, "workers.engine.jobs.segment_text"),
         JobKind("oneshot_train", TRAIN_QUEUE, "workers.engine.jobs.oneshot_train", long=True),
         JobKind("oneshot_segment", SEGMENT_QUEUE, "workers.engine.jobs.oneshot_segment"),
+        JobKind("concept_train", TRAIN_QUEUE, "workers.engine.concept_jobs.concept_train", long=True),
+        JobKind("concept_import", SEGMENT_QUEUE, "workers.engine.concept_jobs.concept_import"),
+        JobKind("referring", SEGMENT_QUEUE, "workers.engine.concept_jobs.segment_referring"),
     )
 }
 
@@ -125,19 +128,20 @@ def worker_key(name: str) -> str:
 WORKER_KEY_PATTERN = "attnseg:worker:*"
 
 
-def oneshot_model_key(model_id: str) -> str:
-    return f"attnseg:oneshot:{model_id}"
-
-
-def oneshot_index_key(tenant: str) -> str:
-    """A tenant's one-shot models, scored by creation time."""
-    return f"attnseg:oneshot-index:{tenant}"
-
-
 def tenant_jobs_key(tenant: str) -> str:
     """Ids of a tenant's recent jobs (for its queued-job cap; pruned as they end)."""
     return f"attnseg:tenant-jobs:{tenant}"
 
 
 ADMISSION_LOCK_KEY = "attnseg:admission-lock"
+# Durable records (attnseg.record_store): <prefix>:<id>, and an index per owner <index>:<tenant>.
+ONESHOT_PREFIX = "attnseg:oneshot"
+ONESHOT_INDEX_KEY = "attnseg:oneshot-index"
+CONCEPT_PREFIX = "attnseg:concept"
+CONCEPT_INDEX_KEY = "attnseg:concept-index"
+
+
+def concept_identifier_key(owner: str, identifier: str) -> str:
+    """identifier -> concept id, one per owner: queries name concepts by identifier."""
+    return f"attnseg:concept-identifier:{owner}:{identifier.lower()}"
 JOB_METRICS_KEY = "attnseg:metrics:jobs"

@@ -78,7 +78,7 @@ def cmd_up(args) -> None:
     env = {**os.environ, "ATTNSEG_REDIS_URL": settings.redis_url}
     if args.model:
         env["ATTNSEG_SD_MODEL"] = args.model
-        if args.model == "tiny-random":
+        if args.model.startswith("tiny-random"):
             env.setdefault("ATTNSEG_CLIP_MODEL", "tiny-random")
     attnseg = [sys.executable, "-m", "cli"]
     port = ["--port", str(args.port)] if args.port else []
@@ -138,7 +138,8 @@ def cmd_openapi(args) -> None:
 def cmd_evaluate(args) -> None:
     from workers.evaluation.evaluate import main as evaluate_main
 
-    required = {"text": ("classes",), "oneshot": ("parts", "train_images", "train_masks")}
+    required = {"text": ("classes",), "oneshot": ("parts", "train_images", "train_masks"),
+                "referring": ("queries", "class_word")}
     missing = [f"--{name.replace('_', '-')}" for name in required.get(args.protocol, ()) if not getattr(args, name)]
     if missing:
         sys.exit(f"evaluate {args.protocol} needs {', '.join(missing)}")
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     up = sub.add_parser("up", help="Redis + API + one worker in the foreground (Ctrl-C stops all)")
-    up.add_argument("--model", help="SD model id or directory; 'tiny-random' for an offline demo")
+    up.add_argument("--model", help="SD model id or directory; 'tiny-random' (SD 1.x) or 'tiny-random-sd2' for an offline demo")
     up.add_argument("--port", type=int)
     up.set_defaults(func=cmd_up)
 
@@ -174,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     openapi.set_defaults(func=cmd_openapi)
 
     evaluate = sub.add_parser("evaluate", help="score a method on a folder of images and label PNGs")
-    evaluate.add_argument("protocol", choices=["unsupervised", "text", "oneshot"], help="methods.md section 4")
+    evaluate.add_argument("protocol", choices=["unsupervised", "text", "oneshot", "referring"],
+                          help="methods.md section 4 (referring: 2.4)")
     evaluate.add_argument("--images", type=Path, required=True, help="folder of images (jpg/png/webp)")
     evaluate.add_argument("--labels", type=Path, required=True,
                           help="folder of label PNGs with the same stems; 255 = ignore")
@@ -190,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--train-masks", type=Path, nargs="+", help="oneshot: their label masks")
     evaluate.add_argument("--epochs", type=int, default=200, help="oneshot: training epochs")
     evaluate.add_argument("--crops-per-side", type=int, default=1, choices=[1, 2], help="oneshot")
+    evaluate.add_argument("--queries", type=Path, help="referring: folder of <stem>.json query lists")
+    evaluate.add_argument("--concepts", type=Path, help="referring: folder of <identifier>/ diffusers files")
+    evaluate.add_argument("--class-word", help="referring: the instances' category, e.g. mug")
     evaluate.set_defaults(func=cmd_evaluate)
 
     add_client_commands(sub)

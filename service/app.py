@@ -15,7 +15,7 @@ from service.errors import install_error_handlers
 from service.lifecycle import begin_shutdown, open_lifecycle
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
-from service.routers import jobs, oneshot, ops, segment
+from service.routers import concepts, jobs, oneshot, ops, segment
 
 DESCRIPTION = """Segmentation on Stable Diffusion attention maps.
 
@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None, connection=None) -> FastAPI:
     app.state.metrics = Metrics(connection)
     app.state.keyring = KeyRing(settings)
     install_error_handlers(app)
-    for router in (segment.router, oneshot.router, jobs.router, ops.router):
+    for router in (segment.router, oneshot.router, concepts.router, jobs.router, ops.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -95,6 +95,7 @@ def job_view(connection, job: RQJob, settings: Settings) -> dict:
     return {
         "id": job.id,
         "model_id": meta.get("model_id"),
+        "concept_id": meta.get("concept_id"),
         "kind": meta.get("kind", "unsupervised"),
         "status": status,
         "progress": progress,

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_serializer, model_validator
 
+from attnseg.concept_files import identifiers_in
+
 MAX_WORDS = 32
 MAX_OFFSET = 1_000_000  # paging: beyond any real listing, far below what Redis indexes overflow at
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # job and model ids (RQ's alphabet); anything else is unknown
@@ -21,6 +23,8 @@ def valid_id(value: str) -> bool:
 def shown_id(value: str) -> str:
     """An id as echoed in a message: never more than 64 characters of whatever the client sent."""
     return value if len(value) <= 64 else value[:61] + "..."
+
+
 Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 
 
@@ -116,6 +120,10 @@ class TextParams(Params):
     samples: int = Field(1, ge=1, le=10, description="selfcross: noise draws averaged (the paper uses 10).")
     timestep: int | None = Field(None, ge=1, le=999, description="Default per method: selfcross 150, "
                                                                  "gem_refined and cluster 100; gem uses none.")
+    gate_threshold: float | None = Field(0.2, ge=0, lt=1, description="selfcross: box gate level on the "
+                                         "quantised class map (VOC 0.2, COCO 0.5); null turns the gate off.")
+    background_threshold: float = Field(0.5, gt=0, le=1, description="selfcross: thr of the background "
+                                        "(2 * thr - max)^2 (VOC 0.5, COCO 0.35); lower gives less background.")
 
     @field_validator("classes")
     @classmethod
@@ -191,11 +199,80 @@ class OneshotModelList(BaseModel):
     total: int
 
 
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9-]{1,32}$"
+Identifier = Annotated[str, StringConstraints(strip_whitespace=True, pattern=IDENTIFIER_PATTERN)]
+ClassWord = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=32,
+                                             pattern=r"^[^<>,.]+$")]
+Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+class ConceptTrainParams(Params):
+    identifier: Identifier = Field(description="Letters, digits and '-'; written <identifier> in queries.")
+    class_word: ClassWord = Field(description="The object's category ('mug'); the embedding starts from it.")
+    train_kv: bool = Field(True, description="Custom Diffusion (embedding + to_k/to_v of the cross-attention "
+                                             "layers); false: Textual Inversion (the embedding alone).")
+    steps: int | None = Field(None, ge=1, le=5000, description="Default: 250 (Custom Diffusion), 3000 (Textual "
+                                                                "Inversion), as their public recipes.")
+    learning_rate: float | None = Field(None, gt=0, le=1, description="Default: 2e-5 (Custom Diffusion), 2e-3 "
+                                                                       "(Textual Inversion).")
+    batch_size: int | None = Field(None, ge=1, le=8, description="Default: 2 (Custom Diffusion), 4 (Textual "
+                                                                 "Inversion).")
+    num_vectors: int = Field(1, ge=1, le=16, description="Vectors of the identifier.")
+
+
+class ConceptImportParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    identifier: Identifier
+    class_word: ClassWord
+
+
+class ReferringParams(Params):
+    class_word: ClassWord = Field(description="The category of the instances ('mug').")
+    queries: list[Query] = Field(min_length=1, max_length=8, description="1 to 8 texts, each with at most one "
+                                 "<identifier> of a concept: '<my-mug> mug', 'a red mug'.")
+    max_instances: int = Field(8, ge=1, le=16, description="Upper bound of the instances the clustering finds.")
+    timestep: int = Field(150, ge=1, le=999)
+
+    @field_validator("queries")
+    @classmethod
+    def _one_concept_per_query(cls, value):
+        for query in value:
+            if len(set(identifiers_in(query))) > 1:
+                raise ValueError(f"queries: {query!r} names more than one concept; use one <identifier> per query")
+        return value
+
+
+class Concept(BaseModel):
+    id: str
+    identifier: str
+    class_word: str
+    method: Literal["custom_diffusion", "textual_inversion"] | None = Field(
+        description="Set when training starts or the import is read.")
+    status: Literal["training", "importing", "ready", "failed"]
+    sd_model: str | None
+    vectors: int | None = None
+    files: list[str] = Field(description="Diffusers files, GET /concepts/{id}/files/{name} when ready.")
+    created_at: datetime
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    job_id: str
+    progress: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+class ConceptList(BaseModel):
+    concepts: list[Concept]
+    total: int
+
+
 class Progress(BaseModel):
     stage: str
     fraction: float = Field(ge=0, le=1)
-    epoch: int | None = Field(None, description="Training only, like epochs, loss and best_iou.")
+    epoch: int | None = Field(None, description="Training only, like epochs, step, steps, loss and best_iou.")
     epochs: int | None = None
+    step: int | None = None
+    steps: int | None = None
     loss: float | None = None
     best_iou: float | None = None
 
@@ -236,18 +313,23 @@ class SegmentationResult(BaseModel):
     segments: list[Segment]
     labels: list[str] | None = Field(None, description="Text and one-shot: label_id -> name, 0 = background.")
     passes: int | None = Field(None, description="selfcross: SD passes used (a long class list is split).")
+    instances: int | None = Field(None, description="Referring: instances found in the object area.")
+    instance_scores: list[list[float]] | None = Field(None, description="Referring: each query's mean "
+                                                      "attribution on each instance.")
     random_weights: bool = Field(False, description="True when the worker's model has random weights "
                                                     "(tiny-random): the masks mean nothing.")
     timings_ms: dict[str, float]
 
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "canceled"]
-JobKindName = Literal["unsupervised", "text", "oneshot_train", "oneshot_segment"]
+JobKindName = Literal["unsupervised", "text", "oneshot_train", "oneshot_segment", "concept_train", "concept_import",
+                      "referring"]
 
 
 class Job(BaseModel):
     id: str
     model_id: str | None = Field(None, description="One-shot jobs: the model trained or used.")
+    concept_id: str | None = Field(None, description="Concept jobs: the concept trained or imported.")
     kind: JobKindName
     status: JobStatusName
     progress: Progress

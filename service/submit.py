@@ -100,3 +100,4 @@ def submit_job(connection, settings: Settings, response: Response, tenant: str, 
             track_tenant_job(connection, settings, tenant, job.id, ended)
     response.headers["Location"] = f"/jobs/{job.id}"
     return job_view(connection, job, settings)
+

@@ -29,6 +29,15 @@ def tiny_sd(tiny_sd_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    """The tiny random SD of the SD 2.x topology ("tiny-random-sd2"), CPU fp32. Do not modify it."""
+    from workers.models.stable_diffusion import load_stable_diffusion
+
+    return load_stable_diffusion("tiny-random-sd2", device="cpu", dtype="float32",
+                                 cache_dir=tmp_path_factory.mktemp("models-sd2"))
+
+
+@pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """Our own redis-server on a free loopback port (never the machine's shared one)."""
     from tests.support import RedisServer

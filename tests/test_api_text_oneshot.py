@@ -22,6 +22,9 @@ def test_text_job_echoes_method_defaults(client):
     assert job["params"]["classes"] == ["dog", "person with clothes"]
     assert job["params"]["method"] == "selfcross" and job["params"]["timestep"] == 150
     assert job["params"]["background"] is True and job["params"]["samples"] == 1
+    assert job["params"]["gate_threshold"] == 0.2 and job["params"]["background_threshold"] == 0.5  # VOC
+    coco = post_text(client, classes="cat", gate_threshold="0.5", background_threshold="0.35").json()
+    assert coco["params"]["gate_threshold"] == 0.5 and coco["params"]["background_threshold"] == 0.35
     gem = post_text(client, classes="cat", method="gem_refined").json()
     assert gem["params"]["timestep"] == 100 and gem["params"]["classes"] == ["cat"]
 
@@ -37,6 +40,8 @@ def test_text_job_echoes_method_defaults(client):
     ({"classes": "dog", "method": "sam"}, "method"),
     ({"classes": "dog", "samples": "0"}, "samples"),
     ({"classes": "dog", "background_words": "dog"}, "repeat"),
+    ({"classes": "dog", "gate_threshold": "1"}, "gate_threshold"),
+    ({"classes": "dog", "background_threshold": "0"}, "background_threshold"),
 ])
 def test_bad_class_lists_are_rejected(client, redis_server, fields, message):
     response = post_text(client, **fields)

@@ -262,3 +262,93 @@ def test_segment_waiting_for_a_deleted_model_fails_clearly(stack, http):
     assert wait_job(http, job["id"])["status"] == "canceled"
     failed = wait_job(http, waiting["id"])
     assert failed["status"] == "failed" and failed["error"]["code"] == "model_deleted"
+
+
+def concept_photos(count=3) -> list:
+    return [("images", (f"mug{i}.png", image_bytes(64, 64, seed=i), "image/png")) for i in range(count)]
+
+
+def test_concept_train_progress_export_import_referring_and_delete(stack, http):
+    response = http.post("/concepts/train", files=concept_photos(),
+                         data={"identifier": "my-mug", "class_word": "mug", "steps": "2", "batch_size": "1",
+                               "resolution": "256", "seed": "0"})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    concept_id = job["concept_id"]
+    scene = {"image": ("scene.png", image_bytes(128, 96, seed=5), "image/png")}
+    query = {"class_word": "mug", "queries": '["a <my-mug> mug", "a red mug"]', "resolution": "256", "seed": "2"}
+    waiting = http.post("/segment/referring", files=scene, data=query)  # waits for the concept's training
+    assert waiting.status_code == 202, waiting.text
+
+    seen_steps = set()
+
+    def trained():
+        view = http.get(f"/jobs/{job['id']}").json()
+        if view["status"] == "running" and "step" in view["progress"]:
+            seen_steps.add(view["progress"]["step"])
+            assert view["progress"]["steps"] == 2
+        return view["status"] in ("succeeded", "failed") and view
+
+    done = wait_for(trained, timeout=600, interval=0.2, message="concept training")
+    assert done["status"] == "succeeded", done
+    assert seen_steps, "training progress was never reported"
+    concept = http.get(f"/concepts/{concept_id}").json()
+    assert concept["status"] == "ready" and concept["method"] == "custom_diffusion" and concept["vectors"] == 1
+    assert concept["sd_model"] == "tiny-random" and concept["metrics"]["steps"] == 2
+    assert [c["id"] for c in http.get("/concepts").json()["concepts"]] == [concept_id]
+
+    first = wait_job(http, waiting.json()["id"])
+    assert first["status"] == "succeeded", first
+    result = first["result"]
+    assert result["labels"] == ["background", "a <my-mug> mug", "a red mug"] and result["instances"] >= 1
+    masks = decode_all(result)
+    assert all(mask.shape == (96, 128) for mask in masks)
+    np.testing.assert_array_equal(np.sum(masks, axis=0), 1)  # a partition: background, queries, other instances
+    labelled = [s for s in result["segments"] if s["label_id"]]
+    assert all(s["label"] == result["labels"][s["label_id"]] and s["score"] is not None for s in labelled)
+    assert all(s["label"] is None for s in result["segments"] if s["label_id"] is None)
+
+    # Export, then import the same files under another identifier: the worker reads and checks them.
+    exported = {name: http.get(f"/concepts/{concept_id}/files/{name}").content for name in concept["files"]}
+    assert set(exported) == {"learned_embeds.safetensors", "pytorch_custom_diffusion_weights.safetensors"}
+    imported = http.post("/concepts/import", data={"identifier": "her-mug", "class_word": "mug"},
+                         files=[("embeddings", ("learned_embeds.safetensors", exported["learned_embeds.safetensors"])),
+                                ("weights", ("w.safetensors", exported["pytorch_custom_diffusion_weights.safetensors"]))])
+    assert imported.status_code == 202, imported.text
+    assert wait_job(http, imported.json()["id"])["status"] == "succeeded"
+    copy_id = imported.json()["concept_id"]
+    copy = http.get(f"/concepts/{copy_id}").json()
+    assert copy["status"] == "ready" and copy["method"] == "custom_diffusion"
+    # The embedding file names the identifier it was trained with; the weights round-trip bit for bit.
+    assert http.get(f"/concepts/{copy_id}/files/pytorch_custom_diffusion_weights.safetensors").content == \
+        exported["pytorch_custom_diffusion_weights.safetensors"]
+    wide = http.post("/concepts/import", data={"identifier": "wide", "class_word": "mug"},
+                     files={"embeddings": ("e.safetensors", safetensors_bytes({"<wide>": [1, 768]}))})
+    assert wide.status_code == 422 and "768 wide" in wide.json()["error"]["message"]
+
+    text = http.post("/segment/text", files=scene, data={"classes": '["<her-mug> mug", "table"]', "resolution": "256"})
+    assert text.status_code == 202, text.text
+    assert wait_job(http, text.json()["id"])["status"] == "succeeded"
+
+    stack.restart_api()
+    wait_for(lambda: stack.ready_workers() >= 1, timeout=60, message="the API back")
+    stack.redis.restart()  # AOF: the concept's record and files come back
+    again = wait_job(http, http.post("/segment/referring", files=scene, data=query).json()["id"])
+    assert again["status"] == "succeeded", again
+    assert again["result"]["segments"] == result["segments"]  # same seed, same masks
+
+    for identifier in (concept_id, copy_id):
+        assert http.delete(f"/concepts/{identifier}").status_code == 204
+    assert http.get("/concepts").json()["total"] == 0
+    gone = http.post("/segment/referring", files=scene, data=query)
+    assert gone.status_code == 422 and "not a concept of yours" in gone.json()["error"]["message"]
+
+
+def safetensors_bytes(shapes: dict) -> bytes:
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * int(np.prod(shape))
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    return len(encoded).to_bytes(8, "little") + encoded + bytes(offset)

@@ -87,3 +87,26 @@ def test_missing_label_file_is_a_clear_error(dataset, tiny_env):
     (labels / "img1.png").unlink()
     with pytest.raises(SystemExit, match="no label PNG for img1.png"):
         main(["evaluate", "unsupervised", "--images", str(images), "--labels", str(labels)])
+
+
+def test_referring_protocol(tiny_env, tiny_sd, capsys, tmp_path):
+    from workers.methods.concepts import train_concept
+
+    scenes, instances, queries, concepts = (tmp_path / name for name in ("scenes", "instances", "queries", "concepts"))
+    for folder in (scenes, instances, queries):
+        folder.mkdir()
+    label = np.zeros((64, 64), np.uint8)
+    label[16:48, 4:28], label[16:48, 36:60] = 1, 2
+    pixels = np.array([[90, 90, 90], [220, 30, 30], [30, 30, 220]], np.uint8)[label]
+    Image.fromarray(pixels).save(scenes / "s0.png")
+    Image.fromarray(label).save(instances / "s0.png")
+    (queries / "s0.json").write_text(json.dumps([{"query": "<my-mug> mug", "instance": 1},
+                                                 {"query": "a blue mug", "instance": 2}]))
+    concept = train_concept(tiny_sd, [pixels[:, :32].copy()], "my-mug", "mug", steps=1, batch_size=1, resolution=128)
+    (concepts / "my-mug").mkdir(parents=True)
+    for name, data in concept.files().items():
+        (concepts / "my-mug" / name).write_bytes(data)
+    out = run(capsys, "referring", "--images", str(scenes), "--labels", str(instances), "--queries", str(queries),
+              "--concepts", str(concepts), "--class-word", "mug", "--resolution", "128")
+    assert out["protocol"] == "referring" and out["concepts"] == ["my-mug"] and out["queries"] == 2
+    check_unit_interval(out["miou"], out["bf_miou"], out["bf_acc"], out["af_acc"])

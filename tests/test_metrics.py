@@ -88,3 +88,22 @@ def test_part_iou_averages_over_images_where_the_part_occurs():
     np.testing.assert_allclose(result["per_part_iou"], [2 / 3, (0 + 1 / 2) / 2, 1 / 2])
     np.testing.assert_array_equal(result["images_per_part"], [1, 2, 1])
     assert result["miou"] == pytest.approx((2 / 3 + 1 / 4 + 1 / 2) / 3)
+
+
+def test_referring_score_bf_af_and_miou():
+    from workers.evaluation.metrics import ReferringScore
+
+    gt = np.zeros((4, 6), np.int64)
+    gt[:, :2], gt[:, 4:] = 1, 2  # two instances, left and right
+    predicted = np.full((4, 6), -1)
+    predicted[:, :2], predicted[:, 3:] = 0, 1  # the right one a column too wide
+    score = ReferringScore()
+    # Query A wants instance 1, query B instance 2; alone both pick predicted 0 (left); jointly right.
+    score.add(predicted, best=[0, 0], assigned=[0, 1], gt=gt, targets=[1, 2])
+    result = score.result()
+    assert result["queries"] == 2
+    assert result["bf_acc"] == 0.5 and result["af_acc"] == 1.0
+    assert result["miou"] == pytest.approx((1.0 + 8 / 12) / 2)
+    assert result["bf_miou"] == pytest.approx((1.0 + 0.0) / 2)
+    score.add(predicted, best=[1], assigned=[None], gt=gt, targets=[1])  # nothing assigned: wrong, IoU 0
+    assert score.result()["af_acc"] == 2 / 3 and score.result()["queries"] == 3

@@ -100,6 +100,27 @@ def test_box_gate_threshold_is_relative_and_strict():
     assert box_gate(cross, fraction=0.1).sum() == 3
 
 
+def test_box_gate_quantises_like_the_reference():
+    # q = uint8(255 * map) > int(0.2 * 255) = 51: 0.202 quantises to 51 and is out (a float
+    # comparison with 0.2 would keep it); 0.204 quantises to 52 and is in.
+    cross = torch.zeros(1, 8, 8)
+    cross[0, 0, 0] = 1.0
+    cross[0, 3, 3] = 0.202
+    cross[0, 6, 6] = 0.204
+    gate = box_gate(cross)
+    assert gate[0, 0, 0] and gate[0, 6, 6] and not gate[0, 3, 3] and gate.sum() == 2
+    # The COCO gate 0.5: int(127.5) = 127, so 0.5 (q 127) is out and 0.502 (q 128) is in.
+    cross[0, 3, 3], cross[0, 6, 6] = 0.5, 0.502
+    coco = box_gate(cross, fraction=0.5)
+    assert coco[0, 6, 6] and not coco[0, 3, 3] and coco.sum() == 2
+
+
+def test_box_gate_normalises_each_map_first():
+    cross = torch.full((1, 8, 8), 0.4)
+    cross[0, 1, 1] = 0.5  # min-max: 0.4 -> 0, 0.5 -> 1
+    assert box_gate(cross).sum() == 1
+
+
 def test_box_gate_constant_map():
     assert not box_gate(torch.zeros(2, 8, 8)).any()
 
@@ -150,6 +171,8 @@ def test_background_score():
     sc = torch.tensor([[0.2, 0.9], [0.4, 0.1]])
     assert torch.allclose(background_score(sc), torch.tensor([[0.36, 0.01]]))
     assert torch.allclose(background_score(sc, threshold=0.4), torch.tensor([[0.16, 0.01]]))
+    # COCO's 0.35: (0.7 - max)^2.
+    assert torch.allclose(background_score(sc, threshold=0.35), torch.tensor([[0.09, 0.04]]))
 
 
 def test_segment_background_wins_where_every_class_is_weak():

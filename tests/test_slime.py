@@ -263,11 +263,17 @@ def test_keep_and_gate_drops_weak_classes_and_gates_first_kept():
     assert torch.equal(gated[1], ca[1])  # only the first kept class is gated
 
 
+def test_keep_and_gate_keeps_values_strictly_above_the_mean():
+    ca = torch.tensor([[[0.8, 0.4], [0.4, 0.0]]])  # mean 0.4: the two 0.4s are not above it
+    gated, _ = keep_and_gate(ca)
+    assert torch.equal(gated[0], torch.tensor([[0.8, 0.0], [0.0, 0.0]]))
+
+
 def test_keep_and_gate_gates_first_part_when_background_is_dropped():
     ca = torch.stack([torch.full((2, 2), 0.1), torch.tensor([[0.8, 0.4], [0.3, 0.1]]), torch.full((2, 2), 0.5)])
     gated, kept = keep_and_gate(ca)
     assert kept.tolist() == [1, 2]
-    assert torch.equal(gated[0], torch.tensor([[0.8, 0.4], [0.0, 0.0]]))  # mean 0.4 stays
+    assert torch.equal(gated[0], torch.tensor([[0.8, 0.0], [0.0, 0.0]]))  # the mean 0.4 itself goes
     assert torch.equal(gated[1], ca[2])  # a constant map is never below its mean
 
 

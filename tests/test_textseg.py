@@ -109,7 +109,7 @@ def test_selfcross_draws_use_consecutive_seeds_and_are_averaged(tiny_sd, image, 
     grid = RESOLUTION // 8 // 2  # the self layer's grid
     seeds = []
 
-    def planted_pass(sd, latents, prompts, timestep, seed):
+    def planted_pass(sd, latents, prompts, timestep, seed, concepts=None):
         seeds.append((seed, timestep))
         column = seed - 10  # draw 0 -> column 0, draw 1 -> column 1
         cross = torch.zeros(1, grid, grid, 77)
@@ -127,6 +127,15 @@ def test_selfcross_draws_use_consecutive_seeds_and_are_averaged(tiny_sd, image, 
     # (1 - 0.5)^2 = 0.25 loses there and wins elsewhere, and the two classes tie (lowest label wins).
     assert 0.38 < out.scores[1] <= 0.5  # label 1 holds where 0.5-ish beats (1 - value)^2
     assert 0 in out.scores and 2 not in out.scores
+
+    # The thresholds reach the steps: gate level as given, and a background threshold of 0.75
+    # gives bg = (1.5 - 0.5)^2 = 1 on the class columns, so background wins everywhere.
+    gates = []
+    scores = textseg.selfcross_scores
+    monkeypatch.setattr(textseg, "selfcross_scores", lambda *args: gates.append(args[4]) or scores(*args))
+    out = segment_text(tiny_sd, None, image, ["cat", "dog"], samples=2, seed=10, resolution=RESOLUTION,
+                       gate_threshold=0.5, background_threshold=0.75)
+    assert gates == [0.5, 0.5] and set(out.scores) == {0}
 
 
 def test_prompt_too_long_for_one_class_raises(tiny_sd, image):

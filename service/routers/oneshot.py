@@ -6,18 +6,14 @@ import uuid
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
-from rq.exceptions import NoSuchJobError
-from rq.job import Job as RQJob
-from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from attnseg import oneshot_store
 from attnseg.ownership import owned_by
-from attnseg.queue import cancel_key
 from attnseg.settings import Settings
 from service.deps import current_tenant, get_redis, get_settings
 from service.errors import ApiError, error_responses
-from service.job_view import job_view
+from service.records import cancel_job, with_job_state
 from service.schemas import (MAX_OFFSET, Job, OneshotModel, OneshotModelList, OneshotSegmentParams, TrainParams,
                              shown_id, valid_id)
 from service.submissions import openapi_body, read_submission, validate_params
@@ -51,16 +47,7 @@ def model_view(connection, record: dict, settings: Settings) -> dict:
     view = {**record, "labels": ["background", *record["labels"]], "progress": None}
     view.pop("artefact", None)  # the vectors stay in Redis; workers read them
     if record["status"] == "training":
-        try:
-            job = job_view(connection, RQJob.fetch(record["train_job_id"], connection=connection,
-                                                   serializer=JSONSerializer), settings)
-        except NoSuchJobError:
-            job = {"status": "failed", "progress": None,
-                   "error": {"code": "expired", "message": "the training job no longer exists"}}
-        view["progress"] = job["progress"]
-        if job["status"] in ("failed", "canceled"):
-            view["status"] = "failed"
-            view["error"] = job["error"] or {"code": "canceled", "message": "training was canceled"}
+        with_job_state(connection, view, record["train_job_id"], settings)
     return view
 
 
@@ -148,14 +135,8 @@ def delete_model(model_id: str, tenant: str = Depends(current_tenant), settings:
     """Deletes the model; a training still under way is canceled. Segment jobs waiting for it fail."""
     record = get_record(connection, model_id, tenant)
     if record["status"] == "training":
-        try:
-            job = RQJob.fetch(record["train_job_id"], connection=connection, serializer=JSONSerializer)
-            if job_view(connection, job, settings)["status"] == "queued":
-                job.cancel(enqueue_dependents=True)  # jobs waiting on it run and say why they cannot
-            connection.set(cancel_key(job.id), 1, ex=settings.result_ttl_s)
-        except NoSuchJobError:
-            pass
-    oneshot_store.delete(connection, record)
+        cancel_job(connection, record["train_job_id"], settings)
+    oneshot_store.delete(connection, model_id)
     return Response(status_code=204)
 
 

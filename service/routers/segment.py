@@ -1,4 +1,4 @@
-"""POST /segment/unsupervised (DiffSeg) and POST /segment/text (class names)."""
+"""POST /segment/unsupervised (DiffSeg), /segment/text (class names), /segment/referring (instances)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from starlette.concurrency import run_in_threadpool
 
 from attnseg.settings import Settings
 from service.deps import current_tenant, get_redis, get_settings
-from service.errors import error_responses
-from service.schemas import Job, TextParams, UnsupervisedParams
+from service.errors import ApiError, error_responses
+from service.routers.concepts import resolve_concepts
+from service.schemas import Job, ReferringParams, TextParams, UnsupervisedParams
 from service.submissions import openapi_body, read_submission, validate_params
 from service.submit import image_entry, submit_job
 from service.uploads import check_image
@@ -16,6 +17,7 @@ from service.uploads import check_image
 router = APIRouter(prefix="/segment", tags=["segment"])
 
 SUBMIT_ERRORS = error_responses(400, 401, 413, 415, 422, 429, 503)
+CONCEPT_SUBMIT_ERRORS = error_responses(400, 401, 409, 413, 415, 422, 429, 503)  # 409: a concept not ready
 
 
 @router.post("/unsupervised", status_code=202, response_model=Job, responses=SUBMIT_ERRORS,
@@ -30,27 +32,49 @@ async def segment_unsupervised(request: Request, response: Response, tenant: str
     return await submit_one_image(request, response, tenant, settings, connection, UnsupervisedParams, "unsupervised")
 
 
-@router.post("/text", status_code=202, response_model=Job, responses=SUBMIT_ERRORS,
+@router.post("/text", status_code=202, response_model=Job, responses=CONCEPT_SUBMIT_ERRORS,
              openapi_extra=openapi_body(TextParams, {"image": False}),
              summary="Segment an image into the given classes")
 async def segment_text(request: Request, response: Response, tenant: str = Depends(current_tenant),
                        settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
     """One segment per class found, plus background (`label_id` 0); `labels` lists every class asked for.
 
-    Methods: `selfcross` (default), `gem`, `gem_refined`, `cluster`. Answers 202 with the job.
+    Methods: `selfcross` (default), `gem`, `gem_refined`, `cluster`. A class may name a concept
+    (`"<my-mug> mug"`, selfcross only). Answers 202 with the job.
     """
-    return await submit_one_image(request, response, tenant, settings, connection, TextParams, "text")
+    return await submit_one_image(request, response, tenant, settings, connection, TextParams, "text",
+                                  concept_texts=lambda params: params.classes)
+
+
+@router.post("/referring", status_code=202, response_model=Job, responses=CONCEPT_SUBMIT_ERRORS,
+             openapi_extra=openapi_body(ReferringParams, {"image": False}),
+             summary="Find the instance each query refers to (personalized referring segmentation)")
+async def segment_referring(request: Request, response: Response, tenant: str = Depends(current_tenant),
+                            settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+    """Separates the instances of `class_word` and gives each query its instance: one segment per
+    query found (`label` the query, `score` its mean attribution), plus the other instances unlabelled.
+    Queries may name concepts: `"<my-mug> mug"`, `"a <my-mug> mug with cola"`, `"a red mug"`."""
+    return await submit_one_image(request, response, tenant, settings, connection, ReferringParams, "referring",
+                                  concept_texts=lambda params: params.queries)
 
 
 async def submit_one_image(request: Request, response: Response, tenant: str, settings: Settings, connection,
-                           model, kind: str):
+                           model, kind: str, *, concept_texts=None):
+    """concept_texts(params): the texts that may name concepts, resolved to the caller's concepts."""
     submission = await read_submission(request, model, ("image",))
     params = validate_params(model, submission.fields)
     data = submission.one_file("image")
 
     def check_and_submit():
+        field = "queries" if kind == "referring" else "classes"
+        concepts, after = ({}, None) if concept_texts is None else resolve_concepts(
+            connection, tenant, concept_texts(params), settings, field)
+        if concepts and getattr(params, "method", "selfcross") != "selfcross":
+            raise ApiError(422, "invalid_field", f"concepts work with method 'selfcross' only, not "
+                                                 f"'{params.method}'", field="method")
         image = check_image(data, max_pixels=settings.max_image_pixels)
         return submit_job(connection, settings, response, tenant, kind,
-                          lambda: {"image": image_entry(connection, image, settings), "params": params.model_dump()})
+                          lambda: {"image": image_entry(connection, image, settings), "params": params.model_dump(),
+                                   "concepts": concepts}, after=after)
 
     return await run_in_threadpool(check_and_submit)

@@ -9,6 +9,7 @@ import numpy as np
 from attnseg import oneshot_store, rle
 from attnseg.images import ImageMissingError, load_image, load_mask
 from workers.engine import runtime
+from workers.engine.concept_records import load_concepts
 from workers.engine.context import JobContext, JobFailure, job_function
 from workers.methods.gem import GEM_IMAGE_SIZE
 from workers.methods.oneshot import ModelMismatchError, OneshotModel, segment_oneshot, train_oneshot
@@ -82,10 +83,11 @@ def segment_text(ctx: JobContext, payload: dict) -> dict:
         raise JobFailure("clip_unavailable", f"method {params['method']} needs a CLIP model and this worker runs "
                                              "without one (ATTNSEG_CLIP_MODEL=none)")
     ctx.update_params(sd_model=rt.sd.model_id, clip_model=rt.clip.name if rt.clip else None)
+    concepts = load_concepts(ctx, payload.get("concepts", {}))
     image = fetch_image(ctx, payload["image"], min_side=max(params["resolution"], GEM_IMAGE_SIZE))
     try:
         out = run_text(rt.sd, rt.clip, image, classes, report=ctx.report, output_size=original_size(payload["image"]),
-                       **params)
+                       concepts=concepts, **params)
     except PromptTooLongError as exc:
         raise JobFailure("prompt_too_long", str(exc)) from None
     started = time.perf_counter()

@@ -28,6 +28,7 @@ from attnseg.queue import QUEUES, clean_canceled, connect, get_queue
 from attnseg.settings import Settings
 from attnseg.workers_registry import announce, withdraw
 from workers.engine import runtime as runtime_module
+from workers.methods.concepts import concept_shapes
 from workers.methods.unsupervised import segment_unsupervised
 
 log = logging.getLogger("attnseg.worker")
@@ -105,7 +106,8 @@ def run_worker(settings: Settings, *, queues: tuple[str, ...] = QUEUES, name: st
     worker = ModelWorker([get_queue(connection, q) for q in queues], connection=connection, name=name,
                          serializer=JSONSerializer)
     info = {"name": name, "host": socket.gethostname(), "pid": os.getpid(), "queues": list(queues),
-            "ready_at": datetime.now(timezone.utc).isoformat(), **runtime.describe()}
+            "ready_at": datetime.now(timezone.utc).isoformat(), **runtime.describe(),
+            "concept_shapes": concept_shapes(runtime.sd)}  # the API checks concept uploads against them
     pulse = Pulse(worker, info, settings)
     pulse.beat()
     pulse.start()

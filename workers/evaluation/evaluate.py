@@ -6,6 +6,9 @@ working resolution (labels nearest), as the COCO-Stuff-27 protocol does; 255 in 
 - text: labels hold 0 = background and i = the i-th class of --classes; confusion matrix, mIoU.
 - oneshot: train on --train-images/--train-masks, then per-part IoU per image, averaged over the
   images where the part occurs.
+- referring: labels are instance maps (0 background, 1..N); --queries holds <stem>.json per scene,
+  [{"query": "a <my-mug> mug", "instance": 2}, ...]; --concepts a folder with one sub-folder per
+  identifier holding its diffusers files; mIoU, bf_acc and af_acc (From Text to Mask 5.3).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from attnseg.settings import get_settings
-from workers.evaluation.metrics import ConfusionScore, PartIoUScore, UnsupervisedScore
+from workers.evaluation.metrics import ConfusionScore, PartIoUScore, ReferringScore, UnsupervisedScore
 from workers.models.stable_diffusion import load_stable_diffusion
 
 log = logging.getLogger("attnseg.evaluate")
@@ -94,6 +97,8 @@ def evaluate(args, sd, clip_loader) -> dict:
                                lambda rgb: segment_text(sd, clip, rgb, classes, method=args.method,
                                                         resolution=args.resolution).labels)
         return {"protocol": "text", "method": args.method, "classes": ["background", *classes], **result}
+    if args.protocol == "referring":
+        return evaluate_referring(args, sd, pairs)
     from workers.methods.oneshot import segment_oneshot, train_oneshot
 
     parts = [p.strip() for p in args.parts.split(",")]
@@ -105,6 +110,47 @@ def evaluate(args, sd, clip_loader) -> dict:
                                                        resolution=args.resolution).labels)
     return {"protocol": "oneshot", "parts": ["background", *parts], "train_iou": model.metrics.get("train_iou"),
             **result}
+
+
+def load_concept_folder(folder: Path | None, class_word: str) -> dict:
+    """identifier -> Concept from folder/<identifier>/ holding diffusers files (learned_embeds.* and,
+    for Custom Diffusion, pytorch_custom_diffusion_weights.*)."""
+    from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE
+    from workers.methods.concepts import Concept
+
+    concepts = {}
+    for directory in sorted(p for p in (folder.iterdir() if folder else ()) if p.is_dir()):
+        files = {}
+        for name, stem in ((EMBEDDINGS_FILE, "learned_embeds"), (KV_FILE, "pytorch_custom_diffusion_weights")):
+            found = sorted(directory.glob(f"{stem}.*"))
+            if found:
+                files[name] = found[0].read_bytes()
+        if EMBEDDINGS_FILE not in files:
+            raise SystemExit(f"{directory} has no learned_embeds.safetensors (or .bin)")
+        concepts[directory.name] = Concept.from_files(files, directory.name, class_word)
+    return concepts
+
+
+def evaluate_referring(args, sd, pairs) -> dict:
+    from workers.methods.concepts import check_concept
+    from workers.methods.referring import segment_referring
+
+    concepts = load_concept_folder(args.concepts, args.class_word)
+    for concept in concepts.values():
+        check_concept(sd, concept)
+    score = ReferringScore()
+    started = time.perf_counter()
+    for index, (image_path, label_path) in enumerate(pairs):
+        rgb, gt = load_pair(image_path, label_path, args.resolution)
+        entries = json.loads((args.queries / f"{image_path.stem}.json").read_text())
+        out = segment_referring(sd, rgb, args.class_word, [e["query"] for e in entries], concepts=concepts,
+                                resolution=args.resolution)
+        best = [int(np.argmax(row)) if row else None for row in out.instance_scores]
+        score.add(out.instance_map, best, out.assignment, gt, [int(e["instance"]) for e in entries])
+        log.info("%d/%d %s", index + 1, len(pairs), image_path.name)
+    result = {key: plain(value) for key, value in score.result().items()}
+    return {"protocol": "referring", "class_word": args.class_word, "concepts": sorted(concepts), **result,
+            "images": len(pairs), "seconds_per_image": (time.perf_counter() - started) / len(pairs)}
 
 
 def main(args) -> dict:

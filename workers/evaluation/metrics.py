@@ -162,3 +162,53 @@ class PartIoUScore:
         per_part = np.where(self.images > 0, self.iou_sum / np.maximum(self.images, 1), np.nan)
         return {"per_part_iou": per_part, "miou": _nanmean(per_part),
                 "images_per_part": self.images.copy()}
+
+
+def instance_centres(instance_map: np.ndarray, ids) -> dict[int, np.ndarray]:
+    """(row, col) centre of each id's pixels in an (H, W) map; ids without pixels are left out."""
+    centres = {}
+    for identity in ids:
+        rows, cols = np.nonzero(instance_map == identity)
+        if rows.size:
+            centres[int(identity)] = np.array([rows.mean(), cols.mean()])
+    return centres
+
+
+class ReferringScore:
+    """Personalized referring segmentation (From Text to Mask 5.3, Mug19 protocol).
+
+    Per scene: the predicted instances, each query's best instance alone (bf) and the joint
+    assignment (af), the ground-truth instance map (0 = background, 1..N instances) and each query's
+    ground-truth instance. As in the paper, a predicted instance stands for the ground-truth instance
+    whose centre is nearest its centre; a query is right when that is its instance. bf_acc and
+    af_acc are the fractions of queries right; miou is the mean over queries of the IoU of the
+    jointly assigned instance's mask with the query's instance (0 when none was assigned), bf_miou
+    the same for the best-alone instance.
+    """
+
+    def __init__(self):
+        self.right = {"bf": 0, "af": 0}
+        self.ious: dict[str, list[float]] = {"bf": [], "af": []}
+
+    def add(self, instance_map: np.ndarray, best: list[int], assigned: list[int | None], gt: np.ndarray,
+            targets: list[int]) -> None:
+        """instance_map: (H, W) -1 background, 0..K-1; best, assigned: per query, an instance or None;
+        gt: (H, W) 0 background, 1..N; targets: per query, its ground-truth instance id."""
+        if instance_map.shape != gt.shape:
+            raise ValueError(f"prediction {instance_map.shape} and ground truth {gt.shape} differ in shape")
+        predicted = instance_centres(instance_map, np.unique(instance_map[instance_map >= 0]))
+        truth = instance_centres(gt, np.unique(gt[gt > 0]))
+        stands_for = {k: min(truth, key=lambda t: np.linalg.norm(truth[t] - centre)) for k, centre in predicted.items()
+                      } if truth else {}
+        for setting, choice in (("bf", best), ("af", assigned)):
+            for instance, target in zip(choice, targets, strict=True):
+                self.right[setting] += int(instance is not None and stands_for.get(instance) == target)
+                mask, wanted = instance_map == instance, gt == target
+                union = np.logical_or(mask, wanted).sum()
+                self.ious[setting].append(float(np.logical_and(mask, wanted).sum() / union) if union else 0.0)
+
+    def result(self) -> dict:
+        queries = len(self.ious["af"])
+        return {"miou": _nanmean(np.array(self.ious["af"])), "bf_miou": _nanmean(np.array(self.ious["bf"])),
+                "bf_acc": self.right["bf"] / queries if queries else float("nan"),
+                "af_acc": self.right["af"] / queries if queries else float("nan"), "queries": queries}

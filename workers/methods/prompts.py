@@ -9,11 +9,18 @@ letters and punctuation, so the pieces' ids concatenated equal the tokenizer's i
 the one exception is punctuation touching a separator ("c++" then "," is "+," in one token), where the
 concatenation keeps the class's own tokens. Encode `Prompt.ids` (see `pad_ids`), never re-tokenize
 `Prompt.text`.
+
+A concept's identifier written `<identifier>` inside a class ("<my-mug> mug") takes as many
+positions as the concept has vectors (methods 2.4); `Prompt.concept_positions` says where, and the
+text encoder gets the vectors there (workers.models.concept_hooks.token_embeddings). The class's
+span covers the identifier and the words around it.
 """
 
 from dataclasses import dataclass, field
 
 import torch
+
+from attnseg.concept_files import IDENTIFIER
 
 PROMPT_PREFIX = "a photo including"
 
@@ -28,6 +35,7 @@ class Prompt:
         order, then the background words.
     class_names: the reported classes (the first len(class_names) spans).
     background_words: words that only steer attention away from the classes; never reported.
+    concept_positions: identifier -> its placeholder positions, in order (one per vector).
     """
 
     text: str
@@ -35,6 +43,7 @@ class Prompt:
     spans: list[tuple[int, int]]
     class_names: list[str]
     background_words: list[str] = field(default_factory=list)
+    concept_positions: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def class_spans(self) -> list[tuple[int, int]]:
@@ -90,23 +99,44 @@ def prompt_pieces(classes: list[str], background_words: list[str] = ()) -> list[
     return pieces
 
 
-def build_prompt(tokenizer, classes: list[str], background_words: list[str] = ()) -> Prompt:
-    """Tokenize the selfcross prompt (methods 2.2) and locate every class's tokens.
+def tokenize_text(tokenizer, text: str, vector_counts: dict[str, int]) -> tuple[list[int], dict[str, list[int]]]:
+    """Token ids of text without BOS/EOS, each `<identifier>` as vector_counts[identifier] placeholder
+    ids (the unknown token: the text encoder's embedding of it is replaced), and the placeholders'
+    offsets in those ids per identifier. Raises ValueError for an identifier not in vector_counts."""
+    ids: list[int] = []
+    positions: dict[str, list[int]] = {}
+    for index, part in enumerate(IDENTIFIER.split(text)):
+        if index % 2 == 0:  # literal text between identifiers
+            ids.extend(tokenizer(part, add_special_tokens=False)["input_ids"] if part.strip() else [])
+            continue
+        if part not in vector_counts:
+            raise ValueError(f"<{part}> is not a known concept")
+        positions.setdefault(part, []).extend(range(len(ids), len(ids) + vector_counts[part]))
+        ids.extend([tokenizer.unk_token_id] * vector_counts[part])
+    return ids, positions
 
-    tokenizer: SD's CLIPTokenizer (bos/eos ids and model_max_length are read from it).
-    Raises ValueError for no classes or an item without tokens, PromptTooLongError when the ids
-    (BOS and EOS included) exceed tokenizer.model_max_length.
+
+def prompt_from_pieces(
+    tokenizer,
+    pieces: list[tuple[str, int | None]],
+    names: list[str],
+    num_classes: int,
+    vector_counts: dict[str, int] | None = None,
+) -> Prompt:
+    """Tokenize pieces (text, item index or None for fixed text), "".join(texts) being the prompt.
+
+    names: the items (classes, then background words); item i's span is its piece's tokens.
+    Raises ValueError for an item without tokens, PromptTooLongError when the ids (BOS and EOS
+    included) exceed tokenizer.model_max_length.
     """
-    if not classes:
-        raise ValueError("at least one class is needed")
-    background_words = list(background_words)
-    names = [*classes, *background_words]
-    pieces = prompt_pieces(classes, background_words)
     ids = [tokenizer.bos_token_id]
     spans: list[tuple[int, int]] = []
     token_counts: list[tuple[str, int]] = []
+    concept_positions: dict[str, list[int]] = {}
     for text, item_index in pieces:
-        piece_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        piece_ids, piece_positions = tokenize_text(tokenizer, text, vector_counts or {})
+        for identifier, offsets in piece_positions.items():
+            concept_positions.setdefault(identifier, []).extend(len(ids) + offset for offset in offsets)
         if item_index is not None:
             name = names[item_index]
             if not piece_ids:
@@ -117,9 +147,27 @@ def build_prompt(tokenizer, classes: list[str], background_words: list[str] = ()
     ids.append(tokenizer.eos_token_id)
     limit = tokenizer.model_max_length
     if len(ids) > limit:
-        raise PromptTooLongError(len(ids), limit, token_counts, len(classes))
+        raise PromptTooLongError(len(ids), limit, token_counts, num_classes)
     text = "".join(text for text, _ in pieces)
-    return Prompt(text, ids, spans, list(classes), background_words)
+    return Prompt(text, ids, spans, list(names[:num_classes]), list(names[num_classes:]), concept_positions)
+
+
+def build_prompt(
+    tokenizer, classes: list[str], background_words: list[str] = (), vector_counts: dict[str, int] | None = None
+) -> Prompt:
+    """Tokenize the selfcross prompt (methods 2.2) and locate every class's tokens.
+
+    tokenizer: SD's CLIPTokenizer (bos/eos ids and model_max_length are read from it).
+    vector_counts: identifier -> vectors of the concepts the classes may name as `<identifier>`.
+    Raises ValueError for no classes, an item without tokens or an unknown identifier,
+    PromptTooLongError when the ids (BOS and EOS included) exceed tokenizer.model_max_length.
+    """
+    if not classes:
+        raise ValueError("at least one class is needed")
+    background_words = list(background_words)
+    names = [*classes, *background_words]
+    return prompt_from_pieces(tokenizer, prompt_pieces(classes, background_words), names, len(classes),
+                              vector_counts)
 
 
 def word_spans(tokenizer, words: list[str]) -> Prompt:

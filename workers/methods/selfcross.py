@@ -55,18 +55,22 @@ def class_cross_maps(
 
 
 def box_gate(cross: torch.Tensor, fraction: float = 0.2) -> torch.Tensor:
-    """Per class, the union of the bounding boxes of the regions where the map exceeds fraction * max.
+    """Per class, the union of the bounding boxes of the regions above the gate, as the reference.
 
-    cross: (C, g, g), normalised to [0, 1]. Regions are 8-connected (like the reference's OpenCV
-    contours) and the threshold is strict (cv2.THRESH_BINARY). Boxes include the region's last row
-    and column, also at the border (the reference clips boxes to g - 1 and loses the border line).
-    A map with no positive value gives an all-False gate.
+    cross: (C, g, g). Each map is min-max normalised and quantised like the reference,
+    q = uint8(255 * map), and the gate keeps q > int(fraction * 255) (strictly greater; so a value
+    in (0.2, 0.2039) is out at fraction 0.2, unlike a float comparison). fraction: 0.2 for VOC, 0.5
+    for COCO. Regions are 8-connected (like the reference's OpenCV contours). Boxes include the
+    region's last row and column, also at the border (the reference clips boxes to g - 1 and loses
+    the border line). A constant map gives an all-False gate.
     Returns BoolTensor (C, g, g): the keys each class may propagate from.
     """
     eight_connected = np.ones((3, 3), dtype=bool)
+    quantised = (255 * minmax_per_class(cross.detach()).cpu().numpy()).astype(np.uint8)  # truncates, as np.uint8
+    level = int(fraction * 255)
     gate = np.zeros(cross.shape, dtype=bool)
-    for index, class_map in enumerate(cross.detach().float().cpu().numpy()):
-        regions, _ = ndimage.label(class_map > fraction * class_map.max(), structure=eight_connected)
+    for index, class_map in enumerate(quantised):
+        regions, _ = ndimage.label(class_map > level, structure=eight_connected)
         for box in ndimage.find_objects(regions):
             gate[index][box] = True
     return torch.from_numpy(gate).to(cross.device)

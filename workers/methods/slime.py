@@ -287,7 +287,7 @@ def select_token_maps(probs77: Tensor, num_classes: int) -> Tensor:
 
 def keep_and_gate(ca: Tensor, threshold: float = 0.2) -> tuple[Tensor, Tensor]:
     """Drop classes whose maximum is below `threshold`; in the first kept class (normally the
-    background) zero the values below its mean.
+    background) keep only the values strictly greater than its mean, as the reference does.
 
     ca (K,R,R) -> (gated (Kkept,R,R), kept (Kkept,) long class ids, ascending). Kkept may be 0.
     """
@@ -295,7 +295,7 @@ def keep_and_gate(ca: Tensor, threshold: float = 0.2) -> tuple[Tensor, Tensor]:
     gated = ca[kept].clone()
     if len(kept) > 0:
         first = gated[0]
-        gated[0] = torch.where(first >= first.mean(), first, torch.zeros_like(first))
+        gated[0] = torch.where(first > first.mean(), first, torch.zeros_like(first))
     return gated, kept
 
 

@@ -26,14 +26,15 @@ import torch.nn.functional as F
 from workers.methods import diffseg
 
 from workers.methods import gem
+from workers.methods.concepts import Concept, combined_kv, encode_with_concepts, vector_counts
 from workers.models.attention import AttentionStore, capture_attention
+from workers.models.concept_hooks import concept_attention
 from workers.models.clip import Clip
 from workers.models.stable_diffusion import StableDiffusion
-from workers.methods.prompts import Prompt, PromptTooLongError, build_prompt, pad_ids
+from workers.methods.prompts import Prompt, PromptTooLongError, build_prompt
 from workers.models.sd_ops import (
     add_noise,
     encode_latents,
-    encode_prompt_ids,
     encode_prompts,
     image_to_pixels,
     make_generator,
@@ -47,6 +48,8 @@ METHODS = ("selfcross", "gem", "gem_refined", "cluster")
 DEFAULT_TIMESTEPS = {"selfcross": 150, "gem": None, "gem_refined": 100, "cluster": 100}
 SELFCROSS_CROSS_BLOCKS = (5, 6, 7, 8, 9)  # grids R/4 and R/8
 SELFCROSS_SELF_BLOCK = 12  # up_blocks.2.attentions.1, grid R/2
+# The reference's VOC settings (box gate, background threshold); COCO uses 0.5 and 0.35.
+SELFCROSS_GATE_THRESHOLD = 0.2
 SELFCROSS_BACKGROUND_THRESHOLD = 0.5  # the paper's bg = (1 - max_c SC_c)^2
 VOC_BACKGROUND_TEMPERATURE = 0.1  # langseg's VOC recipe: CA at s = 0.1 when a background channel is added
 CLUSTER_KL_THRESHOLD = 0.8
@@ -63,19 +66,21 @@ class TextSegmentation:
 # --- selfcross ----------------------------------------------------------------------------
 
 
-def split_classes(tokenizer, classes: list[str], background_words: list[str] = ()) -> list[Prompt]:
+def split_classes(tokenizer, classes: list[str], background_words: list[str] = (),
+                  counts: dict[str, int] | None = None) -> list[Prompt]:
     """Greedy split of the classes, in order, over as few prompts as fit the text encoder.
 
     Each prompt takes the next classes while they fit; the background words go into every prompt.
+    counts: identifier -> vectors of the concepts classes may name as `<identifier>`.
     Raises PromptTooLongError when one class with the background words does not fit alone.
     """
     prompts: list[Prompt] = []
     start = 0
     while start < len(classes):
-        prompt, end = build_prompt(tokenizer, classes[start : start + 1], background_words), start + 1
+        prompt, end = build_prompt(tokenizer, classes[start : start + 1], background_words, counts), start + 1
         while end < len(classes):
             try:
-                prompt = build_prompt(tokenizer, classes[start : end + 1], background_words)
+                prompt = build_prompt(tokenizer, classes[start : end + 1], background_words, counts)
             except PromptTooLongError:
                 break
             end += 1
@@ -84,12 +89,15 @@ def split_classes(tokenizer, classes: list[str], background_words: list[str] = (
     return prompts
 
 
-def selfcross_draw(store: AttentionStore, prompts: list[Prompt]) -> torch.Tensor:
+def selfcross_draw(
+    store: AttentionStore, prompts: list[Prompt], gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD
+) -> torch.Tensor:
     """SelfCross maps of all classes from one noise draw: (C, g, g) in [0, 1], classes in prompt order.
 
     store: cross-attention of SELFCROSS_CROSS_BLOCKS and self-attention of SELFCROSS_SELF_BLOCK,
     recorded from one UNet call whose batch row i is prompts[i]. Each prompt's class spans select
     its classes' tokens; min-max normalisation stays per class, so prompts do not interact.
+    gate_threshold: the box gate's level (None: no gate).
     """
     (self_grid,) = store.grids("self")
     cross_grids = store.grids("cross")
@@ -98,15 +106,17 @@ def selfcross_draw(store: AttentionStore, prompts: list[Prompt]) -> torch.Tensor
     for row, prompt in enumerate(prompts):
         cross_by_grid = {grid: store.mean("cross", grid)[row] for grid in cross_grids}
         self_attn = store.mean("self", self_grid)[row]
-        maps.append(selfcross_scores(cross_by_grid, layers_by_grid, self_attn, prompt.class_spans))
+        maps.append(selfcross_scores(cross_by_grid, layers_by_grid, self_attn, prompt.class_spans, gate_threshold))
     return torch.cat(maps)
 
 
-def selfcross_channels(sc: torch.Tensor, background: bool) -> torch.Tensor:
+def selfcross_channels(
+    sc: torch.Tensor, background: bool, threshold: float = SELFCROSS_BACKGROUND_THRESHOLD
+) -> torch.Tensor:
     """(C, g, g) SelfCross maps -> channels: [bg, SC_1..SC_C] with background, else SC alone."""
     if not background:
         return sc
-    return torch.cat([background_score(sc, SELFCROSS_BACKGROUND_THRESHOLD), sc])
+    return torch.cat([background_score(sc, threshold), sc])
 
 
 # --- GEM-based methods --------------------------------------------------------------------
@@ -155,15 +165,23 @@ def clean_latents(sd: StableDiffusion, image: np.ndarray, resolution: int) -> to
 
 
 def selfcross_pass(
-    sd: StableDiffusion, latents: torch.Tensor, prompts: list[Prompt], timestep: int, seed: int
+    sd: StableDiffusion, latents: torch.Tensor, prompts: list[Prompt], timestep: int, seed: int,
+    concepts: dict[str, Concept] | None = None,
 ) -> AttentionStore:
-    """One conditional UNet call on latents noised with `seed`, every prompt a batch row."""
+    """One conditional UNet call on latents noised with `seed`, every prompt a batch row.
+
+    concepts: those the prompts name; their vectors go to the text encoder and the attention weights
+    of the (at most one) Custom Diffusion concept among them to the UNet, for this call only.
+    """
+    concepts = concepts or {}
     store = AttentionStore()
     with torch.inference_mode():
-        text = encode_prompt_ids(sd, torch.cat([pad_ids(prompt, sd.tokenizer) for prompt in prompts]))
+        text = encode_with_concepts(sd, prompts, {name: concept.vectors for name, concept in concepts.items()})
         noisy = add_noise(sd, latents, timestep, make_generator(sd, seed))
+        # The concept's processors wrap the capturing ones: enter them inside capture_attention.
         with capture_attention(sd.unet, store, self_blocks=(SELFCROSS_SELF_BLOCK,),
-                               cross_blocks=SELFCROSS_CROSS_BLOCKS):
+                               cross_blocks=SELFCROSS_CROSS_BLOCKS), \
+                concept_attention(sd.unet, combined_kv(list(concepts.values()))):
             unet_noise(sd, noisy, timestep, text)
     return store
 
@@ -194,6 +212,9 @@ def segment_text(
     timestep: int | None = None,
     resolution: int = 512,
     seed: int = 0,
+    gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD,
+    background_threshold: float = SELFCROSS_BACKGROUND_THRESHOLD,
+    concepts: dict[str, Concept] | None = None,
     report: Callable[[str, float], None] | None = None,
     output_size: tuple[int, int] | None = None,
 ) -> TextSegmentation:
@@ -204,6 +225,10 @@ def segment_text(
     background: add label 0 where no class is strong; without it every pixel gets a class.
     background_words: selfcross only, extra prompt words that absorb attention, never reported.
     samples: selfcross only, noise draws averaged; draw i uses seed + i.
+    gate_threshold, background_threshold: selfcross only, the box gate's level (None: no gate) and
+    the background's thr; VOC values by default, COCO 0.5 and 0.35 (methods 2.2).
+    concepts: selfcross only, identifier -> Concept for classes that name `<identifier>` (at most one
+    of them with attention weights).
     timestep: None for the method's default (DEFAULT_TIMESTEPS); gem has no SD pass and ignores it,
     as it ignores resolution, samples and seed (CLIP runs at 448).
     report(stage, fraction) is called between steps (progress and cancellation).
@@ -216,6 +241,8 @@ def segment_text(
         raise ValueError("at least one class is needed")
     if samples < 1:
         raise ValueError("samples must be at least 1")
+    if method != "selfcross" and concepts:
+        raise ValueError(f"concepts work with method 'selfcross' only, not {method!r}")
     if method != "gem" and sd is None:
         raise ValueError(f"method {method!r} needs a Stable Diffusion model")
     if method != "selfcross" and clip is None:
@@ -228,19 +255,19 @@ def segment_text(
     started = time.perf_counter()
 
     if method == "selfcross":
-        prompts = split_classes(sd.tokenizer, list(classes), list(background_words or ()))
+        prompts = split_classes(sd.tokenizer, list(classes), list(background_words or ()), vector_counts(concepts))
         report("encoding", 0.05)
         latents = clean_latents(sd, image, resolution)
         started = timer("latent", started)
         total = None
         for draw in range(samples):
             report("attention", 0.1 + 0.7 * draw / samples)
-            store = selfcross_pass(sd, latents, prompts, timestep, seed + draw)
+            store = selfcross_pass(sd, latents, prompts, timestep, seed + draw, concepts)
             started = timer("unet", started)
-            sc = selfcross_draw(store, prompts)
+            sc = selfcross_draw(store, prompts, gate_threshold)
             total = sc if total is None else total + sc
             started = timer("propagate", started)
-        channels = selfcross_channels(total / samples, background)
+        channels = selfcross_channels(total / samples, background, background_threshold)
         passes = len(prompts)
     else:
         report("clip", 0.05)

@@ -1,9 +1,9 @@
 """Loading the Stable Diffusion components a worker needs (methods.md 0.1).
 
 Each component is loaded with its own class's `from_pretrained`; there is no pipeline object and no
-safety checker. `model_id` is a hub id, a local directory in diffusers layout, or "tiny-random": a
-randomly initialised pipeline of the real topology that is built once into a cache directory and
-then loaded through the same code path as real weights.
+safety checker. `model_id` is a hub id, a local directory in diffusers layout, or "tiny-random" ("tiny-random-sd2"):
+a randomly initialised pipeline of the real SD 1.x (2.x) topology that is built once into a cache
+directory and then loaded through the same code path as real weights.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
-from workers.models.tiny_random import RANDOM_WEIGHTS_MARKER, build_tiny_random
+from workers.models.tiny_random import RANDOM_WEIGHTS_MARKER, build_random
 
 TINY_RANDOM = "tiny-random"
+# Model ids built locally with random weights -> their tiny_random architecture.
+RANDOM_MODELS = {TINY_RANDOM: "tiny", "tiny-random-sd2": "tiny-sd2"}
 DEFAULT_CACHE_DIR = Path("~/.cache/attnseg")
 
 
@@ -148,8 +150,8 @@ def load_stable_diffusion(
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
 
-    if model_id == TINY_RANDOM:
-        source = build_tiny_random(Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / TINY_RANDOM)
+    if model_id in RANDOM_MODELS:
+        source = build_random(Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / model_id, RANDOM_MODELS[model_id])
     elif _looks_like_path(model_id):
         source = Path(model_id).expanduser()
         if not source.is_dir():

@@ -1,12 +1,15 @@
-"""A randomly initialised Stable Diffusion 1.x pipeline at tiny widths, for tests and offline runs.
+"""Randomly initialised Stable Diffusion pipelines at tiny widths, for tests and offline runs.
 
-The topology is the real SD 1.x one (methods.md 0.2: 16 transformer blocks at grids R, R/2, R/4,
-R/8; a VAE that downsamples by 8; a 77-token CLIP text encoder with the real BPE vocabulary), only
-the widths are small, so every code path that works here works on the real weights. The pipeline
-is written in diffusers layout and loaded through the same `from_pretrained` calls as real weights.
+The topology is the real one (methods.md 0.2: 16 transformer blocks at grids R, R/2, R/4, R/8; a
+VAE that downsamples by 8; a 77-token CLIP text encoder with the real BPE vocabulary), only the
+widths are small, so every code path that works here works on the real weights. The pipeline is
+written in diffusers layout and loaded through the same `from_pretrained` calls as real weights.
 
-The same builder also makes the real SD 1.5 sizes with random weights ("sd15" in ARCHITECTURES):
-it costs what the real weights cost to run, so benchmarks need no download.
+Two families: "tiny" is SD 1.x (CLIP ViT-L/14 text encoder with quick_gelu, pad = EOS, one head
+count, convolutional projections in the transformer blocks); "tiny-sd2" is SD 2.x (the OpenCLIP
+ViT-H text encoder's gelu, pad = "!", a wider text than the SD 1.x tiny, as 1024 is wider than 768;
+per-block head counts, linear projections). The same builder makes the real SD 1.5 sizes with
+random weights ("sd15"): it costs what the real weights cost to run, so benchmarks need no download.
 """
 
 from __future__ import annotations
@@ -48,52 +51,68 @@ def clip_bpe_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: index for index, token in enumerate(tokens)}, merges
 
 
-def clip_tokenizer():
+def clip_tokenizer(pad_token: str = EOS_TOKEN):
+    """CLIP's tokenizer; pad = EOS as in SD 1.x (so "" encodes to BOS + 76 EOS), "!" in SD 2.x."""
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_bpe_vocabulary()
     # transformers 5 ignores vocab_file=; the vocabulary must be passed in memory.
-    # pad = EOS as in SD 1.x, so "" encodes to BOS + 76 EOS.
     return CLIPTokenizer(
         vocab=vocab,
         merges=merges,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
+        pad_token=pad_token,
         model_max_length=MAX_TOKENS,
     )
 
 
-# What differs between the tiny test model and the real SD 1.5 (the widths of its published
+SD2_TEXT_WIDTH = 48  # wider than the SD 1.x tiny text: a concept file of one does not fit the other
+SD2_PAD_TOKEN = "!"  # SD 2.x pads with "!" (id 0), not EOS
+
+# What differs between the tiny test models and the real SD 1.5 (the widths of its published
 # configs: UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M parameters); the block types, grids,
-# tokenizer and scheduler are shared. The UNet's cross-attention width is the text width.
+# BPE vocabulary and scheduler are shared. The UNet's cross-attention width is the text width.
+# SD 2.x (stabilityai/stable-diffusion-2-1-base): text 1024 wide, 23 layers, 16 heads, gelu, pad
+# "!"; UNet attention_head_dim (5, 10, 20, 20) read as per-block head counts (64-wide heads) and
+# use_linear_projection; "tiny-sd2" keeps those traits at tiny widths (heads 2, 2, 4, 4: 16 wide).
 ARCHITECTURES = {
     "tiny": {
         "text": {"hidden_size": TEXT_WIDTH, "intermediate_size": 2 * TEXT_WIDTH, "num_hidden_layers": 2,
-                 "num_attention_heads": 2},
+                 "num_attention_heads": 2, "hidden_act": "quick_gelu"},
         "unet": {"block_out_channels": (32, 32, 64, 64), "norm_num_groups": 8, "attention_head_dim": 2},
         "vae": {"block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
+        "pad_token": EOS_TOKEN,
+    },
+    "tiny-sd2": {
+        "text": {"hidden_size": SD2_TEXT_WIDTH, "intermediate_size": 4 * SD2_TEXT_WIDTH, "num_hidden_layers": 2,
+                 "num_attention_heads": 3, "hidden_act": "gelu"},
+        "unet": {"block_out_channels": (32, 32, 64, 64), "norm_num_groups": 8, "attention_head_dim": (2, 2, 4, 4),
+                 "use_linear_projection": True},
+        "vae": {"block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
+        "pad_token": SD2_PAD_TOKEN,
     },
     "sd15": {
-        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "hidden_act": "quick_gelu"},
         "unet": {"block_out_channels": (320, 640, 1280, 1280), "norm_num_groups": 32, "attention_head_dim": 8},
         "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32},
+        "pad_token": EOS_TOKEN,
     },
 }
 
 
-def _text_encoder(widths: dict):
+def _text_encoder(widths: dict, pad_token_id: int):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
         vocab_size=VOCAB_SIZE,
         **widths,
         max_position_embeddings=MAX_TOKENS,
-        hidden_act="quick_gelu",
         bos_token_id=VOCAB_SIZE - 2,
         eos_token_id=VOCAB_SIZE - 1,
-        pad_token_id=VOCAB_SIZE - 1,
+        pad_token_id=pad_token_id,
     )
     return CLIPTextModel(config)
 
@@ -172,15 +191,16 @@ def random_components(architecture: str = "tiny", seed: int = 0) -> dict:
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(ARCHITECTURES)}")
     widths = ARCHITECTURES[architecture]
+    tokenizer = clip_tokenizer(widths["pad_token"])
     # fork_rng: seeding must not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         components = {
             "unet": _unet(widths["unet"], cross_attention_dim=widths["text"]["hidden_size"]),
             "vae": _vae(widths["vae"]),
-            "text_encoder": _text_encoder(widths["text"]),
+            "text_encoder": _text_encoder(widths["text"], tokenizer.pad_token_id),
         }
-    components["tokenizer"] = clip_tokenizer()
+    components["tokenizer"] = tokenizer
     components["scheduler"] = _scheduler()
     return components
 

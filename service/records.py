@@ -1,0 +1,43 @@
+"""What the API shows of a stored artefact (one-shot model, concept) made by a job: its job's
+progress while it is made, failure when that job ended without the worker saying so, and cancel."""
+
+from __future__ import annotations
+
+from rq.exceptions import NoSuchJobError
+from rq.job import Job as RQJob
+from rq.serializers import JSONSerializer
+
+from attnseg.queue import cancel_key
+from attnseg.settings import Settings
+from service.job_view import job_view
+
+
+def fetch_job(connection, job_id: str) -> RQJob:
+    return RQJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
+
+
+def with_job_state(connection, view: dict, job_id: str, settings: Settings) -> dict:
+    """view: the record as shown, still in the making (status training/importing). Adds its job's
+    progress; a job that failed or was canceled makes the view failed with the job's error."""
+    try:
+        job = job_view(connection, fetch_job(connection, job_id), settings)
+    except NoSuchJobError:
+        job = {"status": "failed", "progress": None,
+               "error": {"code": "expired", "message": "the job making it no longer exists"}}
+    view["progress"] = job["progress"]
+    if job["status"] in ("failed", "canceled"):
+        view["status"] = "failed"
+        view["error"] = job["error"] or {"code": "canceled", "message": "it was canceled"}
+    return view
+
+
+def cancel_job(connection, job_id: str, settings: Settings) -> None:
+    """Cancel the job making an artefact: a queued one never runs (jobs waiting on it run and say
+    why they cannot), a running one stops at its next progress report."""
+    try:
+        job = fetch_job(connection, job_id)
+        if job_view(connection, job, settings)["status"] == "queued":
+            job.cancel(enqueue_dependents=True)
+        connection.set(cancel_key(job.id), 1, ex=settings.result_ttl_s)
+    except NoSuchJobError:
+        pass

@@ -1,0 +1,341 @@
+"""Concepts: an identifier learned from a few photos of one object (methods.md 2.4).
+
+Custom Diffusion (Kumari et al. 2023; diffusers' `train_custom_diffusion.py`): the identifier's input
+token embedding, initialised from the class word, plus the `to_k`/`to_v` weights of every
+cross-attention layer, trained with the diffusion loss. With `train_kv=False` the embedding alone is
+trained (Textual Inversion, Gal et al. 2023; diffusers' `textual_inversion.py`). Both run through the
+resident models, which never change: the vectors enter through the token-embedding hook and the
+weights through attention processors (workers.models.concept_hooks), for the call only.
+
+Usable without the service::
+
+    concept = train_concept(sd, photos, "my-mug", "mug")
+    files = concept.files()           # {"learned_embeds.safetensors": ..., "pytorch_custom_...": ...}
+    again = Concept.from_files(files, "my-mug", "mug", sd_model=sd.model_id)
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from attnseg.concept_files import (
+    EMBEDDINGS_FILE,
+    KV_FILE,
+    KV_SUFFIXES,
+    check_shapes,
+    embedding_key,
+    kv_layers,
+)
+from workers.methods.oneshot import autocast, grad_scaler
+from workers.methods.prompts import Prompt, pad_ids, prompt_from_pieces
+from workers.methods.timing import Timer
+from workers.models.concept_hooks import concept_attention, cross_attention_layers, token_embeddings
+from workers.models.sd_ops import encode_latents, image_to_pixels, make_generator, sample_noise
+from workers.models.stable_diffusion import StableDiffusion
+
+# Prompts of the training photos ("{}" is "<identifier> class_word", or "<identifier>" for Textual
+# Inversion): a few of textual_inversion.py's object templates; Custom Diffusion's instance prompt
+# "photo of a <new1> <class>" is the first.
+TEMPLATES = ("photo of a {}", "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}",
+             "a close-up photo of a {}", "a bright photo of the {}", "a good photo of a {}")
+# Defaults from the public recipes (diffusers' READMEs, learning rates after --scale_lr):
+# Custom Diffusion 250 steps, lr 1e-5 x batch 2; Textual Inversion 3000 steps, lr 5e-4 x 4 (batch 1,
+# gradient accumulation 4). Both use AdamW (weight decay 1e-2) and clip gradients at norm 1.
+RECIPES = {True: {"steps": 250, "learning_rate": 2e-5, "batch_size": 2},
+           False: {"steps": 3000, "learning_rate": 2e-3, "batch_size": 4}}
+WEIGHT_DECAY = 1e-2
+MAX_GRAD_NORM = 1.0
+
+Report = Callable[..., None]
+KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class ConceptMismatchError(ValueError):
+    """A concept used with a Stable Diffusion model whose shapes it does not fit."""
+
+
+@dataclass
+class Concept:
+    identifier: str  # written <identifier> in text
+    class_word: str
+    vectors: torch.Tensor  # (n, D) input token embeddings of the identifier, CPU
+    kv: KV | None  # attn2 path -> (to_k, to_v) weights (inner, D), CPU; None: Textual Inversion
+    sd_model: str | None = None  # the model it was trained on, when known
+    metrics: dict = field(default_factory=dict)
+
+    def files(self) -> dict[str, bytes]:
+        """The diffusers files: the embedding, and the Custom Diffusion weights when there are any."""
+        files = {EMBEDDINGS_FILE: save_safetensors({f"<{self.identifier}>": self.vectors.contiguous()})}
+        if self.kv:
+            tensors = {}
+            for layer, (to_k, to_v) in self.kv.items():
+                tensors[layer + KV_SUFFIXES["to_k"]] = to_k.contiguous()
+                tensors[layer + KV_SUFFIXES["to_v"]] = to_v.contiguous()
+            files[KV_FILE] = save_safetensors(tensors)
+        return files
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], identifier: str, class_word: str, *, sd_model: str | None = None,
+                   metrics: dict | None = None) -> Concept:
+        """Inverse of `files`; also reads what the diffusers scripts write (`.bin` too, never unpickling
+        anything but tensors). files: EMBEDDINGS_FILE -> bytes, optionally KV_FILE -> bytes."""
+        embeddings = read_tensors(files[EMBEDDINGS_FILE])
+        vectors = embeddings[embedding_key({k: list(v.shape) for k, v in embeddings.items()}, identifier)]
+        kv = None
+        if files.get(KV_FILE):
+            tensors = read_tensors(files[KV_FILE])
+            layers = kv_layers({name: list(t.shape) for name, t in tensors.items()})
+            kv = {layer: (tensors[layer + KV_SUFFIXES["to_k"]], tensors[layer + KV_SUFFIXES["to_v"]])
+                  for layer in layers}
+        return cls(identifier, class_word, vectors.reshape(-1, vectors.shape[-1]), kv, sd_model, dict(metrics or {}))
+
+
+def read_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """name -> tensor from safetensors bytes or a torch `.bin` (weights_only: no code runs).
+
+    Nested dicts (`{"string_to_param": {"*": t}}`, Custom Diffusion's empty processor entries) are
+    flattened to their tensors with dotted names."""
+    try:
+        return dict(load_safetensors(data))
+    except Exception:  # not a safetensors file: try a torch checkpoint
+        pass
+    try:
+        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"not a safetensors file nor a torch tensor file: {type(exc).__name__}") from None
+    found: dict[str, torch.Tensor] = {}
+
+    def walk(value, prefix: str) -> None:
+        if isinstance(value, torch.Tensor):
+            found[prefix or "tensor"] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{prefix}.{key}" if prefix else str(key))
+
+    walk(loaded, "")
+    if not found:
+        raise ValueError("the file holds no tensors")
+    return found
+
+
+def concept_shapes(sd: StableDiffusion) -> dict:
+    """What a concept must fit: {"text_width": D, "cross_attention": {attn2 path: [inner, D]}}."""
+    return {"text_width": int(sd.text_encoder.get_input_embeddings().weight.shape[1]),
+            "cross_attention": {name: list(layer.to_k.weight.shape)
+                                for name, layer in cross_attention_layers(sd.unet).items()}}
+
+
+def check_concept(sd: StableDiffusion, concept: Concept) -> None:
+    """ConceptMismatchError naming the mismatch unless the concept fits this SD model's shapes."""
+    kv = None
+    if concept.kv:
+        kv = {layer: {"to_k": list(k.shape), "to_v": list(v.shape)} for layer, (k, v) in concept.kv.items()}
+    try:
+        check_shapes(list(concept.vectors.shape), kv, concept_shapes(sd), sd.model_id)
+    except ValueError as exc:
+        raise ConceptMismatchError(f"concept <{concept.identifier}>: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Text with concepts
+# ---------------------------------------------------------------------------------------------
+
+
+def vector_counts(concepts: dict[str, Concept] | None) -> dict[str, int]:
+    return {identifier: concept.vectors.shape[0] for identifier, concept in (concepts or {}).items()}
+
+
+def placed_vectors(prompts: list[Prompt], vectors: dict[str, torch.Tensor], width: int, length: int
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(B, T) positions and (B, T, D) values of the concepts' vectors in prompts padded to T = length
+    (77); (None, None) without concepts. vectors: identifier -> (n, D), in the graph when trained."""
+    if not any(prompt.concept_positions for prompt in prompts):
+        return None, None
+    first = next(iter(vectors.values()))
+    mask = torch.zeros(len(prompts), length, dtype=torch.bool)
+    values = torch.zeros(len(prompts), length, width, dtype=first.dtype, device=first.device)
+    for row, prompt in enumerate(prompts):
+        for identifier, positions in prompt.concept_positions.items():
+            values[row, positions] = vectors[identifier][: len(positions)].to(values)  # autograd: CopySlices
+            mask[row, positions] = True
+    return mask, values
+
+
+def encode_with_concepts(sd: StableDiffusion, prompts: list[Prompt], vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Text encoder outputs (B, 77, D) of the prompts with each identifier's vectors at its positions.
+    No grad context of its own: gradients reach trained vectors."""
+    ids = torch.cat([pad_ids(prompt, sd.tokenizer) for prompt in prompts]).to(sd.device)
+    width = sd.text_encoder.get_input_embeddings().weight.shape[1]
+    positions, values = placed_vectors(prompts, vectors, width, ids.shape[1])
+    with token_embeddings(sd.text_encoder, positions, values):
+        return sd.text_encoder(ids)[0]
+
+
+def combined_kv(concepts: list[Concept]) -> KV | None:
+    """The attention weights for one pass: those of the one Custom Diffusion concept among `concepts`.
+    Raises ValueError for two: their weights replace the same projections."""
+    with_kv = [concept for concept in concepts if concept.kv]
+    if len(with_kv) > 1:
+        names = ", ".join(f"<{concept.identifier}>" for concept in with_kv)
+        raise ValueError(f"{names} each carry Custom Diffusion attention weights; one prompt can use only one "
+                         "of them (Textual Inversion concepts combine freely)")
+    return with_kv[0].kv if with_kv else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def class_word_embedding(sd: StableDiffusion, class_word: str, count: int) -> torch.Tensor:
+    """(count, D) fp32: the mean input embedding of the class word's tokens, repeated."""
+    ids = sd.tokenizer(class_word, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"class word {class_word!r} has no tokens")
+    table = sd.text_encoder.get_input_embeddings().weight
+    return table[torch.tensor(ids, device=table.device)].float().mean(0).expand(count, -1).clone().cpu()
+
+
+def training_prompts(sd: StableDiffusion, identifier: str, class_word: str, train_kv: bool, count: int
+                     ) -> list[Prompt]:
+    subject = f"<{identifier}> {class_word}" if train_kv else f"<{identifier}>"
+    return [prompt_from_pieces(sd.tokenizer, [(template.format(subject), None)], [], 0, {identifier: count})
+            for template in TEMPLATES]
+
+
+def prepare_photos(sd: StableDiffusion, images: list[np.ndarray], masks: list[np.ndarray | None] | None,
+                   resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The photos' VAE posteriors and loss weights: means (N, 4, R, R), stds (N, 4, R, R) and weights
+    (N, 1, R, R) in fp32 on the device (1 everywhere without a mask; the mask, nearest, with one)."""
+    grid = resolution // sd.vae_scale_factor
+    means, stds, weights = [], [], []
+    for index, image in enumerate(images):
+        with torch.no_grad():
+            pixels = image_to_pixels(image, resolution, sd.device, sd.dtype)
+            posterior = sd.vae.encode(pixels).latent_dist
+        scale = sd.vae.config.scaling_factor
+        means.append(posterior.mean.float() * scale)
+        stds.append(posterior.std.float() * scale)
+        mask = None if masks is None else masks[index]
+        if mask is None:
+            weights.append(torch.ones(1, 1, grid, grid, device=sd.device))
+        else:
+            resized = F.interpolate(torch.from_numpy(np.asarray(mask) > 0).float()[None, None], size=(grid, grid),
+                                    mode="nearest")
+            weights.append(resized.to(sd.device))
+    return torch.cat(means), torch.cat(stds), torch.cat(weights)
+
+
+def check_photos(images: list[np.ndarray], masks: list | None) -> None:
+    if not 1 <= len(images) <= 20:
+        raise ValueError(f"a concept needs 1 to 20 photos, got {len(images)}")
+    if masks is not None and len(masks) != len(images):
+        raise ValueError(f"{len(images)} photos but {len(masks)} masks: give one mask per photo or none")
+    for index, image in enumerate(images):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"photo {index}: expected uint8 RGB (H, W, 3), got {image.dtype} {image.shape}")
+        mask = None if masks is None else masks[index]
+        if mask is not None and (mask.shape != image.shape[:2] or not (np.asarray(mask) > 0).any()):
+            raise ValueError(f"mask {index} must have its photo's size {image.shape[:2]} and some object pixels")
+
+
+def diffusion_target(sd: StableDiffusion, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """The UNet's training target: the noise (epsilon models: SD 1.x, 2.1-base) or the velocity."""
+    if sd.scheduler.config.prediction_type == "v_prediction":
+        return sd.scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def train_concept(
+    sd: StableDiffusion,
+    images: list[np.ndarray],
+    identifier: str,
+    class_word: str,
+    *,
+    masks: list[np.ndarray | None] | None = None,
+    train_kv: bool = True,
+    steps: int | None = None,
+    learning_rate: float | None = None,
+    batch_size: int | None = None,
+    num_vectors: int = 1,
+    resolution: int = 512,
+    seed: int = 0,
+    report: Report | None = None,
+) -> Concept:
+    """Learn a concept from photos (RGB uint8 (H, W, 3)) of one object; masks (H, W), 0 = not the
+    object, weight the loss to the object. None for steps, learning_rate, batch_size: RECIPES.
+
+    Each step: batch_size photos drawn with replacement, flipped (p 0.5) in latent space, a posterior
+    sample, t uniform in [0, 1000), seeded noise, a prompt from TEMPLATES; loss = mask-weighted MSE
+    of the UNet's prediction. report(stage="training", fraction, step, steps, loss) after every step;
+    an exception from it stops training. The resident models are never written.
+    """
+    check_photos(images, masks)
+    recipe = RECIPES[train_kv]
+    steps = recipe["steps"] if steps is None else steps
+    learning_rate = recipe["learning_rate"] if learning_rate is None else learning_rate
+    batch_size = recipe["batch_size"] if batch_size is None else batch_size
+    if steps < 1 or batch_size < 1:
+        raise ValueError("steps and batch_size must be at least 1")
+    report = report or (lambda **progress: None)
+    timer = Timer()
+    started = time.perf_counter()
+    prompts = training_prompts(sd, identifier, class_word, train_kv, num_vectors)
+    means, stds, weights = prepare_photos(sd, images, masks, resolution)
+    vectors = class_word_embedding(sd, class_word, num_vectors).to(sd.device).requires_grad_(True)
+    kv = None
+    if train_kv:
+        kv = {name: (layer.to_k.weight.detach().float().clone().requires_grad_(True),
+                     layer.to_v.weight.detach().float().clone().requires_grad_(True))
+              for name, layer in cross_attention_layers(sd.unet).items()}
+    parameters = [vectors, *(w for pair in (kv or {}).values() for w in pair)]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=WEIGHT_DECAY)
+    scaler = grad_scaler(sd)
+    choices = torch.Generator().manual_seed(seed)  # CPU: photos, flips, timesteps, prompts
+    generator = make_generator(sd, int(torch.randint(2**62, (), generator=choices)))  # latents and noise
+    started = timer("prepare", started)
+    losses: list[float] = []
+    try:
+        for step in range(1, steps + 1):
+            picks = torch.randint(len(images), (batch_size,), generator=choices)
+            flips = torch.rand(batch_size, generator=choices) < 0.5
+            timesteps = torch.randint(0, sd.scheduler.config.num_train_timesteps, (batch_size,), generator=choices)
+            prompt_picks = torch.randint(len(prompts), (batch_size,), generator=choices).tolist()
+            mean, std, weight = means[picks], stds[picks], weights[picks]
+            latents = mean + std * sample_noise(mean, generator)
+            latents = torch.where(flips.to(sd.device)[:, None, None, None], latents.flip(-1), latents)
+            weight = torch.where(flips.to(sd.device)[:, None, None, None], weight.flip(-1), weight)
+            noise = sample_noise(latents, generator)
+            timesteps = timesteps.to(sd.device)
+            noisy = sd.scheduler.add_noise(latents, noise, timesteps)
+            with autocast(sd), concept_attention(sd.unet, kv):
+                text = encode_with_concepts(sd, [prompts[i] for i in prompt_picks], {identifier: vectors})
+                prediction = sd.unet(noisy.to(sd.dtype), timesteps, encoder_hidden_states=text).sample
+            error = (prediction.float() - diffusion_target(sd, latents, noise, timesteps)) ** 2
+            loss = (error * weight).sum() / (weight.sum() * error.shape[1])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+            started = timer("training", started)
+            report(stage="training", fraction=step / steps, step=step, steps=steps, loss=losses[-1])
+    finally:
+        if sd.device.type == "cuda":
+            torch.cuda.empty_cache()
+    tail = losses[-10:]
+    metrics = {"steps": steps, "loss": round(sum(tail) / len(tail), 6), "learning_rate": learning_rate,
+               "batch_size": batch_size, "train_kv": train_kv, "timings_ms": timer.ms}
+    trained_kv = None if kv is None else {name: (k.detach().cpu(), v.detach().cpu()) for name, (k, v) in kv.items()}
+    return Concept(identifier, class_word, vectors.detach().cpu(), trained_kv, sd.model_id, metrics)
