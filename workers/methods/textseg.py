@@ -34,7 +34,7 @@ from workers.models.sd_ops import (
     add_noise,
     encode_latents,
     encode_prompt_ids,
-    encode_prompts,
+    fixed_prompt_embeddings,
     image_to_pixels,
     make_generator,
     unet_noise,
@@ -174,7 +174,7 @@ def aggregated_self_attention(sd: StableDiffusion, latents: torch.Tensor, timest
     with torch.inference_mode():
         noisy = add_noise(sd, latents, timestep, make_generator(sd, seed))
         with capture_attention(sd.unet, store, self_blocks=ALL_BLOCKS):
-            unet_noise(sd, noisy, timestep, encode_prompts(sd, [""]))
+            unet_noise(sd, noisy, timestep, fixed_prompt_embeddings(sd, [""]))
         return diffseg.aggregate(self_attention_by_grid(store))
 
 

@@ -21,7 +21,7 @@ from workers.methods import diffseg
 from workers.models.attention import AttentionStore, capture_attention
 from workers.models.stable_diffusion import StableDiffusion
 from workers.methods.prompts import Prompt, mean_over_spans, pad_ids, word_spans
-from workers.models.sd_ops import encode_latents, encode_prompt_ids, encode_prompts, image_to_pixels, unet_noise
+from workers.models.sd_ops import encode_latents, encode_prompt_ids, fixed_prompt_embeddings, image_to_pixels, unet_noise
 from workers.methods.timing import Timer
 
 ALL_BLOCKS = tuple(range(1, 17))
@@ -86,7 +86,7 @@ def segment_unsupervised(
     with torch.inference_mode():
         latents = encode_latents(sd, pixels)
         prompt = word_spans(sd.tokenizer, vocabulary) if vocabulary else None
-        text = encode_prompt_ids(sd, pad_ids(prompt, sd.tokenizer)) if prompt else encode_prompts(sd, [""])
+        text = encode_prompt_ids(sd, pad_ids(prompt, sd.tokenizer)) if prompt else fixed_prompt_embeddings(sd, [""])
     started = timer("latent", started)
 
     report("attention", 0.2)
