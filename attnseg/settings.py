@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     worker_heartbeat_s: int = Field(10, gt=0, description="How often a worker says it is alive.")
     worker_lost_after_s: int = Field(60, gt=0, description="Silence after which a running job is failed.")
     warmup: bool = True
+    max_batch: int | None = Field(None, gt=0, description="Queued jobs a worker runs as one model pass when they "
+                                                          "can share it; unset: 8 on a GPU, 1 on CPU.")
     workers_per_host: int = Field(1, gt=0, description="Worker processes sharing this host's CPUs.")
     torch_threads: int | None = Field(None, gt=0, description="CPU threads per worker (torch.set_num_threads); "
                                                               "unset: the host's CPUs divided by workers_per_host "

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from attnseg.queue import connect
 from attnseg.settings import Settings, get_settings
 from service.errors import install_error_handlers
+from service.job_events import JobEvents
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.routers import jobs, oneshot, ops, segment
@@ -26,14 +27,19 @@ def create_app(settings: Settings | None = None, connection=None) -> FastAPI:
     settings = settings or get_settings()
     connection = connection if connection is not None else connect(settings.redis_url)
 
+    job_events = JobEvents(settings.redis_url)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        job_events.start()
         yield
+        await job_events.stop()
         connection.close()
 
     app = FastAPI(title="attnseg", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.redis = connection
+    app.state.job_events = job_events
     app.state.metrics = Metrics(connection)
     install_error_handlers(app)
     for router in (segment.router, oneshot.router, jobs.router, ops.router):

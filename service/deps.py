@@ -18,6 +18,10 @@ def get_redis(request: Request):
     return request.app.state.redis
 
 
+def get_job_events(request: Request):
+    return request.app.state.job_events
+
+
 def require_api_key(request: Request, settings: Settings = Depends(get_settings)) -> None:
     """With ATTNSEG_API_KEY set, every model and job route needs `Authorization: Bearer <key>`."""
     if settings.api_key is None:

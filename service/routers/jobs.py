@@ -13,10 +13,11 @@ from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from attnseg.images import ImageMissingError, load_image
-from attnseg.queue import cancel_key
+from attnseg.queue import cancel_key, publish_job_event
 from attnseg.settings import Settings
-from service.deps import get_redis, get_settings, require_api_key
+from service.deps import get_job_events, get_redis, get_settings, require_api_key
 from service.errors import ApiError
+from service.job_events import JobEvents
 from service.job_view import job_view
 from service.overlay import render_overlay
 from service.schemas import ErrorResponse, Job
@@ -24,7 +25,8 @@ from service.schemas import ErrorResponse, Job
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
 
 FINAL = ("succeeded", "failed", "canceled")
-POLL_S = 0.05  # one cheap Redis read per waiting request per tick
+RECHECK_S = 1.0  # a waited-for job is re-read this often anyway (its worker lost, a signal missed)
+POLL_S = 0.05  # ... and this often while the job-event subscription is down
 
 
 def fetch_job(connection, job_id: str) -> RQJob:
@@ -41,13 +43,25 @@ def fetch_job(connection, job_id: str) -> RQJob:
 @router.get("/{job_id}", response_model=Job, responses={404: {"model": ErrorResponse}})
 async def get_job(job_id: str, wait: float = Query(0, ge=0, le=60, description="Hold up to this many seconds "
                                                                                 "until the job ends."),
-                  settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+                  settings: Settings = Depends(get_settings), connection=Depends(get_redis),
+                  job_events: JobEvents = Depends(get_job_events)):
     deadline = time.monotonic() + wait
-    while True:
-        view = await run_in_threadpool(lambda: job_view(connection, fetch_job(connection, job_id), settings))
-        if view["status"] in FINAL or time.monotonic() >= deadline:
-            return view
-        await asyncio.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+    with job_events.watch(job_id) as ended:
+        while True:
+            ended.clear()  # before the read: an end signalled after it wakes the wait below
+            view = await run_in_threadpool(lambda: job_view(connection, fetch_job(connection, job_id), settings))
+            if wait_is_over(view, deadline):
+                return view
+            pause = RECHECK_S if job_events.listening else POLL_S
+            try:
+                await asyncio.wait_for(ended.wait(), timeout=min(pause, max(0.0, deadline - time.monotonic())))
+            except asyncio.TimeoutError:
+                pass
+
+
+def wait_is_over(view: dict, deadline: float) -> bool:
+    """A long-poll answers when the job has ended or its wait is up."""
+    return view["status"] in FINAL or time.monotonic() >= deadline
 
 
 @router.delete("/{job_id}", response_model=Job, responses={404: {"model": ErrorResponse}})
@@ -59,6 +73,7 @@ def cancel_job(job_id: str, settings: Settings = Depends(get_settings), connecti
         job.meta["finished_at"] = datetime.now(timezone.utc).isoformat()
         job.save_meta()
         job.cancel(enqueue_dependents=True)  # jobs waiting on it run and say why they cannot
+        publish_job_event(connection, job_id, "end")
     elif view["status"] == "running":
         connection.set(cancel_key(job_id), 1, ex=settings.result_ttl_s)
     return job_view(connection, fetch_job(connection, job_id), settings)

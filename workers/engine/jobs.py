@@ -9,18 +9,23 @@ import numpy as np
 from attnseg import oneshot_store, rle
 from attnseg.images import ImageMissingError, load_image
 from workers.engine import runtime
+from workers.engine.batch import Batch, Member, attempt, fail_live, shared_report
 from workers.engine.context import JobContext, JobFailure, job_function
 from workers.methods.oneshot import ModelMismatchError, OneshotModel, segment_oneshot, train_oneshot
 from workers.methods.prompts import PromptTooLongError
 from workers.methods.textseg import segment_text as run_text
+from workers.methods.unsupervised import UnsupervisedSegmentation, attention_pass, segment_row
 from workers.methods.unsupervised import segment_unsupervised as run_diffseg
 
 
 def fetch_image(ctx: JobContext, entry: dict) -> np.ndarray:
+    started = time.perf_counter()
     try:
-        return load_image(ctx.connection, entry["key"])
+        image = load_image(ctx.connection, entry["key"])
     except ImageMissingError as exc:
         raise JobFailure("image_expired", str(exc)) from None
+    ctx.stages_ms["fetch"] = round(ctx.stages_ms.get("fetch", 0.0) + (time.perf_counter() - started) * 1000, 1)
+    return image
 
 
 def segments_from_labels(labels: np.ndarray, names: list, label_ids: list, scores: list) -> list[dict]:
@@ -38,7 +43,7 @@ def finish(ctx: JobContext, image_entry: dict, segments: list[dict], timings_ms:
     ctx.connection.expire(image_entry["key"], rt.settings.result_ttl_s)
     return {"image": {"width": image_entry["width"], "height": image_entry["height"]},
             "mask_format": "coco_rle", "bbox_format": "xywh", "segments": segments, **extra,
-            "random_weights": rt.sd.random_weights, "timings_ms": timings_ms}
+            "random_weights": rt.sd.random_weights, "timings_ms": {**timings_ms, **ctx.stages_ms}}
 
 
 def timings(stages_ms: dict, encode_started: float) -> dict:
@@ -53,11 +58,51 @@ def segment_unsupervised(ctx: JobContext, payload: dict) -> dict:
     params = payload["params"]
     ctx.update_params(sd_model=rt.sd.model_id)
     image = fetch_image(ctx, payload["image"])
-    out = run_diffseg(rt.sd, image, report=ctx.report, **params)
+    return unsupervised_result(ctx, payload, run_diffseg(rt.sd, image, report=ctx.report, **params))
+
+
+def unsupervised_result(ctx: JobContext, payload: dict, out: UnsupervisedSegmentation) -> dict:
     started = time.perf_counter()
     count = len(out.names)
     segments = segments_from_labels(out.labels, out.names, [None] * count, out.scores)
     return finish(ctx, payload["image"], segments, timings(out.timings_ms, started))
+
+
+def unsupervised_share_key(params: dict) -> tuple | None:
+    """DiffSeg jobs share a pass when resolution and timestep agree (the pass ignores the seed);
+    with a vocabulary the prompt differs, so those run alone."""
+    return None if params.get("vocabulary") else (params["resolution"], params["timestep"])
+
+
+def segment_unsupervised_batch(members: list[Member], done) -> None:
+    """`segment_unsupervised` for jobs of one share key: VAE, text encoder and UNet once for all;
+    aggregation, merging, labels and RLE per job."""
+    rt = runtime.current()
+    attempt(members, lambda m: m.ctx.update_params(sd_model=rt.sd.model_id))
+    attempt(members, lambda m: m.scratch.update(image=fetch_image(m.ctx, m.payload["image"])))
+    running = [m for m in members if m.live]
+    if not running:
+        return
+    params = running[0].payload["params"]
+    try:
+        shared = attention_pass(rt.sd, [m.scratch["image"] for m in running], timestep=params["timestep"],
+                                resolution=params["resolution"], report=shared_report(running))
+    except Exception as exc:  # noqa: BLE001 - the pass is every member's
+        fail_live(running, exc)
+        return
+    for row, member in enumerate(running):
+        own = member.payload["params"]
+        attempt([member], lambda m: setattr(m, "result", unsupervised_result(m.ctx, m.payload, segment_row(
+            shared, row, m.scratch.pop("image").shape[:2], kl_threshold=own["kl_threshold"], grid=own["grid"],
+            iterations=own["iterations"], refine=own["refine"], report=m.ctx.report))))
+        done(member)
+
+
+# Job functions (by dotted path) whose queued jobs a worker may run together (workers/engine/batch.py).
+BATCHES = {
+    "workers.engine.jobs.segment_unsupervised": Batch("unsupervised", unsupervised_share_key,
+                                                      segment_unsupervised_batch),
+}
 
 
 @job_function("text")

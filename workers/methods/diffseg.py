@@ -395,7 +395,12 @@ def merge(
     merged = proposals(attn, grid=grid, iterations=iterations, kl_threshold=kl_threshold)
     if refine:
         merged = refine_proposals(attn, merged)
-    return relabel_by_first_appearance(proposals_to_labels(merged, output_size))
+    return labels_at(merged, output_size)
+
+
+def labels_at(proposals: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """(K, R*R) proposals -> (H, W) int64 labels 0..K'-1 numbered by first appearance (step 8)."""
+    return relabel_by_first_appearance(proposals_to_labels(proposals, output_size))
 
 
 def segment_word_scores(labels: torch.Tensor, word_maps: torch.Tensor) -> torch.Tensor:
