@@ -46,13 +46,16 @@ class Settings(BaseSettings):
                                                           "can share it; unset: 8 on a GPU, 1 on CPU.")
     workers_per_host: int = Field(1, gt=0, description="Worker processes sharing this host's CPUs.")
     torch_threads: int | None = Field(None, gt=0, description="CPU threads per worker (torch.set_num_threads); "
-                                                              "unset: the host's CPUs divided by workers_per_host "
-                                                              "(oversubscribed workers slow down 2-20x).")
+                                                              "unset: OMP_NUM_THREADS if set, else the host's CPUs "
+                                                              "divided by workers_per_host (oversubscribed workers "
+                                                              "slow down 2-20x).")
 
     @model_validator(mode="after")
     def _default_torch_threads(self) -> "Settings":
         if self.torch_threads is None:
-            self.torch_threads = max(1, usable_cpus() // self.workers_per_host)
+            omp = os.environ.get("OMP_NUM_THREADS", "")
+            self.torch_threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(
+                1, usable_cpus() // self.workers_per_host)
         return self
 
     # API.

@@ -269,7 +269,8 @@ def main(argv=None) -> dict:
     fields = {"resolution": str(args.resolution), "seed": "1"}
     # torch's default (all cores per worker) oversubscribes a small shared box: OpenMP threads
     # that spin for a busy core made the tiny model 5-20x slower here, and that is not the service.
-    threads = {} if args.worker_threads == 0 else {"OMP_NUM_THREADS": str(args.worker_threads)}
+    threads = {} if args.worker_threads == 0 else {"OMP_NUM_THREADS": str(args.worker_threads),
+                                                   "ATTNSEG_TORCH_THREADS": str(args.worker_threads)}
     info = machine_info()
     print_header("service benchmark (HTTP + Redis/RQ + tiny-random worker)", info)
     print(f"run       {args.jobs} jobs per phase (at most {args.max_seconds:.0f} s), {len(small)}-byte PNG "
