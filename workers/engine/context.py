@@ -17,6 +17,10 @@ from attnseg.queue import cancel_key, publish_job_event
 
 log = logging.getLogger("attnseg.worker")
 
+# Progress is written, and cancellation checked, at most this often: a job of a few tens of ms makes
+# one round trip for it, a long one still shows every stage that lasts longer.
+PROGRESS_EVERY_S = 0.5
+
 
 class JobFailure(Exception):
     """A failure the user can act on (bad model id, expired image...): its message is shown as is."""
@@ -36,16 +40,22 @@ class JobContext:
     def __init__(self, job=None):
         self.job = job
         self.stages_ms: dict[str, float] = {}  # the engine's own stages (image fetch), added to the timings
+        self._written_at: float | None = None
 
     @property
     def connection(self):
         return self.job.connection if self.job else None
 
     def report(self, stage: str, fraction: float, **extra) -> None:
-        """Publish progress and stop here if the job was canceled (the check between steps)."""
+        """Publish progress and stop here if the job was canceled (the check between steps), at most
+        every PROGRESS_EVERY_S; the first report always goes out."""
         if self.job is None:
             return
         self.job.meta["progress"] = {"stage": stage, "fraction": round(min(max(fraction, 0.0), 1.0), 4), **extra}
+        moment = time.monotonic()
+        if self._written_at is not None and moment - self._written_at < PROGRESS_EVERY_S:
+            return
+        self._written_at = moment
         with self.connection.pipeline(transaction=False) as pipe:  # one round trip: save, announce, check
             pipe.hset(self.job.key, "meta", self.job.serializer.dumps(self.job.meta))  # as job.save_meta()
             publish_job_event(pipe, self.job.id, "progress")
