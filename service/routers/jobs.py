@@ -25,7 +25,7 @@ from service.schemas import ErrorResponse, Job
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
 
 FINAL = ("succeeded", "failed", "canceled")
-RECHECK_S = 1.0  # a waited-for job is re-read this often anyway (its worker lost, a signal missed)
+RECHECK_S = 5.0  # a waited-for job is re-read this often anyway (its worker lost, a signal missed)
 POLL_S = 0.05  # ... and this often while the job-event subscription is down
 
 

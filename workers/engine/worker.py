@@ -36,6 +36,8 @@ from workers.methods.unsupervised import segment_unsupervised
 
 log = logging.getLogger("attnseg.worker")
 
+HEARTBEAT_MIN_S = 2.0
+
 
 class ModelWorker(SimpleWorker):
     """A SimpleWorker whose running job's liveness entry expires `lost_after_s` after its last beat,
@@ -47,6 +49,15 @@ class ModelWorker(SimpleWorker):
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.lost_after_s
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None):
+        """RQ refreshes the worker's own key (3 commands) several times around every job; its TTL is
+        minutes, so a refresh within HEARTBEAT_MIN_S of the last is skipped. Calls inside a pipeline
+        (RQ reads their replies by position) and with an explicit TTL always go out."""
+        recent = self.last_heartbeat is not None and (now() - self.last_heartbeat).total_seconds() < HEARTBEAT_MIN_S
+        if pipeline is None and timeout is None and recent:
+            return
+        super().heartbeat(timeout, pipeline)
 
     def execute_job(self, job: Job, queue):
         batch = BATCHES.get(job.func_name) if self.max_batch > 1 else None
