@@ -106,3 +106,32 @@ def runtime_sd():
     from workers.engine import runtime
 
     return runtime.current().sd
+
+
+def test_selfcross_jobs_with_the_same_classes_share_a_pass(worker_on):
+    from workers.methods.textseg import segment_text
+
+    connection, settings, run = worker_on
+    images = pictures(3)
+    text = {"classes": ["cat", "dog"], "method": "selfcross", "background": True, "background_words": None,
+            "samples": 2, "timestep": 150, "resolution": 64}
+
+    def submit_text(image, seed, **changes):
+        entry = {"key": store_image(connection, Image.fromarray(image), settings.image_ttl_s),
+                 "width": image.shape[1], "height": image.shape[0]}
+        return enqueue(connection, settings, "text", {"params": {**text, "seed": seed, **changes}, "image": entry})
+
+    shared = [submit_text(images[0], 5), submit_text(images[1], 9)]
+    alone = submit_text(images[2], 5, classes=["tree"])  # other classes: its own pass
+    run(max_batch=8)
+    results = [job.return_value() for job in shared]
+    assert len({result["timings_ms"]["unet"] for result in results}) == 1
+    assert alone.return_value()["timings_ms"]["unet"] != results[0]["timings_ms"]["unet"]
+    for job, image, result in zip(shared, images, results):
+        params = {k: v for k, v in job.args[0]["params"].items() if k != "classes"}
+        single = segment_text(runtime_sd(), None, image, text["classes"], **params)
+        decoded = np.full(image.shape[:2], -1)
+        for segment in result["segments"]:
+            decoded[rle.decode(segment["segmentation"])] = segment["label_id"]
+        np.testing.assert_array_equal(decoded, single.labels)
+        assert result["passes"] == single.passes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
 from attnseg import oneshot_store, rle
 from attnseg.images import ImageMissingError, load_image
@@ -13,7 +14,9 @@ from workers.engine.batch import Batch, Member, attempt, fail_live, shared_repor
 from workers.engine.context import JobContext, JobFailure, job_function
 from workers.methods.oneshot import ModelMismatchError, OneshotModel, segment_oneshot, train_oneshot
 from workers.methods.prompts import PromptTooLongError
+from workers.methods.textseg import TextSegmentation, channel_labels, selfcross_batch
 from workers.methods.textseg import segment_text as run_text
+from workers.methods.timing import Timer
 from workers.methods.unsupervised import UnsupervisedSegmentation, attention_pass, segment_row
 from workers.methods.unsupervised import segment_unsupervised as run_diffseg
 
@@ -98,12 +101,6 @@ def segment_unsupervised_batch(members: list[Member], done) -> None:
         done(member)
 
 
-# Job functions (by dotted path) whose queued jobs a worker may run together (workers/engine/batch.py).
-BATCHES = {
-    "workers.engine.jobs.segment_unsupervised": Batch("unsupervised", unsupervised_share_key,
-                                                      segment_unsupervised_batch),
-}
-
 
 @job_function("text")
 def segment_text(ctx: JobContext, payload: dict) -> dict:
@@ -119,12 +116,62 @@ def segment_text(ctx: JobContext, payload: dict) -> dict:
         out = run_text(rt.sd, rt.clip, image, classes, report=ctx.report, **params)
     except PromptTooLongError as exc:
         raise JobFailure("prompt_too_long", str(exc)) from None
+    return text_result(ctx, payload, out)
+
+
+def text_result(ctx: JobContext, payload: dict, out: TextSegmentation) -> dict:
     started = time.perf_counter()
-    names = ["background", *classes]
+    names = ["background", *payload["params"]["classes"]]
     ids = list(range(len(names)))
     segments = segments_from_labels(out.labels, names, ids, [out.scores.get(i) for i in ids])
     return finish(ctx, payload["image"], segments, timings(out.timings_ms, started), labels=names,
                   passes=out.passes)
+
+
+def text_share_key(params: dict) -> tuple | None:
+    """selfcross jobs share a pass when everything but the image and the seed agrees."""
+    if params["method"] != "selfcross":
+        return None
+    return (tuple(params["classes"]), params["background"], tuple(params.get("background_words") or ()),
+            params["samples"], params["timestep"], params["resolution"])
+
+
+def segment_text_batch(members: list[Member], done) -> None:
+    """`segment_text` (selfcross) for jobs of one share key: VAE once, one UNet call per draw for all;
+    labels, scores and RLE per job."""
+    rt = runtime.current()
+    attempt(members, lambda m: m.ctx.update_params(sd_model=rt.sd.model_id,
+                                                   clip_model=rt.clip.name if rt.clip else None))
+    attempt(members, lambda m: m.scratch.update(image=fetch_image(m.ctx, m.payload["image"])))
+    running = [m for m in members if m.live]
+    if not running:
+        return
+    params = running[0].payload["params"]
+    try:
+        channels, passes, shared_ms = selfcross_batch(
+            rt.sd, [m.scratch["image"] for m in running], params["classes"],
+            seeds=[m.payload["params"]["seed"] for m in running], background=params["background"],
+            background_words=params.get("background_words"), samples=params["samples"],
+            timestep=params["timestep"], resolution=params["resolution"], report=shared_report(running))
+    except PromptTooLongError as exc:
+        fail_live(running, JobFailure("prompt_too_long", str(exc)))
+        return
+    except Exception as exc:  # noqa: BLE001 - the pass is every member's
+        fail_live(running, exc)
+        return
+
+    def label(member: Member, own: torch.Tensor) -> None:
+        member.ctx.report("labelling", 0.85)
+        timer = Timer()
+        timer.ms = dict(shared_ms)
+        size = member.scratch.pop("image").shape[:2]
+        labels, scores = channel_labels(own, size, 0 if params["background"] else 1, timer)
+        member.result = text_result(member.ctx, member.payload,
+                                    TextSegmentation(labels.cpu().numpy(), scores, passes, timer.ms))
+
+    for member, own in zip(running, channels):
+        attempt([member], lambda m: label(m, own))
+        done(member)
 
 
 def mark_model_failed(ctx: JobContext, payload: dict, error: dict) -> None:
@@ -179,3 +226,11 @@ def oneshot_segment(ctx: JobContext, payload: dict) -> dict:
     ids = list(range(len(names)))
     segments = segments_from_labels(out.labels, names, ids, [out.scores.get(i) for i in ids])
     return finish(ctx, payload["image"], segments, timings(out.timings_ms, started), labels=names)
+
+
+# Job functions (by dotted path) whose queued jobs a worker may run together (workers/engine/batch.py).
+BATCHES = {
+    "workers.engine.jobs.segment_unsupervised": Batch("unsupervised", unsupervised_share_key,
+                                                      segment_unsupervised_batch),
+    "workers.engine.jobs.segment_text": Batch("text", text_share_key, segment_text_batch),
+}
