@@ -74,7 +74,9 @@ def unsupervised_result(ctx: JobContext, payload: dict, out: UnsupervisedSegment
 def unsupervised_share_key(params: dict) -> tuple | None:
     """DiffSeg jobs share a pass when resolution and timestep agree (the pass ignores the seed);
     with a vocabulary the prompt differs, so those run alone."""
-    return None if params.get("vocabulary") else (params["resolution"], params["timestep"])
+    if params.get("vocabulary") or "resolution" not in params or "timestep" not in params:
+        return None
+    return params["resolution"], params["timestep"]
 
 
 def segment_unsupervised_batch(members: list[Member], done) -> None:
@@ -130,7 +132,8 @@ def text_result(ctx: JobContext, payload: dict, out: TextSegmentation) -> dict:
 
 def text_share_key(params: dict) -> tuple | None:
     """selfcross jobs share a pass when everything but the image and the seed agrees."""
-    if params["method"] != "selfcross":
+    shared = ("classes", "background", "samples", "timestep", "resolution")
+    if params.get("method") != "selfcross" or any(name not in params for name in shared):
         return None
     return (tuple(params["classes"]), params["background"], tuple(params.get("background_words") or ()),
             params["samples"], params["timestep"], params["resolution"])
