@@ -121,6 +121,20 @@ def cancel_key(job_id: str) -> str:
     return f"attnseg:cancel:{job_id}"
 
 
+# A job's events ("progress", "end") are published on its own channel; an API process listens to all
+# of them through one pattern subscription and wakes the requests waiting on that job.
+JOB_EVENTS_PATTERN = "attnseg:job-events:*"
+
+
+def job_events_channel(job_id: str) -> str:
+    return f"attnseg:job-events:{job_id}"
+
+
+def publish_job_event(connection, job_id: str, event: str) -> None:
+    """`connection` may be a pipeline: the event then goes out with the writes it announces."""
+    connection.publish(job_events_channel(job_id), event)
+
+
 def worker_key(name: str) -> str:
     return f"attnseg:worker:{name}"
 

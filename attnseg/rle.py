@@ -87,10 +87,72 @@ def bbox(mask: np.ndarray) -> list[int]:
     return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
 
 
+def counts_to_strings(counts: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """Many count lists at once -> their compressed strings, as `counts_to_string` on each.
+
+    counts: (N,) int64, the lists laid end to end; offsets: (M + 1,) where list m is
+    counts[offsets[m]:offsets[m + 1]]. Every count becomes its 5-bit groups in one pass over a
+    (N, groups) table, so the cost does not depend on how many lists there are.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    index = np.arange(counts.size) - np.repeat(offsets[:-1], np.diff(offsets))  # position in its list
+    deltas = counts.copy()
+    later = index > 2
+    deltas[later] -= counts[np.flatnonzero(later) - 2]
+    shifts = 5 * np.arange(14, dtype=np.int64)  # 14 groups hold any int64 delta
+    groups = (deltas[:, None] >> shifts) & 0x1F
+    rest = deltas[:, None] >> (shifts + 5)
+    more = np.where(groups & 0x10, rest != -1, rest != 0)
+    used = np.argmin(more, axis=1) + 1  # groups up to and including the first with no continuation
+    keep = np.arange(shifts.size) < used[:, None]
+    data = ((groups | np.where(more, 0x20, 0)) + 48)[keep].astype(np.uint8).tobytes()
+    ends = np.concatenate(([0], np.cumsum(used)))[offsets]
+    return [data[a:b].decode("ascii") for a, b in zip(ends[:-1].tolist(), ends[1:].tolist())]
+
+
 def label_map_to_segments(labels: np.ndarray) -> list[tuple[int, dict, int, list[int]]]:
-    """(H, W) int label map -> [(label, rle, area, bbox)] for each label present, ascending."""
-    segments = []
-    for value in np.unique(labels):
-        mask = labels == value
-        segments.append((int(value), encode(mask), int(mask.sum()), bbox(mask)))
-    return segments
+    """(H, W) int label map -> [(label, rle, area, bbox)] for each label present, ascending.
+
+    One pass over the map in column-major order finds its runs of equal labels; each label's
+    mask RLE is its runs with the gaps between them, so no per-label mask is ever built.
+    """
+    h, w = labels.shape
+    if labels.size == 0:
+        return []
+    low, high = int(labels.min()), int(labels.max())
+    narrow = np.min_scalar_type(high) if low >= 0 else np.int64  # fewer bytes to scan
+    flat = labels.T.astype(narrow, order="C").ravel()  # column-major order
+    starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
+    ends = np.concatenate((starts[1:], [flat.size]))
+    values = flat[starts]
+    order = np.argsort(values, kind="stable")  # runs grouped by label, in pixel order within one
+    starts, ends, values = starts[order], ends[order], values[order]
+    present, first = np.unique(values, return_index=True)
+    group_ends = np.concatenate((first[1:], [values.size]))
+    runs = group_ends - first
+
+    # Per label: [gap before its first run, run, gap, run, ..., run, gap to the end]; a zero gap
+    # at the end is dropped, as pycocotools never writes a trailing zero run.
+    previous_end = np.where(np.arange(values.size) == np.repeat(first, runs), 0, np.roll(ends, 1))
+    gaps = starts - previous_end
+    tail = h * w - ends[group_ends - 1]
+    sizes = 2 * runs + (tail > 0)
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    counts = np.empty(offsets[-1], dtype=np.int64)
+    slot = offsets[:-1].repeat(runs) + 2 * (np.arange(values.size) - np.repeat(first, runs))
+    counts[slot] = gaps
+    counts[slot + 1] = ends - starts
+    counts[offsets[1:][tail > 0] - 1] = tail[tail > 0]
+    strings = counts_to_strings(counts, offsets)
+
+    areas = np.add.reduceat(ends - starts, first)
+    # A run inside one column spans its rows; one crossing columns touches the first and last row.
+    col_start, col_end = starts // h, (ends - 1) // h
+    one_column = col_start == col_end
+    row_low = np.where(one_column, starts % h, 0)
+    row_high = np.where(one_column, (ends - 1) % h, h - 1)
+    x0, x1 = np.minimum.reduceat(col_start, first), np.maximum.reduceat(col_end, first)
+    y0, y1 = np.minimum.reduceat(row_low, first), np.maximum.reduceat(row_high, first)
+    return [(int(value), {"size": [int(h), int(w)], "counts": string}, int(area),
+             [int(a), int(b), int(c - a + 1), int(d - b + 1)])
+            for value, string, area, a, b, c, d in zip(present, strings, areas, x0, y0, x1, y1)]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -43,9 +44,21 @@ class Settings(BaseSettings):
     worker_heartbeat_s: int = Field(10, gt=0, description="How often a worker says it is alive.")
     worker_lost_after_s: int = Field(60, gt=0, description="Silence after which a running job is failed.")
     warmup: bool = True
+    max_batch: int | None = Field(None, gt=0, description="Queued jobs a worker runs as one model pass when they "
+                                                          "can share it; unset: 8 on a GPU, 1 on CPU.")
+    workers_per_host: int = Field(1, gt=0, description="Worker processes sharing this host's CPUs.")
     torch_threads: int | None = Field(None, gt=0, description="CPU threads per worker (torch.set_num_threads); "
-                                                              "unset: torch's default. Set 1-2 when workers share "
-                                                              "a CPU host: oversubscription slows them 2-20x.")
+                                                              "unset: OMP_NUM_THREADS if set, else the host's CPUs "
+                                                              "divided by workers_per_host (oversubscribed workers "
+                                                              "slow down 2-20x).")
+
+    @model_validator(mode="after")
+    def _default_torch_threads(self) -> "Settings":
+        if self.torch_threads is None:
+            omp = os.environ.get("OMP_NUM_THREADS", "")
+            self.torch_threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(
+                1, usable_cpus() // self.workers_per_host)
+        return self
 
     # API.
     api_host: str = "127.0.0.1"
@@ -63,6 +76,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's or taskset's limit, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @lru_cache

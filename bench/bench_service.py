@@ -16,14 +16,24 @@ result), and notification (finished_at -> the client has the answer; the long-po
     python -m bench.bench_service                         # the default phases below
     python -m bench.bench_service --phases 1x1,2x8 --jobs 100 --json bench/service.json
 
-A phase is WORKERSxCONCURRENCY[:POLL_S]: that many workers, that many clients each submitting a
-job and waiting for it before the next (closed loop), and client polling every POLL_S seconds
-instead of the long-poll. Workers are only ever added between phases, so list them ascending.
+A phase is WORKERSxCONCURRENCY[:POLL_S][@WxH]: that many workers, that many clients each submitting a
+job and waiting for it before the next (closed loop), client polling every POLL_S seconds instead of
+the long-poll, and @WxH: a different JPEG picture of that size per job (photo-like content, quality
+90) instead of re-sending one small PNG (which the store keeps by digest). Workers are only ever
+added between phases, so list them ascending.
+
+Per phase it also reports Redis commands per job (INFO commandstats deltas on the private Redis,
+every client: API, workers, waiting requests) and, with --round-trips, the sequential round trips
+per job in a separate short 1x1 phase (MONITOR: a client's commands less than 200 us apart count
+as one round trip, as a pipeline's arrive together).
+
+    python -m bench.bench_service --phases 1x1@640x480,1x1@4000x3000 --jobs 20 --round-trips 5
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import signal
 import tempfile
 import threading
@@ -33,6 +43,9 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+import numpy as np
+import redis
+from PIL import Image
 
 from bench.common import machine_info, print_header, print_table, summary, write_json
 from service.routers.jobs import FINAL
@@ -44,23 +57,95 @@ WORKER_READY_TIMEOUT_S = 240
 
 
 def parse_phase(text: str) -> dict:
-    """'2x4' -> 2 workers, 4 clients, long-poll; '1x1:0.02' -> client polling every 0.02 s."""
-    shape, _, poll = text.partition(":")
+    """'2x4' -> 2 workers, 4 clients, long-poll; '1x1:0.02' -> client polling every 0.02 s;
+    '1x1@640x480' -> a different 640x480 JPEG per job."""
+    text_shape, _, picture = text.partition("@")
+    shape, _, poll = text_shape.partition(":")
     workers, concurrency = (int(v) for v in shape.lower().split("x"))
     if workers < 1 or concurrency < 1:
         raise argparse.ArgumentTypeError(f"phase {text!r}: workers and concurrency must be >= 1")
-    return {"name": text, "workers": workers, "concurrency": concurrency, "poll_s": float(poll) if poll else None}
+    size = tuple(int(v) for v in picture.lower().split("x")) if picture else None
+    return {"name": text, "workers": workers, "concurrency": concurrency, "poll_s": float(poll) if poll else None,
+            "picture": size}
+
+
+def photo_jpeg(width: int, height: int, seed: int) -> bytes:
+    """A photo-like JPEG (smooth shapes, texture, noise; quality 90): a different picture per seed."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    noise = rng.integers(-12, 13, size=(height, 1, 1), dtype=np.int16) + rng.integers(-12, 13, size=(1, width, 3),
+                                                                                           dtype=np.int16)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def pictures_for(phase: dict, count: int, small: bytes) -> list[tuple[str, bytes, str]]:
+    """(filename, bytes, content type) per job: distinct JPEGs for a picture phase, else the one PNG."""
+    if phase["picture"] is None:
+        return [("bench.png", small, "image/png")]
+    width, height = phase["picture"]
+    return [("photo.jpg", photo_jpeg(width, height, seed), "image/jpeg") for seed in range(count)]
+
+
+class RedisCounter:
+    """Commands the private Redis executed between two reads (INFO commandstats), by command."""
+
+    def __init__(self, url: str):
+        self.client = redis.Redis.from_url(url)
+
+    def snapshot(self) -> dict[str, int]:
+        return {name.removeprefix("cmdstat_"): int(stats["calls"])
+                for name, stats in self.client.info("commandstats").items()}
+
+    @staticmethod
+    def delta(before: dict, after: dict) -> dict[str, int]:
+        return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+
+
+def count_round_trips(url: str, run) -> dict:
+    """Run `run()` under MONITOR: commands and sequential round trips (a client's commands < 200 us
+    apart are one trip), per client address, plus the command names seen."""
+    monitor_client = redis.Redis.from_url(url)
+    seen: list[dict] = []
+    stop = threading.Event()
+
+    def listen() -> None:
+        with monitor_client.monitor() as monitor:
+            for command in monitor.listen():
+                seen.append(command)
+                if stop.is_set():
+                    return
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    run()
+    stop.set()
+    monitor_client.ping()  # one more command so the listener wakes and sees the stop
+    thread.join(timeout=5)
+    trips: dict[str, int] = {}
+    commands: dict[str, int] = {}
+    last: dict[str, float] = {}
+    for command in seen:
+        client = command.get("client_address", "?") + ":" + str(command.get("client_port", ""))
+        commands[client] = commands.get(client, 0) + 1
+        if command["time"] - last.get(client, -1.0) > 200e-6:
+            trips[client] = trips.get(client, 0) + 1
+        last[client] = command["time"]
+    return {"commands": sum(commands.values()), "round_trips": sum(trips.values()),
+            "by_client": {c: {"commands": commands[c], "round_trips": trips[c]} for c in commands}}
 
 
 def seconds_between(start_iso: str, end_iso: str) -> float:
     return (datetime.fromisoformat(end_iso) - datetime.fromisoformat(start_iso)).total_seconds()
 
 
-def run_job(client: httpx.Client, image: bytes, fields: dict, poll_s: float | None) -> dict:
+def run_job(client: httpx.Client, picture: tuple[str, bytes, str], fields: dict, poll_s: float | None) -> dict:
     """Submit one job, wait for its end; times in ms. `ok` is False for anything but a success."""
     started = time.perf_counter()
-    response = client.post("/segment/unsupervised", files={"image": ("bench.png", image, "image/png")},
-                           data=fields)
+    response = client.post("/segment/unsupervised", files={"image": picture}, data=fields)
     post_ms = (time.perf_counter() - started) * 1000
     if response.status_code != 202:
         return {"ok": False, "status": f"HTTP {response.status_code}"}
@@ -80,12 +165,20 @@ def run_job(client: httpx.Client, image: bytes, fields: dict, poll_s: float | No
     timings = job["result"]["timings_ms"]
     run_ms = seconds_between(job["started_at"], job["finished_at"]) * 1000
     finished_wall = datetime.fromisoformat(job["finished_at"]).timestamp()
+    fetch, labels = timings.get("fetch", 0.0), timings.get("labels", 0.0)
     return {"ok": True, "e2e": e2e_ms, "inference": timings["inference"], "overhead": e2e_ms - timings["inference"],
             "post": post_ms, "queue": timings["queue"], "worker_other": run_ms - timings["inference"],
-            "rle": timings["encode"], "notify": (done_wall - finished_wall) * 1000}
+            "fetch": fetch, "model": timings["inference"] - labels, "labels": labels, "rle": timings["encode"],
+            "save": run_ms - timings["inference"] - fetch - timings["encode"],
+            "notify": (done_wall - finished_wall) * 1000}
 
 
-def run_phase(base_url: str, phase: dict, jobs: int, max_seconds: float, image: bytes, fields: dict) -> dict:
+STAGES = ("e2e", "inference", "overhead", "post", "queue", "worker_other", "fetch", "model", "labels", "rle", "save",
+          "notify")
+
+
+def run_phase(base_url: str, phase: dict, jobs: int, max_seconds: float, pictures: list, fields: dict,
+              counter: RedisCounter | None = None) -> dict:
     """`concurrency` clients in a closed loop until `jobs` jobs are submitted or time is up."""
     lock = threading.Lock()
     submitted = 0
@@ -100,20 +193,24 @@ def run_phase(base_url: str, phase: dict, jobs: int, max_seconds: float, image: 
                     if submitted >= jobs or time.monotonic() > deadline:
                         return
                     submitted += 1
-                record = run_job(client, image, fields, phase["poll_s"])
+                    picture = pictures[submitted % len(pictures)]
+                record = run_job(client, picture, fields, phase["poll_s"])
                 with lock:
                     records.append(record)
 
+    before = counter.snapshot() if counter else {}
     started = time.perf_counter()
     with ThreadPoolExecutor(phase["concurrency"]) as pool:
         for future in [pool.submit(client_loop) for _ in range(phase["concurrency"])]:
             future.result()
     wall_s = time.perf_counter() - started
+    commands = RedisCounter.delta(before, counter.snapshot()) if counter else {}
     ok = [r for r in records if r["ok"]]
-    stats = {key: summary([r[key] for r in ok]) for key in
-             ("e2e", "inference", "overhead", "post", "queue", "worker_other", "rle", "notify")} if ok else {}
+    stats = {key: summary([r[key] for r in ok]) for key in STAGES} if ok else {}
     return {**phase, "jobs": len(records), "succeeded": len(ok), "failures": [r for r in records if not r["ok"]],
-            "wall_s": wall_s, "jobs_per_s": len(ok) / wall_s, "stats": stats}
+            "wall_s": wall_s, "jobs_per_s": len(ok) / wall_s, "stats": stats,
+            "redis_commands_per_job": sum(commands.values()) / max(1, len(records)),
+            "redis_commands": dict(sorted(commands.items(), key=lambda item: -item[1]))}
 
 
 def phase_rows(results: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -128,10 +225,13 @@ def phase_rows(results: list[dict]) -> tuple[list[dict], list[dict]]:
                          "wait": poll, "ok": result["succeeded"], "jobs/s": round(result["jobs_per_s"], 2),
                          "e2e p50": s["e2e"]["p50"], "e2e p99": s["e2e"]["p99"],
                          "inference p50": s["inference"]["p50"],
-                         "overhead p50": s["overhead"]["p50"], "overhead p99": s["overhead"]["p99"]})
+                         "overhead min": s["overhead"]["min"], "overhead p50": s["overhead"]["p50"],
+                         "overhead p99": s["overhead"]["p99"],
+                         "redis cmds/job": round(result["redis_commands_per_job"], 1)})
         split.append({"phase": result["name"], **{f"{key} p50": s[key]["p50"] for key in
-                                                 ("post", "queue", "worker_other", "rle", "notify")},
-                      "queue p99": s["queue"]["p99"], "notify p99": s["notify"]["p99"]})
+                                                 ("post", "queue", "fetch", "model", "labels", "rle", "save",
+                                                  "notify")},
+                      "notify p99": s["notify"]["p99"]})
     return headline, split
 
 
@@ -147,6 +247,8 @@ def parse_args(argv=None):
     parser.add_argument("--resolution", type=int, default=256, help="working resolution of the jobs")
     parser.add_argument("--worker-threads", type=int, default=1,
                         help="OMP_NUM_THREADS of each worker (default 1; 0: torch's default, all cores)")
+    parser.add_argument("--round-trips", type=int, default=0, metavar="N",
+                        help="after the phases, N more jobs one at a time under MONITOR: round trips per job")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout)")
     args = parser.parse_args(argv)
     counts = [phase["workers"] for phase in args.phases]
@@ -163,24 +265,27 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     width, height = (int(v) for v in args.image_size.lower().split("x"))
-    image = image_bytes(width, height)
+    small = image_bytes(width, height)
     fields = {"resolution": str(args.resolution), "seed": "1"}
     # torch's default (all cores per worker) oversubscribes a small shared box: OpenMP threads
     # that spin for a busy core made the tiny model 5-20x slower here, and that is not the service.
-    threads = {} if args.worker_threads == 0 else {"OMP_NUM_THREADS": str(args.worker_threads)}
+    threads = {} if args.worker_threads == 0 else {"OMP_NUM_THREADS": str(args.worker_threads),
+                                                   "ATTNSEG_TORCH_THREADS": str(args.worker_threads)}
     info = machine_info()
     print_header("service benchmark (HTTP + Redis/RQ + tiny-random worker)", info)
-    print(f"run       {args.jobs} jobs per phase (at most {args.max_seconds:.0f} s), {len(image)}-byte PNG "
+    print(f"run       {args.jobs} jobs per phase (at most {args.max_seconds:.0f} s), {len(small)}-byte PNG "
           f"{width}x{height}, resolution {args.resolution}, {args.warmup} warm-up jobs, worker threads "
           f"{args.worker_threads or 'default'}, all on 127.0.0.1\n")
 
     results = []
+    round_trips = None
     with tempfile.TemporaryDirectory(prefix="attnseg-bench-") as directory:
         stack = Stack(Path(directory))
         build_tiny_random(stack.cache_dir / "tiny-random")  # once, before workers race to build it
         try:
             stack.redis.start()
             stack.start_api()
+            counter = RedisCounter(stack.redis.url)
             started = time.perf_counter()
             for phase in args.phases:
                 while len(stack.workers) < phase["workers"]:
@@ -188,14 +293,20 @@ def main(argv=None) -> dict:
                                                       stack.directory / "worker.log", **threads))
                     wait_for(lambda: stack.ready_workers() >= len(stack.workers), timeout=WORKER_READY_TIMEOUT_S,
                              message=f"{len(stack.workers)} ready workers")
+                pictures = pictures_for(phase, args.jobs, small)
                 if not results and args.warmup:
                     print(f"stack ready in {time.perf_counter() - started:.1f} s; warming up")
                     run_phase(stack.base_url, {**phase, "concurrency": 1}, args.warmup, args.max_seconds,
-                              image, fields)
-                result = run_phase(stack.base_url, phase, args.jobs, args.max_seconds, image, fields)
+                              [pictures_for({"picture": (64, 48)}, 1, small)[0]], fields)
+                result = run_phase(stack.base_url, phase, args.jobs, args.max_seconds, pictures, fields, counter)
                 results.append(result)
                 print(f"phase {phase['name']}: {result['succeeded']}/{result['jobs']} ok in "
                       f"{result['wall_s']:.1f} s")
+            if args.round_trips:
+                pictures = pictures_for({"picture": (640, 480)}, args.round_trips, small)
+                trips = count_round_trips(stack.redis.url, lambda: run_phase(
+                    stack.base_url, parse_phase("1x1"), args.round_trips, args.max_seconds, pictures, fields))
+                round_trips = {"jobs": args.round_trips, **trips}
         except BaseException:
             print(stack.logs())
             raise
@@ -205,18 +316,30 @@ def main(argv=None) -> dict:
     headline, split = phase_rows(results)
     print("latency per job, ms (overhead = e2e - worker-reported inference)")
     print_table(headline, ["phase", "workers", "clients", "wait", "ok", "jobs/s", "e2e p50", "e2e p99",
-                           "inference p50", "overhead p50", "overhead p99"])
-    print("where the overhead goes, ms")
-    print_table(split, ["phase", "post p50", "queue p50", "queue p99", "worker_other p50", "rle p50",
-                        "notify p50", "notify p99"])
+                           "inference p50", "overhead min", "overhead p50", "overhead p99", "redis cmds/job"])
+    print("per stage, ms: post = upload + checks + store + enqueue; fetch = image fetch + decode (worker); model =")
+    print("inference minus labels; labels = argmax + relabel at picture size; rle; save = the rest of the worker's")
+    print("run (result and status writes); notify = finished -> client has it")
+    print_table(split, ["phase", "post p50", "queue p50", "fetch p50", "model p50", "labels p50", "rle p50",
+                        "save p50", "notify p50", "notify p99"])
+    for result in results:
+        top = ", ".join(f"{name} {calls / max(1, result['jobs']):.1f}"
+                        for name, calls in list(result["redis_commands"].items())[:12])
+        print(f"redis commands per job, {result['name']}: {result['redis_commands_per_job']:.1f} ({top})")
+    if round_trips:
+        per_job = {c: {k: round(v / round_trips["jobs"], 1) for k, v in n.items()}
+                   for c, n in round_trips["by_client"].items()}
+        print(f"under MONITOR, {round_trips['jobs']} jobs one at a time: {round_trips['commands'] / round_trips['jobs']:.1f} "
+              f"commands and {round_trips['round_trips'] / round_trips['jobs']:.1f} sequential round trips per job; "
+              f"per client: {per_job}")
     failures = sum(len(r["failures"]) for r in results)
     if failures:
         print(f"{failures} jobs did not succeed: {[r['failures'][:3] for r in results if r['failures']]}")
 
     report = {"benchmark": "service", "machine": info, "settings": {
         "jobs": args.jobs, "max_seconds": args.max_seconds, "warmup": args.warmup, "image_size": args.image_size,
-        "image_bytes": len(image), "resolution": args.resolution, "worker_threads": args.worker_threads},
-        "phases": results}
+        "image_bytes": len(small), "resolution": args.resolution, "worker_threads": args.worker_threads},
+        "phases": results, "round_trips": round_trips}
     write_json(report, args.json)
     return report
 

@@ -26,10 +26,12 @@ import open_clip
 import torch
 
 from bench.bench_unsupervised import StageClock
-from bench.common import (MIB, MemoryMeter, Stopwatch, add_run_arguments, bench_images, print_table, start_run,
-                          summary, write_json)
+from bench.common import (MIB, MemoryMeter, Stopwatch, add_batch_arguments, add_run_arguments, batch_throughput,
+                          bench_images, print_table, start_run, summary, write_json)
+from workers.engine.jobs import segments_from_labels
 from workers.models.clip import DEFAULT_CLIP_MODEL, TINY_RANDOM, Clip, load_clip
-from workers.methods.textseg import METHODS, segment_text
+from workers.methods.textseg import METHODS, channel_labels, segment_text, selfcross_batch
+from workers.methods.timing import Timer
 
 RANDOM_VIT_B_16 = "ViT-B-16-random"
 DEFAULT_CLASSES = "cat,traffic light,grass"  # 3 classes, one of them two BPE tokens
@@ -79,6 +81,17 @@ def measure(sd, clip, image: np.ndarray, classes: list[str], method: str, args, 
             "extra": dict(clock.extra), "labels_found": sorted(out.scores), "passes": out.passes}
 
 
+def run_selfcross_batch(sd, images: list[np.ndarray], classes: list[str], args) -> None:
+    """What a worker does for a batch of selfcross jobs with the same classes: one VAE call and one
+    UNet call for all, then labels, scores and RLE per image."""
+    channels, _, _ = selfcross_batch(sd, images, classes, seeds=list(range(len(images))), resolution=args.resolution)
+    names = ["background", *classes]
+    ids = list(range(len(names)))
+    for image, own in zip(images, channels):
+        labels, scores = channel_labels(own, image.shape[:2], 0, Timer())
+        segments_from_labels(labels.cpu().numpy(), names, ids, [scores.get(i) for i in ids])
+
+
 def method_rows(measured: list[dict]) -> list[dict]:
     """Stage rows of one method: timings_ms stages, their sum, the wall time, then memory by progress stage."""
     walls = [m["wall_ms"] for m in measured]
@@ -115,6 +128,7 @@ def parse_args(argv=None):
     parser.add_argument("--clip", default=RANDOM_VIT_B_16,
                         help="ViT-B-16-random (default), tiny-random, or a ViT-B-16-quickgelu pretrained tag/path")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    add_batch_arguments(parser)
     parser.add_argument("--classes", default=DEFAULT_CLASSES, help="comma-separated class names")
     parser.add_argument("--images", type=int, help="measured images per method (default 2 on cpu, 30 on cuda)")
     parser.add_argument("--warmup", type=int, help="warm-up images per method (default 1 on cpu, 3 on cuda)")
@@ -167,10 +181,18 @@ def main(argv=None) -> dict:
     print_table(summaries, ["method", "images/s", "wall p50 ms", "wall min ms", "wall max ms", "peak MiB", "max +MiB"])
     print(f"load average now      {[round(x, 2) for x in os.getloadavg()]}")
 
+    batches = batch_throughput(sd.device, pictures, args.batch, args.batch_repeats,
+                               lambda batch: run_selfcross_batch(sd, batch, classes, args)) if args.batch else []
+    if batches:
+        print(f"\n-- selfcross batched: B images with the same classes share the VAE and UNet calls, then labels "
+              f"and RLE per image ({args.batch_repeats} timed batches per size, after one untimed)")
+        print_table(batches, ["batch", "images/s best", "images/s median", "ms/image best", "ms/image median"])
+        print(f"load average now      {[round(x, 2) for x in os.getloadavg()]}")
+
     report = {"benchmark": "text", "machine": info, "model": sd.describe(), "clip": clip.describe(), "load": load,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "images": images, "warmup": warmup, "memory_method": meter.method, "resident_bytes": resident,
-              "summary": summaries, "methods": per_method, "load_average_end": os.getloadavg()}
+              "summary": summaries, "methods": per_method, "batches": batches, "load_average_end": os.getloadavg()}
     write_json(report, args.json)
     return report
 

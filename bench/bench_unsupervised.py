@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import (MIB, MemoryMeter, Stopwatch, add_run_arguments, bench_images, print_table, start_run,
-                          summary, synchronize, write_json)
+from bench.common import (MIB, MemoryMeter, Stopwatch, add_batch_arguments, add_run_arguments, batch_throughput,
+                          bench_images, print_table, start_run, summary, synchronize, write_json)
 from workers.methods import diffseg
 from workers.engine.jobs import segments_from_labels
 from workers.models.stable_diffusion import StableDiffusion
 from workers.models.sd_ops import encode_latents, encode_prompts, image_to_pixels, unet_noise
-from workers.methods.unsupervised import segment_unsupervised
+from workers.methods.unsupervised import attention_pass, segment_row, segment_unsupervised
 
 # segment_unsupervised's progress stages -> the names in the table
 STAGE_NAMES = {"encoding": "latent", "attention": "unet_capture", "aggregating": "aggregate", "merging": "merge"}
@@ -104,7 +104,7 @@ def measure_image(sd: StableDiffusion, image: np.ndarray, args, meter: MemoryMet
             latents = encode_latents(sd, pixels)
         ms["vae_encode"] = watch.seconds * 1000
         with Stopwatch(sd.device) as watch:
-            text = encode_prompts(sd, [""])
+            text = encode_prompts(sd, [""])  # uncached: what the worker's prompt cache saves per request
         ms["text_encode"] = watch.seconds * 1000
         meter.reset()
         start_memory = meter.current()
@@ -115,6 +115,16 @@ def measure_image(sd: StableDiffusion, image: np.ndarray, args, meter: MemoryMet
         extra["unet_plain"] = peak["unet_plain"] - start_memory
     return {"ms": ms, "peak": peak, "extra": extra, "segments": len(segments),
             "unet_output_finite": bool(torch.isfinite(noise).all())}
+
+
+def run_batch(sd: StableDiffusion, images: list[np.ndarray], args) -> None:
+    """What a worker does for a batch of DiffSeg jobs: one shared pass, then per image merge and RLE."""
+    shared = attention_pass(sd, images, timestep=args.timestep, resolution=args.resolution)
+    for row, image in enumerate(images):
+        out = segment_row(shared, row, image.shape[:2], kl_threshold=args.kl_threshold, grid=args.grid,
+                          iterations=args.iterations)
+        count = len(out.names)
+        segments_from_labels(out.labels, out.names, [None] * count, out.scores)
 
 
 def planted_attention(side: int, blocks_per_axis: int, device) -> torch.Tensor:
@@ -178,6 +188,7 @@ def parse_args(argv=None):
     parser.add_argument("--grid", type=int, default=16)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--timestep", type=int, default=300)
+    add_batch_arguments(parser)
     parser.add_argument("--no-merge-sweep", dest="merge_sweep", action="store_false",
                         help="skip merge + RLE timing on planted maps with 1, 4, 16, 64 segments")
     return parser.parse_args(argv)
@@ -219,6 +230,14 @@ def main(argv=None) -> dict:
     print(f"UNet output finite    {finite}")
     print(f"load average now      {[round(x, 2) for x in os.getloadavg()]}\n")
 
+    batches = batch_throughput(sd.device, pictures, args.batch, args.batch_repeats,
+                               lambda batch: run_batch(sd, batch, args)) if args.batch else []
+    if batches:
+        print(f"batched: B images share one VAE + text + UNet pass, then merge and RLE per image "
+              f"({args.batch_repeats} timed batches per size, after one untimed)")
+        print_table(batches, ["batch", "images/s best", "images/s median", "ms/image best", "ms/image median"])
+        print(f"load average now      {[round(x, 2) for x in os.getloadavg()]}\n")
+
     sweep = merge_sweep(sd.device, args, width, height) if args.merge_sweep else []
     if sweep:
         print(f"merge + RLE against the number of segments (planted maps, R={args.resolution // 8}, "
@@ -230,7 +249,7 @@ def main(argv=None) -> dict:
               "images": images, "warmup": warmup, "memory_method": meter.method, "resident_bytes": resident,
               "stages": rows, "images_per_s": throughput, "capture_overhead_ms": overhead,
               "capture_overhead_ratio": ratio, "capture_peak_bytes": capture_memory,
-              "segments": segments, "unet_output_finite": finite, "merge_sweep": sweep, "per_image": measured,
+              "segments": segments, "unet_output_finite": finite, "merge_sweep": sweep, "batches": batches, "per_image": measured,
               "load_average_end": os.getloadavg()}
     write_json(report, args.json)
     return report

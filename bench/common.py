@@ -290,6 +290,35 @@ def add_run_arguments(parser, dtype_help: str = "auto: fp16 on cuda, fp32 on cpu
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout)")
 
 
+def add_batch_arguments(parser) -> None:
+    """--batch B[,B...]: images/s when B images share one pass (the worker's cross-request batching)."""
+    parser.add_argument("--batch", type=lambda text: [int(v) for v in text.split(",")], default=[],
+                        metavar="B[,B...]", help="also measure images/s for these batch sizes (e.g. 1,2,4,8)")
+    parser.add_argument("--batch-repeats", type=int, default=2, help="timed batches per size (default 2)")
+
+
+def batch_throughput(device, pictures: list[np.ndarray], sizes: list[int], repeats: int, run_batch) -> list[dict]:
+    """images/s of `run_batch(images)` (one shared pass + per-image steps) for each batch size.
+
+    One untimed batch per size first (shapes change with B), then `repeats` timed ones, each on
+    different pictures; best and median reported (a shared CPU's load moves the median).
+    """
+    rows = []
+    for size in sizes:
+        run_batch([pictures[i % len(pictures)] for i in range(size)])
+        seconds = []
+        for repeat in range(repeats):
+            batch = [pictures[(repeat * size + i) % len(pictures)] for i in range(size)]
+            with Stopwatch(device) as watch:
+                run_batch(batch)
+            seconds.append(watch.seconds)
+        stats = summary(seconds)
+        rows.append({"batch": size, "images/s best": size / stats["min"], "images/s median": size / stats["p50"],
+                     "ms/image best": 1000 * stats["min"] / size, "ms/image median": 1000 * stats["p50"] / size,
+                     "runs": repeats})
+    return rows
+
+
 def start_run(args, title: str):
     """Threads, the machine header, the model (built on first use) and a memory meter.
 

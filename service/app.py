@@ -13,6 +13,7 @@ from service.auth import KeyRing
 from service.edges import install_edges
 from service.errors import install_error_handlers
 from service.lifecycle import begin_shutdown, open_lifecycle
+from service.job_events import JobEvents
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.routers import concepts, jobs, oneshot, ops, segment
@@ -31,16 +32,21 @@ def create_app(settings: Settings | None = None, connection=None) -> FastAPI:
     settings = settings or get_settings()
     connection = connection if connection is not None else connect(settings.redis_url)
 
+    job_events = JobEvents(settings.redis_url)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         open_lifecycle(app)
+        job_events.start()
         yield
-        begin_shutdown(app)
+        begin_shutdown(app)  # long-polls answer first
+        await job_events.stop()
         connection.close()
 
     app = FastAPI(title="attnseg", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.redis = connection
+    app.state.job_events = job_events
     app.state.metrics = Metrics(connection)
     app.state.keyring = KeyRing(settings)
     install_error_handlers(app)

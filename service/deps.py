@@ -53,3 +53,7 @@ def optional_tenant(request: Request, credentials: HTTPAuthorizationCredentials 
                     ) -> str | None:
     """Like current_tenant, but None instead of 401 (for answers that have a public, reduced form)."""
     return tenant_from(request, credentials)
+
+
+def get_job_events(request: Request):
+    return request.app.state.job_events

@@ -20,22 +20,21 @@ def begin_shutdown(app: FastAPI) -> None:
         event.set()
 
 
-async def pause_unless_shutting_down(app: FastAPI, seconds: float) -> bool:
-    """Sleep up to `seconds`; False as soon as the app is shutting down (the caller answers now).
+async def wait_unless_shutting_down(app: FastAPI, event: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds` for `event`; False as soon as the app is shutting down (the caller answers now).
 
-    Without a lifespan (an app driven without start-up, as some test clients do) it just sleeps.
+    Without a lifespan (an app driven without start-up, as some test clients do) only `event` counts.
     """
-    event = getattr(app.state, "shutting_down", None)
-    if event is None:
-        await asyncio.sleep(seconds)
-        return True
-    if event.is_set():
+    shutting_down = getattr(app.state, "shutting_down", None)
+    if shutting_down is not None and shutting_down.is_set():
         return False
+    waits = [asyncio.ensure_future(e.wait()) for e in (event, shutting_down) if e is not None]
     try:
-        await asyncio.wait_for(event.wait(), timeout=seconds)
-    except asyncio.TimeoutError:
-        return True
-    return False
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+    return shutting_down is None or not shutting_down.is_set()
 
 
 def serve(app: FastAPI, *, host: str, port: int) -> None:

@@ -7,7 +7,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 
-from attnseg.queue import cancel_key
+from attnseg.queue import cancel_key, publish_job_event
 from attnseg.settings import Settings
 from service.job_view import job_view
 
@@ -38,6 +38,7 @@ def cancel_job(connection, job_id: str, settings: Settings) -> None:
         job = fetch_job(connection, job_id)
         if job_view(connection, job, settings)["status"] == "queued":
             job.cancel(enqueue_dependents=True)
+            publish_job_event(connection, job.id, "end")
         connection.set(cancel_key(job.id), 1, ex=settings.result_ttl_s)
     except NoSuchJobError:
         pass

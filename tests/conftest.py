@@ -28,6 +28,29 @@ def tiny_sd(tiny_sd_dir):
     return load_stable_diffusion(str(tiny_sd_dir), device="cpu", dtype="float32")
 
 
+TEST_DEVICE = os.environ.get("ATTNSEG_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
+def gpu_mode():
+    """Skips unless GPU mode is on (ATTNSEG_TEST_DEVICE=cuda) and torch sees a CUDA device."""
+    import torch
+
+    if TEST_DEVICE != "cuda":
+        pytest.skip("GPU mode is off: run with ATTNSEG_TEST_DEVICE=cuda on a machine with CUDA")
+    if not torch.cuda.is_available():
+        pytest.skip("ATTNSEG_TEST_DEVICE=cuda but torch sees no CUDA device on this machine")
+
+
+@pytest.fixture(scope="session")
+def device_sd(gpu_mode, tiny_sd_dir):
+    """GPU mode: tiny_sd_dir on CUDA with fp16 weights, as a GPU worker loads it. Compare it with the
+    fp32 CPU `tiny_sd`."""
+    from workers.models.stable_diffusion import load_stable_diffusion
+
+    return load_stable_diffusion(str(tiny_sd_dir), device="cuda", dtype="float16")
+
+
 @pytest.fixture(scope="session")
 def tiny_sd2(tmp_path_factory):
     """The tiny random SD of the SD 2.x topology ("tiny-random-sd2"), CPU fp32. Do not modify it."""

@@ -140,6 +140,18 @@ def test_head_mean_attention_matches_all_heads_at_once():
     assert torch.allclose(one_head_logits.softmax(-1), one_head_probs)
 
 
+@pytest.mark.parametrize("heads_at_once", [1, 2, 3, 8])
+def test_head_mean_attention_any_head_grouping_same_maps(heads_at_once):
+    """Scaling q first and grouping heads change only rounding (within 1e-6 of scaling the scores)."""
+    gen = torch.Generator().manual_seed(1)
+    query, key = torch.randn(2, 8, 64, 16, generator=gen), torch.randn(2, 8, 77, 16, generator=gen)
+    additive = torch.zeros(2, 1, 1, 77).masked_fill_(torch.arange(77) > 60, -10000.0)
+    probs, logits = head_mean_attention(query, key, 0.25, additive, logits=True, heads_at_once=heads_at_once)
+    scores = query @ key.transpose(-1, -2) * 0.25
+    assert torch.allclose(logits, scores.mean(1), atol=1e-6)
+    assert torch.allclose(probs, (scores + additive).softmax(-1).mean(1), atol=1e-6)
+
+
 def test_processors_restored_after_exit_and_after_an_error(tiny_sd, inputs):
     latents, text = inputs
     before = dict(tiny_sd.unet.attn_processors)

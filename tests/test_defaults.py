@@ -27,3 +27,15 @@ def test_text_defaults_agree():
     for name in ("method", "background", "samples", "resolution"):
         assert api[name] == python[name], name
     assert TEXT_METHOD_TIMESTEP == textseg.DEFAULT_TIMESTEPS
+
+
+def test_torch_threads_default_to_the_cpus_shared_by_the_workers(monkeypatch):
+    from attnseg import settings
+
+    monkeypatch.setattr(settings, "usable_cpus", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert settings.Settings(workers_per_host=3).torch_threads == 5
+    assert settings.Settings(workers_per_host=32).torch_threads == 1
+    assert settings.Settings(workers_per_host=3, torch_threads=7).torch_threads == 7
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # an explicit OpenMP setting is kept
+    assert settings.Settings(workers_per_host=3).torch_threads == 2

@@ -285,12 +285,50 @@ def test_relabel_by_first_appearance():
     assert diffseg.relabel_by_first_appearance(labels).tolist() == [[0, 0, 1], [2, 1, 0]]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_relabel_matches_a_sort_by_first_position(seed):
+    labels = torch.randint(0, 9, (37, 23), generator=torch.Generator().manual_seed(seed)) * 3
+    flat = labels.flatten().tolist()
+    order = list(dict.fromkeys(flat))  # values in order of first appearance
+    expected = torch.tensor([order.index(v) for v in flat]).view(37, 23)
+    assert torch.equal(diffseg.relabel_by_first_appearance(labels), expected)
+
+
+def upsampled_argmax(proposals: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    side = math.isqrt(proposals.shape[1])
+    up = F.interpolate(proposals.view(1, -1, side, side), size=size, mode="bilinear", align_corners=False)
+    return up[0].argmax(0)
+
+
 def test_chunked_argmax_matches_direct_argmax():
     proposals = torch.rand(70, 64, generator=torch.Generator().manual_seed(6))  # > one chunk
-    up = F.interpolate(proposals.view(1, 70, 8, 8), size=(20, 24), mode="bilinear",
-                       align_corners=False)
-    assert torch.equal(diffseg.proposals_to_labels(proposals, (20, 24)), up[0].argmax(0))
+    assert torch.equal(diffseg.proposals_to_labels(proposals, (20, 24)), upsampled_argmax(proposals, (20, 24)))
     assert torch.equal(diffseg.proposals_to_labels(proposals), proposals.argmax(0).view(8, 8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(12))
+def test_bilinear_argmax_is_the_argmax_of_the_upsampled_maps(seed, device):
+    """Decided cells and evaluated borders together give exactly F.interpolate's argmax, ties included."""
+    generator = torch.Generator().manual_seed(seed)
+    count, side = int(torch.randint(1, 25, (1,), generator=generator)), [4, 8, 16, 28][seed % 4]
+    maps = torch.rand(count, 1, side, side, generator=generator)
+    if seed % 3:  # smooth maps: large decided regions, as real proposals
+        maps = F.avg_pool2d(maps, 5, 1, 2, count_include_pad=False)
+    if seed % 4 == 1:
+        maps[count // 2] = maps[0]  # exact ties go to the lower index
+    proposals = maps.flatten(1).to(device)
+    size = (int(torch.randint(side, 150, (1,), generator=generator)), int(torch.randint(1, 150, (1,), generator=generator)))
+    assert torch.equal(diffseg.proposals_to_labels(proposals, size), upsampled_argmax(proposals, size))
+
+
+def test_bilinear_argmax_at_photo_size():
+    """Smooth proposals (mostly decided cells) at a photo's size: the same labels as upsampling them all."""
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    centres = torch.rand(12, 2, generator=torch.Generator().manual_seed(2)) * 64
+    maps = torch.exp(-((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2) / 200)
+    assert torch.equal(diffseg.proposals_to_labels(maps.flatten(1), (1200, 1600)),
+                       upsampled_argmax(maps.flatten(1), (1200, 1600)))
 
 
 def test_segment_word_scores():

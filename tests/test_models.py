@@ -15,6 +15,7 @@ from workers.models.sd_ops import (
     add_noise,
     encode_latents,
     encode_prompts,
+    fixed_prompt_embeddings,
     image_to_pixels,
     make_generator,
     sample_noise,
@@ -194,6 +195,24 @@ def test_add_noise_is_seeded_ddpm_forward_process(tiny_sd):
 def test_prompt_too_long_is_refused(tiny_sd):
     with pytest.raises(ValueError, match="needs 102 tokens"):
         encode_prompts(tiny_sd, ["dog " * 100])
+
+
+def test_fixed_prompts_are_encoded_once_per_model(tiny_sd):
+    calls = []
+    hook = tiny_sd.text_encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        tiny_sd.prompt_cache.clear()
+        with torch.inference_mode():  # as the methods call it: the entry must still serve training
+            first = fixed_prompt_embeddings(tiny_sd, ["part part ", ""])
+        again = fixed_prompt_embeddings(tiny_sd, ["", "part part ", ""])
+    finally:
+        hook.remove()
+    assert calls == [2]  # one encoder call, for both prompts, the first time only
+    assert torch.equal(first, encode_prompts(tiny_sd, ["part part ", ""]))
+    assert torch.equal(again, first[[1, 0, 1]])
+    weights = torch.ones(1, requires_grad=True)
+    (again * weights).sum().backward()  # not an inference tensor
+    assert weights.grad is not None
 
 
 def test_unet_noise_shares_one_latent_over_the_batch_and_trains(tiny_sd):

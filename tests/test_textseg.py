@@ -109,7 +109,8 @@ def test_selfcross_draws_use_consecutive_seeds_and_are_averaged(tiny_sd, image, 
     grid = RESOLUTION // 8 // 2  # the self layer's grid
     seeds = []
 
-    def planted_pass(sd, latents, prompts, timestep, seed, concepts=None):
+    def planted_pass(sd, latents, prompts, timestep, draw_seeds, concepts=None):
+        (seed,) = draw_seeds  # one image
         seeds.append((seed, timestep))
         column = seed - 10  # draw 0 -> column 0, draw 1 -> column 1
         cross = torch.zeros(1, grid, grid, 77)

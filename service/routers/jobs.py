@@ -13,19 +13,21 @@ from starlette.concurrency import run_in_threadpool
 
 from attnseg.images import ImageMissingError, load_image
 from attnseg.ownership import owned_by
-from attnseg.queue import cancel_key
+from attnseg.queue import cancel_key, publish_job_event
 from attnseg.settings import Settings
-from service.deps import current_tenant, get_redis, get_settings
+from service.deps import current_tenant, get_job_events, get_redis, get_settings
 from service.errors import ApiError, error_responses
+from service.job_events import JobEvents
 from service.job_view import job_view
-from service.lifecycle import pause_unless_shutting_down
+from service.lifecycle import wait_unless_shutting_down
 from service.overlay import render_overlay
 from service.schemas import Job, shown_id, valid_id
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 FINAL = ("succeeded", "failed", "canceled")
-POLL_S = 0.05  # one cheap Redis read per waiting request per tick
+RECHECK_S = 5.0  # a waited-for job is re-read this often anyway (its worker lost, a signal missed)
+POLL_S = 0.05  # ... and this often while the job-event subscription is down
 
 
 def fetch_job(connection, job_id: str, tenant: str) -> RQJob:
@@ -48,14 +50,24 @@ async def get_job(job_id: str, request: Request,
                   wait: float = Query(0, ge=0, le=60, description="Hold up to this many seconds until the job ends "
                                                                   "(a shutting-down API answers at once)."),
                   tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
-                  connection=Depends(get_redis)):
+                  connection=Depends(get_redis), job_events: JobEvents = Depends(get_job_events)):
     deadline = time.monotonic() + wait
-    while True:
-        view = await run_in_threadpool(lambda: job_view(connection, fetch_job(connection, job_id, tenant), settings))
-        if view["status"] in FINAL or time.monotonic() >= deadline:
-            return view
-        if not await pause_unless_shutting_down(request.app, min(POLL_S, max(0.0, deadline - time.monotonic()))):
-            return view
+    with job_events.watch(job_id) as ended:
+        while True:
+            ended.clear()  # before the read: an end signalled after it wakes the wait below
+            view = await run_in_threadpool(lambda: job_view(connection, fetch_job(connection, job_id, tenant),
+                                                            settings))
+            if wait_is_over(view, deadline):
+                return view
+            pause = RECHECK_S if job_events.listening else POLL_S
+            if not await wait_unless_shutting_down(request.app, ended,
+                                                   min(pause, max(0.0, deadline - time.monotonic()))):
+                return view
+
+
+def wait_is_over(view: dict, deadline: float) -> bool:
+    """A long-poll answers when the job has ended or its wait is up."""
+    return view["status"] in FINAL or time.monotonic() >= deadline
 
 
 @router.delete("/{job_id}", response_model=Job, responses=error_responses(401, 404, 422, 503))
@@ -68,6 +80,7 @@ def cancel_job(job_id: str, tenant: str = Depends(current_tenant), settings: Set
         job.meta["finished_at"] = datetime.now(timezone.utc).isoformat()
         job.save_meta()
         job.cancel(enqueue_dependents=True)  # jobs waiting on it run and say why they cannot
+        publish_job_event(connection, job_id, "end")
     elif view["status"] == "running":
         connection.set(cancel_key(job_id), 1, ex=settings.result_ttl_s)
     return job_view(connection, fetch_job(connection, job_id, tenant), settings)

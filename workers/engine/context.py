@@ -5,15 +5,21 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from attnseg.job_metrics import record_job_duration
-from attnseg.queue import cancel_key
+from attnseg.queue import cancel_key, publish_job_event
 
 log = logging.getLogger("attnseg.worker")
+
+# Progress is written, and cancellation checked, at most this often: a job of a few tens of ms makes
+# one round trip for it, a long one still shows every stage that lasts longer.
+PROGRESS_EVERY_S = 0.5
 
 
 class JobFailure(Exception):
@@ -33,18 +39,29 @@ class JobContext:
 
     def __init__(self, job=None):
         self.job = job
+        self.stages_ms: dict[str, float] = {}  # the engine's own stages (image fetch), added to the timings
+        self._written_at: float | None = None
 
     @property
     def connection(self):
         return self.job.connection if self.job else None
 
     def report(self, stage: str, fraction: float, **extra) -> None:
-        """Publish progress and stop here if the job was canceled (the check between steps)."""
+        """Publish progress and stop here if the job was canceled (the check between steps), at most
+        every PROGRESS_EVERY_S; the first report always goes out."""
         if self.job is None:
             return
         self.job.meta["progress"] = {"stage": stage, "fraction": round(min(max(fraction, 0.0), 1.0), 4), **extra}
-        self.job.save_meta()
-        if self.job.connection.exists(cancel_key(self.job.id)):
+        moment = time.monotonic()
+        if self._written_at is not None and moment - self._written_at < PROGRESS_EVERY_S:
+            return
+        self._written_at = moment
+        with self.connection.pipeline(transaction=False) as pipe:  # one round trip: save, announce, check
+            pipe.hset(self.job.key, "meta", self.job.serializer.dumps(self.job.meta))  # as job.save_meta()
+            publish_job_event(pipe, self.job.id, "progress")
+            pipe.exists(cancel_key(self.job.id))
+            canceled = pipe.execute()[-1]
+        if canceled:
             raise JobCanceled
 
     def update_params(self, **values) -> None:
@@ -61,48 +78,57 @@ class JobContext:
             self.job.save_meta()
 
 
-def job_function(kind: str, on_error: Callable[[JobContext, dict, dict], None] | None = None) -> Callable:
-    """Wrap a job body `fn(ctx, payload)`: errors become a clear message, durations a metric.
+@contextmanager
+def job_outcome(ctx: JobContext, kind: str, payload: dict,
+                on_error: Callable[[JobContext, dict, dict], None] | None = None,
+                started: float | None = None) -> Iterator[None]:
+    """Around a job's body: errors become a clear message (re-raised for RQ), durations a metric.
 
     `on_error(ctx, payload, error)` runs for every outcome but success (failure, cancel, timeout), so
-    a job can record the error where users look for it (a one-shot model's record, say).
+    a job can record the error where users look for it (a one-shot model's record, say). `started`:
+    when the job's work began (a batch's shared pass), default now.
     """
+    started = time.perf_counter() if started is None else started
+    outcome = "failed"
+    try:
+        yield
+        outcome = "succeeded"
+    except JobCanceled:
+        outcome = "canceled"
+        error = {"code": "canceled", "message": "canceled by request"}
+        if ctx.job is not None:
+            ctx.job.meta["canceled"] = True
+        raise
+    except JobFailure as exc:
+        error = {"code": exc.code, "message": str(exc)}
+        raise
+    except JobTimeoutException:
+        timeout = ctx.job.timeout if ctx.job else "?"
+        error = {"code": "timeout", "message": f"the job ran longer than its limit of {timeout} s"}
+        raise
+    except Exception as exc:
+        log.exception("%s job failed", kind)
+        error = {"code": "internal_error", "message": f"the worker failed: {type(exc).__name__}: {exc}; "
+                                                      "this is a bug, please report it"}
+        raise
+    finally:
+        if outcome != "succeeded":
+            ctx.fail(**error)
+            if on_error is not None and ctx.connection is not None:
+                on_error(ctx, payload, error)
+        if ctx.connection is not None:
+            record_job_duration(ctx.connection, kind, outcome, time.perf_counter() - started)
+
+
+def job_function(kind: str, on_error: Callable[[JobContext, dict, dict], None] | None = None) -> Callable:
+    """Wrap a job body `fn(ctx, payload)` for RQ, under `job_outcome`."""
 
     def decorate(fn):
         @functools.wraps(fn)
         def run(payload: dict):
             ctx = JobContext(get_current_job())
-            started = time.perf_counter()
-            outcome = "failed"
-            try:
-                result = fn(ctx, payload)
-                outcome = "succeeded"
-                return result
-            except JobCanceled:
-                outcome = "canceled"
-                error = {"code": "canceled", "message": "canceled by request"}
-                if ctx.job is not None:
-                    ctx.job.meta["canceled"] = True
-                raise
-            except JobFailure as exc:
-                error = {"code": exc.code, "message": str(exc)}
-                raise
-            except JobTimeoutException:
-                timeout = ctx.job.timeout if ctx.job else "?"
-                error = {"code": "timeout", "message": f"the job ran longer than its limit of {timeout} s"}
-                raise
-            except Exception as exc:
-                log.exception("%s job failed", kind)
-                error = {"code": "internal_error", "message": f"the worker failed: {type(exc).__name__}: {exc}; "
-                                                              "this is a bug, please report it"}
-                raise
-            finally:
-                if outcome != "succeeded":
-                    ctx.fail(**error)
-                    if on_error is not None and ctx.connection is not None:
-                        on_error(ctx, payload, error)
-                if ctx.connection is not None:
-                    record_job_duration(ctx.connection, kind, outcome, time.perf_counter() - started)
+            with job_outcome(ctx, kind, payload, on_error):
+                return fn(ctx, payload)
 
         return run
 

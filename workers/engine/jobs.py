@@ -5,16 +5,22 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
 from attnseg import oneshot_store, rle
+from attnseg.concept_files import identifiers_in
 from attnseg.images import ImageMissingError, load_image, load_mask
 from workers.engine import runtime
+from workers.engine.batch import Batch, Member, attempt, fail_live, shared_report
 from workers.engine.concept_records import load_concepts
 from workers.engine.context import JobContext, JobFailure, job_function
 from workers.methods.gem import GEM_IMAGE_SIZE
 from workers.methods.oneshot import ModelMismatchError, OneshotModel, segment_oneshot, train_oneshot
 from workers.methods.prompts import PromptTooLongError
+from workers.methods.textseg import TextSegmentation, channel_labels, selfcross_batch
 from workers.methods.textseg import segment_text as run_text
+from workers.methods.timing import Timer
+from workers.methods.unsupervised import UnsupervisedSegmentation, attention_pass, segment_row
 from workers.methods.unsupervised import segment_unsupervised as run_diffseg
 
 
@@ -23,10 +29,13 @@ def fetch_image(ctx: JobContext, entry: dict, load=load_image, **options) -> np.
 
     options: min_side, to decode no larger than the working size needs (the entry's width and
     height stay the original's, for the masks: see `original_size`)."""
+    started = time.perf_counter()
     try:
-        return load(ctx.connection, entry["key"], **options)
+        image = load(ctx.connection, entry["key"], **options)
     except ImageMissingError as exc:
         raise JobFailure("image_expired", str(exc)) from None
+    ctx.stages_ms["fetch"] = round(ctx.stages_ms.get("fetch", 0.0) + (time.perf_counter() - started) * 1000, 1)
+    return image
 
 
 def original_size(entry: dict) -> tuple[int, int]:
@@ -49,7 +58,7 @@ def finish(ctx: JobContext, image_entry: dict, segments: list[dict], timings_ms:
     ctx.connection.expire(image_entry["key"], rt.settings.result_ttl_s)
     return {"image": {"width": image_entry["width"], "height": image_entry["height"]},
             "mask_format": "coco_rle", "bbox_format": "xywh", "segments": segments, **extra,
-            "random_weights": rt.sd.random_weights, "timings_ms": timings_ms}
+            "random_weights": rt.sd.random_weights, "timings_ms": {**timings_ms, **ctx.stages_ms}}
 
 
 def timings(stages_ms: dict, encode_started: float) -> dict:
@@ -68,10 +77,49 @@ def segment_unsupervised(ctx: JobContext, payload: dict) -> dict:
         out = run_diffseg(rt.sd, image, report=ctx.report, output_size=original_size(payload["image"]), **params)
     except PromptTooLongError as exc:  # vocabulary words longer in tokens than the API's bound could tell
         raise JobFailure("prompt_too_long", f"vocabulary: {exc}") from None
+    return unsupervised_result(ctx, payload, out)
+
+
+def unsupervised_result(ctx: JobContext, payload: dict, out: UnsupervisedSegmentation) -> dict:
     started = time.perf_counter()
     count = len(out.names)
     segments = segments_from_labels(out.labels, out.names, [None] * count, out.scores)
     return finish(ctx, payload["image"], segments, timings(out.timings_ms, started))
+
+
+def unsupervised_share_key(params: dict) -> tuple | None:
+    """DiffSeg jobs share a pass when resolution and timestep agree (the pass ignores the seed);
+    with a vocabulary the prompt differs, so those run alone."""
+    if params.get("vocabulary") or "resolution" not in params or "timestep" not in params:
+        return None
+    return params["resolution"], params["timestep"]
+
+
+def segment_unsupervised_batch(members: list[Member], done) -> None:
+    """`segment_unsupervised` for jobs of one share key: VAE, text encoder and UNet once for all;
+    aggregation, merging, labels and RLE per job."""
+    rt = runtime.current()
+    attempt(members, lambda m: m.ctx.update_params(sd_model=rt.sd.model_id))
+    resolution = members[0].payload["params"]["resolution"]
+    attempt(members, lambda m: m.scratch.update(image=fetch_image(m.ctx, m.payload["image"], min_side=resolution)))
+    running = [m for m in members if m.live]
+    if not running:
+        return
+    params = running[0].payload["params"]
+    try:
+        shared = attention_pass(rt.sd, [m.scratch["image"] for m in running], timestep=params["timestep"],
+                                resolution=params["resolution"], report=shared_report(running))
+    except Exception as exc:  # noqa: BLE001 - the pass is every member's
+        fail_live(running, exc)
+        return
+    for row, member in enumerate(running):
+        own = member.payload["params"]
+        member.scratch.pop("image")
+        attempt([member], lambda m: setattr(m, "result", unsupervised_result(m.ctx, m.payload, segment_row(
+            shared, row, original_size(m.payload["image"]), kl_threshold=own["kl_threshold"], grid=own["grid"],
+            iterations=own["iterations"], refine=own["refine"], report=m.ctx.report))))
+        done(member)
+
 
 
 @job_function("text")
@@ -90,12 +138,69 @@ def segment_text(ctx: JobContext, payload: dict) -> dict:
                        concepts=concepts, **params)
     except PromptTooLongError as exc:
         raise JobFailure("prompt_too_long", str(exc)) from None
+    return text_result(ctx, payload, out)
+
+
+def text_result(ctx: JobContext, payload: dict, out: TextSegmentation) -> dict:
     started = time.perf_counter()
-    names = ["background", *classes]
+    names = ["background", *payload["params"]["classes"]]
     ids = list(range(len(names)))
     segments = segments_from_labels(out.labels, names, ids, [out.scores.get(i) for i in ids])
     return finish(ctx, payload["image"], segments, timings(out.timings_ms, started), labels=names,
                   passes=out.passes)
+
+
+def text_share_key(params: dict) -> tuple | None:
+    """selfcross jobs share a pass when everything but the image and the seed agrees; classes that
+    name a concept (its weights enter the pass) run alone."""
+    shared = ("classes", "background", "samples", "timestep", "resolution", "gate_threshold", "background_threshold")
+    if params.get("method") != "selfcross" or any(name not in params for name in shared):
+        return None
+    if any(identifiers_in(name) for name in params["classes"]):
+        return None
+    return (tuple(params["classes"]), params["background"], tuple(params.get("background_words") or ()),
+            params["samples"], params["timestep"], params["resolution"], params["gate_threshold"],
+            params["background_threshold"])
+
+
+def segment_text_batch(members: list[Member], done) -> None:
+    """`segment_text` (selfcross) for jobs of one share key: VAE once, one UNet call per draw for all;
+    labels, scores and RLE per job."""
+    rt = runtime.current()
+    attempt(members, lambda m: m.ctx.update_params(sd_model=rt.sd.model_id,
+                                                   clip_model=rt.clip.name if rt.clip else None))
+    resolution = members[0].payload["params"]["resolution"]
+    attempt(members, lambda m: m.scratch.update(image=fetch_image(m.ctx, m.payload["image"], min_side=resolution)))
+    running = [m for m in members if m.live]
+    if not running:
+        return
+    params = running[0].payload["params"]
+    try:
+        channels, passes, shared_ms = selfcross_batch(
+            rt.sd, [m.scratch["image"] for m in running], params["classes"],
+            seeds=[m.payload["params"]["seed"] for m in running], background=params["background"],
+            background_words=params.get("background_words"), samples=params["samples"],
+            timestep=params["timestep"], resolution=params["resolution"], gate_threshold=params["gate_threshold"],
+            background_threshold=params["background_threshold"], report=shared_report(running))
+    except PromptTooLongError as exc:
+        fail_live(running, JobFailure("prompt_too_long", str(exc)))
+        return
+    except Exception as exc:  # noqa: BLE001 - the pass is every member's
+        fail_live(running, exc)
+        return
+
+    def label(member: Member, own: torch.Tensor) -> None:
+        member.ctx.report("labelling", 0.85)
+        timer = Timer()
+        timer.ms = dict(shared_ms)
+        member.scratch.pop("image")
+        labels, scores = channel_labels(own, original_size(member.payload["image"]), 0 if params["background"] else 1, timer)
+        member.result = text_result(member.ctx, member.payload,
+                                    TextSegmentation(labels.cpu().numpy(), scores, passes, timer.ms))
+
+    for member, own in zip(running, channels):
+        attempt([member], lambda m: label(m, own))
+        done(member)
 
 
 def mark_model_failed(ctx: JobContext, payload: dict, error: dict) -> None:
@@ -151,3 +256,11 @@ def oneshot_segment(ctx: JobContext, payload: dict) -> dict:
     ids = list(range(len(names)))
     segments = segments_from_labels(out.labels, names, ids, [out.scores.get(i) for i in ids])
     return finish(ctx, payload["image"], segments, timings(out.timings_ms, started), labels=names)
+
+
+# Job functions (by dotted path) whose queued jobs a worker may run together (workers/engine/batch.py).
+BATCHES = {
+    "workers.engine.jobs.segment_unsupervised": Batch("unsupervised", unsupervised_share_key,
+                                                      segment_unsupervised_batch),
+    "workers.engine.jobs.segment_text": Batch("text", text_share_key, segment_text_batch),
+}

@@ -32,8 +32,7 @@ _runtime: Runtime | None = None
 
 
 def load_runtime(settings: Settings) -> Runtime:
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.torch_threads)
     log.info("loading %s on %s (%s)", settings.sd_model, settings.device, settings.dtype)
     sd = load_stable_diffusion(settings.sd_model, device=settings.device, dtype=settings.dtype,
                                cache_dir=settings.cache_dir)

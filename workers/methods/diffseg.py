@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 LOG_EPS = 1e-12  # clamp inside the logs: exact zeros in a map must not give -inf or NaN
-UPSAMPLE_CHUNK = 32  # proposals upsampled at a time when taking the argmax at output size
+UPSAMPLE_CHUNK = 32  # proposals upsampled at a time when taking a bicubic argmax at output size
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:
@@ -234,6 +234,70 @@ def refine_proposals(
     return centres
 
 
+def bilinear_taps(in_size: int, out_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source taps of bilinear upsampling along one axis, as F.interpolate(align_corners=False).
+
+    Returns (i0, i1, w1), each (out_size,): output index o reads (1 - w1) * x[i0] + w1 * x[i1]
+    (i1 = i0 + 1 except at the last source index, where both taps coincide).
+    """
+    src = ((torch.arange(out_size, dtype=torch.float32, device=device) + 0.5) * (in_size / out_size) - 0.5)
+    src = src.clamp_min_(0.0)
+    i0 = src.long().clamp_max_(in_size - 1)
+    i1 = (i0 + 1).clamp_max_(in_size - 1)
+    return i0, i1, src - i0
+
+
+def bilinear_argmax(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pixel-wise argmax over K maps (K, h, w) bilinearly upsampled to size (H, W), without upsampling them all.
+
+    Between four neighbouring source pixels (a cell) every upsampled value is a convex combination
+    of the four corners, so it lies between the corners' min and max. Only maps whose corner max
+    reaches the best corner min in the cell can win a pixel there; a cell with one such candidate
+    is that map's throughout. The other cells (along segment borders) are evaluated one band of
+    source rows at a time, for their candidates only, with the same arithmetic as F.interpolate.
+    Ties go to the lowest index, as argmax. Returns (H, W) int64 on the maps' device.
+    """
+    count, h, w = maps.shape
+    height, width = size
+    device = maps.device
+    y0, y1, wy = bilinear_taps(h, height, device)
+    x0, x1, wx = bilinear_taps(w, width, device)
+    below = torch.arange(1, h + 1, device=device).clamp_max_(h - 1)
+    right = torch.arange(1, w + 1, device=device).clamp_max_(w - 1)
+    corners = torch.stack((maps, maps[:, below], maps[:, :, right], maps[:, below][:, :, right]))
+    low, high = corners.amin(0), corners.amax(0)  # (K, h, w) per cell
+    best_low, winner = low.max(0)
+    # The margin keeps rounding in the upsampled values from deciding: near ties are evaluated.
+    candidates = high >= best_low - 1e-5 * float(maps.abs().amax())
+    open_cells = candidates.sum(0) > 1
+    labels = winner[y0][:, x0]
+    # Horizontal pass once for all rows; then per band of output rows (one source row pair), only
+    # the open cells' columns, candidate by candidate with a running maximum.
+    across = maps[:, :, x0] * (1 - wx) + maps[:, :, x1] * wx  # (K, h, W)
+    first_row = 0
+    for cell_row, row_count in enumerate(torch.bincount(y0, minlength=h).tolist()):
+        rows = slice(first_row, first_row + row_count)
+        first_row += row_count
+        open_row = open_cells[cell_row]
+        if row_count == 0 or not bool(open_row.any()):
+            continue
+        cols = torch.nonzero(open_row[x0], as_tuple=True)[0]
+        which = torch.nonzero(candidates[:, cell_row][:, open_row].any(1), as_tuple=True)[0].tolist()
+        top, bottom = across[:, cell_row][:, cols], across[:, int(below[cell_row])][:, cols]  # (K, n)
+        weight = wy[rows, None]
+        best = best_index = None
+        for k in which:  # ascending: a strict > keeps ties with the lower index
+            value = top[k] * (1 - weight) + bottom[k] * weight  # (rows, n)
+            if best is None:
+                best, best_index = value, torch.full_like(value, k, dtype=torch.int64)
+            else:
+                better = value > best
+                best = torch.where(better, value, best)
+                best_index.masked_fill_(better, k)
+        labels[rows, cols] = best_index
+    return labels
+
+
 def proposals_to_labels(
     proposals: torch.Tensor, output_size: tuple[int, int] | None = None, mode: str = "bilinear"
 ) -> torch.Tensor:
@@ -249,17 +313,20 @@ def proposals_to_labels(
         align_corners=False); ties go to the lowest index. Labels are proposal indices, not yet
         renumbered (see `relabel_by_first_appearance`).
 
-    Proposals are upsampled a chunk at a time with a running maximum, so memory stays at
+    Bilinear: `bilinear_argmax`, whose work and memory grow with the segment borders rather than
+    K x H x W. Bicubic: upsampled a chunk at a time with a running maximum, so memory stays at
     UPSAMPLE_CHUNK maps of the output size however many proposals there are.
     """
     side = _side(proposals.shape[1])
     size = tuple(output_size) if output_size is not None else (side, side)
     maps = _float(proposals).reshape(1, -1, side, side)
+    if size == (side, side):
+        return maps[0].argmax(0)
+    if mode == "bilinear":
+        return bilinear_argmax(maps[0], size)
     best_value = best_index = None
     for start in range(0, maps.shape[1], UPSAMPLE_CHUNK):
-        chunk = maps[:, start:start + UPSAMPLE_CHUNK]
-        if size != (side, side):
-            chunk = F.interpolate(chunk, size=size, mode=mode, align_corners=False)
+        chunk = F.interpolate(maps[:, start:start + UPSAMPLE_CHUNK], size=size, mode=mode, align_corners=False)
         value, index = chunk[0].max(0)
         index += start
         if best_value is None:
@@ -279,19 +346,26 @@ def relabel_by_first_appearance(labels: torch.Tensor) -> torch.Tensor:
     actually present.
 
     Args:
-        labels: (H, W) integer labels.
+        labels: (H, W) non-negative integer labels.
 
     Returns:
         (H, W) int64 labels 0..K-1.
+
+    No sort of the pixels: the first row holding each label comes from a (H, labels) presence
+    table, the column from that row alone.
     """
-    flat = labels.flatten()
-    values, inverse = torch.unique(flat, return_inverse=True)
-    positions = torch.arange(flat.numel(), device=flat.device)
-    first = torch.full((len(values),), flat.numel(), dtype=torch.int64, device=flat.device)
-    first.scatter_reduce_(0, inverse, positions, reduce="amin")
-    rank = torch.empty_like(first)
-    rank[first.argsort()] = torch.arange(len(values), device=flat.device)
-    return rank[inverse].view(labels.shape)
+    labels = labels.long()
+    height, width = labels.shape
+    span = int(labels.max()) + 1
+    present = torch.zeros(height, span, dtype=torch.bool, device=labels.device)
+    present.scatter_(1, labels, True)
+    found = present.any(0)
+    first_row = present.to(torch.uint8).argmax(0)  # the first True
+    first_col = (labels[first_row] == torch.arange(span, device=labels.device)[:, None]).to(torch.uint8).argmax(1)
+    position = torch.where(found, first_row * width + first_col, height * width)
+    rank = torch.empty(span, dtype=torch.int64, device=labels.device)
+    rank[position.argsort()] = torch.arange(span, device=labels.device)
+    return rank[labels]
 
 
 def merge(
@@ -321,7 +395,12 @@ def merge(
     merged = proposals(attn, grid=grid, iterations=iterations, kl_threshold=kl_threshold)
     if refine:
         merged = refine_proposals(attn, merged)
-    return relabel_by_first_appearance(proposals_to_labels(merged, output_size))
+    return labels_at(merged, output_size)
+
+
+def labels_at(proposals: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """(K, R*R) proposals -> (H, W) int64 labels 0..K'-1 numbered by first appearance (step 8)."""
+    return relabel_by_first_appearance(proposals_to_labels(proposals, output_size))
 
 
 def segment_word_scores(labels: torch.Tensor, word_maps: torch.Tensor) -> torch.Tensor:

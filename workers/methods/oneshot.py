@@ -30,7 +30,7 @@ from workers.models.stable_diffusion import StableDiffusion
 from workers.models.sd_ops import (
     add_noise,
     encode_latents,
-    encode_prompts,
+    fixed_prompt_embeddings,
     image_to_pixels,
     make_generator,
     sample_noise,
@@ -130,7 +130,7 @@ def check_training_inputs(images: list[np.ndarray], masks: list[np.ndarray], lab
 
 def part_prompt_outputs(sd: StableDiffusion, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Text-encoder outputs (77, D) of `"part " * K` (positions 0..K-1 are the classes) and of ""."""
-    base, uncond = encode_prompts(sd, ["part " * num_classes, ""])  # raises when K + 2 > 77 tokens
+    base, uncond = fixed_prompt_embeddings(sd, ["part " * num_classes, ""])  # raises when K + 2 > 77 tokens
     return base, uncond
 
 

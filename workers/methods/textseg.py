@@ -35,7 +35,7 @@ from workers.methods.prompts import Prompt, PromptTooLongError, build_prompt
 from workers.models.sd_ops import (
     add_noise,
     encode_latents,
-    encode_prompts,
+    fixed_prompt_embeddings,
     image_to_pixels,
     make_generator,
     unet_noise,
@@ -90,20 +90,21 @@ def split_classes(tokenizer, classes: list[str], background_words: list[str] = (
 
 
 def selfcross_draw(
-    store: AttentionStore, prompts: list[Prompt], gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD
+    store: AttentionStore, prompts: list[Prompt], gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD,
+    first_row: int = 0,
 ) -> torch.Tensor:
     """SelfCross maps of all classes from one noise draw: (C, g, g) in [0, 1], classes in prompt order.
 
     store: cross-attention of SELFCROSS_CROSS_BLOCKS and self-attention of SELFCROSS_SELF_BLOCK,
-    recorded from one UNet call whose batch row i is prompts[i]. Each prompt's class spans select
-    its classes' tokens; min-max normalisation stays per class, so prompts do not interact.
+    recorded from one UNet call whose batch row first_row + i is prompts[i]. Each prompt's class
+    spans select its classes' tokens; min-max normalisation stays per class, so prompts do not interact.
     gate_threshold: the box gate's level (None: no gate).
     """
     (self_grid,) = store.grids("self")
     cross_grids = store.grids("cross")
     layers_by_grid = {grid: store.count("cross", grid) for grid in cross_grids}
     maps = []
-    for row, prompt in enumerate(prompts):
+    for row, prompt in enumerate(prompts, start=first_row):
         cross_by_grid = {grid: store.mean("cross", grid)[row] for grid in cross_grids}
         self_attn = store.mean("self", self_grid)[row]
         maps.append(selfcross_scores(cross_by_grid, layers_by_grid, self_attn, prompt.class_spans, gate_threshold))
@@ -158,26 +159,34 @@ def name_segments(segments: torch.Tensor, channels: torch.Tensor) -> torch.Tenso
 # --- labels and scores --------------------------------------------------------------------
 
 
-def clean_latents(sd: StableDiffusion, image: np.ndarray, resolution: int) -> torch.Tensor:
-    """The VAE posterior mean of the image resized to resolution x resolution, (1, 4, R, R)."""
+def clean_latents(sd: StableDiffusion, images: np.ndarray | list[np.ndarray], resolution: int) -> torch.Tensor:
+    """The VAE posterior means of the images resized to resolution x resolution, (B, 4, R, R); one
+    image (H, W, 3) or a list of them, encoded in one VAE call."""
+    images = [images] if isinstance(images, np.ndarray) else images
     with torch.inference_mode():
-        return encode_latents(sd, image_to_pixels(image, resolution, sd.device, sd.dtype))
+        return encode_latents(sd, torch.cat([image_to_pixels(image, resolution, sd.device, sd.dtype)
+                                             for image in images]))
 
 
 def selfcross_pass(
-    sd: StableDiffusion, latents: torch.Tensor, prompts: list[Prompt], timestep: int, seed: int,
+    sd: StableDiffusion, latents: torch.Tensor, prompts: list[Prompt], timestep: int, seeds: int | list[int],
     concepts: dict[str, Concept] | None = None,
 ) -> AttentionStore:
-    """One conditional UNet call on latents noised with `seed`, every prompt a batch row.
+    """One conditional UNet call on latents (B, 4, R, R), image b noised with seeds[b]: batch row
+    b * len(prompts) + i is image b with prompts[i].
 
     concepts: those the prompts name; their vectors go to the text encoder and the attention weights
     of the (at most one) Custom Diffusion concept among them to the UNet, for this call only.
     """
+    seeds = [seeds] if isinstance(seeds, int) else seeds
     concepts = concepts or {}
     store = AttentionStore()
     with torch.inference_mode():
         text = encode_with_concepts(sd, prompts, {name: concept.vectors for name, concept in concepts.items()})
-        noisy = add_noise(sd, latents, timestep, make_generator(sd, seed))
+        noisy = torch.cat([add_noise(sd, latents[b : b + 1], timestep, make_generator(sd, seed))
+                           for b, seed in enumerate(seeds)])
+        if len(seeds) > 1:
+            noisy, text = noisy.repeat_interleave(len(prompts), dim=0), text.repeat(len(seeds), 1, 1)
         # The concept's processors wrap the capturing ones: enter them inside capture_attention.
         with capture_attention(sd.unet, store, self_blocks=(SELFCROSS_SELF_BLOCK,),
                                cross_blocks=SELFCROSS_CROSS_BLOCKS), \
@@ -186,13 +195,65 @@ def selfcross_pass(
     return store
 
 
+def selfcross_maps(sd: StableDiffusion, latents: torch.Tensor, prompts: list[Prompt], *, samples: int,
+                   timestep: int, seeds: list[int], gate_threshold: float | None, concepts: dict[str, Concept] | None,
+                   timer: Timer, report: Callable[[str, float], None]) -> list[torch.Tensor]:
+    """Per image of latents (B, 4, R, R): its SelfCross maps (C, g, g) averaged over `samples` noise
+    draws (draw i of image b uses seeds[b] + i); each draw is one UNet call for all images."""
+    totals: list[torch.Tensor | None] = [None] * len(seeds)
+    started = time.perf_counter()
+    for draw in range(samples):
+        report("attention", 0.1 + 0.7 * draw / samples)
+        store = selfcross_pass(sd, latents, prompts, timestep, [seed + draw for seed in seeds], concepts)
+        started = timer("unet", started)
+        for b in range(len(seeds)):
+            sc = selfcross_draw(store, prompts, gate_threshold, first_row=b * len(prompts))
+            totals[b] = sc if totals[b] is None else totals[b] + sc
+        started = timer("propagate", started)
+    return [total / samples for total in totals]
+
+
+def channel_labels(channels: torch.Tensor, output_size: tuple[int, int], first_label: int,
+                   timer: Timer) -> tuple[torch.Tensor, dict[int, float]]:
+    """Channels (K, h, w) -> the (H, W) argmax labels (+ first_label) and each present label's score."""
+    started = time.perf_counter()
+    labels = diffseg.proposals_to_labels(channels.flatten(1), output_size) + first_label
+    started = timer("label", started)
+    scores = diffseg.label_scores(labels, channels, first_label)
+    timer("scores", started)
+    return labels, scores
+
+
+def selfcross_batch(sd: StableDiffusion, images: list[np.ndarray], classes: list[str], *, seeds: list[int],
+                    background: bool = True, background_words: list[str] | None = (), samples: int = 1,
+                    timestep: int | None = None, resolution: int = 512,
+                    gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD,
+                    background_threshold: float = SELFCROSS_BACKGROUND_THRESHOLD,
+                    concepts: dict[str, Concept] | None = None,
+                    report: Callable[[str, float], None] | None = None) -> tuple[list[torch.Tensor], int, dict]:
+    """The shared part of selfcross for several images with the same classes and options: one VAE
+    call, one UNet call per draw. Returns (channels (K, g, g) per image, passes, timings_ms); finish
+    each image with `channel_labels`. Raises PromptTooLongError as `segment_text`."""
+    report = report or (lambda stage, fraction: None)
+    timer = Timer()
+    timestep = DEFAULT_TIMESTEPS["selfcross"] if timestep is None else timestep
+    prompts = split_classes(sd.tokenizer, list(classes), list(background_words or ()), vector_counts(concepts))
+    started = time.perf_counter()
+    report("encoding", 0.05)
+    latents = clean_latents(sd, images, resolution)
+    timer("latent", started)
+    maps = selfcross_maps(sd, latents, prompts, samples=samples, timestep=timestep, seeds=seeds,
+                          gate_threshold=gate_threshold, concepts=concepts, timer=timer, report=report)
+    return [selfcross_channels(sc, background, background_threshold) for sc in maps], len(prompts), timer.ms
+
+
 def aggregated_self_attention(sd: StableDiffusion, latents: torch.Tensor, timestep: int, seed: int) -> torch.Tensor:
     """Empty-prompt UNet pass on latents noised with `seed`: all 16 self layers, DiffSeg step 3, (R^2, R^2)."""
     store = AttentionStore()
     with torch.inference_mode():
         noisy = add_noise(sd, latents, timestep, make_generator(sd, seed))
         with capture_attention(sd.unet, store, self_blocks=ALL_BLOCKS):
-            unet_noise(sd, noisy, timestep, encode_prompts(sd, [""]))
+            unet_noise(sd, noisy, timestep, fixed_prompt_embeddings(sd, [""]))
         return diffseg.aggregate(self_attention_by_grid(store))
 
 
@@ -255,20 +316,10 @@ def segment_text(
     started = time.perf_counter()
 
     if method == "selfcross":
-        prompts = split_classes(sd.tokenizer, list(classes), list(background_words or ()), vector_counts(concepts))
-        report("encoding", 0.05)
-        latents = clean_latents(sd, image, resolution)
-        started = timer("latent", started)
-        total = None
-        for draw in range(samples):
-            report("attention", 0.1 + 0.7 * draw / samples)
-            store = selfcross_pass(sd, latents, prompts, timestep, seed + draw, concepts)
-            started = timer("unet", started)
-            sc = selfcross_draw(store, prompts, gate_threshold)
-            total = sc if total is None else total + sc
-            started = timer("propagate", started)
-        channels = selfcross_channels(total / samples, background, background_threshold)
-        passes = len(prompts)
+        (channels,), passes, timer.ms = selfcross_batch(
+            sd, [image], classes, seeds=[seed], background=background, background_words=background_words,
+            samples=samples, timestep=timestep, resolution=resolution, gate_threshold=gate_threshold,
+            background_threshold=background_threshold, concepts=concepts, report=report)
     else:
         report("clip", 0.05)
         channels = gem_channels(gem.class_logits(clip, image, list(classes)), background)
@@ -285,9 +336,9 @@ def segment_text(
 
     report("labelling", 0.85)
     if method in ("selfcross", "gem"):
-        labels = diffseg.proposals_to_labels(channels.flatten(1), output_size) + first_label
-        started = timer("label", started)
-    elif method == "gem_refined":
+        labels, scores = channel_labels(channels, output_size, first_label, timer)
+        return TextSegmentation(labels.cpu().numpy(), scores, passes, timer.ms)
+    if method == "gem_refined":
         side = latents.shape[-1]
         class_maps = F.interpolate(channels[None], size=(side, side), mode="bilinear", align_corners=False)[0]
         channels = propagate_class_maps(self_attention, class_maps)

@@ -21,7 +21,7 @@ from workers.methods import diffseg
 from workers.models.attention import AttentionStore, capture_attention
 from workers.models.stable_diffusion import StableDiffusion
 from workers.methods.prompts import Prompt, mean_over_spans, pad_ids, word_spans
-from workers.models.sd_ops import encode_latents, encode_prompt_ids, encode_prompts, image_to_pixels, unet_noise
+from workers.models.sd_ops import encode_latents, encode_prompt_ids, fixed_prompt_embeddings, image_to_pixels, unet_noise
 from workers.methods.timing import Timer
 
 ALL_BLOCKS = tuple(range(1, 17))
@@ -35,12 +35,12 @@ class UnsupervisedSegmentation:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-def self_attention_by_grid(store: AttentionStore) -> dict[int, torch.Tensor]:
-    """Per grid g: the (g^2, g^2) self-attention of sample 0, averaged over that grid's layers."""
-    return {grid: store.mean("self", grid)[0] for grid in store.grids("self")}
+def self_attention_by_grid(store: AttentionStore, row: int = 0) -> dict[int, torch.Tensor]:
+    """Per grid g: the (g^2, g^2) self-attention of batch row `row`, averaged over that grid's layers."""
+    return {grid: store.mean("self", grid)[row] for grid in store.grids("self")}
 
 
-def vocabulary_word_maps(store: AttentionStore, prompt: Prompt, size: int) -> torch.Tensor:
+def vocabulary_word_maps(store: AttentionStore, prompt: Prompt, size: int, row: int = 0) -> torch.Tensor:
     """methods.md 1.10: (V, size, size) word maps from the cross-attention of every grid.
 
     Per grid: span mean per word, bilinear upsample, renormalise over the words at each pixel;
@@ -48,12 +48,80 @@ def vocabulary_word_maps(store: AttentionStore, prompt: Prompt, size: int) -> to
     """
     total = None
     for grid in store.grids("cross"):
-        words = mean_over_spans(store.mean("cross", grid)[0], prompt.class_spans)  # (g*g, V)
+        words = mean_over_spans(store.mean("cross", grid)[row], prompt.class_spans)  # (g*g, V)
         maps = words.T.reshape(1, -1, grid, grid).float()
         maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)[0]
         maps = maps / maps.sum(0, keepdim=True).clamp_min(1e-12)
         total = maps if total is None else total + maps
     return total / total.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
+
+
+@dataclass
+class SharedPass:
+    """One UNet pass for a batch of images (row i = image i): what the per-image steps read."""
+
+    store: AttentionStore
+    resolution: int
+    prompt: Prompt | None
+    vocabulary: list[str] | None
+    timings_ms: dict[str, float]
+
+
+def attention_pass(sd: StableDiffusion, images: list[np.ndarray], *, timestep: int = 300, resolution: int = 512,
+                   vocabulary: list[str] | None = None,
+                   report: Callable[[str, float], None] | None = None) -> SharedPass:
+    """VAE, text encoder and UNet with capture once for all `images` (each RGB uint8 (H, W, 3), any
+    size): the work a batch of DiffSeg jobs with the same resolution, timestep and vocabulary shares."""
+    report = report or (lambda stage, fraction: None)
+    timer = Timer()
+    started = time.perf_counter()
+    report("encoding", 0.05)
+    pixels = torch.cat([image_to_pixels(image, resolution, sd.device, sd.dtype) for image in images])
+    with torch.inference_mode():
+        latents = encode_latents(sd, pixels)
+        prompt = word_spans(sd.tokenizer, vocabulary) if vocabulary else None
+        text = encode_prompt_ids(sd, pad_ids(prompt, sd.tokenizer)) if prompt else fixed_prompt_embeddings(sd, [""])
+    started = timer("latent", started)
+
+    report("attention", 0.2)
+    store = AttentionStore()
+    with torch.inference_mode(), capture_attention(sd.unet, store, self_blocks=ALL_BLOCKS,
+                                                   cross_blocks=ALL_BLOCKS if prompt else ()):
+        unet_noise(sd, latents, timestep, text.expand(len(images), -1, -1))
+    timer("unet", started)
+    return SharedPass(store, resolution, prompt, vocabulary, timer.ms)
+
+
+def segment_row(shared: SharedPass, row: int, size: tuple[int, int], *, kl_threshold: float = 1.0, grid: int = 16,
+                iterations: int = 3, refine: bool = False,
+                report: Callable[[str, float], None] | None = None) -> UnsupervisedSegmentation:
+    """DiffSeg's steps after the pass for image `row` of `shared`; labels come back at size (H, W)."""
+    report = report or (lambda stage, fraction: None)
+    timer = Timer()
+    started = time.perf_counter()
+    report("aggregating", 0.6)
+    attn = diffseg.aggregate(self_attention_by_grid(shared.store, row))
+    started = timer("aggregate", started)
+
+    report("merging", 0.7)
+    merged = diffseg.proposals(attn, grid=grid, iterations=iterations, kl_threshold=kl_threshold)
+    if refine:
+        merged = diffseg.refine_proposals(attn, merged)
+    started = timer("merge", started)
+    labels = diffseg.labels_at(merged, size)
+    started = timer("labels", started)
+
+    count = int(labels.max()) + 1
+    names: list[str | None] = [None] * count
+    scores: list[float | None] = [None] * count
+    if shared.prompt is not None:
+        word_maps = vocabulary_word_maps(shared.store, shared.prompt, shared.resolution, row)
+        word_scores = diffseg.segment_word_scores(labels, word_maps)
+        best, word = word_scores.max(dim=1)
+        names = [shared.vocabulary[i] for i in word.tolist()]
+        scores = [round(v, 6) for v in best.tolist()]
+        timer("naming", started)
+    return UnsupervisedSegmentation(labels.cpu().numpy(), names, scores, {**shared.timings_ms, **timer.ms})
 
 
 def segment_unsupervised(
@@ -78,43 +146,7 @@ def segment_unsupervised(
     adds noise, and is kept so every method takes one). With a `vocabulary`, the pass uses the
     prompt built from the words and each segment is named by its best word (paper appendix).
     """
-    report = report or (lambda stage, fraction: None)
-    timer = Timer()
-    height, width = output_size or image.shape[:2]
-    started = time.perf_counter()
-
-    report("encoding", 0.05)
-    pixels = image_to_pixels(image, resolution, sd.device, sd.dtype)
-    with torch.inference_mode():
-        latents = encode_latents(sd, pixels)
-        prompt = word_spans(sd.tokenizer, vocabulary) if vocabulary else None
-        text = encode_prompt_ids(sd, pad_ids(prompt, sd.tokenizer)) if prompt else encode_prompts(sd, [""])
-    started = timer("latent", started)
-
-    report("attention", 0.2)
-    store = AttentionStore()
-    with torch.inference_mode(), capture_attention(sd.unet, store, self_blocks=ALL_BLOCKS,
-                                                   cross_blocks=ALL_BLOCKS if prompt else ()):
-        unet_noise(sd, latents, timestep, text)
-    started = timer("unet", started)
-
-    report("aggregating", 0.6)
-    attn = diffseg.aggregate(self_attention_by_grid(store))
-    started = timer("aggregate", started)
-
-    report("merging", 0.7)
-    labels = diffseg.merge(attn, grid=grid, iterations=iterations, kl_threshold=kl_threshold,
-                           output_size=(height, width), refine=refine)
-    started = timer("merge", started)
-
-    count = int(labels.max()) + 1
-    names: list[str | None] = [None] * count
-    scores: list[float | None] = [None] * count
-    if prompt is not None:
-        word_scores = diffseg.segment_word_scores(labels, vocabulary_word_maps(store, prompt, resolution))
-        best, word = word_scores.max(dim=1)
-        names = [vocabulary[i] for i in word.tolist()]
-        scores = [round(v, 6) for v in best.tolist()]
-        timer("naming", started)
-    return UnsupervisedSegmentation(labels.cpu().numpy(), names, scores, timer.ms)
-
+    shared = attention_pass(sd, [image], timestep=timestep, resolution=resolution, vocabulary=vocabulary,
+                            report=report)
+    return segment_row(shared, 0, output_size or image.shape[:2], kl_threshold=kl_threshold, grid=grid, iterations=iterations,
+                       refine=refine, report=report)

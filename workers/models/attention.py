@@ -51,6 +51,18 @@ def transformer_blocks(unet: torch.nn.Module) -> list[TransformerBlock]:
     return [TransformerBlock(n, name, attn1, attn2) for n, (name, attn1, attn2) in enumerate(found, start=1)]
 
 
+def heads_per_step(query: torch.Tensor, key: torch.Tensor, memory_fraction: float = 0.25) -> int:
+    """How many heads `head_mean_attention` computes at once: 1 on CPU (cache friendly, least memory);
+    on CUDA as many as fit, with their fp32 scores and softmax (3 maps per head counted), in
+    `memory_fraction` of the free device memory."""
+    if query.device.type != "cuda":
+        return 1
+    batch, heads, queries = query.shape[:3]
+    per_head = 3 * batch * queries * key.shape[2] * 4
+    free, _ = torch.cuda.mem_get_info(query.device)
+    return max(1, min(heads, int(free * memory_fraction) // per_head))
+
+
 def head_mean_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -59,33 +71,46 @@ def head_mean_attention(
     *,
     probabilities: bool = True,
     logits: bool = False,
+    heads_at_once: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Head means of softmax(Q K^T * scale) and of Q K^T * scale, in fp32.
 
     query (B, H, Q, d), key (B, H, K, d), attention_mask broadcastable to (B, H, Q, K), boolean
     (True = attend) or additive. Returns (probabilities (B, Q, K) or None, logits (B, Q, K) or None).
-    One head at a time: all heads' fp32 maps at once would be H x Q x K x 4 bytes per image.
+    `heads_at_once` heads per step (default `heads_per_step`): all heads' fp32 maps at once would be
+    H x Q x K x 4 bytes per image. q is scaled before the matmul (d values per row, not K) and the
+    sums accumulate in place; without grad the buffers are reused.
     """
-    heads = query.shape[1]
-    probability_sum = logit_sum = None
+    batch, heads, queries = query.shape[:3]
+    step = heads_at_once or heads_per_step(query, key)
+    # In place unless autograd tracks the sums (SLiMe trains through them).
+    in_place = not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
+
+    def accumulate(total: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return total.add_(value) if in_place else total + value
+
     # fp32 even inside an fp16/bf16 autocast region (SLiMe trains under autocast).
     with torch.autocast(query.device.type, enabled=False):
-        for head in range(heads):
-            scores = query[:, head].float() @ key[:, head].float().transpose(-1, -2) * scale
+        scaled_query = query.float() * scale
+        key_t = key.float().transpose(-1, -2)
+        sums = {name: torch.zeros(batch, queries, key.shape[2], device=query.device)
+                for name, wanted in (("probabilities", probabilities), ("logits", logits)) if wanted}
+        for first in range(0, heads, step):
+            chunk = slice(first, first + step)
+            scores = scaled_query[:, chunk] @ key_t[:, chunk]  # (B, h, Q, K)
             if logits:
-                logit_sum = scores if logit_sum is None else logit_sum + scores
+                sums["logits"] = accumulate(sums["logits"], scores.sum(1))
             if probabilities:
                 if attention_mask is not None:
-                    mask = attention_mask[:, head if attention_mask.shape[1] > 1 else 0]
+                    mask = attention_mask[:, chunk] if attention_mask.shape[1] > 1 else attention_mask
                     if mask.dtype == torch.bool:
                         scores = scores.masked_fill(~mask, -math.inf)
                     else:
-                        scores = scores + mask.float()
-                probs = scores.softmax(dim=-1)
-                probability_sum = probs if probability_sum is None else probability_sum + probs
+                        scores = accumulate(scores, mask.float())
+                sums["probabilities"] = accumulate(sums["probabilities"], scores.softmax(dim=-1).sum(1))
     return (
-        None if probability_sum is None else probability_sum / heads,
-        None if logit_sum is None else logit_sum / heads,
+        sums["probabilities"] / heads if probabilities else None,
+        sums["logits"] / heads if logits else None,
     )
 
 

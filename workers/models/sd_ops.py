@@ -61,6 +61,18 @@ def encode_prompts(sd: StableDiffusion, prompts: list[str]) -> torch.Tensor:
     return encode_prompt_ids(sd, ids)
 
 
+def fixed_prompt_embeddings(sd: StableDiffusion, prompts: list[str]) -> torch.Tensor:
+    """`encode_prompts` for prompts that recur whatever the request (the empty prompt, SLiMe's
+    "part part ..."), each encoded once per model and kept: (B, 77, D). Never pass user text here
+    (the cache has no bound). The entries are ordinary tensors, usable in autograd."""
+    missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in sd.prompt_cache]
+    if missing:
+        with torch.inference_mode(False):
+            for prompt, embedding in zip(missing, encode_prompts(sd, missing)):
+                sd.prompt_cache[prompt] = embedding
+    return torch.stack([sd.prompt_cache[prompt] for prompt in prompts])
+
+
 def sample_noise(latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Standard normal noise shaped like `latents`, drawn in fp32 on the generator's device.
 

@@ -9,7 +9,7 @@ directory and then loaded through the same code path as real weights.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,9 @@ class StableDiffusion:
     device: torch.device
     dtype: torch.dtype
     random_weights: bool
+    # Text-encoder outputs of the prompts that recur (sd_ops.fixed_prompt_embeddings): the weights
+    # are resident and frozen, so an entry never goes stale.
+    prompt_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -1,0 +1,113 @@
+"""Cross-request batching: queued jobs that can share one model pass run it once.
+
+A worker that dequeues a batchable job (one registered in `jobs.BATCHES`) also takes up to
+`max_batch - 1` compatible jobs from the front of the same queue. Each is claimed with LREM, which
+removes an id only once, so exactly one worker ever gets a job. The batch runs the shared pass
+once; every job keeps its own progress, cancellation, result and failure (a `Member` carries them).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from workers.engine.context import JobContext, job_outcome
+
+CLAIM_WINDOW = 64  # queued ids looked at for companions, from the front of the queue
+
+
+@dataclass
+class Member:
+    """One job of a batch: its context and payload, then its result or the error that ended it."""
+
+    job: Job | None
+    ctx: JobContext
+    payload: dict
+    started: float = field(default_factory=time.perf_counter)
+    result: dict | None = None
+    error: BaseException | None = None
+    done: bool = False  # finalised (its outcome stored)
+    scratch: dict = field(default_factory=dict)  # what the runner keeps per job between steps (the image)
+
+    @property
+    def live(self) -> bool:
+        return self.error is None and self.result is None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """How jobs of one function share a pass: `share_key(params)` equal (None: never shared), and
+    `run(members, done)`, which calls `done(member)` as each member gets its result."""
+
+    kind: str
+    share_key: Callable[[dict], tuple | None]
+    run: Callable[[list[Member], Callable[[Member], None]], None]
+    on_error: Callable | None = None
+
+
+def attempt(members: list[Member], step: Callable[[Member], object]) -> None:
+    """`step(member)` for each live member; an exception ends that member only."""
+    for member in members:
+        if member.live:
+            try:
+                step(member)
+            except Exception as exc:  # noqa: BLE001 - recorded, settled through job_outcome
+                member.error = exc
+
+
+def fail_live(members: list[Member], error: BaseException) -> None:
+    """A shared step failed: every member still running fails with it."""
+    for member in members:
+        if member.live:
+            member.error = error
+
+
+def shared_report(members: list[Member]) -> Callable[[str, float], None]:
+    """Progress of a shared step to every live member; a member canceled meanwhile drops out."""
+    return lambda stage, fraction: attempt(members, lambda member: member.ctx.report(stage, fraction))
+
+
+def settle(member: Member, batch: Batch):
+    """The member's outcome through the job's own error handling (messages, metrics, on_error).
+
+    Returns None on success, else the exc_info RQ stores for the failure.
+    """
+    try:
+        with job_outcome(member.ctx, batch.kind, member.payload, batch.on_error, started=member.started):
+            if member.error is not None:
+                raise member.error
+    except Exception:  # noqa: BLE001 - handed to RQ
+        return sys.exc_info()
+    return None
+
+
+def claim_companions(connection, queue, first: Job, batch: Batch, limit: int) -> list[Job]:
+    """Up to `limit` queued jobs that can share `first`'s pass, taken off `queue` atomically."""
+    key = batch.share_key(first.meta.get("params", {}))
+    if key is None or limit < 1:
+        return []
+    ids = [raw.decode() for raw in connection.lrange(queue.key, 0, CLAIM_WINDOW - 1)]
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.hget(Job.key_for(job_id), "meta")
+        metas = pipe.execute()
+    wanted = []
+    for job_id, raw in zip(ids, metas):
+        meta = JSONSerializer.loads(raw) if raw else {}
+        if meta.get("kind") == batch.kind and batch.share_key(meta.get("params", {})) == key:
+            wanted.append(job_id)
+            if len(wanted) == limit:
+                break
+    if not wanted:
+        return []
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id in wanted:
+            pipe.lrem(queue.key, 1, job_id)  # 1: ours; 0: another worker (or a cancel) was first
+        taken = [job_id for job_id, removed in zip(wanted, pipe.execute()) if removed]
+    jobs = Job.fetch_many(taken, connection=connection, serializer=JSONSerializer) if taken else []
+    return [job for job in jobs if job is not None]
