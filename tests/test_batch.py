@@ -1,12 +1,14 @@
 """Cross-request batching: one shared pass gives each job exactly the masks it gets alone, jobs are
 claimed once, and one bad job never fails its neighbours."""
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from attnseg import rle
-from attnseg.images import store_image
+from attnseg.images import store_bytes
 from attnseg.queue import SEGMENT_QUEUE, enqueue, get_queue
 from attnseg.settings import Settings
 from workers.methods.unsupervised import attention_pass, segment_row, segment_unsupervised
@@ -54,9 +56,16 @@ def worker_on(redis_server, tiny_sd, tmp_path):
     runtime.install(None)
 
 
+def stored_entry(connection, settings, image: np.ndarray) -> dict:
+    """A payload's picture entry, as the API stores an upload (PNG bytes as received)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return {"key": store_bytes(connection, buffer.getvalue(), settings.image_ttl_s),
+            "width": image.shape[1], "height": image.shape[0]}
+
+
 def submit(connection, settings, image: np.ndarray, **params):
-    entry = {"key": store_image(connection, Image.fromarray(image), settings.image_ttl_s),
-             "width": image.shape[1], "height": image.shape[0]}
+    entry = stored_entry(connection, settings, image)
     return enqueue(connection, settings, "unsupervised", {"params": {**PARAMS, **params}, "image": entry})
 
 
@@ -114,11 +123,10 @@ def test_selfcross_jobs_with_the_same_classes_share_a_pass(worker_on):
     connection, settings, run = worker_on
     images = pictures(3)
     text = {"classes": ["cat", "dog"], "method": "selfcross", "background": True, "background_words": None,
-            "samples": 2, "timestep": 150, "resolution": 64}
+            "samples": 2, "timestep": 150, "resolution": 64, "gate_threshold": 0.2, "background_threshold": 0.5}
 
     def submit_text(image, seed, **changes):
-        entry = {"key": store_image(connection, Image.fromarray(image), settings.image_ttl_s),
-                 "width": image.shape[1], "height": image.shape[0]}
+        entry = stored_entry(connection, settings, image)
         return enqueue(connection, settings, "text", {"params": {**text, "seed": seed, **changes}, "image": entry})
 
     shared = [submit_text(images[0], 5), submit_text(images[1], 9)]
