@@ -3,6 +3,8 @@ progress while it is made, failure when that job ended without the worker saying
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
@@ -31,14 +33,22 @@ def with_job_state(connection, view: dict, job_id: str, settings: Settings) -> d
     return view
 
 
+def cancel(connection, job: RQJob, settings: Settings) -> None:
+    """Cancel a job: a queued one never runs (jobs waiting on it run and say why they cannot); a
+    running one stops at its next progress report. The stop flag is set in both cases: a worker may
+    be taking the job off the queue at this very moment, and it then stops at its first report."""
+    connection.set(cancel_key(job.id), 1, ex=settings.result_ttl_s)
+    if job_view(connection, job, settings)["status"] == "queued":
+        job.meta["finished_at"] = datetime.now(timezone.utc).isoformat()
+        job.save_meta()
+        job.cancel(enqueue_dependents=True)
+        publish_job_event(connection, job.id, "end")
+
+
 def cancel_job(connection, job_id: str, settings: Settings) -> None:
-    """Cancel the job making an artefact: a queued one never runs (jobs waiting on it run and say
-    why they cannot), a running one stops at its next progress report."""
+    """`cancel` by id; nothing to do for a job that no longer exists."""
     try:
         job = fetch_job(connection, job_id)
-        if job_view(connection, job, settings)["status"] == "queued":
-            job.cancel(enqueue_dependents=True)
-            publish_job_event(connection, job.id, "end")
-        connection.set(cancel_key(job.id), 1, ex=settings.result_ttl_s)
     except NoSuchJobError:
-        pass
+        return
+    cancel(connection, job, settings)

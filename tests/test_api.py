@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from attnseg.images import load_image
-from attnseg.queue import QUEUES, get_queue
+from attnseg.queue import QUEUES, cancel_key, get_queue
 from tests.support import image_bytes
 
 
@@ -87,6 +87,9 @@ def test_cancel_a_queued_job(client, redis_server):
     assert canceled.json()["status"] == "canceled"
     assert canceled.json()["finished_at"] is not None and canceled.json()["expires_at"] is not None
     assert queued_jobs(redis_server) == 0
+    # A worker may be taking the job off the queue as it is canceled: the stop flag it checks at
+    # its first progress report is set too, so it never runs to the end under a "canceled" job.
+    assert redis_server.client().exists(cancel_key(job["id"]))
 
 
 BAD_INPUTS = [

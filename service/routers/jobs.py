@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from rq.exceptions import NoSuchJobError
@@ -13,7 +12,6 @@ from starlette.concurrency import run_in_threadpool
 
 from attnseg.images import ImageMissingError, load_image
 from attnseg.ownership import owned_by
-from attnseg.queue import cancel_key, publish_job_event
 from attnseg.settings import Settings
 from service.deps import current_tenant, get_job_events, get_redis, get_settings
 from service.errors import ApiError, error_responses
@@ -21,6 +19,7 @@ from service.job_events import JobEvents
 from service.job_view import job_view
 from service.lifecycle import wait_unless_shutting_down
 from service.overlay import render_overlay
+from service.records import cancel
 from service.schemas import Job, shown_id, valid_id
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -75,14 +74,8 @@ def cancel_job(job_id: str, tenant: str = Depends(current_tenant), settings: Set
                connection=Depends(get_redis)):
     """Cancels a queued job at once; asks a running one to stop (the worker checks between steps)."""
     job = fetch_job(connection, job_id, tenant)
-    view = job_view(connection, job, settings)
-    if view["status"] == "queued":
-        job.meta["finished_at"] = datetime.now(timezone.utc).isoformat()
-        job.save_meta()
-        job.cancel(enqueue_dependents=True)  # jobs waiting on it run and say why they cannot
-        publish_job_event(connection, job_id, "end")
-    elif view["status"] == "running":
-        connection.set(cancel_key(job_id), 1, ex=settings.result_ttl_s)
+    if job_view(connection, job, settings)["status"] in ("queued", "running"):
+        cancel(connection, job, settings)
     return job_view(connection, fetch_job(connection, job_id, tenant), settings)
 
 

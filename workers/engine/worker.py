@@ -14,7 +14,6 @@ import secrets
 import socket
 import threading
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import numpy as np

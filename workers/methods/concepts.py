@@ -39,7 +39,7 @@ from workers.methods.oneshot import autocast, grad_scaler
 from workers.methods.prompts import Prompt, pad_ids, prompt_from_pieces
 from workers.methods.timing import Timer
 from workers.models.concept_hooks import concept_attention, cross_attention_layers, token_embeddings
-from workers.models.sd_ops import encode_latents, image_to_pixels, make_generator, sample_noise
+from workers.models.sd_ops import image_to_pixels, make_generator, sample_noise
 from workers.models.stable_diffusion import StableDiffusion
 
 # Prompts of the training photos ("{}" is "<identifier> class_word", or "<identifier>" for Textual
