@@ -129,7 +129,12 @@ class Submitted:
         if self.in_flight:
             await asyncio.wait(self.in_flight, timeout=30)
         open_jobs = [job for job in self.jobs if not job.done]
-        await asyncio.gather(*(client.cancel(job.id) for job in open_jobs), return_exceptions=True)
+        # Newest first: the queued ones go before a running one stops and frees the worker for them.
+        for job in reversed(open_jobs):
+            try:
+                await client.cancel(job.id)
+            except PICTURE_ERRORS as exc:
+                print(f"attnseg: could not cancel job {job.id}: {describe(exc)}", file=sys.stderr)
         return len(open_jobs)
 
 
