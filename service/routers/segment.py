@@ -67,7 +67,7 @@ async def submit_one_image(request: Request, response: Response, settings: Setti
     def store_and_enqueue():
         field = "queries" if kind == "referring" else "classes"
         concepts, after = ({}, None) if concept_texts is None else resolve_concepts(
-            connection, owner, concept_texts(params), settings, field)
+            connection, owner, concept_texts(params), settings, field, one_pass=kind == "text")
         if concepts and getattr(params, "method", "selfcross") != "selfcross":
             raise ApiError(422, "invalid_field", f"concepts work with method 'selfcross' only, not "
                                                  f"'{params.method}'", field="method")
