@@ -138,6 +138,10 @@ def test_referring_and_text_resolve_identifiers(client, redis_server):
     assert text.status_code == 202, text.text
     gem = client.post("/segment/text", files=image, data={"classes": '["<my-mug> mug"]', "method": "gem"})
     assert gem.status_code == 422 and "'selfcross' only" in gem.json()["error"]["message"]
+    other = client.post("/concepts/train", files=photos(), data={"identifier": "her-mug", "class_word": "mug"})
+    assert other.status_code == 202
+    both = client.post("/segment/text", files=image, data={"classes": '["<my-mug> mug", "<her-mug> mug"]'})
+    assert both.status_code == 422 and "only one of them" in both.json()["error"]["message"]
     two = client.post("/segment/referring", files=image, data={"class_word": "mug", "queries": '["<a> <b>"]'})
     assert two.status_code == 422 and "more than one concept" in two.json()["error"]["message"]
     assert client.delete(f"/concepts/{concept_id}").status_code == 204

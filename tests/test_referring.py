@@ -85,6 +85,9 @@ def test_instance_scores_are_means_over_each_instance():
     instances = torch.tensor([-1, 0, 0, 1])
     attributions = torch.tensor([[9.0, 1.0, 3.0, 5.0], [0.0, 0.0, 0.0, 1.0]])
     assert torch.allclose(instance_scores(attributions, instances, 2), torch.tensor([[2.0, 5.0], [0.0, 1.0]]))
+    nothing = instance_scores(attributions, torch.full((4,), -1), 0)  # no object area: no instance
+    assert nothing.shape == (2, 0) and assign_queries(nothing) == [None, None]
+    assert instance_labels(torch.full((4,), -1), [None, None], 0).tolist() == [0, 0, 0, 0]
 
 
 def test_one_query_takes_its_best_instance_several_are_assigned_jointly():

@@ -64,13 +64,16 @@ def create_record(connection, concept_id: str, owner: str, identifier: str, clas
                        field="identifier") from None
 
 
-def resolve_concepts(connection, owner: str, texts: list[str], settings: Settings, field: str
-                     ) -> tuple[dict[str, str], str | None]:
+def resolve_concepts(connection, owner: str, texts: list[str], settings: Settings, field: str, *,
+                     one_pass: bool = False) -> tuple[dict[str, str], str | None]:
     """identifier -> concept id for every `<identifier>` in texts, and the training job to wait for
     (a concept still training may be used: the job then waits for it). 422 for an unknown
-    identifier, 409 for a failed concept or for two concepts still in the making."""
+    identifier, or with one_pass (all texts in one UNet pass) for two Custom Diffusion concepts, whose
+    attention weights would replace the same projections; 409 for a failed concept or for two
+    concepts still in the making."""
     found: dict[str, str] = {}
     waiting: list[str] = []
+    weighted: list[str] = []
     for identifier in dict.fromkeys(name for text in texts for name in identifiers_in(text)):
         record = concept_store.by_identifier(connection, owner, identifier)
         if record is None:
@@ -83,7 +86,13 @@ def resolve_concepts(connection, owner: str, texts: list[str], settings: Setting
                            field=field)
         if view["status"] in IN_THE_MAKING:
             waiting.append(record["job_id"])
+        if record["method"] == "custom_diffusion":
+            weighted.append(f"<{identifier}>")
         found[identifier] = record["id"]
+    if one_pass and len(weighted) > 1:
+        raise ApiError(422, "invalid_field", f"{', '.join(weighted)} are Custom Diffusion concepts: one request can "
+                                             "use only one of them (Textual Inversion concepts combine freely)",
+                       field=field)
     if len(waiting) > 1:
         raise ApiError(409, "concepts_not_ready", "more than one of these concepts is still being made; wait for "
                                                   "them (GET /concepts/{id})", field=field)

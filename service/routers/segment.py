@@ -68,7 +68,7 @@ async def submit_one_image(request: Request, response: Response, tenant: str, se
     def check_and_submit():
         field = "queries" if kind == "referring" else "classes"
         concepts, after = ({}, None) if concept_texts is None else resolve_concepts(
-            connection, tenant, concept_texts(params), settings, field)
+            connection, tenant, concept_texts(params), settings, field, one_pass=kind == "text")
         if concepts and getattr(params, "method", "selfcross") != "selfcross":
             raise ApiError(422, "invalid_field", f"concepts work with method 'selfcross' only, not "
                                                  f"'{params.method}'", field="method")

@@ -114,8 +114,11 @@ def spectral_instances(self_attn: torch.Tensor, area: torch.Tensor, *, max_insta
 def instance_scores(attributions: torch.Tensor, instances: torch.Tensor, count: int) -> torch.Tensor:
     """Mean attribution of each query over each instance.
 
-    attributions: (M, Q) query maps; instances: (Q,) -1 or 0..count-1. Returns (M, count).
+    attributions: (M, Q) query maps; instances: (Q,) -1 or 0..count-1. Returns (M, count); (M, 0)
+    when no instance was found.
     """
+    if count == 0:
+        return attributions.new_zeros(attributions.shape[0], 0)
     instances = instances.to(attributions.device)
     onehot = torch.nn.functional.one_hot(instances.clamp_min(0), count).float() * (instances >= 0)[:, None]
     return (attributions.float() @ onehot) / onehot.sum(0).clamp_min(1)
