@@ -21,7 +21,7 @@ from attnseg.queue import image_key
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 # Modes Pillow converts to RGB without losing meaning (alpha is dropped, as for RGBA).
-PILLOW_TO_RGB = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+PILLOW_TO_RGB = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 # Grey deeper than 8 bits: Pillow's own conversion clips at 255, so scale the 16-bit range instead.
 HIGH_DEPTH_GREY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
@@ -80,16 +80,15 @@ def decode_rgb(data: bytes, *, min_side: int | None = None) -> np.ndarray:
     above it (JPEG DCT scaling, then integer `reduce`): a worker needs only its working size.
     """
     with Image.open(io.BytesIO(data), formats=FORMATS) as image:
-        if min_side is not None:
+        if min_side is not None and image.format == "JPEG":
             width, height = image.size
-            if image.format == "JPEG":
-                image.draft("RGB", (max(1, width * min_side // min(width, height)),
-                                    max(1, height * min_side // min(width, height))))
-            factor = min(image.size) // min_side
-            if factor >= 2:
-                image = image.reduce(factor)
-        image = ImageOps.exif_transpose(image)
-        return np.array(to_rgb(image))  # writable: torch.from_numpy warns on read-only arrays
+            shorter = min(width, height)
+            image.draft("RGB", (max(1, width * min_side // shorter), max(1, height * min_side // shorter)))
+        image = to_rgb(image)  # before `reduce`, which refuses palette, 1-bit and 16-bit modes
+        if min_side is not None and min(image.size) // min_side >= 2:
+            image = image.reduce(min(image.size) // min_side)
+        # writable: torch.from_numpy warns on read-only arrays
+        return np.array(ImageOps.exif_transpose(image))
 
 
 def content_key(data: bytes) -> str:

@@ -70,7 +70,10 @@ def job_view(connection, job: RQJob, settings: Settings) -> dict:
         job.refresh()
         status_rq = job.get_status(refresh=False)
     meta = job.get_meta(refresh=False)
-    status = "canceled" if meta.get("canceled") else STATUS.get(status_rq, "queued")
+    # The worker marks a canceled job in its meta just before RQ records the end: until RQ has
+    # (and so knows when it ended), the job is still running.
+    ended_rq = status_rq in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+    status = "canceled" if meta.get("canceled") and ended_rq else STATUS.get(status_rq, "queued")
 
     finished_at = ended_at(job, meta) if status in ("succeeded", "failed", "canceled") else None
     expires_at = None

@@ -199,6 +199,7 @@ def test_openapi_declares_security_required_fields_and_statuses(client):
             if path.startswith(("/jobs", "/oneshot", "/segment")) or path == "/metrics":
                 assert "401" in operation["responses"], (method, path)
                 assert operation["security"] == [{"HTTPBearer": []}]
+    assert spec["paths"]["/readyz"]["get"]["security"] == [{"HTTPBearer": []}, {}]  # a key or none
     assert "HTTPValidationError" not in json.dumps(spec)  # every 422 is the error envelope we send
 
 

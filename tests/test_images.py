@@ -33,6 +33,14 @@ def test_decoding_to_a_working_size_stays_at_or_above_it(fmt):
     assert np.abs(small.astype(int) - (10, 200, 30)).max() <= 3
 
 
+@pytest.mark.parametrize("mode", ["P", "1", "I;16", "LA"])
+def test_any_mode_decodes_to_a_working_size(mode):
+    buffer = io.BytesIO()
+    Image.new(mode, (1200, 900)).save(buffer, format="PNG")
+    small = decode_rgb(buffer.getvalue(), min_side=300)
+    assert small.shape == (300, 400, 3) and small.dtype == np.uint8
+
+
 def test_exif_orientation_applies_after_reduction():
     data = jpeg(1600, 1200, orientation=6)  # rotate 90 clockwise: upright 1200 wide, 1600 high
     full, small = decode_rgb(data), decode_rgb(data, min_side=300)

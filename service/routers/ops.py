@@ -26,7 +26,8 @@ def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},
+            openapi_extra={"security": [{}]})  # added to the bearer scheme: a key is optional here
 def readyz(tenant: str | None = Depends(optional_tenant), connection=Depends(get_redis)):
     """Ready when Redis answers and at least one worker has loaded its models (200, else 503).
 

@@ -214,6 +214,7 @@ def oneshot_train(ctx: JobContext, payload: dict) -> dict:
     model_id = payload["model_id"]
     record = oneshot_store.update(ctx.connection, model_id, sd_model=rt.sd.model_id)
     if record is None:
+        ctx.report("starting", 0.0)  # DELETE /oneshot/{id} cancels before it deletes: a cancel, if so
         raise JobFailure("model_deleted", f"model {model_id} was deleted before its training started")
     ctx.update_params(sd_model=rt.sd.model_id)
     examples = [(fetch_image(ctx, e["image"]), fetch_image(ctx, e["mask"], load_mask)) for e in payload["examples"]]
