@@ -7,6 +7,7 @@ the training job id, and (when ready) the learned vectors. Each tenant lists onl
 
 from __future__ import annotations
 
+from attnseg.ownership import DEFAULT_TENANT
 from attnseg.queue import ONESHOT_INDEX_KEY, ONESHOT_PREFIX
 from attnseg.record_store import RecordStore, new_id
 
@@ -41,3 +42,17 @@ def count(connection, tenant: str) -> int:
 
 def delete(connection, model_id: str) -> bool:
     return store.delete(connection, model_id)
+
+
+def adopt_untenanted(connection) -> int:
+    """Move models indexed before tenants existed (one shared index) into tenant `default`'s index,
+    whose owner they already are (attnseg.ownership); idempotent. Returns how many were moved."""
+    legacy = ONESHOT_INDEX_KEY
+    if not connection.exists(legacy):
+        return 0
+    moved = connection.zcard(legacy)
+    with connection.pipeline() as pipe:
+        pipe.zunionstore(store.index_key(DEFAULT_TENANT), [store.index_key(DEFAULT_TENANT), legacy], aggregate="MIN")
+        pipe.delete(legacy)
+        pipe.execute()
+    return moved

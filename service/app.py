@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
+import redis
 from fastapi import FastAPI
 
+from attnseg import oneshot_store
 from attnseg.queue import connect
 from attnseg.settings import Settings, get_settings
 from service.auth import KeyRing
@@ -17,6 +19,8 @@ from service.job_events import JobEvents
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.routers import concepts, jobs, oneshot, ops, segment
+
+log = logging.getLogger("attnseg.api")
 
 DESCRIPTION = """Segmentation on Stable Diffusion attention maps.
 
@@ -38,6 +42,12 @@ def create_app(settings: Settings | None = None, connection=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         open_lifecycle(app)
         job_events.start()
+        try:
+            adopted = oneshot_store.adopt_untenanted(connection)
+            if adopted:
+                log.info("one-shot models from before tenants: %d moved to tenant 'default'", adopted)
+        except redis.RedisError as exc:  # Redis not up yet: the next start adopts them
+            log.warning("one-shot models from before tenants not adopted yet: %s", exc)
         yield
         begin_shutdown(app)  # long-polls answer first
         await job_events.stop()

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from attnseg.images import UnsupportedModeError, load_image, to_rgb
-from attnseg.queue import QUEUES, clean_canceled, get_queue
+from attnseg.queue import ONESHOT_INDEX_KEY, ONESHOT_PREFIX, QUEUES, clean_canceled, get_queue
 from attnseg.settings import Settings
 from service.app import create_app
 from tests.support import image_bytes
@@ -413,3 +413,17 @@ def test_worker_names_are_unique_per_process_start():
     first, second = default_worker_name(), default_worker_name()
     assert first != second
     assert first.startswith(f"{socket.gethostname()}.{os.getpid()}.")
+
+
+def test_models_from_before_tenants_are_listed_for_tenant_default(make_client, redis_server):
+    """One-shot models indexed in the single pre-tenant index are adopted by tenant `default` at start."""
+    client = make_client()
+    raw = redis_server.client()
+    record = {"id": "m0", "status": "failed", "labels": ["wheel"], "params": {}, "sd_model": None,
+              "train_job_id": "gone", "created_at": "2026-11-30T00:00:00+00:00", "metrics": {}, "error": None}
+    raw.set(f"{ONESHOT_PREFIX}:m0", json.dumps(record))
+    raw.zadd(ONESHOT_INDEX_KEY, {"m0": 1.0})
+    with client:  # start-up runs the adoption
+        listed = client.get("/oneshot").json()
+    assert [model["id"] for model in listed["models"]] == ["m0"] and listed["total"] == 1
+    assert not raw.exists(ONESHOT_INDEX_KEY)
