@@ -271,7 +271,7 @@ def main(argv=None) -> dict:
     # torch's default (all cores per worker) oversubscribes a small shared box: OpenMP threads
     # that spin for a busy core made the tiny model 5-20x slower here, and that is not the service.
     worker_extra = {} if args.worker_threads == 0 else {"OMP_NUM_THREADS": str(args.worker_threads),
-                                                   "ATTNSEG_TORCH_THREADS": str(args.worker_threads)}
+                                                        "ATTNSEG_TORCH_THREADS": str(args.worker_threads)}
     worker_extra["ATTNSEG_DEVICE"] = args.worker_device
     info = machine_info()
     print_header("service benchmark (HTTP + Redis/RQ + tiny-random worker)", info)
