@@ -247,6 +247,7 @@ def parse_args(argv=None):
     parser.add_argument("--resolution", type=int, default=256, help="working resolution of the jobs")
     parser.add_argument("--worker-threads", type=int, default=1,
                         help="OMP_NUM_THREADS of each worker (default 1; 0: torch's default, all cores)")
+    parser.add_argument("--worker-device", default="cpu", help="ATTNSEG_DEVICE of the workers (cpu, cuda)")
     parser.add_argument("--round-trips", type=int, default=0, metavar="N",
                         help="after the phases, N more jobs one at a time under MONITOR: round trips per job")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout)")
@@ -269,8 +270,9 @@ def main(argv=None) -> dict:
     fields = {"resolution": str(args.resolution), "seed": "1"}
     # torch's default (all cores per worker) oversubscribes a small shared box: OpenMP threads
     # that spin for a busy core made the tiny model 5-20x slower here, and that is not the service.
-    threads = {} if args.worker_threads == 0 else {"OMP_NUM_THREADS": str(args.worker_threads),
-                                                   "ATTNSEG_TORCH_THREADS": str(args.worker_threads)}
+    worker_extra = {} if args.worker_threads == 0 else {"OMP_NUM_THREADS": str(args.worker_threads),
+                                                        "ATTNSEG_TORCH_THREADS": str(args.worker_threads)}
+    worker_extra["ATTNSEG_DEVICE"] = args.worker_device
     info = machine_info()
     print_header("service benchmark (HTTP + Redis/RQ + tiny-random worker)", info)
     print(f"run       {args.jobs} jobs per phase (at most {args.max_seconds:.0f} s), {len(small)}-byte PNG "
@@ -290,7 +292,7 @@ def main(argv=None) -> dict:
             for phase in args.phases:
                 while len(stack.workers) < phase["workers"]:
                     stack.workers.append(start_worker(stack.redis.url, stack.cache_dir,
-                                                      stack.directory / "worker.log", **threads))
+                                                      stack.directory / "worker.log", **worker_extra))
                     wait_for(lambda: stack.ready_workers() >= len(stack.workers), timeout=WORKER_READY_TIMEOUT_S,
                              message=f"{len(stack.workers)} ready workers")
                 pictures = pictures_for(phase, args.jobs, small)

@@ -223,11 +223,13 @@ class Stopwatch:
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
-    """rows as a fixed-width text table; floats with one decimal."""
+    """rows as a fixed-width text table; floats with one decimal (three significant digits below 10)."""
     def cell(value) -> str:
         if value is None:
             return "-"
-        return f"{value:.1f}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            return f"{value:.3g}" if 0 < abs(value) < 10 else f"{value:.1f}"
+        return str(value)
 
     text = [[cell(row.get(column)) for column in columns] for row in rows]
     widths = [max(len(column), *(len(line[i]) for line in text)) for i, column in enumerate(columns)]

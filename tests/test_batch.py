@@ -143,3 +143,18 @@ def test_selfcross_jobs_with_the_same_classes_share_a_pass(worker_on):
             decoded[rle.decode(segment["segmentation"])] = segment["label_id"]
         np.testing.assert_array_equal(decoded, single.labels)
         assert result["passes"] == single.passes
+
+
+def test_a_job_canceled_during_the_shared_pass_ends_alone(worker_on):
+    from attnseg.queue import cancel_key
+
+    connection, settings, run = worker_on
+    images = pictures(3)
+    jobs = [submit(connection, settings, image) for image in images]
+    connection.set(cancel_key(jobs[1].id), 1)  # as DELETE /jobs/{id} does for a running job
+    run(max_batch=8)
+    for job in jobs:
+        job.refresh()
+    assert jobs[1].get_status() == "failed" and jobs[1].meta.get("canceled") is True
+    assert [jobs[0].get_status(), jobs[2].get_status()] == ["finished", "finished"]
+    assert jobs[0].return_value()["timings_ms"]["unet"] == jobs[2].return_value()["timings_ms"]["unet"]

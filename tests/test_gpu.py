@@ -10,7 +10,6 @@ the pixels (a label changes only where two proposals nearly tie).
 """
 
 import numpy as np
-import pytest
 import torch
 
 from workers.methods import oneshot

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from workers.engine.context import JobContext, job_outcome
+from workers.engine.context import JobCanceled, JobContext, job_outcome, report_progress
 
 CLAIM_WINDOW = 64  # queued ids looked at for companions, from the front of the queue
 
@@ -68,8 +68,15 @@ def fail_live(members: list[Member], error: BaseException) -> None:
 
 
 def shared_report(members: list[Member]) -> Callable[[str, float], None]:
-    """Progress of a shared step to every live member; a member canceled meanwhile drops out."""
-    return lambda stage, fraction: attempt(members, lambda member: member.ctx.report(stage, fraction))
+    """Progress of a shared step to every live member in one round trip; a member canceled meanwhile
+    drops out (its row is still computed, nothing more is done for it)."""
+
+    def report(stage: str, fraction: float) -> None:
+        live = [member for member in members if member.live]
+        for index in report_progress([member.ctx for member in live], stage, fraction):
+            live[index].error = JobCanceled()
+
+    return report
 
 
 def settle(member: Member, batch: Batch):

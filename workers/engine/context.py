@@ -49,19 +49,7 @@ class JobContext:
     def report(self, stage: str, fraction: float, **extra) -> None:
         """Publish progress and stop here if the job was canceled (the check between steps), at most
         every PROGRESS_EVERY_S; the first report always goes out."""
-        if self.job is None:
-            return
-        self.job.meta["progress"] = {"stage": stage, "fraction": round(min(max(fraction, 0.0), 1.0), 4), **extra}
-        moment = time.monotonic()
-        if self._written_at is not None and moment - self._written_at < PROGRESS_EVERY_S:
-            return
-        self._written_at = moment
-        with self.connection.pipeline(transaction=False) as pipe:  # one round trip: save, announce, check
-            pipe.hset(self.job.key, "meta", self.job.serializer.dumps(self.job.meta))  # as job.save_meta()
-            publish_job_event(pipe, self.job.id, "progress")
-            pipe.exists(cancel_key(self.job.id))
-            canceled = pipe.execute()[-1]
-        if canceled:
+        if report_progress([self], stage, fraction, **extra):
             raise JobCanceled
 
     def update_params(self, **values) -> None:
@@ -76,6 +64,32 @@ class JobContext:
             if code != "canceled":
                 self.job.meta["error"] = {"code": code, "message": message}
             self.job.save_meta()
+
+
+def report_progress(contexts: list[JobContext], stage: str, fraction: float, **extra) -> set[int]:
+    """`report` for several jobs (a batch) in one round trip: each job's progress written, announced
+    and its cancellation checked, at most every PROGRESS_EVERY_S. Returns the indexes of the
+    contexts whose job was canceled."""
+    progress = {"stage": stage, "fraction": round(min(max(fraction, 0.0), 1.0), 4), **extra}
+    moment = time.monotonic()
+    due = []
+    for index, ctx in enumerate(contexts):
+        if ctx.job is None:
+            continue
+        ctx.job.meta["progress"] = progress
+        if ctx._written_at is None or moment - ctx._written_at >= PROGRESS_EVERY_S:
+            ctx._written_at = moment
+            due.append(index)
+    if not due:
+        return set()
+    with contexts[due[0]].connection.pipeline(transaction=False) as pipe:
+        for index in due:
+            job = contexts[index].job
+            pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))  # as job.save_meta()
+            publish_job_event(pipe, job.id, "progress")
+            pipe.exists(cancel_key(job.id))
+        canceled = pipe.execute()[2::3]
+    return {index for index, flag in zip(due, canceled) if flag}
 
 
 @contextmanager

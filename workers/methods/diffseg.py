@@ -254,9 +254,17 @@ def bilinear_argmax(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     of the four corners, so it lies between the corners' min and max. Only maps whose corner max
     reaches the best corner min in the cell can win a pixel there; a cell with one such candidate
     is that map's throughout. The other cells (along segment borders) are evaluated one band of
-    source rows at a time, for their candidates only, with the same arithmetic as F.interpolate.
+    source rows at a time, each for its own candidates only, with the same arithmetic as F.interpolate.
     Ties go to the lowest index, as argmax. Returns (H, W) int64 on the maps' device.
     """
+    # An exact copy of an earlier map never wins (ties go to the lower index), yet would keep every
+    # cell open: merged proposals of one region are often identical. Drop copies first.
+    _, copy_of = torch.unique(maps.flatten(1), dim=0, return_inverse=True)
+    first = torch.full((int(copy_of.max()) + 1,), maps.shape[0], device=maps.device)
+    first.scatter_reduce_(0, copy_of, torch.arange(maps.shape[0], device=maps.device), reduce="amin")
+    kept = first.sort().values
+    if len(kept) < maps.shape[0]:
+        return kept[bilinear_argmax(maps[kept], size)]
     count, h, w = maps.shape
     height, width = size
     device = maps.device
@@ -272,7 +280,7 @@ def bilinear_argmax(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     open_cells = candidates.sum(0) > 1
     labels = winner[y0][:, x0]
     # Horizontal pass once for all rows; then per band of output rows (one source row pair), only
-    # the open cells' columns, candidate by candidate with a running maximum.
+    # the open cells' columns, each against its own cell's candidates (C at most per band).
     across = maps[:, :, x0] * (1 - wx) + maps[:, :, x1] * wx  # (K, h, W)
     first_row = 0
     for cell_row, row_count in enumerate(torch.bincount(y0, minlength=h).tolist()):
@@ -282,19 +290,27 @@ def bilinear_argmax(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if row_count == 0 or not bool(open_row.any()):
             continue
         cols = torch.nonzero(open_row[x0], as_tuple=True)[0]
-        which = torch.nonzero(candidates[:, cell_row][:, open_row].any(1), as_tuple=True)[0].tolist()
-        top, bottom = across[:, cell_row][:, cols], across[:, int(below[cell_row])][:, cols]  # (K, n)
+        in_cell = candidates[:, cell_row].T  # (w, K): the candidates of each cell of the band
+        per_cell = in_cell.sum(1)
+        most = int(per_cell.max())
+        # Candidate ids per cell in ascending order (a stable sort puts the True ones first), padded
+        # with the cell's first candidate: a repeat never changes the argmax.
+        ids = torch.sort(in_cell.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :most]
+        ids = torch.where(torch.arange(most, device=device) < per_cell[:, None], ids, ids[:, :1])
+        ids = ids[x0[cols]].T  # (C, n)
+        top = across[:, cell_row][:, cols].gather(0, ids)
+        bottom = across[:, int(below[cell_row])][:, cols].gather(0, ids)
         weight = wy[rows, None]
-        best = best_index = None
-        for k in which:  # ascending: a strict > keeps ties with the lower index
-            value = top[k] * (1 - weight) + bottom[k] * weight  # (rows, n)
+        best = chosen = None
+        for j in range(most):  # ascending ids per cell: a strict > keeps ties with the lower id
+            value = top[j] * (1 - weight) + bottom[j] * weight  # (rows, n)
             if best is None:
-                best, best_index = value, torch.full_like(value, k, dtype=torch.int64)
+                best, chosen = value, ids[0].expand(row_count, -1)
             else:
                 better = value > best
                 best = torch.where(better, value, best)
-                best_index.masked_fill_(better, k)
-        labels[rows, cols] = best_index
+                chosen = torch.where(better, ids[j], chosen)
+        labels[rows, cols] = chosen
     return labels
 
 
