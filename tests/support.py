@@ -109,8 +109,9 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "c
 class Stack:
     """Redis, the API (uvicorn, real HTTP) and workers as separate processes, like production."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, **api_env: str):
         self.directory = directory
+        self.api_env = api_env  # extra ATTNSEG_* settings of the API process (e.g. ATTNSEG_API_KEY)
         self.redis = RedisServer(directory / "redis", appendonly=True)
         self.cache_dir = directory / "cache"
         self.api_port = free_port()
@@ -123,9 +124,9 @@ class Stack:
 
     def start_api(self) -> None:
         log = open(self.directory / "api.log", "ab")
+        env = worker_env(self.redis.url, self.cache_dir, **self.api_env)
         self.api = subprocess.Popen([sys.executable, "-m", "cli", "api", "--port", str(self.api_port)],
-                                    cwd=ROOT, env=worker_env(self.redis.url, self.cache_dir), stdout=log,
-                                    stderr=subprocess.STDOUT)
+                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def restart_api(self) -> None:
         self.api.terminate()
@@ -140,8 +141,10 @@ class Stack:
     def ready_workers(self) -> int:
         import httpx
 
+        key = self.api_env.get("ATTNSEG_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
-            return len(httpx.get(f"{self.base_url}/readyz", timeout=2).json()["workers"])
+            return len(httpx.get(f"{self.base_url}/readyz", headers=headers, timeout=2).json()["workers"])
         except (httpx.HTTPError, ValueError, KeyError):
             return 0
 
@@ -158,6 +161,21 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     worker.kill()
         self.workers = []
+
+    def start(self) -> "Stack":
+        """Redis, the API and one tiny-random worker, returned once the worker is ready."""
+        from workers.models.tiny_random import build_tiny_random  # torch: only tests that run a worker
+
+        build_tiny_random(self.cache_dir / "tiny-random")  # once, before workers race to build it
+        self.redis.start()
+        self.start_api()
+        self.start_worker()
+        try:
+            wait_for(lambda: self.ready_workers() >= 1, timeout=240, message="a ready worker")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(self.logs()) from None
+        return self
 
     def stop(self) -> None:
         self.stop_workers()

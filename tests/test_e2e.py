@@ -18,23 +18,13 @@ from PIL import Image
 from pycocotools import mask as coco
 
 from tests.support import Stack, image_bytes, wait_for
-from workers.models.tiny_random import build_tiny_random
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("stack"))
-    build_tiny_random(stack.cache_dir / "tiny-random")  # once, before workers race to build it
-    stack.redis.start()
-    stack.start_api()
-    stack.start_worker()
-    try:
-        wait_for(lambda: stack.ready_workers() >= 1, timeout=240, message="a ready worker")
-    except AssertionError:
-        stack.stop()
-        raise AssertionError(stack.logs()) from None
+    stack = Stack(tmp_path_factory.mktemp("stack")).start()
     yield stack
     stack.stop()
 
