@@ -233,6 +233,11 @@ def test_api_errors_are_shown_next_to_what_to_fix(page, tmp_path):
     expect(page.locator("#classes")).to_have_attribute("aria-invalid", "true")
     expect(page.locator("#classes")).to_be_focused()
     screenshot(page, tmp_path, "ui-error")
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: one column, nothing wider than the screen
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    expect(page.locator("#classes")).to_be_in_viewport()
+    screenshot(page, tmp_path, "ui-phone")
+    page.set_viewport_size({"width": 1280, "height": 900})
 
     page.click("label[for=method-unsupervised]")
     page.click("#segment-form summary")
@@ -282,3 +287,11 @@ def test_oneshot_train_with_live_progress_then_segment(page, tmp_path):
     job = download_json(page)
     assert job["kind"] == "oneshot_segment" and job["result"]["labels"] == ["background", "left", "right"]
     screenshot(page, tmp_path, "ui-oneshot")
+
+    # A long training can be canceled from the page.
+    page.fill("#epochs", "2000")
+    page.click("#train-submit")
+    expect(page.locator("#train-progress-text")).to_contain_text("Training: epoch", timeout=JOB_TIMEOUT_MS)
+    page.click("#train-progress .cancel")
+    expect(page.locator("#train-progress-text")).to_have_text("Canceled.", timeout=JOB_TIMEOUT_MS)
+    expect(page.locator("#train-submit")).to_be_enabled()

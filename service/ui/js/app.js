@@ -76,7 +76,9 @@ function showError(form, error) {
     target.setAttribute("aria-invalid", "true");
     const details = target.closest("details");
     if (details) details.open = true;
-    target.focus({ preventScroll: false });
+    target.focus();
+  } else {
+    box.scrollIntoView({ block: "nearest" });
   }
 }
 
@@ -329,6 +331,8 @@ function startResult(runner) {
   if (resultRunner !== runner) resultRunner?.abort?.abort();
   resultRunner = runner;
   viewer.clear();
+  // One column (phones): the result is below the form; bring its progress into view.
+  if (window.matchMedia("(max-width: 860px)").matches) $(".result").scrollIntoView({ block: "start" });
 }
 
 // Unsupervised and text
@@ -431,11 +435,14 @@ oneshotForm.addEventListener("submit", (event) => {
 });
 
 // The API key
-$("#api-key").value = getApiKey();
+// The API key: kept on every change (a request sent before pressing "Use" has it), checked on "Use".
+const keyInput = $("#api-key");
+keyInput.value = getApiKey();
+keyInput.addEventListener("change", () => setApiKey(keyInput.value.trim()));
 $("#key-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  setApiKey($("#api-key").value.trim());
-  $("#api-key").removeAttribute("aria-invalid");
+  setApiKey(keyInput.value.trim());
+  keyInput.removeAttribute("aria-invalid");
   refreshStatus();
   if (!$("#oneshot").hidden) refreshModels();
 });
