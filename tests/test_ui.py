@@ -118,20 +118,45 @@ def test_rle_decoder_matches_the_python_encoder(page):
     masks.append(stripes)
     encoded = [rle.encode(mask) for mask in masks]
     decoded = page.evaluate("""async (rles) => {
-        const { decodeMask } = await import("./js/rle.js");
-        return rles.map((r) => Array.from(decodeMask(r)));
+        const { labelMap } = await import("./js/rle.js");
+        return rles.map((r) => Array.from(labelMap([{ id: 1, segmentation: r }], ...r.size)));
     }""", encoded)
-    for mask, flat in zip(masks, decoded):
-        np.testing.assert_array_equal(np.array(flat, bool).reshape(mask.shape), mask)
+    for mask, flat in zip(masks, decoded):  # segment index 0 where the mask is set, -1 elsewhere
+        np.testing.assert_array_equal(np.array(flat).reshape(mask.shape), np.where(mask, 0, -1))
+    # Several segments: each pixel gets the index of the segment covering it.
+    labels = rng.integers(0, 5, (30, 20))
+    segments = [{"id": i + 1, "segmentation": rle.encode(labels == i)} for i in range(5)]
+    painted = page.evaluate("""async (segments) => Array.from(
+        (await import("./js/rle.js")).labelMap(segments, 30, 20))""", segments)
+    np.testing.assert_array_equal(np.array(painted).reshape(30, 20), labels)
     # Counts past 2^31 (pictures over 2 Gpx are refused, but the string format allows them) and deltas < 0.
     counts = [0, 5, 2**31 + 7, 3, 2**40, 1, 2]
     assert page.evaluate("""async (text) => (await import("./js/rle.js")).stringToCounts(text)""",
                          rle.counts_to_string(counts)) == counts
     message = page.evaluate("""async () => {
-        const { decodeMask } = await import("./js/rle.js");
-        try { decodeMask({ size: [2, 2], counts: [1, 2] }); return null; } catch (e) { return e.message; }
+        const { labelMap } = await import("./js/rle.js");
+        try { labelMap([{ id: 1, segmentation: { size: [2, 2], counts: [1, 2] } }], 2, 2); return null; }
+        catch (e) { return e.message; }
     }""")
-    assert "3 pixels" in message and "4" in message
+    assert message == "RLE covers 3 pixels, its size says 4"
+
+
+def test_every_control_is_labelled_and_reachable_by_keyboard(page):
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll("input, select, button")]
+        .filter((el) => !(el.labels?.length || el.getAttribute("aria-label") || el.getAttribute("aria-labelledby")
+                          || (el.tagName === "BUTTON" && el.textContent.trim())))
+        .map((el) => el.outerHTML)""")
+    assert unlabelled == []
+    page.keyboard.press("Tab")
+    expect(page.locator(".skip")).to_be_focused()
+    page.focus("#method-unsupervised")
+    page.keyboard.press("ArrowRight")  # a radio group: arrows change the method
+    expect(page.locator("#method-text")).to_be_checked()
+    expect(page.locator("#classes")).to_be_visible()
+    page.keyboard.press("Tab")
+    expect(page.locator("#picture")).to_be_focused()  # the drop zone's file input, next in order
+    outline = page.eval_on_selector(".drop-zone", "el => getComputedStyle(el).boxShadow")
+    assert outline != "none"  # its focus ring shows on the zone
 
 
 def test_unsupervised_overlay_legend_toggle_and_download(page, stack, tmp_path):
@@ -157,6 +182,7 @@ def test_unsupervised_overlay_legend_toggle_and_download(page, stack, tmp_path):
     segments = job["result"]["segments"]
     assert len(segments) >= 2
     expect(legend).to_have_count(len(segments))
+    expect(page.locator("#canvas")).to_have_attribute("aria-label", f"The picture with {len(segments)} segments drawn over it")
     expect(legend.nth(1).locator(".name")).to_have_text("segment 2")
 
     # The page draws the API's masks: hiding segment 2 restores the picture on exactly its pixels.

@@ -6,7 +6,7 @@ const WAIT_S = 2; // long-poll hold per request: the job ends the hold early; pr
 const RETRIES = 5; // 429/503 and dropped connections while waiting, each after Retry-After
 
 // The page lives at <api>/ui/: the API is its parent, so a path prefix in front of both keeps working.
-export const API_ROOT = new URL("../", window.location.href);
+const API_ROOT = new URL("../", window.location.href);
 
 export function getApiKey() {
   return window.sessionStorage.getItem(KEY_STORAGE) || "";
@@ -34,7 +34,7 @@ export class ApiError extends Error {
  * path ("segment/text", no leading slash) -> parsed JSON; throws ApiError on anything but 2xx.
  * body: FormData (multipart) or, as `json`, an object sent as application/json.
  */
-export async function request(path, { method = "GET", body = undefined, json = undefined, signal = undefined } = {}) {
+export async function request(path, { method = "GET", body, json, signal } = {}) {
   const headers = { Accept: "application/json" };
   const key = getApiKey();
   if (key) headers.Authorization = `Bearer ${key}`;

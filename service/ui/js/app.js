@@ -273,7 +273,9 @@ let resultRunner = null; // the form whose job the result view follows
 
 function fillResolutions() {
   for (const select of document.querySelectorAll("select[data-resolutions]")) {
-    for (let r = 256; r <= 1024; r += 64) select.add(new Option(`${r} px`, String(r), false, String(r) === select.dataset.resolutions));
+    for (let r = 256; r <= 1024; r += 64) {
+      select.add(new Option(`${r} px`, String(r), false, String(r) === select.dataset.resolutions));
+    }
   }
 }
 

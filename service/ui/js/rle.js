@@ -35,7 +35,7 @@ function countsOf(rle) {
  * Calls visit(rowMajorIndex) for every set pixel of the mask.
  * rle: {size: [H, W], counts: string | number[]}. Throws when the runs do not cover H*W pixels.
  */
-export function forEachPixel(rle, visit) {
+function forEachPixel(rle, visit) {
   const [height, width] = rle.size;
   const counts = countsOf(rle);
   let position = 0; // column-major index
@@ -52,14 +52,6 @@ export function forEachPixel(rle, visit) {
   if (position !== height * width) {
     throw new Error(`RLE covers ${position} pixels, its size says ${height * width}`);
   }
-}
-
-/** {size: [H, W], counts} -> Uint8Array(H*W), row-major, 1 where the mask is set. */
-export function decodeMask(rle) {
-  const [height, width] = rle.size;
-  const mask = new Uint8Array(height * width);
-  forEachPixel(rle, (index) => { mask[index] = 1; });
-  return mask;
 }
 
 /**

@@ -3,6 +3,7 @@
 import { labelMap } from "./rle.js";
 
 export const BACKGROUND = [128, 128, 128];
+const WHITE = [255, 255, 255];
 
 /** Colour i of n: golden-angle hues (as service/overlay.py), [r, g, b] in 0..255. */
 export function colour(i) {
@@ -14,7 +15,7 @@ export function colour(i) {
   return [f(5), f(3), f(1)].map((c) => Math.round(c * 255));
 }
 
-export function segmentName(segment) {
+function segmentName(segment) {
   return segment.label ?? `segment ${segment.id}`;
 }
 
@@ -164,18 +165,19 @@ export class Viewer {
     const alpha = Number(this.opacity.value) / 100;
     const strong = Math.min(1, alpha + 0.25);
     const labels = this.labels;
-    for (let p = 0; p < labels.length; p++) {
+    const last = labels.length;
+    for (let p = 0; p < last; p++) {
       const index = labels[p];
       if (index < 0 || !this.visible[index]) continue;
-      const [r, g, b] = this.colours[index];
-      const x = p % width;
-      const border = (x + 1 < width && labels[p + 1] !== index) || (p + width < labels.length && labels[p + width] !== index);
+      // A border pixel's right or lower neighbour belongs to another segment: drawn near-white.
+      const border = ((p + 1) % width !== 0 && labels[p + 1] !== index)
+        || (p + width < last && labels[p + width] !== index);
+      const paint = border ? WHITE : this.colours[index];
       const a = border ? 0.9 : index === this.hovered ? strong : alpha;
       const o = p * 4;
-      const [cr, cg, cb] = border ? [255, 255, 255] : [r, g, b];
-      pixels[o] += (cr - pixels[o]) * a;
-      pixels[o + 1] += (cg - pixels[o + 1]) * a;
-      pixels[o + 2] += (cb - pixels[o + 2]) * a;
+      pixels[o] += (paint[0] - pixels[o]) * a;
+      pixels[o + 1] += (paint[1] - pixels[o + 1]) * a;
+      pixels[o + 2] += (paint[2] - pixels[o + 2]) * a;
     }
     this.context.putImageData(out, 0, 0);
   }
