@@ -182,7 +182,8 @@ def test_unsupervised_overlay_legend_toggle_and_download(page, stack, tmp_path):
     segments = job["result"]["segments"]
     assert len(segments) >= 2
     expect(legend).to_have_count(len(segments))
-    expect(page.locator("#canvas")).to_have_attribute("aria-label", f"The picture with {len(segments)} segments drawn over it")
+    expect(page.locator("#canvas")).to_have_attribute("aria-label",
+                                                      f"The picture with {len(segments)} segments drawn over it")
     expect(legend.nth(1).locator(".name")).to_have_text("segment 2")
 
     # The page draws the API's masks: hiding segment 2 restores the picture on exactly its pixels.
