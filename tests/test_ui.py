@@ -224,8 +224,11 @@ def test_text_method_with_classes(page, tmp_path):
     expect(page.locator("#kl_threshold")).to_be_hidden()
     page.set_input_files("#picture", files=[png(image_bytes(240, 160, seed=2), "park.png")])
     page.fill("#classes", "dog, grass, person with clothes")
-    page.select_option("#text-method", "gem")
     page.click("#segment-form summary")
+    expect(page.locator("#samples")).to_be_visible()
+    page.select_option("#text-method", "gem")
+    expect(page.locator("#samples")).to_be_hidden()  # selfcross only
+    expect(page.locator("#t-timestep")).to_be_hidden()  # gem has no SD pass
     page.select_option("#resolution", "256")
     page.click("#segment-submit")
     legend = page.locator("#legend li .name")
@@ -237,6 +240,7 @@ def test_text_method_with_classes(page, tmp_path):
     expect(page.locator("#result-meta")).to_contain_text("random weights")
     job = download_json(page)
     assert job["kind"] == "text" and job["params"]["classes"] == ["dog", "grass", "person with clothes"]
+    assert job["params"]["method"] == "gem" and job["params"]["resolution"] == 256
     screenshot(page, tmp_path, "ui-text")
 
 

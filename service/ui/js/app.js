@@ -9,7 +9,7 @@ function words(text) {
   return text.split(",").map((w) => w.trim()).filter(Boolean);
 }
 
-function numberOrNull(input) {
+function valueOrNull(input) {
   return input.value.trim() === "" ? null : input.value.trim();
 }
 
@@ -286,7 +286,17 @@ function chooseMethod() {
   $("#text-fields").hidden = method !== "text";
   $("#text-params").hidden = method !== "text";
   $("#unsupervised-params").hidden = method !== "unsupervised";
+  // Fields that only some text methods read (samples and background words: selfcross; gem has no timestep).
+  const textMethod = $("#text-method").value;
+  for (const field of document.querySelectorAll("[data-methods]")) {
+    field.hidden = !field.dataset.methods.split(" ").includes(textMethod);
+  }
   if (method === "oneshot") refreshModels();
+}
+
+/** An input's value, or null when it is not shown (a field the chosen method does not read). */
+function shownValue(input) {
+  return input.closest("[hidden]") ? null : valueOrNull(input);
 }
 
 async function refreshStatus() {
@@ -346,14 +356,14 @@ segmentForm.addEventListener("submit", (event) => {
   const text = method === "text";
   segmentRunner.run(async (signal) => {
     const file = pictureOf($("#picture"), "image");
-    const common = { resolution: $("#resolution").value, seed: numberOrNull($("#seed")) };
+    const common = { resolution: $("#resolution").value, seed: valueOrNull($("#seed")) };
     let fields;
     if (text) {
       const classes = words($("#classes").value);
       if (!classes.length) throw fieldError("classes", "Name at least one class, e.g. “dog, grass”.");
       fields = { ...common, classes, method: $("#text-method").value, background: $("#background").checked,
-        background_words: words($("#background_words").value), samples: $("#samples").value,
-        timestep: numberOrNull($("#t-timestep")) };
+        background_words: words(shownValue($("#background_words")) || ""), samples: shownValue($("#samples")),
+        timestep: shownValue($("#t-timestep")) };
     } else {
       fields = { ...common, kl_threshold: $("#kl_threshold").value, grid: $("#grid").value,
         iterations: $("#iterations").value, timestep: $("#u-timestep").value, refine: $("#refine").checked,
@@ -378,7 +388,7 @@ trainForm.addEventListener("submit", (event) => {
     const labels = words($("#labels").value);
     if (!labels.length) throw fieldError("labels", "Name the parts: one name per mask id, e.g. “wheel, window”.");
     // JSON with typed numbers: the API refuses a multipart crops_per_side ("1" is not the literal 1).
-    const seed = numberOrNull($("#train-seed"));
+    const seed = valueOrNull($("#train-seed"));
     const body = { images_base64: [await dataUrl(image)], masks_base64: [await dataUrl(mask)], labels,
       epochs: Number($("#epochs").value), learning_rate: Number($("#learning_rate").value),
       crops_per_side: Number($("#crops_per_side").value), resolution: Number($("#train-resolution").value),
@@ -450,6 +460,7 @@ $("#key-form").addEventListener("submit", (event) => {
 });
 
 for (const radio of document.querySelectorAll("input[name=method]")) radio.addEventListener("change", chooseMethod);
+$("#text-method").addEventListener("change", chooseMethod);
 for (const zone of document.querySelectorAll("[data-drop]")) setupDrop(zone);
 fillResolutions();
 chooseMethod();
