@@ -1,4 +1,4 @@
-"""The FastAPI application: routers per resource, error envelope, body cap, metrics."""
+"""The FastAPI application: routers per resource, the /ui playground, error envelope, body cap, metrics."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from service.job_events import JobEvents
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.routers import concepts, jobs, oneshot, ops, segment
+from service.routers.ui import mount_ui
 
 log = logging.getLogger("attnseg.api")
 
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None, connection=None) -> FastAPI:
     install_error_handlers(app)
     for router in (segment.router, oneshot.router, concepts.router, jobs.router, ops.router):
         app.include_router(router)
+    mount_ui(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_edges(app, settings.cors_origins)

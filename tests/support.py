@@ -122,8 +122,9 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "c
 class Stack:
     """Redis, the API (uvicorn, real HTTP) and workers as separate processes, like production."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, **api_env: str):
         self.directory = directory
+        self.api_env = api_env  # extra ATTNSEG_* settings of the API process (e.g. ATTNSEG_API_KEY)
         self.redis = RedisServer(directory / "redis", appendonly=True)
         self.cache_dir = directory / "cache"
         self.api_port = free_port()
@@ -136,9 +137,9 @@ class Stack:
 
     def start_api(self) -> None:
         log = open(self.directory / "api.log", "ab")
+        env = worker_env(self.redis.url, self.cache_dir, **self.api_env)
         self.api = subprocess.Popen([sys.executable, "-m", "cli", "api", "--port", str(self.api_port)],
-                                    cwd=ROOT, env=worker_env(self.redis.url, self.cache_dir), stdout=log,
-                                    stderr=subprocess.STDOUT)
+                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def start_ready(self, timeout: float = 240) -> "Stack":
         """Redis, the API and one worker; returns once the worker is ready (stopped, with logs, if not)."""
@@ -168,8 +169,10 @@ class Stack:
     def ready_workers(self) -> int:
         import httpx
 
+        key = self.api_env.get("ATTNSEG_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
-            return len(httpx.get(f"{self.base_url}/readyz", timeout=2).json()["workers"])
+            return len(httpx.get(f"{self.base_url}/readyz", headers=headers, timeout=2).json()["workers"])
         except (httpx.HTTPError, ValueError, KeyError):
             return 0
 
@@ -186,6 +189,154 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     worker.kill()
         self.workers = []
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def image_bytes(width: int = 300, height: int = 200, fmt: str = "PNG", seed: int = 0) -> bytes:
+    """A picture with a few flat regions (so segments have something to find), as file bytes."""
+    rng = np.random.default_rng(seed)
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[:, : width // 2] = (200, 40, 40)
+    pixels[:, width // 2 :] = (40, 60, 200)
+    pixels[height // 2 :, width // 3 : 2 * width // 3] = (40, 180, 60)
+    pixels = np.clip(pixels + rng.integers(-10, 10, pixels.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def two_part_arrays(width: int = 96, height: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A two-colour picture and its class-id mask: parts 1 (left) and 2 (right) under a background band."""
+    band = height // 6
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, : width // 2] = (220, 40, 40)
+    pixels[:, width // 2 :] = (40, 60, 220)
+    pixels[:band] = (20, 20, 20)
+    mask = np.zeros((height, width), np.uint8)
+    mask[band:, : width // 2] = 1
+    mask[band:, width // 2 :] = 2
+    return pixels, mask
+
+
+def worker_env(redis_url: str, cache_dir: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSEG_")}
+    env.update({"ATTNSEG_REDIS_URL": redis_url, "ATTNSEG_SD_MODEL": "tiny-random",
+                "ATTNSEG_CLIP_MODEL": "tiny-random", "ATTNSEG_CACHE_DIR": str(cache_dir),
+                "ATTNSEG_DEVICE": "cpu", "ATTNSEG_WORKER_HEARTBEAT_S": "1", "ATTNSEG_WORKER_LOST_AFTER_S": "5",
+                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
+def start_worker(redis_url: str, cache_dir: Path, log_path: Path, **extra: str) -> subprocess.Popen:
+    log = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=ROOT,
+                            env=worker_env(redis_url, cache_dir, **extra), stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+
+
+class Stack:
+    """Redis, the API (uvicorn, real HTTP) and workers as separate processes, like production."""
+
+    def __init__(self, directory: Path, **api_env: str):
+        self.directory = directory
+        self.api_env = api_env  # extra ATTNSEG_* settings of the API process (e.g. ATTNSEG_API_KEY)
+        self.redis = RedisServer(directory / "redis", appendonly=True)
+        self.cache_dir = directory / "cache"
+        self.api_port = free_port()
+        self.api: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def start_api(self) -> None:
+        log = open(self.directory / "api.log", "ab")
+        env = worker_env(self.redis.url, self.cache_dir, **self.api_env)
+        self.api = subprocess.Popen([sys.executable, "-m", "cli", "api", "--port", str(self.api_port)],
+                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_ready(self, timeout: float = 240) -> "Stack":
+        """Redis, the API and one worker; returns once the worker is ready (stopped, with logs, if not)."""
+        from workers.models.tiny_random import build_tiny_random
+
+        build_tiny_random(self.cache_dir / "tiny-random")  # once, before workers race to build it
+        self.redis.start()
+        self.start_api()
+        self.start_worker()
+        try:
+            wait_for(lambda: self.ready_workers() >= 1, timeout=timeout, message="a ready worker")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(self.logs()) from None
+        return self
+
+    def restart_api(self) -> None:
+        self.api.terminate()
+        self.api.wait(timeout=10)
+        self.start_api()
+
+    def start_worker(self) -> subprocess.Popen:
+        worker = start_worker(self.redis.url, self.cache_dir, self.directory / "worker.log")
+        self.workers.append(worker)
+        return worker
+
+    def ready_workers(self) -> int:
+        import httpx
+
+        key = self.api_env.get("ATTNSEG_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        try:
+            return len(httpx.get(f"{self.base_url}/readyz", headers=headers, timeout=2).json()["workers"])
+        except (httpx.HTTPError, ValueError, KeyError):
+            return 0
+
+    def logs(self) -> str:
+        return "\n".join((self.directory / name).read_text(errors="replace")[-4000:]
+                         for name in ("api.log", "worker.log") if (self.directory / name).exists())
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.terminate()
+                try:
+                    worker.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+        self.workers = []
+
+    def start(self) -> "Stack":
+        """Redis, the API and one tiny-random worker, returned once the worker is ready."""
+        from workers.models.tiny_random import build_tiny_random  # torch: only tests that run a worker
+
+        build_tiny_random(self.cache_dir / "tiny-random")  # once, before workers race to build it
+        self.redis.start()
+        self.start_api()
+        self.start_worker()
+        try:
+            wait_for(lambda: self.ready_workers() >= 1, timeout=240, message="a ready worker")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(self.logs()) from None
+        return self
 
     def stop(self) -> None:
         self.stop_workers()

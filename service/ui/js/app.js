@@ -1,0 +1,468 @@
+// The playground's wiring: method choice, pictures, forms -> jobs -> progress -> the result view.
+import { ApiError, cancelJob, dataUrl, formData, getApiKey, request, setApiKey, waitForJob } from "./api.js";
+import { BACKGROUND, colour, Viewer } from "./viewer.js";
+
+const $ = (selector, root = document) => root.querySelector(selector);
+
+/** "a, b ,, c" -> ["a", "b", "c"] (names never contain commas: the API refuses them). */
+function words(text) {
+  return text.split(",").map((w) => w.trim()).filter(Boolean);
+}
+
+function valueOrNull(input) {
+  return input.value.trim() === "" ? null : input.value.trim();
+}
+
+// ---------------------------------------------------------------- errors shown to people
+
+const STATUS_HINTS = {
+  0: "No answer",
+  401: "API key needed",
+  404: "Not found",
+  409: "Not possible now",
+  413: "Too large",
+  415: "Not a supported picture",
+  422: "Check the field",
+  429: "The queue is full",
+  503: "The service is busy",
+};
+
+/** A job that ended failed: the worker's code and message. */
+class JobFailed extends Error {
+  constructor(error) {
+    super(error?.message || "no reason given");
+    this.code = error?.code || "failed";
+  }
+}
+
+function clearErrors(form) {
+  const box = $(".error", form);
+  box.hidden = true;
+  box.replaceChildren();
+  for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+  $("#api-key").removeAttribute("aria-invalid");
+}
+
+/** The input an error's `field` names ("classes.0", "masks[0] (m.png)" -> classes, masks), if shown. */
+function inputForField(form, field) {
+  if (!field) return null;
+  const name = field.split(/[.[\s]/)[0];
+  return [...form.querySelectorAll(`[name="${CSS.escape(name)}"]`)].find((input) => !input.closest("[hidden]")) || null;
+}
+
+/** Shows an error in the form's alert box and points at the field it names (or the key field). */
+function showError(form, error) {
+  const box = $(".error", form);
+  const title = document.createElement("strong");
+  const text = document.createElement("span");
+  if (error instanceof JobFailed) {
+    title.textContent = `The job failed (${error.code})`;
+    text.textContent = error.message;
+  } else if (error instanceof ApiError) {
+    const hint = STATUS_HINTS[error.status] || (error.status >= 500 ? "Server error" : "Request refused");
+    title.textContent = error.status ? `${hint} (${error.status} ${error.code})` : hint;
+    let message = error.message;
+    if (error.retryAfter) message += ` Try again in ${error.retryAfter} s.`;
+    if (error.status === 401) message += " Enter the key in the API key field at the top.";
+    text.textContent = message;
+  } else {
+    title.textContent = "Something went wrong";
+    text.textContent = error.message || String(error);
+  }
+  box.replaceChildren(title, text);
+  box.hidden = false;
+  const target = error.status === 401 ? $("#api-key") : inputForField(form, error.field);
+  if (target) {
+    target.setAttribute("aria-invalid", "true");
+    const details = target.closest("details");
+    if (details) details.open = true;
+    target.focus();
+  } else {
+    box.scrollIntoView({ block: "nearest" });
+  }
+}
+
+/** A check made here before sending; shown like the API's own field errors. */
+function fieldError(field, message) {
+  return new ApiError(422, "invalid_field", message, { field });
+}
+
+// ---------------------------------------------------------------- pictures
+
+function setupDrop(zone) {
+  const input = $("input[type=file]", zone);
+  const preview = $(".drop-preview", zone);
+  const text = $(".drop-text", zone);
+  const label = $(".drop-zone", zone);
+  const original = text.innerHTML;
+  const update = () => {
+    const file = input.files[0];
+    if (preview.src) URL.revokeObjectURL(preview.src);
+    if (!file) {
+      preview.hidden = true;
+      preview.removeAttribute("src");
+      text.innerHTML = original;
+      return;
+    }
+    preview.src = URL.createObjectURL(file);
+    preview.hidden = false;
+    text.textContent = file.name;
+    input.removeAttribute("aria-invalid");
+    if ("mask" in zone.dataset) describeMask(file, preview);
+  };
+  input.addEventListener("change", update);
+  for (const type of ["dragenter", "dragover"]) {
+    label.addEventListener(type, (event) => {
+      event.preventDefault();
+      label.classList.add("over");
+    });
+  }
+  for (const type of ["dragleave", "drop"]) label.addEventListener(type, () => label.classList.remove("over"));
+  label.addEventListener("drop", (event) => {
+    event.preventDefault();
+    if (!event.dataTransfer.files.length) return;
+    input.files = event.dataTransfer.files;
+    update();
+  });
+}
+
+/**
+ * Reads a grey mask's part ids: says how many names are needed and shows the mask in the result's
+ * colours (part k as segment label k) instead of near-black. Palette PNGs are described, not recoloured.
+ */
+async function describeMask(file, preview) {
+  const help = $("#mask-help");
+  try {
+    const bitmap = await createImageBitmap(file);
+    const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+    const context = canvas.getContext("2d", { willReadFrequently: true });
+    context.drawImage(bitmap, 0, 0);
+    const image = context.getImageData(0, 0, bitmap.width, bitmap.height);
+    const data = image.data;
+    let grey = true;
+    for (let o = 0; o < data.length && grey; o += 4) grey = data[o] === data[o + 1] && data[o] === data[o + 2];
+    if (!grey) {
+      help.textContent = `A colour mask (${bitmap.width}×${bitmap.height}): a palette PNG is read by palette ` +
+        "index; name one part per index after 0.";
+      return;
+    }
+    const ids = new Set();
+    for (let o = 0; o < data.length; o += 4) {
+      const id = data[o];
+      ids.add(id);
+      const [r, g, b] = id === 0 ? BACKGROUND : colour(id - 1);
+      data[o] = r;
+      data[o + 1] = g;
+      data[o + 2] = b;
+    }
+    context.putImageData(image, 0, 0);
+    URL.revokeObjectURL(preview.src);
+    preview.src = URL.createObjectURL(await canvas.convertToBlob());
+    const parts = [...ids].filter((v) => v > 0).sort((a, b) => a - b);
+    help.textContent = `Mask ${bitmap.width}×${bitmap.height}, part ids ${parts.join(", ") || "none"}: ` +
+      `name ${parts.length ? Math.max(...parts) : 0} part(s), in id order.`;
+  } catch {
+    help.textContent = "This mask could not be read here; the API will check it.";
+  }
+}
+
+function pictureOf(input, field, what = "a picture") {
+  const file = input.files[0];
+  if (!file) throw fieldError(field, `Choose ${what} first (drop it on the box or click it).`);
+  return file;
+}
+
+// ---------------------------------------------------------------- jobs and progress
+
+function describeProgress(job) {
+  const p = job.progress || {};
+  let training = null;
+  if (p.epoch != null) {
+    const parts = [`epoch ${p.epoch} / ${p.epochs}`];
+    if (p.loss != null) parts.push(`loss ${p.loss.toFixed(3)}`);
+    if (p.best_iou != null) parts.push(`best IoU ${p.best_iou.toFixed(2)}`);
+    training = parts.join(" · ");
+  }
+  switch (job.status) {
+    case "queued":
+      return "Queued: waiting for a worker…";
+    case "running": {
+      if (training) return `Training: ${training}`;
+      const stage = p.stage && p.stage !== "queued" ? p.stage : "starting";
+      return `Running: ${stage} (${Math.round((p.fraction || 0) * 100)}%)`;
+    }
+    case "succeeded":
+      return training ? `Done: ${training}` : "Done.";
+    case "canceled":
+      return "Canceled.";
+    default:
+      return `Failed: ${job.error?.message || "unknown error"}`;
+  }
+}
+
+/** A progress block (bar, text, cancel button) following one job at a time. */
+class Progress {
+  constructor(element) {
+    this.element = element;
+    this.bar = $("progress", element);
+    this.text = $(".progress-text", element);
+    this.cancel = $(".cancel", element);
+    this.jobId = null;
+    this.cancel.addEventListener("click", async () => {
+      if (!this.jobId) return;
+      this.cancel.disabled = true;
+      this.text.textContent = "Canceling…";
+      try {
+        await cancelJob(this.jobId);
+      } catch (error) {
+        this.text.textContent = `Cancel failed: ${error.message}`;
+      }
+    });
+  }
+
+  start(job) {
+    this.jobId = job.id;
+    this.element.hidden = false;
+    this.cancel.hidden = false;
+    this.cancel.disabled = false;
+    this.update(job);
+  }
+
+  update(job) {
+    const fraction = job.progress?.fraction ?? 0;
+    this.bar.value = job.status === "succeeded" ? 1 : fraction;
+    this.text.textContent = describeProgress(job);
+    this.element.dataset.status = job.status;
+    if (["succeeded", "failed", "canceled"].includes(job.status)) this.cancel.hidden = true;
+  }
+}
+
+/** Submits, then follows the job; a newer run of the same runner abandons the older one. */
+class Runner {
+  constructor(form, progress, busyButton) {
+    this.form = form;
+    this.progress = progress;
+    this.button = busyButton;
+    this.abort = null;
+  }
+
+  async run(submit, onDone) {
+    clearErrors(this.form);
+    this.abort?.abort();
+    const abort = (this.abort = new AbortController());
+    this.button.disabled = true;
+    try {
+      const job = await submit(abort.signal);
+      this.progress.start(job);
+      const done = await waitForJob(job.id, (update) => this.progress.update(update), abort.signal);
+      if (done.status === "failed") throw new JobFailed(done.error);
+      if (done.status === "succeeded") await onDone(done);
+    } catch (error) {
+      if (error.name !== "AbortError") showError(this.form, error);
+    } finally {
+      if (this.abort === abort) this.button.disabled = false;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- the page
+
+const viewer = new Viewer($(".result"));
+const segmentProgress = new Progress($("#segment-progress"));
+let resultRunner = null; // the form whose job the result view follows
+
+function fillResolutions() {
+  for (const select of document.querySelectorAll("select[data-resolutions]")) {
+    for (let r = 256; r <= 1024; r += 64) {
+      select.add(new Option(`${r} px`, String(r), false, String(r) === select.dataset.resolutions));
+    }
+  }
+}
+
+function chooseMethod() {
+  const method = $("input[name=method]:checked").value;
+  $("#segment-form").hidden = method === "oneshot";
+  $("#oneshot").hidden = method !== "oneshot";
+  $("#text-fields").hidden = method !== "text";
+  $("#text-params").hidden = method !== "text";
+  $("#unsupervised-params").hidden = method !== "unsupervised";
+  // Fields that only some text methods read (samples and background words: selfcross; gem has no timestep).
+  const textMethod = $("#text-method").value;
+  for (const field of document.querySelectorAll("[data-methods]")) {
+    field.hidden = !field.dataset.methods.split(" ").includes(textMethod);
+  }
+  if (method === "oneshot") refreshModels();
+}
+
+/** An input's value, or null when it is not shown (a field the chosen method does not read). */
+function shownValue(input) {
+  return input.closest("[hidden]") ? null : valueOrNull(input);
+}
+
+async function refreshStatus() {
+  const pill = $("#service-status");
+  try {
+    const ready = await request("readyz");
+    describeReadiness(ready);
+  } catch (error) {
+    if (error.status === 503 && error.body?.workers) describeReadiness(error.body);
+    else {
+      pill.dataset.state = "down";
+      pill.textContent = error.status === 401 ? "Enter the API key" : `Service: ${error.message}`;
+    }
+  }
+}
+
+function describeReadiness(ready) {
+  const pill = $("#service-status");
+  const workers = ready.workers || [];
+  if (!ready.redis) {
+    pill.dataset.state = "down";
+    pill.textContent = "The job store (Redis) is down";
+  } else if (!workers.length) {
+    pill.dataset.state = "waiting";
+    pill.textContent = "No worker ready: jobs wait in the queue";
+  } else {
+    const random = workers.some((w) => w.random_weights);
+    pill.dataset.state = random ? "random" : "ready";
+    pill.textContent = `${workers.length} worker${workers.length > 1 ? "s" : ""} ready · ${workers[0].sd_model}` +
+      (random ? " (random weights)" : "");
+  }
+  $("#footer-workers").textContent = workers.map((w) => `${w.name}: ${w.device}`).join(", ");
+}
+
+async function showResult(job, file) {
+  const picture = await createImageBitmap(file);
+  viewer.show(job, picture);
+  $("#result-title").textContent = job.kind === "text" ? `Result · ${job.params.method}`
+    : job.kind === "oneshot_segment" ? "Result · one-shot" : "Result · DiffSeg";
+}
+
+/** The result view follows one runner: starting the other one abandons the first. */
+function startResult(runner) {
+  if (resultRunner !== runner) resultRunner?.abort?.abort();
+  resultRunner = runner;
+  viewer.clear();
+  // One column (phones): the result is below the form; bring its progress into view.
+  if (window.matchMedia("(max-width: 860px)").matches) $(".result").scrollIntoView({ block: "start" });
+}
+
+// Unsupervised and text
+const segmentForm = $("#segment-form");
+const segmentRunner = new Runner(segmentForm, segmentProgress, $("#segment-submit"));
+segmentForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const method = $("input[name=method]:checked").value;
+  const text = method === "text";
+  segmentRunner.run(async (signal) => {
+    const file = pictureOf($("#picture"), "image");
+    const common = { resolution: $("#resolution").value, seed: valueOrNull($("#seed")) };
+    let fields;
+    if (text) {
+      const classes = words($("#classes").value);
+      if (!classes.length) throw fieldError("classes", "Name at least one class, e.g. “dog, grass”.");
+      fields = { ...common, classes, method: $("#text-method").value, background: $("#background").checked,
+        background_words: words(shownValue($("#background_words")) || ""), samples: shownValue($("#samples")),
+        timestep: shownValue($("#t-timestep")) };
+    } else {
+      fields = { ...common, kl_threshold: $("#kl_threshold").value, grid: $("#grid").value,
+        iterations: $("#iterations").value, timestep: $("#u-timestep").value, refine: $("#refine").checked,
+        vocabulary: words($("#vocabulary").value) };
+    }
+    startResult(segmentRunner);
+    segmentRunner.file = file;
+    return request(text ? "segment/text" : "segment/unsupervised",
+      { method: "POST", body: formData([["image", file]], fields), signal });
+  }, (job) => showResult(job, segmentRunner.file));
+});
+
+// One-shot: training
+const trainForm = $("#train-form");
+const trainProgress = new Progress($("#train-progress"));
+const trainRunner = new Runner(trainForm, trainProgress, $("#train-submit"));
+trainForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  trainRunner.run(async (signal) => {
+    const image = pictureOf($("#train-image"), "images");
+    const mask = pictureOf($("#train-mask"), "masks", "its mask");
+    const labels = words($("#labels").value);
+    if (!labels.length) throw fieldError("labels", "Name the parts: one name per mask id, e.g. “wheel, window”.");
+    // JSON with typed numbers: the API refuses a multipart crops_per_side ("1" is not the literal 1).
+    const seed = valueOrNull($("#train-seed"));
+    const body = { images_base64: [await dataUrl(image)], masks_base64: [await dataUrl(mask)], labels,
+      epochs: Number($("#epochs").value), learning_rate: Number($("#learning_rate").value),
+      crops_per_side: Number($("#crops_per_side").value), resolution: Number($("#train-resolution").value),
+      ...(seed === null ? {} : { seed: Number(seed) }) };
+    const job = await request("oneshot/train", { method: "POST", json: body, signal });
+    await refreshModels(job.model_id);
+    return job;
+  }, () => refreshModels($("#model").value));
+});
+
+// One-shot: models and segmenting with one
+async function refreshModels(select = null) {
+  const list = $("#model");
+  const keep = select || list.value;
+  try {
+    const { models } = await request("oneshot?limit=100");
+    const options = models.map((model) => {
+      const parts = model.labels.slice(1).join(", ");
+      const iou = model.metrics?.train_iou;
+      const state = model.status === "ready" && iou != null ? `ready, IoU ${iou.toFixed(2)}` : model.status;
+      return new Option(`${parts} (${state}) · ${model.id.slice(0, 8)}`, model.id, false, model.id === keep);
+    });
+    list.replaceChildren(...(options.length ? options : [new Option("No model yet", "")]));
+  } catch (error) {
+    if (error.status !== 401) showError($("#oneshot-segment-form"), error);
+  }
+}
+
+$("#models-refresh").addEventListener("click", () => refreshModels());
+$("#model-delete").addEventListener("click", async () => {
+  const form = $("#oneshot-segment-form");
+  const id = $("#model").value;
+  clearErrors(form);
+  if (!id) return;
+  try {
+    await request(`oneshot/${encodeURIComponent(id)}`, { method: "DELETE" });
+    await refreshModels();
+  } catch (error) {
+    showError(form, error);
+  }
+});
+
+const oneshotForm = $("#oneshot-segment-form");
+const oneshotRunner = new Runner(oneshotForm, segmentProgress, $("#oneshot-segment-submit"));
+oneshotForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  oneshotRunner.run(async (signal) => {
+    const id = $("#model").value;
+    if (!id) throw fieldError("model", "Train a model first (step 1), or pick one.");
+    const file = pictureOf($("#oneshot-picture"), "image");
+    startResult(oneshotRunner);
+    oneshotRunner.file = file;
+    return request(`oneshot/${encodeURIComponent(id)}/segment`,
+      { method: "POST", body: formData([["image", file]], {}), signal });
+  }, (job) => showResult(job, oneshotRunner.file));
+});
+
+// The API key
+// The API key: kept on every change (a request sent before pressing "Use" has it), checked on "Use".
+const keyInput = $("#api-key");
+keyInput.value = getApiKey();
+keyInput.addEventListener("change", () => setApiKey(keyInput.value.trim()));
+$("#key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  setApiKey(keyInput.value.trim());
+  keyInput.removeAttribute("aria-invalid");
+  refreshStatus();
+  if (!$("#oneshot").hidden) refreshModels();
+});
+
+for (const radio of document.querySelectorAll("input[name=method]")) radio.addEventListener("change", chooseMethod);
+$("#text-method").addEventListener("change", chooseMethod);
+for (const zone of document.querySelectorAll("[data-drop]")) setupDrop(zone);
+fillResolutions();
+chooseMethod();
+refreshStatus();
+document.documentElement.dataset.ready = "true"; // the page's modules have loaded (tests wait on it)
