@@ -56,3 +56,23 @@ def test_progress_goes_out_in_one_round_trip_at_most_every_interval(redis_server
     connection.set(cancel_key(job.id), 1)
     with pytest.raises(context.JobCanceled):
         ctx.report("labels", 0.9)
+
+
+def test_a_finished_job_shows_its_last_report_even_when_throttled(redis_server):
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from attnseg.queue import enqueue
+    from attnseg.settings import Settings
+    from workers.engine import context
+
+    connection = redis_server.client()
+    connection.flushall()
+    job = enqueue(connection, Settings(redis_url=redis_server.url), "oneshot_train",
+                  {"params": {}, "model_id": "m"})
+    ctx = context.JobContext(job)
+    with context.job_outcome(ctx, "oneshot_train", {}):
+        ctx.report("training", 0.5, epoch=1, epochs=2)
+        ctx.report("training", 1.0, epoch=2, epochs=2)  # held back by the throttle...
+    progress = Job.fetch(job.id, connection=connection, serializer=JSONSerializer).meta["progress"]
+    assert progress["epoch"] == 2  # ...and written when the job ends

@@ -289,7 +289,7 @@ def test_oneshot_train_with_live_progress_then_segment(page, tmp_path):
     expect(page.locator("#mask-help")).to_contain_text("part ids 1, 2: name 2 part(s)")
     page.fill("#labels", "left, right")
     page.click("#train-form summary")
-    page.fill("#epochs", "6")
+    page.fill("#epochs", "40")  # long enough (seconds) for the page's 2 s polls to see it train
     page.select_option("#train-resolution", "256")
     page.fill("#train-seed", "0")
     # Every progress text the page shows, to check the live epoch / loss / IoU line.
@@ -300,10 +300,10 @@ def test_oneshot_train_with_live_progress_then_segment(page, tmp_path):
             .observe(text, { childList: true, characterData: true, subtree: true });
     }""")
     page.click("#train-submit")
-    done = re.compile(r"^Done: epoch 6 / 6 · loss \d+\.\d{3} · best IoU \d\.\d\d$")
+    done = re.compile(r"^Done: epoch 40 / 40 · loss \d+\.\d{3} · best IoU \d\.\d\d$")
     expect(page.locator("#train-progress-text")).to_have_text(done, timeout=JOB_TIMEOUT_MS)
     seen = page.evaluate("window.progressSeen")
-    assert any(re.fullmatch(r"Training: epoch \d+ / 6 · loss \d+\.\d{3}( · best IoU \d\.\d\d)?", text)
+    assert any(re.fullmatch(r"Training: epoch \d+ / 40 · loss \d+\.\d{3}( · best IoU \d\.\d\d)?", text)
                for text in seen), seen
     expect(page.locator("#train-progress progress")).to_have_js_property("value", 1)
     model = page.locator("#model option:checked")

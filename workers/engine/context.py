@@ -41,6 +41,7 @@ class JobContext:
         self.job = job
         self.stages_ms: dict[str, float] = {}  # the engine's own stages (image fetch), added to the timings
         self._written_at: float | None = None
+        self._unwritten = False  # a report held back by the throttle
 
     @property
     def connection(self):
@@ -51,6 +52,13 @@ class JobContext:
         every PROGRESS_EVERY_S; the first report always goes out."""
         if report_progress([self], stage, fraction, **extra):
             raise JobCanceled
+
+    def flush_progress(self) -> None:
+        """Write the last report if the throttle held it back: a finished job shows where it ended
+        (a training's last epoch), not the report before it."""
+        if self.job is not None and self._unwritten:
+            self.job.save_meta()
+            self._unwritten = False
 
     def update_params(self, **values) -> None:
         """Record what the worker actually used (model ids) in the job's echoed params."""
@@ -77,8 +85,10 @@ def report_progress(contexts: list[JobContext], stage: str, fraction: float, **e
         if ctx.job is None:
             continue
         ctx.job.meta["progress"] = progress
+        ctx._unwritten = True
         if ctx._written_at is None or moment - ctx._written_at >= PROGRESS_EVERY_S:
             ctx._written_at = moment
+            ctx._unwritten = False
             due.append(index)
     if not due:
         return set()
@@ -107,6 +117,7 @@ def job_outcome(ctx: JobContext, kind: str, payload: dict,
     try:
         yield
         outcome = "succeeded"
+        ctx.flush_progress()
     except JobCanceled:
         outcome = "canceled"
         error = {"code": "canceled", "message": "canceled by request"}
