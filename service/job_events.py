@@ -1,7 +1,8 @@
-"""Job-end signals from the workers, fanned out to the requests waiting in this API process.
+"""Job signals from the workers ("progress", "end"), fanned out to the requests waiting in this API process.
 
 One pattern subscription per process (redis.asyncio pub/sub) however many requests wait; each
-waiting request holds an asyncio.Event that the listener sets when its job's "end" arrives. When
+waiting request holds an asyncio.Event that the listener sets when its job's "end" arrives (or any
+signal, for a request that also waits for progress). When
 the subscription is down (Redis restarting), waiters fall back to re-reading the job on a timer.
 """
 
@@ -26,7 +27,8 @@ class JobEvents:
     def __init__(self, url: str):
         self.url = url
         self.listening = False
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._waiters: dict[str, set[asyncio.Event]] = {}  # woken when their job ends
+        self._progress_waiters: dict[str, set[asyncio.Event]] = {}  # ... or reports progress
         self._task: asyncio.Task | None = None
         self._prefix = job_events_channel("")
 
@@ -40,25 +42,30 @@ class JobEvents:
             self._task = None
 
     @contextmanager
-    def watch(self, job_id: str) -> Iterator[asyncio.Event]:
-        """An event set when `job_id` ends; register BEFORE reading the job, so no end is missed."""
+    def watch(self, job_id: str, *, progress: bool = False) -> Iterator[asyncio.Event]:
+        """An event set when `job_id` ends (and, with `progress`, when it reports progress);
+        register BEFORE reading the job, so no signal is missed."""
         event = asyncio.Event()
-        self._waiters.setdefault(job_id, set()).add(event)
+        waiters = self._progress_waiters if progress else self._waiters
+        waiters.setdefault(job_id, set()).add(event)
         try:
             yield event
         finally:
-            waiters = self._waiters.get(job_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[job_id]
+            events = waiters.get(job_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del waiters[job_id]
 
-    def _wake(self, job_id: str) -> None:
-        for event in self._waiters.get(job_id, ()):
+    def _wake(self, job_id: str, signal: bytes = b"end") -> None:
+        for event in self._progress_waiters.get(job_id, ()):
             event.set()
+        if signal == b"end":
+            for event in self._waiters.get(job_id, ()):
+                event.set()
 
     def _wake_all(self) -> None:
-        for job_id in list(self._waiters):
+        for job_id in {*self._waiters, *self._progress_waiters}:
             self._wake(job_id)
 
     async def _listen(self) -> None:
@@ -70,8 +77,8 @@ class JobEvents:
                     self.listening = True
                     self._wake_all()  # an end may have come while we were not subscribed
                     async for message in pubsub.listen():
-                        if message["type"] == "pmessage" and message["data"] == b"end":
-                            self._wake(message["channel"].decode().removeprefix(self._prefix))
+                        if message["type"] == "pmessage":
+                            self._wake(message["channel"].decode().removeprefix(self._prefix), message["data"])
             except (redis.RedisError, OSError) as exc:
                 log.warning("job events: redis unavailable (%s); waiting requests poll meanwhile", exc)
             finally:

@@ -25,6 +25,24 @@ def test_end_signal_wakes_the_waiters_of_that_job_only(redis_server):
     asyncio.run(scenario())
 
 
+def test_progress_signal_wakes_only_the_waiters_that_asked_for_it(redis_server):
+    async def scenario():
+        events = JobEvents(redis_server.url)
+        events.start()
+        try:
+            while not events.listening:
+                await asyncio.sleep(0.01)
+            with events.watch("job-a") as end_only, events.watch("job-a", progress=True) as watching:
+                publish_job_event(redis_server.client(), "job-a", "progress")
+                await asyncio.wait_for(watching.wait(), timeout=10)
+                await asyncio.sleep(0.1)  # the same message has reached every waiter by now
+                assert not end_only.is_set()
+            assert events._waiters == {} and events._progress_waiters == {}
+        finally:
+            await events.stop()
+
+    asyncio.run(scenario())
+
 
 def test_progress_goes_out_in_one_round_trip_at_most_every_interval(redis_server, monkeypatch):
     import pytest

@@ -28,8 +28,7 @@ T = TypeVar("T")
 RETRY_STATUSES = (429, 503)  # the API sends Retry-After with both; nothing was queued
 MAX_RETRY_AFTER_S = 60.0  # never sleep longer than this on one Retry-After
 BACKOFF_S = 1.0  # first pause when a 429/503 comes without Retry-After (doubles per attempt)
-POLL_HOLD_S = 30.0  # long-poll hold when nobody watches progress (the API allows up to 60)
-PROGRESS_HOLD_S = 1.0  # a long poll returns only when the job ends, so watching progress holds 1 s
+POLL_HOLD_S = 30.0  # long-poll hold (the API allows up to 60); with on_progress it answers at each change
 
 
 @dataclass(frozen=True)
@@ -123,8 +122,10 @@ def oneshot_segment_call(model_id: str, image: ImageInput, params: dict) -> Call
                 files=[("image", file_part(image, "image"))])
 
 
-def job_call(job_id: str, hold_s: float = 0.0) -> Call:
-    return Call("GET", segment_path("jobs", job_id), params={"wait": hold_s} if hold_s else None, hold_s=hold_s)
+def job_call(job_id: str, hold_s: float = 0.0, progress: bool = False) -> Call:
+    """GET /jobs/{id}; with hold_s a long-poll, answered early on any progress when `progress`."""
+    params = {"wait": hold_s, **({"progress": "true"} if progress else {})} if hold_s else None
+    return Call("GET", segment_path("jobs", job_id), params=params, hold_s=hold_s)
 
 
 def cancel_call(job_id: str) -> Call:
@@ -216,13 +217,14 @@ def wait_job(state: JobState, timeout: float | None, on_progress: Callable[[Prog
             on_progress(seen)
         if state.done:
             return finished(state)
-        hold = PROGRESS_HOLD_S if on_progress is not None else POLL_HOLD_S
+        hold = POLL_HOLD_S
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WaitTimeout(f"job {state.id} is still {state.status} after {timeout} s")
             hold = min(hold, left)
-        state = JobState.from_api((yield from read_json(job_call(state.id, hold), retries)))
+        state = JobState.from_api((yield from read_json(job_call(state.id, hold, progress=on_progress is not None),
+                                                        retries)))
         observe(state)
 
 

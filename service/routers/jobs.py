@@ -48,18 +48,23 @@ def fetch_job(connection, job_id: str, tenant: str) -> RQJob:
 async def get_job(job_id: str, request: Request,
                   wait: float = Query(0, ge=0, le=60, description="Hold up to this many seconds until the job ends "
                                                                   "(a shutting-down API answers at once)."),
+                  progress: bool = Query(False, description="With `wait`: also answer as soon as the job's status "
+                                                            "or progress changes (for progress bars)."),
                   tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
                   connection=Depends(get_redis), job_events: JobEvents = Depends(get_job_events)):
     deadline = time.monotonic() + wait
-    with job_events.watch(job_id) as ended:
+    first_seen = None
+    with job_events.watch(job_id, progress=progress) as woken:
         while True:
-            ended.clear()  # before the read: an end signalled after it wakes the wait below
+            woken.clear()  # before the read: a signal sent after it wakes the wait below
             view = await run_in_threadpool(lambda: job_view(connection, fetch_job(connection, job_id, tenant),
                                                             settings))
-            if wait_is_over(view, deadline):
+            seen = (view["status"], view["progress"])
+            first_seen = first_seen or seen
+            if wait_is_over(view, deadline) or (progress and seen != first_seen):
                 return view
             pause = RECHECK_S if job_events.listening else POLL_S
-            if not await wait_unless_shutting_down(request.app, ended,
+            if not await wait_unless_shutting_down(request.app, woken,
                                                    min(pause, max(0.0, deadline - time.monotonic()))):
                 return view
 

@@ -2,7 +2,7 @@
 
 const KEY_STORAGE = "attnseg.apiKey";
 const FINAL = new Set(["succeeded", "failed", "canceled"]);
-const WAIT_S = 2; // long-poll hold per request: the job ends the hold early; progress shows every 2 s
+const WAIT_S = 30; // long-poll hold per request; `progress=true`: any progress report ends it early too
 const RETRIES = 5; // 429/503 and dropped connections while waiting, each after Retry-After
 
 // The page lives at <api>/ui/: the API is its parent, so a path prefix in front of both keeps working.
@@ -80,7 +80,8 @@ function sleep(seconds, signal) {
 const TRANSIENT = new Set([0, 429, 502, 503, 504]);
 
 /**
- * Long-polls GET /jobs/{id}?wait=N until the job ends; onUpdate(job) after every answer.
+ * Long-polls GET /jobs/{id}?wait=N&progress=true until the job ends; onUpdate(job) after every answer
+ * (each progress report or status change answers at once).
  * Busy (429/503) and dropped answers are retried after Retry-After, a few times in a row.
  */
 export async function waitForJob(id, onUpdate, signal) {
@@ -88,7 +89,7 @@ export async function waitForJob(id, onUpdate, signal) {
   for (;;) {
     let job;
     try {
-      job = await request(`jobs/${encodeURIComponent(id)}?wait=${WAIT_S}`, { signal });
+      job = await request(`jobs/${encodeURIComponent(id)}?wait=${WAIT_S}&progress=true`, { signal });
       failures = 0;
     } catch (error) {
       if (!(error instanceof ApiError) || !TRANSIENT.has(error.status) || ++failures > RETRIES) throw error;
