@@ -56,11 +56,17 @@ def field_path(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
+def error_text(error: dict) -> str:
+    """One pydantic error as `field: message`, without pydantic's "Value error, " prefix and without
+    naming the field twice when our own validator's message already starts with it."""
+    field = field_path(tuple(error.get("loc", ())))
+    message = error.get("msg", "invalid").removeprefix("Value error, ")
+    return message if message.startswith(f"{field}:") else f"{field}: {message}"
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str]:
-    first = errors[0]
-    field = field_path(tuple(first.get("loc", ())))
-    message = "; ".join(f"{field_path(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in errors[:5])
-    return field, message
+    field = field_path(tuple(errors[0].get("loc", ())))
+    return field, "; ".join(error_text(e) for e in errors[:5])
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -229,3 +229,11 @@ def test_the_api_never_imports_torch():
             "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'open_clip') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_validator_message_names_its_field_once_without_pydantic_prefix(client):
+    response = client.post("/segment/text", files={"image": ("p.png", image_bytes(), "image/png")},
+                           data={"classes": ["dog.cat", "grass"]})
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert message.startswith("classes: 'dog.cat' contains") and "Value error" not in message, message
