@@ -158,4 +158,6 @@ CONCEPT_INDEX_KEY = "attnseg:concept-index"
 def concept_identifier_key(owner: str, identifier: str) -> str:
     """identifier -> concept id, one per owner: queries name concepts by identifier."""
     return f"attnseg:concept-identifier:{owner}:{identifier.lower()}"
+
+
 JOB_METRICS_KEY = "attnseg:metrics:jobs"

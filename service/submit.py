@@ -100,4 +100,3 @@ def submit_job(connection, settings: Settings, response: Response, tenant: str, 
             track_tenant_job(connection, settings, tenant, job.id, ended)
     response.headers["Location"] = f"/jobs/{job.id}"
     return job_view(connection, job, settings)
-

@@ -121,7 +121,6 @@ def segment_unsupervised_batch(members: list[Member], done) -> None:
         done(member)
 
 
-
 @job_function("text")
 def segment_text(ctx: JobContext, payload: dict) -> dict:
     rt = runtime.current()

@@ -112,6 +112,7 @@ class ModelWorker(SimpleWorker):
                 done(member)
             self.running = []
 
+
 def announce_end(connection, job_id: str) -> None:
     """Wake the requests waiting on the job: RQ has stored its outcome by now."""
     try:
