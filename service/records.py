@@ -34,11 +34,15 @@ def with_job_state(connection, view: dict, job_id: str, settings: Settings) -> d
 
 
 def cancel(connection, job: RQJob, settings: Settings) -> None:
-    """Cancel a job: a queued one never runs (jobs waiting on it run and say why they cannot); a
-    running one stops at its next progress report. The stop flag is set in both cases: a worker may
-    be taking the job off the queue at this very moment, and it then stops at its first report."""
+    """Cancel a job that has not ended: a queued one never runs (jobs waiting on it run and say why
+    they cannot); a running one stops at its next progress report. The stop flag is set in both
+    cases: a worker may be taking the job off the queue at this very moment, and it then stops at
+    its first report."""
+    status = job_view(connection, job, settings)["status"]
+    if status not in ("queued", "running"):
+        return
     connection.set(cancel_key(job.id), 1, ex=settings.result_ttl_s)
-    if job_view(connection, job, settings)["status"] == "queued":
+    if status == "queued":
         job.meta["finished_at"] = datetime.now(timezone.utc).isoformat()
         job.save_meta()
         job.cancel(enqueue_dependents=True)

@@ -78,9 +78,7 @@ def wait_is_over(view: dict, deadline: float) -> bool:
 def cancel_job(job_id: str, tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
                connection=Depends(get_redis)):
     """Cancels a queued job at once; asks a running one to stop (the worker checks between steps)."""
-    job = fetch_job(connection, job_id, tenant)
-    if job_view(connection, job, settings)["status"] in ("queued", "running"):
-        cancel(connection, job, settings)
+    cancel(connection, fetch_job(connection, job_id, tenant), settings)
     return job_view(connection, fetch_job(connection, job_id, tenant), settings)
 
 

@@ -95,14 +95,20 @@ def unsupervised_share_key(params: dict) -> tuple | None:
     return params["resolution"], params["timestep"]
 
 
+def fetch_member_images(members: list[Member]) -> list[Member]:
+    """Each member's picture, decoded at the batch's working size, into `scratch["image"]` (a member
+    whose picture is gone fails alone); returns the members still live."""
+    resolution = members[0].payload["params"]["resolution"]
+    attempt(members, lambda m: m.scratch.update(image=fetch_image(m.ctx, m.payload["image"], min_side=resolution)))
+    return [m for m in members if m.live]
+
+
 def segment_unsupervised_batch(members: list[Member], done) -> None:
     """`segment_unsupervised` for jobs of one share key: VAE, text encoder and UNet once for all;
     aggregation, merging, labels and RLE per job."""
     rt = runtime.current()
     attempt(members, lambda m: m.ctx.update_params(sd_model=rt.sd.model_id))
-    resolution = members[0].payload["params"]["resolution"]
-    attempt(members, lambda m: m.scratch.update(image=fetch_image(m.ctx, m.payload["image"], min_side=resolution)))
-    running = [m for m in members if m.live]
+    running = fetch_member_images(members)
     if not running:
         return
     params = running[0].payload["params"]
@@ -168,9 +174,7 @@ def segment_text_batch(members: list[Member], done) -> None:
     rt = runtime.current()
     attempt(members, lambda m: m.ctx.update_params(sd_model=rt.sd.model_id,
                                                    clip_model=rt.clip.name if rt.clip else None))
-    resolution = members[0].payload["params"]["resolution"]
-    attempt(members, lambda m: m.scratch.update(image=fetch_image(m.ctx, m.payload["image"], min_side=resolution)))
-    running = [m for m in members if m.live]
+    running = fetch_member_images(members)
     if not running:
         return
     params = running[0].payload["params"]
