@@ -101,6 +101,8 @@ def test_the_page_is_served_with_its_assets_under_a_strict_policy(stack):
         index = http.get("/ui/")
         assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
         assert "default-src 'self'" in index.headers["content-security-policy"]
+        assert index.headers["x-content-type-options"] == "nosniff"
+        assert index.headers["referrer-policy"] == "no-referrer"
         for asset in re.findall(r'(?:src|href)="((?:js/)?[\w.]+\.(?:js|css|svg))"', index.text):
             assert http.get(f"/ui/{asset}").status_code == 200, asset
         script = http.get("/ui/js/app.js")

@@ -10,11 +10,10 @@ from starlette.staticfiles import StaticFiles
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 
 # The page works under this policy (no inline script or style; pictures drawn from blob: URLs).
+# nosniff, the frame and referrer headers come with every answer (service.edges).
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
                                "base-uri 'none'; frame-ancestors 'none'; form-action 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",  # revalidate (ETag): an upgrade of the service never mixes old and new files
 }
 
