@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     warmup: bool = True
     max_batch: int | None = Field(None, gt=0, description="Queued jobs a worker runs as one model pass when they "
                                                           "can share it; unset: 8 on a GPU, 1 on CPU.")
+    prefetch_mb: int = Field(256, ge=0, description="Decoded pictures of queued jobs a worker holds ahead of the "
+                                                    "model, in MiB (0: no look-ahead).")
     workers_per_host: int = Field(1, gt=0, description="Worker processes sharing this host's CPUs.")
     torch_threads: int | None = Field(None, gt=0, description="CPU threads per worker (torch.set_num_threads); "
                                                               "unset: OMP_NUM_THREADS if set, else the host's CPUs "

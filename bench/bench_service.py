@@ -10,8 +10,8 @@ Per job: end-to-end latency (POST sent -> final status read by the client) and t
 inference time (timings_ms.inference: the model and method stages). overhead = e2e - inference:
 the service's cost outside the model. Split into: POST (upload, decode, store, enqueue), queue
 wait (started_at - enqueued_at), worker time outside inference (image fetch, RLE, saving the
-result), and notification (finished_at -> the client has the answer; the long-poll checks every
-0.2 s). The model is tiny, so the figures are the service's own, not SD's.
+result), and notification (finished_at -> the client has the answer; the worker's end message wakes
+the long-poll). The model is tiny, so the figures are the service's own, not SD's.
 
     python -m bench.bench_service                         # the default phases below
     python -m bench.bench_service --phases 1x1,2x8 --jobs 100 --json bench/service.json
@@ -25,7 +25,10 @@ added between phases, so list them ascending.
 Per phase it also reports Redis commands per job (INFO commandstats deltas on the private Redis,
 every client: API, workers, waiting requests) and, with --round-trips, the sequential round trips
 per job in a separate short 1x1 phase (MONITOR: a client's commands less than 200 us apart count
-as one round trip, as a pipeline's arrive together).
+as one round trip, as a pipeline's arrive together). From the workers' announcements (renewed every
+second here): "model busy", the share of the phase the workers' model threads worked (the GPU's
+utilisation on a GPU host), and "prefetched", the share of jobs whose picture was decoded before
+the job started.
 
     python -m bench.bench_service --phases 1x1@640x480,1x1@4000x3000 --jobs 20 --round-trips 5
 """
@@ -38,6 +41,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -138,6 +142,38 @@ def count_round_trips(url: str, run) -> dict:
             "by_client": {c: {"commands": commands[c], "round_trips": trips[c]} for c in commands}}
 
 
+def fresh_activity(url: str, workers: int) -> dict[str, dict]:
+    """Each worker's announcement, once all are newer than the call (workers announce every second)."""
+    from attnseg.workers_registry import ready_workers
+
+    called = datetime.now().astimezone()
+    connection = redis.Redis.from_url(url)
+
+    def fresh():
+        announced = {w["name"]: w for w in ready_workers(connection)}
+        if not any("announced_at" in w for w in announced.values()):
+            return announced  # code before the overlap: no activity to wait for
+        newer = [w for w in announced.values() if datetime.fromisoformat(w["announced_at"]) > called]
+        return announced if len(newer) >= workers else None
+
+    return wait_for(fresh, timeout=10, interval=0.1, message="fresh worker announcements")
+
+
+def activity_delta(before: dict, after: dict, wall_s: float) -> dict:
+    """Model-thread utilisation over the phase (mean over workers) and the prefetch hit share; None
+    where the workers do not report them (code before the overlap)."""
+    names = [name for name in after if after[name].get("model_busy_s") is not None]
+    if not names:
+        return {"model_busy": None, "prefetched": None}
+
+    def grown(name, field):
+        return after[name].get(field, 0) - before.get(name, {}).get(field, 0)
+
+    busy = sum(grown(name, "model_busy_s") for name in names) / (len(names) * wall_s)
+    hits, misses = sum(grown(n, "prefetch_hits") for n in names), sum(grown(n, "prefetch_misses") for n in names)
+    return {"model_busy": busy, "prefetched": hits / (hits + misses) if hits + misses else None}
+
+
 def seconds_between(start_iso: str, end_iso: str) -> float:
     return (datetime.fromisoformat(end_iso) - datetime.fromisoformat(start_iso)).total_seconds()
 
@@ -178,7 +214,7 @@ STAGES = ("e2e", "inference", "overhead", "post", "queue", "worker_other", "fetc
 
 
 def run_phase(base_url: str, phase: dict, jobs: int, max_seconds: float, pictures: list, fields: dict,
-              counter: RedisCounter | None = None) -> dict:
+              counter: RedisCounter | None = None, activity: Callable[[], dict] | None = None) -> dict:
     """`concurrency` clients in a closed loop until `jobs` jobs are submitted or time is up."""
     lock = threading.Lock()
     submitted = 0
@@ -198,6 +234,7 @@ def run_phase(base_url: str, phase: dict, jobs: int, max_seconds: float, picture
                 with lock:
                     records.append(record)
 
+    before_activity = activity() if activity else {}
     before = counter.snapshot() if counter else {}
     started = time.perf_counter()
     with ThreadPoolExecutor(phase["concurrency"]) as pool:
@@ -205,10 +242,11 @@ def run_phase(base_url: str, phase: dict, jobs: int, max_seconds: float, picture
             future.result()
     wall_s = time.perf_counter() - started
     commands = RedisCounter.delta(before, counter.snapshot()) if counter else {}
+    workers = activity_delta(before_activity, activity(), wall_s) if activity else {}
     ok = [r for r in records if r["ok"]]
     stats = {key: summary([r[key] for r in ok]) for key in STAGES} if ok else {}
     return {**phase, "jobs": len(records), "succeeded": len(ok), "failures": [r for r in records if not r["ok"]],
-            "wall_s": wall_s, "jobs_per_s": len(ok) / wall_s, "stats": stats,
+            "wall_s": wall_s, "jobs_per_s": len(ok) / wall_s, "stats": stats, **workers,
             "redis_commands_per_job": sum(commands.values()) / max(1, len(records)),
             "redis_commands": dict(sorted(commands.items(), key=lambda item: -item[1]))}
 
@@ -227,12 +265,18 @@ def phase_rows(results: list[dict]) -> tuple[list[dict], list[dict]]:
                          "inference p50": s["inference"]["p50"],
                          "overhead min": s["overhead"]["min"], "overhead p50": s["overhead"]["p50"],
                          "overhead p99": s["overhead"]["p99"],
-                         "redis cmds/job": round(result["redis_commands_per_job"], 1)})
+                         "redis cmds/job": round(result["redis_commands_per_job"], 1),
+                         "model busy": percent(result.get("model_busy")),
+                         "prefetched": percent(result.get("prefetched"))})
         split.append({"phase": result["name"], **{f"{key} p50": s[key]["p50"] for key in
                                                  ("post", "queue", "fetch", "model", "labels", "rle", "save",
                                                   "notify")},
                       "notify p99": s["notify"]["p99"]})
     return headline, split
+
+
+def percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
 
 
 def parse_args(argv=None):
@@ -300,7 +344,8 @@ def main(argv=None) -> dict:
                     print(f"stack ready in {time.perf_counter() - started:.1f} s; warming up")
                     run_phase(stack.base_url, {**phase, "concurrency": 1}, args.warmup, args.max_seconds,
                               [pictures_for({"picture": (64, 48)}, 1, small)[0]], fields)
-                result = run_phase(stack.base_url, phase, args.jobs, args.max_seconds, pictures, fields, counter)
+                result = run_phase(stack.base_url, phase, args.jobs, args.max_seconds, pictures, fields, counter,
+                                   lambda: fresh_activity(stack.redis.url, len(stack.workers)))
                 results.append(result)
                 print(f"phase {phase['name']}: {result['succeeded']}/{result['jobs']} ok in "
                       f"{result['wall_s']:.1f} s")
@@ -318,7 +363,8 @@ def main(argv=None) -> dict:
     headline, split = phase_rows(results)
     print("latency per job, ms (overhead = e2e - worker-reported inference)")
     print_table(headline, ["phase", "workers", "clients", "wait", "ok", "jobs/s", "e2e p50", "e2e p99",
-                           "inference p50", "overhead min", "overhead p50", "overhead p99", "redis cmds/job"])
+                           "inference p50", "overhead min", "overhead p50", "overhead p99", "redis cmds/job",
+                           "model busy", "prefetched"])
     print("per stage, ms: post = upload + checks + store + enqueue; fetch = image fetch + decode (worker); model =")
     print("inference minus labels; labels = argmax + relabel at picture size; rle; save = the rest of the worker's")
     print("run (result and status writes); notify = finished -> client has it")

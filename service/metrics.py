@@ -7,7 +7,7 @@ import time
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from attnseg.job_metrics import read_job_durations
 from attnseg.queue import QUEUES, get_queue
@@ -35,6 +35,12 @@ class ClusterCollector:
             depth.add_metric([name], count)
         yield depth
         yield GaugeMetricFamily("attnseg_workers_ready", "Workers announcing themselves ready.", value=len(workers))
+        busy = CounterMetricFamily("attnseg_worker_model_busy_seconds", "Seconds each worker's model thread has "
+                                   "worked (rate: its utilisation), as of its last announcement.", labels=["worker"])
+        for worker in workers:
+            if worker.get("model_busy_s") is not None:
+                busy.add_metric([worker["name"]], worker["model_busy_s"])
+        yield busy
         hist = HistogramMetricFamily("attnseg_job_duration_seconds", "Job run time in the worker.",
                                      labels=["kind", "outcome"])
         for (kind, outcome), entry in sorted(durations.items()):

@@ -365,6 +365,11 @@ class WorkerInfo(BaseModel):
     random_weights: bool
     state: str = Field(description="idle or busy")
     ready_at: datetime
+    announced_at: datetime | None = Field(None, description="When this announcement was written.")
+    model_busy_s: float | None = Field(None, description="Seconds its model thread has worked since it started; "
+                                                         "the rate between two announcements is its utilisation.")
+    prefetch_hits: int | None = Field(None, description="Jobs whose picture was decoded while the model was busy.")
+    prefetch_misses: int | None = Field(None, description="Jobs whose picture was fetched when they started.")
 
 
 class Readiness(BaseModel):

@@ -46,11 +46,12 @@ def worker_on(redis_server, tiny_sd, tmp_path):
     settings = Settings(redis_url=redis_server.url, cache_dir=tmp_path)
     runtime.install(runtime.Runtime(settings=settings, sd=tiny_sd, clip=None))
 
-    def run(max_batch: int) -> None:
+    def run(max_batch: int) -> ModelWorker:
         ModelWorker.max_batch = max_batch
         worker = ModelWorker([get_queue(connection, SEGMENT_QUEUE)], connection=connection,
                              serializer=JSONSerializer)
         worker.work(burst=True, with_scheduler=False)
+        return worker
 
     yield connection, settings, run
     runtime.install(None)

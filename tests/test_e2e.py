@@ -94,6 +94,7 @@ def test_unsupervised_job_end_to_end(http):
 
     metrics = http.get("/metrics").text
     assert 'attnseg_job_duration_seconds_count{kind="unsupervised",outcome="succeeded"}' in metrics
+    assert 'attnseg_worker_model_busy_seconds_total{worker="' in metrics
 
 
 def test_a_large_rotated_jpeg_is_decoded_small_and_masked_at_its_size(http):
@@ -147,6 +148,22 @@ def test_a_worker_killed_mid_job_fails_the_job_promptly(stack, http):
     assert failed["error"]["code"] == "worker_lost"
     assert "worker" in failed["error"]["message"]
     assert time.monotonic() - killed_at < 120
+    stack.workers.remove(worker)
+    stack.start_worker()
+    wait_for(lambda: stack.ready_workers() >= 1, timeout=240, message="a new worker")
+
+
+def test_a_worker_told_to_stop_finishes_and_saves_its_job_first(stack, http):
+    """SIGTERM (docker stop) is RQ's warm shutdown: the running job ends, its outcome (saved by the
+    finishing thread) is stored, and only then does the worker withdraw."""
+    worker = stack.workers[-1]
+    job = submit(http, 300, 200, resolution="1024", grid="16")
+    wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "running", timeout=120, interval=0.05,
+             message="the job to start")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=120) == 0
+    done = http.get(f"/jobs/{job['id']}").json()
+    assert done["status"] == "succeeded" and done["result"]["segments"]
     stack.workers.remove(worker)
     stack.start_worker()
     wait_for(lambda: stack.ready_workers() >= 1, timeout=240, message="a new worker")

@@ -4,6 +4,7 @@ A worker that dequeues a batchable job (one registered in `jobs.BATCHES`) also t
 `max_batch - 1` compatible jobs from the front of the same queue. Each is claimed with LREM, which
 removes an id only once, so exactly one worker ever gets a job. The batch runs the shared pass
 once; every job keeps its own progress, cancellation, result and failure (a `Member` carries them).
+A batchable job that finds no companion runs the same way, as a batch of one.
 """
 
 from __future__ import annotations
@@ -23,30 +24,37 @@ CLAIM_WINDOW = 64  # queued ids looked at for companions, from the front of the 
 
 @dataclass
 class Member:
-    """One job of a batch: its context and payload, then its result or the error that ended it."""
+    """One job of a batch: its context and payload, then its result or the error that ended it.
+
+    The runner may leave the last step to the worker's finishing thread: `encode` then turns the
+    model's output (kept in the closure) into the result, off the model's thread."""
 
     job: Job | None
     ctx: JobContext
     payload: dict
     started: float = field(default_factory=time.perf_counter)
     result: dict | None = None
+    encode: Callable[[], dict] | None = None
     error: BaseException | None = None
-    done: bool = False  # finalised (its outcome stored)
-    scratch: dict = field(default_factory=dict)  # what the runner keeps per job between steps (the image)
+    done: bool = False  # handed over to be finalised
+    image: object = None  # the picture, decoded at the working size before the runner starts
 
     @property
     def live(self) -> bool:
-        return self.error is None and self.result is None
+        return self.error is None and self.result is None and self.encode is None
 
 
 @dataclass(frozen=True)
 class Batch:
     """How jobs of one function share a pass: `share_key(params)` equal (None: never shared), and
-    `run(members, done)`, which calls `done(member)` as each member gets its result."""
+    `run(members, done)`, which calls `done(member)` as each member gets its result (or `encode`).
+    The worker decodes each member's picture at `picture_side(params)` (`load_image`'s min_side)
+    before `run`."""
 
     kind: str
     share_key: Callable[[dict], tuple | None]
     run: Callable[[list[Member], Callable[[Member], None]], None]
+    picture_side: Callable[[dict], int]
     on_error: Callable | None = None
 
 
@@ -80,7 +88,8 @@ def shared_report(members: list[Member]) -> Callable[[str, float], None]:
 
 
 def settle(member: Member, batch: Batch):
-    """The member's outcome through the job's own error handling (messages, metrics, on_error).
+    """The member's result (its `encode`, if the runner left one) and outcome, through the job's own
+    error handling (messages, metrics, on_error).
 
     Returns None on success, else the exc_info RQ stores for the failure.
     """
@@ -88,14 +97,24 @@ def settle(member: Member, batch: Batch):
         with job_outcome(member.ctx, batch.kind, member.payload, batch.on_error, started=member.started):
             if member.error is not None:
                 raise member.error
+            if member.encode is not None:
+                # dropped once used: the closure refers back to the member, and the cycle would keep
+                # the label map alive until the garbage collector runs (every fresh 12 MP map then
+                # costs new pages: labels ran 2x slower)
+                encode, member.encode = member.encode, None
+                member.result = encode()
     except Exception:  # noqa: BLE001 - handed to RQ
         return sys.exc_info()
     return None
 
 
+def share_key_of(job: Job, batch: Batch) -> tuple | None:
+    return batch.share_key(job.meta.get("params", {}))
+
+
 def claim_companions(connection, queue, first: Job, batch: Batch, limit: int) -> list[Job]:
     """Up to `limit` queued jobs that can share `first`'s pass, taken off `queue` atomically."""
-    key = batch.share_key(first.meta.get("params", {}))
+    key = share_key_of(first, batch)
     if key is None or limit < 1:
         return []
     ids = [raw.decode() for raw in connection.lrange(queue.key, 0, CLAIM_WINDOW - 1)]

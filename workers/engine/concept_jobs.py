@@ -12,7 +12,8 @@ from attnseg.images import load_mask
 from workers.engine import runtime
 from workers.engine.context import JobContext, JobFailure, job_function
 from workers.engine.concept_records import load_concepts
-from workers.engine.jobs import fetch_image, finish, segments_from_labels, timings
+from workers.engine.jobs import finish, segments_from_labels, timings
+from workers.engine.pictures import fetch_image
 from workers.methods.concepts import Concept, ConceptMismatchError, check_concept, train_concept
 from workers.methods.prompts import PromptTooLongError
 from workers.methods.referring import segment_referring as run_referring

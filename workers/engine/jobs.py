@@ -9,11 +9,12 @@ import torch
 
 from attnseg import oneshot_store, rle
 from attnseg.concept_files import identifiers_in
-from attnseg.images import ImageMissingError, load_image, load_mask
+from attnseg.images import load_mask
 from workers.engine import runtime
 from workers.engine.batch import Batch, Member, attempt, fail_live, shared_report
 from workers.engine.concept_records import load_concepts
 from workers.engine.context import JobContext, JobFailure, job_function
+from workers.engine.pictures import fetch_image, original_size
 from workers.methods.gem import GEM_IMAGE_SIZE
 from workers.methods.oneshot import ModelMismatchError, OneshotModel, segment_oneshot, train_oneshot
 from workers.methods.prompts import PromptTooLongError
@@ -22,25 +23,6 @@ from workers.methods.textseg import segment_text as run_text
 from workers.methods.timing import Timer
 from workers.methods.unsupervised import UnsupervisedSegmentation, attention_pass, segment_row
 from workers.methods.unsupervised import segment_unsupervised as run_diffseg
-
-
-def fetch_image(ctx: JobContext, entry: dict, load=load_image, **options) -> np.ndarray:
-    """(H, W, 3) uint8 RGB (`load_mask`: (H, W) uint8 class ids) of a payload's picture entry.
-
-    options: min_side, to decode no larger than the working size needs (the entry's width and
-    height stay the original's, for the masks: see `original_size`)."""
-    started = time.perf_counter()
-    try:
-        image = load(ctx.connection, entry["key"], **options)
-    except ImageMissingError as exc:
-        raise JobFailure("image_expired", str(exc)) from None
-    ctx.stages_ms["fetch"] = round(ctx.stages_ms.get("fetch", 0.0) + (time.perf_counter() - started) * 1000, 1)
-    return image
-
-
-def original_size(entry: dict) -> tuple[int, int]:
-    """(H, W) of a payload's picture after EXIF orientation: the masks' size."""
-    return entry["height"], entry["width"]
 
 
 def segments_from_labels(labels: np.ndarray, names: list, label_ids: list, scores: list) -> list[dict]:
@@ -95,35 +77,32 @@ def unsupervised_share_key(params: dict) -> tuple | None:
     return params["resolution"], params["timestep"]
 
 
-def fetch_member_images(members: list[Member]) -> list[Member]:
-    """Each member's picture, decoded at the batch's working size, into `scratch["image"]` (a member
-    whose picture is gone fails alone); returns the members still live."""
-    resolution = members[0].payload["params"]["resolution"]
-    attempt(members, lambda m: m.scratch.update(image=fetch_image(m.ctx, m.payload["image"], min_side=resolution)))
-    return [m for m in members if m.live]
-
-
 def segment_unsupervised_batch(members: list[Member], done) -> None:
-    """`segment_unsupervised` for jobs of one share key: VAE, text encoder and UNet once for all;
-    aggregation, merging, labels and RLE per job."""
+    """`segment_unsupervised` for jobs of one share key (pictures decoded): VAE, text encoder and UNet
+    once for all; aggregation, merging and labels per job, RLE left to `encode`."""
     rt = runtime.current()
     attempt(members, lambda m: m.ctx.update_params(sd_model=rt.sd.model_id))
-    running = fetch_member_images(members)
+    running = [m for m in members if m.live]
     if not running:
         return
     params = running[0].payload["params"]
     try:
-        shared = attention_pass(rt.sd, [m.scratch["image"] for m in running], timestep=params["timestep"],
+        shared = attention_pass(rt.sd, [m.image for m in running], timestep=params["timestep"],
                                 resolution=params["resolution"], report=shared_report(running))
     except Exception as exc:  # noqa: BLE001 - the pass is every member's
         fail_live(running, exc)
         return
-    for row, member in enumerate(running):
+
+    def label(member: Member, row: int) -> None:
         own = member.payload["params"]
-        member.scratch.pop("image")
-        attempt([member], lambda m: setattr(m, "result", unsupervised_result(m.ctx, m.payload, segment_row(
-            shared, row, original_size(m.payload["image"]), kl_threshold=own["kl_threshold"], grid=own["grid"],
-            iterations=own["iterations"], refine=own["refine"], report=m.ctx.report))))
+        member.image = None
+        out = segment_row(shared, row, original_size(member.payload["image"]), kl_threshold=own["kl_threshold"],
+                          grid=own["grid"], iterations=own["iterations"], refine=own["refine"],
+                          report=member.ctx.report)
+        member.encode = lambda: unsupervised_result(member.ctx, member.payload, out)
+
+    for row, member in enumerate(running):
+        attempt([member], lambda m: label(m, row))
         done(member)
 
 
@@ -169,18 +148,18 @@ def text_share_key(params: dict) -> tuple | None:
 
 
 def segment_text_batch(members: list[Member], done) -> None:
-    """`segment_text` (selfcross) for jobs of one share key: VAE once, one UNet call per draw for all;
-    labels, scores and RLE per job."""
+    """`segment_text` (selfcross) for jobs of one share key (pictures decoded): VAE once, one UNet call
+    per draw for all; labels and scores per job, RLE left to `encode`."""
     rt = runtime.current()
     attempt(members, lambda m: m.ctx.update_params(sd_model=rt.sd.model_id,
                                                    clip_model=rt.clip.name if rt.clip else None))
-    running = fetch_member_images(members)
+    running = [m for m in members if m.live]
     if not running:
         return
     params = running[0].payload["params"]
     try:
         channels, passes, shared_ms = selfcross_batch(
-            rt.sd, [m.scratch["image"] for m in running], params["classes"],
+            rt.sd, [m.image for m in running], params["classes"],
             seeds=[m.payload["params"]["seed"] for m in running], background=params["background"],
             background_words=params.get("background_words"), samples=params["samples"],
             timestep=params["timestep"], resolution=params["resolution"], gate_threshold=params["gate_threshold"],
@@ -196,10 +175,10 @@ def segment_text_batch(members: list[Member], done) -> None:
         member.ctx.report("labelling", 0.85)
         timer = Timer()
         timer.ms = dict(shared_ms)
-        member.scratch.pop("image")
+        member.image = None
         labels, scores = channel_labels(own, original_size(member.payload["image"]), 0 if params["background"] else 1, timer)
-        member.result = text_result(member.ctx, member.payload,
-                                    TextSegmentation(labels.cpu().numpy(), scores, passes, timer.ms))
+        out = TextSegmentation(labels.cpu().numpy(), scores, passes, timer.ms)
+        member.encode = lambda: text_result(member.ctx, member.payload, out)
 
     for member, own in zip(running, channels):
         attempt([member], lambda m: label(m, own))
@@ -262,9 +241,14 @@ def oneshot_segment(ctx: JobContext, payload: dict) -> dict:
     return finish(ctx, payload["image"], segments, timings(out.timings_ms, started), labels=names)
 
 
+def resolution_side(params: dict) -> int:
+    """The working size of DiffSeg and selfcross: pictures are decoded no smaller than the resolution."""
+    return params["resolution"]
+
+
 # Job functions (by dotted path) whose queued jobs a worker may run together (workers/engine/batch.py).
 BATCHES = {
     "workers.engine.jobs.segment_unsupervised": Batch("unsupervised", unsupervised_share_key,
-                                                      segment_unsupervised_batch),
-    "workers.engine.jobs.segment_text": Batch("text", text_share_key, segment_text_batch),
+                                                      segment_unsupervised_batch, resolution_side),
+    "workers.engine.jobs.segment_text": Batch("text", text_share_key, segment_text_batch, resolution_side),
 }

@@ -1,19 +1,25 @@
 """The worker process: load the models once, warm up, announce readiness, then serve the queues.
 
 RQ's SimpleWorker runs each job in this process (the forking worker would reload the models for
-every job and cannot share a CUDA context). A pulse thread keeps three things fresh while the
-main thread works: the readiness announcement, the running job's registry entry (so a dead worker's
-job is failed within `worker_lost_after_s`), and the cleanup of jobs abandoned by other workers.
+every job and cannot share a CUDA context). The main thread keeps the model busy; three threads
+work around it:
+- the pulse keeps the readiness announcement fresh, the running jobs' registry entries (so a dead
+  worker's jobs are failed within `worker_lost_after_s`) and cleans up jobs abandoned by others;
+- the prefetcher (`pictures.Prefetcher`) decodes the pictures of the jobs waiting next;
+- the finisher encodes each batchable job's masks and stores its outcome, while the main thread
+  is already on the next job.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue as queues_module
 import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import numpy as np
@@ -25,13 +31,15 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from attnseg.queue import QUEUES, clean_canceled, connect, get_queue, publish_job_event
+from attnseg.images import load_image
+from attnseg.queue import KINDS, QUEUES, clean_canceled, connect, get_queue, publish_job_event
 from attnseg.settings import Settings
 from attnseg.workers_registry import announce, withdraw
 from workers.engine import runtime as runtime_module
-from workers.engine.batch import Batch, Member, claim_companions, fail_live, settle
+from workers.engine.batch import Batch, Member, attempt, claim_companions, fail_live, settle, share_key_of
 from workers.engine.context import JobContext
 from workers.engine.jobs import BATCHES
+from workers.engine.pictures import Prefetcher, fetch_image
 from workers.methods.concepts import concept_shapes
 from workers.methods.unsupervised import segment_unsupervised
 
@@ -40,13 +48,81 @@ log = logging.getLogger("attnseg.worker")
 HEARTBEAT_MIN_S = 2.0
 
 
+class Finisher(threading.Thread):
+    """Runs the tasks it is given in order, on a thread of its own. At most `depth` wait: `submit`
+    blocks beyond that, which bounds the finished-but-unsaved outputs (label maps) held in memory."""
+
+    def __init__(self, depth: int):
+        super().__init__(name="attnseg-finish", daemon=True)
+        self.tasks: queues_module.Queue[Callable[[], None] | None] = queues_module.Queue(maxsize=depth)
+
+    def submit(self, task: Callable[[], None]) -> None:
+        self.tasks.put(task)
+
+    def stop(self) -> None:
+        """Run every task given so far, then end the thread."""
+        self.tasks.put(None)
+        self.join()
+
+    def run(self) -> None:
+        while True:
+            task = self.tasks.get()
+            if task is None:
+                return
+            try:
+                task()
+            except Exception:  # noqa: BLE001 - the job's heartbeat stops: it is failed as worker_lost
+                log.exception("finishing a job failed")
+
+
 class ModelWorker(SimpleWorker):
     """A SimpleWorker whose running job's liveness entry expires `lost_after_s` after its last beat,
-    and which runs queued jobs that can share a model pass as one batch (up to `max_batch`)."""
+    which runs queued jobs that can share a model pass as one batch (up to `max_batch`), and which
+    decodes the next pictures and saves the last outcomes while the model works (`prefetch_bytes`:
+    the most decoded pixels held ahead, 0 for none)."""
 
     lost_after_s = 60
     max_batch = 1
-    running: list[tuple[Job, object]] = []  # (job, execution) pairs being worked on
+    prefetch_bytes = 256 * 2**20
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._running: dict[str, tuple[Job, object]] = {}  # job id -> (job, execution) not yet finalised
+        self._running_lock = threading.Lock()
+        self.model_busy_s = 0.0  # seconds the main thread spent running jobs: the model's busy time
+        self.finisher: Finisher | None = None
+        self.prefetcher: Prefetcher | None = None
+
+    def running(self) -> list[tuple[Job, object]]:
+        with self._running_lock:
+            return list(self._running.values())
+
+    def _track(self, job: Job, execution) -> None:
+        with self._running_lock:
+            self._running[job.id] = (job, execution)
+
+    def _untrack(self, job: Job) -> None:
+        with self._running_lock:
+            self._running.pop(job.id, None)
+
+    def bootstrap(self, *args, **kwargs):
+        super().bootstrap(*args, **kwargs)
+        self.finisher = Finisher(depth=max(1, self.max_batch))
+        self.finisher.start()
+        batchable = {KINDS[name].queue for name in KINDS if KINDS[name].func in BATCHES}
+        if self.prefetch_bytes:
+            self.prefetcher = Prefetcher(self.connection, [q.key for q in self.queues if q.name in batchable],
+                                         {func: batch.picture_side for func, batch in BATCHES.items()},
+                                         depth=max(1, self.max_batch), max_bytes=self.prefetch_bytes)
+            self.prefetcher.start()
+
+    def teardown(self):
+        """Before RQ withdraws the worker: the outcomes still being saved are saved."""
+        if self.finisher is not None:
+            self.finisher.stop()
+        if self.prefetcher is not None:
+            self.prefetcher.stop()
+        super().teardown()
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.lost_after_s
@@ -60,57 +136,85 @@ class ModelWorker(SimpleWorker):
             return
         super().heartbeat(timeout, pipeline)
 
+    def activity(self) -> dict:
+        """For the announcement: the model thread's busy seconds so far (their rate between two
+        announcements is its utilisation) and how often a job's picture was already decoded."""
+        prefetcher = self.prefetcher
+        return {"model_busy_s": round(self.model_busy_s, 3), "announced_at": datetime.now(timezone.utc).isoformat(),
+                "prefetch_hits": prefetcher.hits if prefetcher else 0,
+                "prefetch_misses": prefetcher.misses if prefetcher else 0}
+
     def execute_job(self, job: Job, queue):
-        batch = BATCHES.get(job.func_name) if self.max_batch > 1 else None
-        companions = claim_companions(self.connection, queue, job, batch, self.max_batch - 1) if batch else []
-        if companions:
+        batch = BATCHES.get(job.func_name)
+        if batch is not None and share_key_of(job, batch) is not None:
+            companions = claim_companions(self.connection, queue, job, batch, self.max_batch - 1)
             self.perform_batch([job, *companions], queue, batch)
         else:
+            self.look_ahead()
             execution = self.prepare_execution(job)
-            self.running = [(job, execution)]
+            self._track(job, execution)
+            started = time.perf_counter()
             try:
                 self.perform_job(job, queue, execution)
             finally:
-                self.running = []
+                self.model_busy_s += time.perf_counter() - started  # with its fetch, encode and save
+                self._untrack(job)
                 announce_end(self.connection, job.id)
         self.set_state(WorkerStatus.IDLE)
 
+    def look_ahead(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.look_ahead()
+
+    def load_picture(self, connection, key: str, **options):
+        return (self.prefetcher.load if self.prefetcher is not None else load_image)(connection, key, **options)
+
     def perform_batch(self, jobs: list[Job], queue, batch: Batch) -> None:
-        """RQ's perform_job for jobs sharing one pass: each is started, finished or failed in RQ as
-        if it ran alone (registries, heartbeats, results, TTLs); one timeout, the shortest, covers the
-        shared work."""
+        """RQ's perform_job for jobs sharing one pass (or a batch of one): each is started, finished
+        or failed in RQ as if it ran alone (registries, heartbeats, results, TTLs); one timeout, the
+        shortest, covers the shared work. Each job's outcome is finalised by the finisher thread."""
         executions = {job.id: self.prepare_execution(job) for job in jobs}
-        self.running = [(job, executions[job.id]) for job in jobs]
         members = []
         for job in jobs:
+            self._track(job, executions[job.id])
             self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
             job.started_at = now()
             members.append(Member(job, JobContext(job), job.args[0]))
-        log.info("batch of %d %s jobs: %s", len(jobs), batch.kind, ", ".join(job.id for job in jobs))
+        if len(jobs) > 1:
+            log.info("batch of %d %s jobs: %s", len(jobs), batch.kind, ", ".join(job.id for job in jobs))
 
-        def done(member: Member) -> None:
-            if member.done:
-                return
-            member.done = True
+        def finalise(member: Member) -> None:
             job, execution = member.job, executions[member.job.id]
             exc_info = settle(member, batch)
+            self._untrack(job)
             if exc_info is None:
                 self._finalize_success(job, queue, execution, member.result)
             else:
                 self._finalize_failure(job, queue, execution, exc_info)
-            self.running = [pair for pair in self.running if pair[0] is not job]
             announce_end(self.connection, job.id)
+
+        def done(member: Member) -> None:
+            if not member.done:
+                member.done = True
+                self.finisher.submit(lambda: finalise(member))
 
         timeout = min(job.timeout or self.queue_class.DEFAULT_TIMEOUT for job in jobs)
         try:
             with self.death_penalty_class(timeout, JobTimeoutException, job_id=jobs[0].id):
-                batch.run(members, done)
+                side = batch.picture_side(members[0].payload["params"])
+                attempt(members, lambda m: setattr(m, "image", fetch_image(m.ctx, m.payload["image"],
+                                                                           self.load_picture, min_side=side)))
+                self.look_ahead()  # the next jobs' pictures are decoded while the model runs these
+                started = time.perf_counter()
+                try:
+                    batch.run(members, done)
+                finally:
+                    self.model_busy_s += time.perf_counter() - started
         except JobTimeoutException as exc:
             fail_live(members, exc)
         finally:
             for member in members:  # those that failed before their result
                 done(member)
-            self.running = []
 
 
 def announce_end(connection, job_id: str) -> None:
@@ -129,9 +233,9 @@ class Pulse(threading.Thread):
 
     def beat(self) -> None:
         connection = self.worker.connection
-        running = list(self.worker.running)
-        state = "busy" if running else "idle"
-        announce(connection, {**self.info, "state": state}, ttl_s=3 * self.settings.worker_heartbeat_s)
+        running = self.worker.running()
+        announce(connection, {**self.info, **self.worker.activity(), "state": "busy" if running else "idle"},
+                 ttl_s=3 * self.settings.worker_heartbeat_s)
         for job, execution in running:
             self.worker.maintain_heartbeats(job, execution)
         for name in QUEUES:
@@ -171,6 +275,7 @@ def run_worker(settings: Settings, *, queues: tuple[str, ...] = QUEUES, name: st
     name = name or default_worker_name()
     ModelWorker.lost_after_s = settings.worker_lost_after_s
     ModelWorker.max_batch = settings.max_batch or (8 if runtime.sd.device.type == "cuda" else 1)
+    ModelWorker.prefetch_bytes = settings.prefetch_mb * 2**20
     worker = ModelWorker([get_queue(connection, q) for q in queues], connection=connection, name=name,
                          serializer=JSONSerializer)
     info = {"name": name, "host": socket.gethostname(), "pid": os.getpid(), "queues": list(queues),

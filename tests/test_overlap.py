@@ -1,0 +1,92 @@
+"""Overlap around the model: pictures of queued jobs decoded ahead (bounded, claiming nothing) and
+outcomes saved by the finishing thread, with each job's result and failure its own."""
+
+import numpy as np
+import pytest
+
+from attnseg.images import ImageMissingError, load_image
+from attnseg.queue import SEGMENT_QUEUE, get_queue
+from tests.test_batch import pictures, stored_entry, submit, worker_on  # noqa: F401 - the fixture
+from workers.engine.jobs import BATCHES
+from workers.engine.pictures import Prefetcher
+
+SIDES = {func: batch.picture_side for func, batch in BATCHES.items()}
+
+
+def prefetcher(connection, depth=2, max_bytes=2**30) -> Prefetcher:
+    """Not started: the test calls decode_front() where the thread would."""
+    return Prefetcher(connection, [get_queue(connection, SEGMENT_QUEUE).key], SIDES, depth=depth, max_bytes=max_bytes)
+
+
+def test_the_pictures_of_the_first_queued_jobs_are_decoded_ahead(worker_on):
+    connection, settings, _ = worker_on
+    jobs = [submit(connection, settings, image, resolution=64) for image in pictures(3)]
+    ahead = prefetcher(connection, depth=2)
+    ahead.decode_front()
+    assert get_queue(connection, SEGMENT_QUEUE).count == 3  # nothing claimed
+
+    for job in jobs:  # the first two from memory, the third fetched; the same pixels either way
+        key = job.args[0]["image"]["key"]
+        np.testing.assert_array_equal(ahead.load(connection, key, min_side=64),
+                                      load_image(connection, key, min_side=64))
+    assert (ahead.hits, ahead.misses) == (2, 1)
+    ahead.decode_front()  # the same jobs again: read once, decoded once
+    assert ahead.hits + len(ahead._pictures) == 2
+
+
+def test_pictures_held_ahead_stay_under_the_byte_bound(worker_on):
+    connection, settings, _ = worker_on
+    jobs = [submit(connection, settings, image, resolution=64) for image in pictures(3)]
+    one_picture = load_image(connection, jobs[0].args[0]["image"]["key"], min_side=64).nbytes
+    ahead = prefetcher(connection, depth=3, max_bytes=one_picture)
+    ahead.decode_front()
+    held = [f.result().nbytes for f in ahead._pictures.values()]
+    assert len(held) <= 1 and sum(held) <= one_picture
+
+
+def test_a_picture_gone_before_its_job_runs_fails_that_job_as_today(worker_on):
+    connection, settings, _ = worker_on
+    job = submit(connection, settings, pictures(1)[0], resolution=64)
+    key = job.args[0]["image"]["key"]
+    connection.delete(key)
+    ahead = prefetcher(connection)
+    ahead.decode_front()
+    with pytest.raises(ImageMissingError):
+        ahead.load(connection, key, min_side=64)
+
+
+def test_the_worker_reads_decoded_pictures_and_counts_its_busy_time(worker_on):
+    connection, settings, run = worker_on
+    jobs = [submit(connection, settings, image) for image in pictures(4)]
+    worker = run(max_batch=1)
+    assert all(job.get_status(refresh=True) == "finished" for job in jobs)
+    activity = worker.activity()
+    # The first job's picture is fetched as it starts; each later one was decoded while its
+    # predecessor ran (the main thread waits for a decode still in progress).
+    assert (activity["prefetch_hits"], activity["prefetch_misses"]) == (3, 1)
+    assert activity["model_busy_s"] > 0
+    assert worker.running() == []
+
+
+def test_a_job_whose_masks_fail_to_encode_fails_alone(worker_on, monkeypatch):
+    """Encoding runs on the finishing thread after the shared pass: its failure is that job's only."""
+    from workers.engine import jobs as job_functions
+
+    connection, settings, run = worker_on
+    images = pictures(3)
+    queued = [submit(connection, settings, image) for image in images]
+    bad = queued[1].args[0]["image"]["key"]
+    encode = job_functions.unsupervised_result
+
+    def failing(ctx, payload, out):
+        if payload["image"]["key"] == bad:
+            raise RuntimeError("encoder broke")
+        return encode(ctx, payload, out)
+
+    monkeypatch.setattr(job_functions, "unsupervised_result", failing)
+    run(max_batch=8)
+    for job in queued:
+        job.refresh()
+    assert [job.get_status() for job in queued] == ["finished", "failed", "finished"]
+    assert queued[1].meta["error"]["code"] == "internal_error" and "encoder broke" in queued[1].meta["error"]["message"]
+    assert get_queue(connection, SEGMENT_QUEUE).started_job_registry.get_job_ids() == []
