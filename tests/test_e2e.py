@@ -308,7 +308,9 @@ def test_concept_train_progress_export_import_referring_and_delete(stack, http):
 
     done = wait_for(trained, timeout=600, interval=0.2, message="concept training")
     assert done["status"] == "succeeded", done
-    assert seen_steps, "training progress was never reported"
+    # Two tiny steps can both fall inside one 0.2 s poll (and one 0.5 s progress throttle); the last
+    # report is written as the job ends, so the finished job shows where training got to.
+    assert done["progress"]["step"] == done["progress"]["steps"] == 2 and seen_steps <= {1, 2}
     concept = http.get(f"/concepts/{concept_id}").json()
     assert concept["status"] == "ready" and concept["method"] == "custom_diffusion" and concept["vectors"] == 1
     assert concept["sd_model"] == "tiny-random" and concept["metrics"]["steps"] == 2

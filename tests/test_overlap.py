@@ -7,15 +7,14 @@ import pytest
 from attnseg.images import ImageMissingError, load_image
 from attnseg.queue import SEGMENT_QUEUE, get_queue
 from tests.test_batch import pictures, stored_entry, submit, worker_on  # noqa: F401 - the fixture
-from workers.engine.jobs import BATCHES
 from workers.engine.pictures import Prefetcher
-
-SIDES = {func: batch.picture_side for func, batch in BATCHES.items()}
+from workers.engine.worker import batch_picture_side
 
 
 def prefetcher(connection, depth=2, max_bytes=2**30) -> Prefetcher:
     """Not started: the test calls decode_front() where the thread would."""
-    return Prefetcher(connection, [get_queue(connection, SEGMENT_QUEUE).key], SIDES, depth=depth, max_bytes=max_bytes)
+    return Prefetcher(connection, [get_queue(connection, SEGMENT_QUEUE).key], batch_picture_side, depth=depth,
+                      max_bytes=max_bytes)
 
 
 def test_the_pictures_of_the_first_queued_jobs_are_decoded_ahead(worker_on):
@@ -32,6 +31,15 @@ def test_the_pictures_of_the_first_queued_jobs_are_decoded_ahead(worker_on):
     assert (ahead.hits, ahead.misses) == (2, 1)
     ahead.decode_front()  # the same jobs again: read once, decoded once
     assert ahead.hits + len(ahead._pictures) == 2
+
+
+def test_only_jobs_that_run_through_the_batch_path_are_decoded_ahead(worker_on):
+    """A DiffSeg job with a vocabulary runs start to end in its job function, which fetches its own picture."""
+    connection, settings, _ = worker_on
+    submit(connection, settings, pictures(1)[0], vocabulary=["sky", "grass"])
+    ahead = prefetcher(connection)
+    ahead.decode_front()
+    assert not ahead._pictures
 
 
 def test_pictures_held_ahead_stay_under_the_byte_bound(worker_on):

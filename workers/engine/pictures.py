@@ -49,14 +49,14 @@ class Prefetcher(threading.Thread):
 
     It claims nothing: a job that another worker takes, or that is canceled, costs one decode, and
     its picture is dropped as newer ones need the room. At most `depth` pictures and `max_bytes` of
-    pixels are held. `sides` maps a job function (dotted path) to the working size its picture is
-    decoded at (`min_side` of `load_image`, from the job's params); jobs of other functions are skipped.
+    pixels are held. `side_of(function, params)` is the working size a queued job's picture is
+    decoded at (`min_side` of `load_image`), None for a job whose picture is fetched as it starts.
     """
 
-    def __init__(self, connection, queue_keys: list[str], sides: dict[str, Callable[[dict], int]], depth: int,
+    def __init__(self, connection, queue_keys: list[str], side_of: Callable[[str, dict], int | None], depth: int,
                  max_bytes: int):
         super().__init__(name="attnseg-prefetch", daemon=True)
-        self.connection, self.queue_keys, self.sides = connection, queue_keys, sides
+        self.connection, self.queue_keys, self.side_of = connection, queue_keys, side_of
         self.depth, self.max_bytes = depth, max_bytes
         self.hits = self.misses = 0
         self._pictures: OrderedDict[tuple[str, int | None], Future] = OrderedDict()
@@ -95,8 +95,10 @@ class Prefetcher(threading.Thread):
                 return
             try:
                 self.decode_front()
-            except redis.RedisError as exc:  # the job fetches its own picture then
+            except redis.RedisError as exc:  # the jobs fetch their own pictures then
                 log.warning("prefetch: redis unavailable: %s", exc)
+            except Exception:  # noqa: BLE001 - a bug here must not end the look-ahead, nor any job
+                log.exception("prefetch failed")
 
     def decode_front(self) -> None:
         with self.connection.pipeline(transaction=False) as pipe:
@@ -125,17 +127,16 @@ class Prefetcher(threading.Thread):
             with self._lock:
                 self._evict()
 
-    def picture_of(self, job: Job | None) -> tuple[str, int | None] | None:
+    def picture_of(self, job: Job | None) -> tuple[str, int] | None:
         """(image key, working size) of a queued job's picture; None for jobs not decoded ahead."""
-        side = self.sides.get(job.func_name) if job is not None else None
-        payload = job.args[0] if side is not None and job.args else {}
-        entry = payload.get("image") if isinstance(payload, dict) else None
-        if not entry or "key" not in entry:
+        payload = job.args[0] if job is not None and job.args else None
+        if not isinstance(payload, dict) or "key" not in (payload.get("image") or {}):
             return None
         try:
-            return entry["key"], side(payload.get("params", {}))
+            side = self.side_of(job.func_name, payload.get("params", {}))
         except (KeyError, TypeError, ValueError):
             return None
+        return (payload["image"]["key"], side) if side is not None else None
 
     def _evict(self) -> None:
         """Oldest first, down to `depth` pictures and `max_bytes` of decoded pixels (under the lock)."""

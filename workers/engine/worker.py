@@ -112,8 +112,8 @@ class ModelWorker(SimpleWorker):
         batchable = {KINDS[name].queue for name in KINDS if KINDS[name].func in BATCHES}
         if self.prefetch_bytes:
             self.prefetcher = Prefetcher(self.connection, [q.key for q in self.queues if q.name in batchable],
-                                         {func: batch.picture_side for func, batch in BATCHES.items()},
-                                         depth=max(1, self.max_batch), max_bytes=self.prefetch_bytes)
+                                         batch_picture_side, depth=max(1, self.max_batch),
+                                         max_bytes=self.prefetch_bytes)
             self.prefetcher.start()
 
     def teardown(self):
@@ -195,8 +195,8 @@ class ModelWorker(SimpleWorker):
 
         def done(member: Member) -> None:
             if not member.done:
+                self.finisher.submit(lambda: finalise(member))  # may wait (and be timed out): then retried below
                 member.done = True
-                self.finisher.submit(lambda: finalise(member))
 
         timeout = min(job.timeout or self.queue_class.DEFAULT_TIMEOUT for job in jobs)
         try:
@@ -215,6 +215,13 @@ class ModelWorker(SimpleWorker):
         finally:
             for member in members:  # those that failed before their result
                 done(member)
+
+
+def batch_picture_side(function: str, params: dict) -> int | None:
+    """The working size of a queued job that will run through `perform_batch` (its picture is
+    decoded ahead and read from the look-ahead there); None for the others."""
+    batch = BATCHES.get(function)
+    return batch.picture_side(params) if batch is not None and batch.share_key(params) is not None else None
 
 
 def announce_end(connection, job_id: str) -> None:
@@ -289,6 +296,7 @@ def run_worker(settings: Settings, *, queues: tuple[str, ...] = QUEUES, name: st
         worker.work(burst=burst, with_scheduler=False)
     finally:
         pulse.stopped.set()
+        pulse.join(timeout=settings.worker_heartbeat_s)  # a beat in progress must not announce us again
         try:
             withdraw(connection, name)
         except redis.RedisError:
