@@ -1,4 +1,4 @@
-"""`attnseg segment|oneshot|jobs`: the API from the command line, on `attnseg.client`.
+"""`attnseg segment|oneshot|concept|jobs`: the API from the command line, on `attnseg.client`.
 
 Pictures (files, or folders of .jpg/.jpeg/.png/.webp) run concurrently, at most `--concurrency`
 at a time, with a progress bar on stderr. Outputs: a COCO-style results JSON (`-o`, else stdout),
@@ -82,8 +82,9 @@ def label_png(label_map: np.ndarray) -> Image.Image:
 def coco_document(done: list[tuple[Path, str, Result]], failed: list[dict]) -> dict:
     """COCO-style results: `images` (with the job id), `annotations` (RLE, bbox xywh, area, score), `categories`.
 
-    Category ids are label_ids when the result has `labels` (text, one-shot: 0 is background);
-    unsupervised segments get one category per name (`segment` when unnamed), numbered from 1.
+    Category ids are label_ids when the result has `labels` (text, one-shot, referring: 0 is background);
+    segments without one (unsupervised; a referring result's other instances) get one category per name
+    (`segment` when unnamed), numbered after those.
     """
     categories: dict[str, int] = {}
     images: list[dict] = []
@@ -94,10 +95,10 @@ def coco_document(done: list[tuple[Path, str, Result]], failed: list[dict]) -> d
         for label_id, name in enumerate(result.labels or []):  # every class asked for, found or not
             categories.setdefault(name, label_id)
         for segment in result.segments:
-            if result.labels is not None:
+            if segment.label_id is not None:
                 category = segment.label_id
             else:
-                category = categories.setdefault(segment.label or "segment", len(categories) + 1)
+                category = categories.setdefault(segment.label or "segment", max(categories.values(), default=0) + 1)
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
                                 "segmentation": segment.rle, "area": segment.area, "bbox": list(segment.bbox),
                                 "score": segment.score, "iscrowd": 0})
@@ -218,6 +219,8 @@ UNSUPERVISED = ("kl_threshold", "grid", "iterations", "timestep", "resolution", 
 TEXT = ("background", "background_words", "samples", "timestep", "resolution", "seed")
 TRAIN = ("epochs", "learning_rate", "crops_per_side", "min_crop", "resolution", "seed")
 ONESHOT_SEGMENT = ("crops_per_side", "resolution", "seed")
+REFERRING = ("max_instances", "resolution", "seed")
+CONCEPT_TRAIN = ("train_kv", "steps", "learning_rate", "batch_size", "num_vectors", "resolution", "seed")
 
 
 def cmd_segment_unsupervised(args) -> int:
@@ -232,49 +235,126 @@ def cmd_segment_text(args) -> int:
         args, lambda client, path: client.segment_text(path, classes, method=args.method, **options)))
 
 
+def cmd_segment_referring(args) -> int:
+    options = params(args, REFERRING)
+    return asyncio.run(segment_pictures(
+        args, lambda client, path: client.segment_referring(path, args.class_word, args.queries, **options)))
+
+
 def cmd_oneshot_segment(args) -> int:
     options = params(args, ONESHOT_SEGMENT)
     return asyncio.run(segment_pictures(
         args, lambda client, path: client.oneshot_segment(args.model, path, **options)))
 
 
-def training_bar(epochs: int) -> tuple[tqdm, Callable[[Progress], None]]:
-    bar = tqdm(total=epochs, unit="epoch", file=sys.stderr)
+def training_bar(total: int | None, unit: str) -> tuple[tqdm, Callable[[Progress], None]]:
+    """A progress bar over epochs (one-shot) or steps (concepts), with the loss (and IoU) as they come;
+    without a `total` (the server's default) the first report gives it."""
+    bar = tqdm(total=total, unit=unit, file=sys.stderr)
 
     def show(progress: Progress) -> None:
-        if progress.epoch is None:
+        done = getattr(progress, unit)
+        if done is None:
             bar.set_description(progress.stage)
             return
+        if bar.total is None:
+            bar.total = getattr(progress, unit + "s")
         bar.set_description("training")
-        bar.update(progress.epoch - bar.n)
+        bar.update(done - bar.n)
         bar.set_postfix({name: f"{value:.3f}" for name, value in (("loss", progress.loss), ("iou", progress.best_iou))
                          if value is not None})
 
     return bar, show
 
 
+def follow_training(client: Client, what: str, record, job_id: str, total: int | None, unit: str,
+                    no_wait: bool) -> int:
+    """Say which record (`what`: model, concept) is being made, then follow its job with a bar unless
+    `no_wait`; Ctrl-C cancels that job. Returns the exit code (0, or INTERRUPTED)."""
+    print(f"{what} {record.id}: {record.status} (job {job_id})", file=sys.stderr)
+    if no_wait:
+        return 0
+    bar, show = training_bar(total, unit)
+    try:
+        record.wait(on_progress=show)
+    except KeyboardInterrupt:
+        client.cancel(job_id)
+        print(f"attnseg: interrupted; canceled training job {job_id}", file=sys.stderr)
+        return INTERRUPTED
+    finally:
+        bar.close()
+    return 0
+
+
 def cmd_oneshot_train(args) -> int:
     if len(args.image) != len(args.mask):
         raise CommandError(f"{len(args.image)} --image but {len(args.mask)} --mask: give one mask per image")
-    for path in (*args.image, *args.mask):
-        if not path.is_file():
-            raise CommandError(f"no such file: {path}")
+    existing_files(*args.image, *args.mask)
     with Client(*connection(args)) as client:
         model = client.train_oneshot(args.image, args.mask, words(args.labels), **params(args, TRAIN))
-        bar = None
-        try:
-            print(f"model {model.id}: training (job {model.state.train_job_id})", file=sys.stderr)
-            if not args.no_wait:
-                bar, show = training_bar(model.state.raw["params"]["epochs"])
-                model.wait(on_progress=show)
-        except KeyboardInterrupt:
-            client.cancel(model.state.train_job_id)
-            print(f"attnseg: interrupted; canceled training job {model.state.train_job_id}", file=sys.stderr)
-            return INTERRUPTED
-        finally:
-            if bar is not None:
-                bar.close()
-        write_json(model.state.raw, args.output)
+        code = follow_training(client, "model", model, model.state.train_job_id, model.state.raw["params"]["epochs"],
+                               "epoch", args.no_wait)
+        if code == 0:
+            write_json(model.state.raw, args.output)
+    return code
+
+
+def existing_files(*paths: Path) -> None:
+    for path in paths:
+        if not path.is_file():
+            raise CommandError(f"no such file: {path}")
+
+
+def cmd_concept_train(args) -> int:
+    if args.mask and len(args.image) != len(args.mask):
+        raise CommandError(f"{len(args.image)} --image but {len(args.mask)} --mask: give one mask per image, or none")
+    existing_files(*args.image, *(args.mask or []))
+    with Client(*connection(args)) as client:
+        concept = client.train_concept(args.image, args.identifier, args.class_word, masks=args.mask or None,
+                                       **params(args, CONCEPT_TRAIN))
+        code = follow_training(client, "concept", concept, concept.state.job_id, concept.state.raw["params"]["steps"],
+                               "step", args.no_wait)
+        if code == 0:
+            write_json(concept.state.raw, args.output)
+    return code
+
+
+def cmd_concept_import(args) -> int:
+    existing_files(args.embeddings, *([args.weights] if args.weights else []))
+    with Client(*connection(args)) as client:
+        concept = client.import_concept(args.identifier, args.class_word, args.embeddings, args.weights)
+        write_json(concept.wait().state.raw, None)
+    return 0
+
+
+def cmd_concept_list(args) -> int:
+    with Client(*connection(args)) as client:
+        write_json({"concepts": [concept.state.raw for concept in client.concepts(limit=500)]}, None)
+    return 0
+
+
+def cmd_concept_get(args) -> int:
+    with Client(*connection(args)) as client:
+        write_json(client.concept(args.concept_id).state.raw, None)
+    return 0
+
+
+def cmd_concept_export(args) -> int:
+    """Write a ready concept's diffusers files into a folder, printing their paths."""
+    with Client(*connection(args)) as client:
+        concept = client.concept(args.concept_id)
+        if concept.status != "ready":
+            raise CommandError(f"concept {concept.id} is {concept.status}: only a ready concept has files")
+        args.directory.mkdir(parents=True, exist_ok=True)
+        for name in concept.state.files:
+            (args.directory / name).write_bytes(concept.file(name))
+            print(args.directory / name)
+    return 0
+
+
+def cmd_concept_delete(args) -> int:
+    with Client(*connection(args)) as client:
+        client.concept(args.concept_id).delete()
     return 0
 
 
@@ -320,7 +400,7 @@ def add_outputs(parser: argparse.ArgumentParser) -> None:
 
 
 def add_client_commands(sub: argparse._SubParsersAction) -> None:
-    """Registers `segment`, `oneshot` and `jobs` on the `attnseg` parser."""
+    """Registers `segment`, `oneshot`, `concept` and `jobs` on the `attnseg` parser."""
     api = argparse.ArgumentParser(add_help=False)
     api.add_argument("--url", help=f"the API (default: $ATTNSEG_URL or {DEFAULT_URL})")
     api.add_argument("--api-key", help="bearer key (default: $ATTNSEG_API_KEY)")
@@ -351,6 +431,15 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     text.add_argument("--timestep", type=int, help="default per method")
     text.set_defaults(func=partial(run, cmd_segment_text))
 
+    referring = segment.add_parser("referring", parents=[common, api],
+                                   help="the instance each query refers to (queries may name concepts)")
+    add_outputs(referring)
+    referring.add_argument("--class-word", required=True, help="the category of the instances ('mug')")
+    referring.add_argument("--queries", nargs="+", required=True,
+                           help="1 to 8 queries, each one argument: '<my-mug> mug' 'a red mug'")
+    referring.add_argument("--max-instances", type=int, help="most instances the clustering finds (8)")
+    referring.set_defaults(func=partial(run, cmd_segment_referring))
+
     oneshot = sub.add_parser("oneshot", help="train and use one-shot part models (SLiMe)").add_subparsers(
         dest="oneshot_command", required=True)
     train = oneshot.add_parser("train", parents=[common, api], help="train from picture(s) and label mask(s)")
@@ -370,6 +459,41 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     add_outputs(oneshot_segment)
     oneshot_segment.add_argument("--crops-per-side", type=int, choices=[1, 2], help="default: the model's")
     oneshot_segment.set_defaults(func=partial(run, cmd_oneshot_segment))
+
+    concept = sub.add_parser("concept", help="teach the model your object, then refer to it as <identifier>") \
+        .add_subparsers(dest="concept_command", required=True)
+    learn = concept.add_parser("train", parents=[common, api], help="learn a concept from 3 to 20 photos")
+    learn.add_argument("--image", type=Path, action="append", required=True, help="a photo of the object (repeatable)")
+    learn.add_argument("--mask", type=Path, action="append",
+                       help="its mask, non-zero = the object (repeatable, same order; optional)")
+    learn.add_argument("--identifier", required=True, help="letters, digits and '-': queries write <identifier>")
+    learn.add_argument("--class-word", required=True, help="the object's category ('mug')")
+    learn.add_argument("--textual-inversion", dest="train_kv", action="store_const", const=False,
+                       help="learn the embedding alone (default: Custom Diffusion, embedding + cross-attention K/V)")
+    learn.add_argument("--steps", type=int, help="(250 Custom Diffusion, 3000 Textual Inversion)")
+    learn.add_argument("--learning-rate", type=float)
+    learn.add_argument("--batch-size", type=int)
+    learn.add_argument("--num-vectors", type=int, help="vectors of the identifier (1)")
+    learn.add_argument("--no-wait", action="store_true", help="print the concept at once; do not follow training")
+    learn.add_argument("-o", "--output", type=Path, help="the concept's JSON (default: stdout)")
+    learn.set_defaults(func=partial(run, cmd_concept_train))
+    bring = concept.add_parser("import", parents=[api], help="import diffusers Textual Inversion / Custom Diffusion files")
+    bring.add_argument("--embeddings", type=Path, required=True, help="learned_embeds.safetensors (or .bin)")
+    bring.add_argument("--weights", type=Path, help="pytorch_custom_diffusion_weights (.safetensors or .bin)")
+    bring.add_argument("--identifier", required=True)
+    bring.add_argument("--class-word", required=True)
+    bring.set_defaults(func=partial(run, cmd_concept_import))
+    listing = concept.add_parser("list", parents=[api], help="print your concepts' JSON")
+    listing.set_defaults(func=partial(run, cmd_concept_list))
+    for name, command, text in (("get", cmd_concept_get, "print a concept's JSON"),
+                                ("delete", cmd_concept_delete, "delete a concept (its training is canceled)")):
+        one = concept.add_parser(name, parents=[api], help=text)
+        one.add_argument("concept_id")
+        one.set_defaults(func=partial(run, command))
+    export = concept.add_parser("export", parents=[api], help="write a ready concept's diffusers files to a folder")
+    export.add_argument("concept_id")
+    export.add_argument("directory", type=Path)
+    export.set_defaults(func=partial(run, cmd_concept_export))
 
     jobs = sub.add_parser("jobs", help="look at or cancel a job").add_subparsers(dest="jobs_command", required=True)
     get = jobs.add_parser("get", parents=[api], help="print a job's JSON")

@@ -1,4 +1,4 @@
-"""`attnseg segment|oneshot|jobs` against the real stack (shared with tests/test_client.py)."""
+"""`attnseg segment|oneshot|concept|jobs` against the real stack (shared with tests/test_client.py)."""
 
 from __future__ import annotations
 
@@ -89,6 +89,37 @@ def test_oneshot_train_then_segment(api_env, tmp_path, capsys):
     document = json.loads(capsys.readouterr().out)
     assert [c["name"] for c in document["categories"]] == ["background", "left", "right"]
     assert set(np.unique(np.asarray(Image.open(tmp_path / "parts" / "car.png")))) <= {0, 1, 2}
+
+
+def test_concept_train_refer_export_list_and_delete(api_env, tmp_path, capsys):
+    photos = []
+    for i in range(3):
+        photos += ["--image", tmp_path / f"mug{i}.png"]
+        (tmp_path / f"mug{i}.png").write_bytes(image_bytes(64, 64, seed=i))
+    assert attnseg("concept", "train", *photos, "--identifier", "cli-mug", "--class-word", "mug", "--steps", "2",
+                   "--batch-size", "1", "--resolution", "256", "--seed", "0") == 0
+    out, err = capsys.readouterr()
+    concept = json.loads(out)
+    assert concept["status"] == "ready" and concept["identifier"] == "cli-mug"
+    assert f"concept {concept['id']}: training" in err and "2/2" in err  # the bar over steps
+
+    (tmp_path / "scene.png").write_bytes(image_bytes(128, 96, seed=5))
+    assert attnseg("segment", "referring", tmp_path / "scene.png", "--class-word", "mug",
+                   "--queries", "<cli-mug> mug", "a red mug", "--resolution", "256",
+                   "--masks-dir", tmp_path / "masks") == 0
+    document = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in document["categories"]][:3] == ["background", "<cli-mug> mug", "a red mug"]
+    assert all(isinstance(a["category_id"], int) for a in document["annotations"])
+    assert (tmp_path / "masks" / "scene.png").exists()
+
+    assert attnseg("concept", "export", concept["id"], tmp_path / "files") == 0
+    assert sorted(p.name for p in (tmp_path / "files").iterdir()) == sorted(concept["files"])
+    capsys.readouterr()
+    assert attnseg("concept", "list") == 0
+    assert concept["id"] in [c["id"] for c in json.loads(capsys.readouterr().out)["concepts"]]
+    assert attnseg("concept", "delete", concept["id"]) == 0
+    assert attnseg("concept", "get", concept["id"]) == 1
+    assert "404 not_found" in capsys.readouterr().err
 
 
 def test_jobs_get_and_cancel(api_env, capsys):

@@ -20,7 +20,7 @@ from attnseg.client import (
 )
 from attnseg.client import protocol
 from attnseg.client.inputs import file_part
-from attnseg.client.results import JobState, segmentation_result
+from attnseg.client.results import JobState, Result, segmentation_result
 from tests.support import image_bytes, two_part_arrays
 
 JOB = {"id": "j1", "kind": "unsupervised", "status": "queued", "progress": {"stage": "queued", "fraction": 0.0},
@@ -134,6 +134,33 @@ def test_a_training_job_has_no_segmentation_result():
         segmentation_result(training)
 
 
+def test_concept_calls_and_a_concept_job_has_no_segmentation_result():
+    call = protocol.concept_train_call([image_bytes(32, 32), image_bytes(32, 32, seed=1)], "my-mug", "mug",
+                                       [np.ones((32, 32), bool)] * 2, {"steps": 2, "train_kv": False})
+    assert [name for name, _ in call.files] == ["images", "images", "masks", "masks"]
+    assert call.data == {"identifier": "my-mug", "class_word": "mug", "steps": "2", "train_kv": "false"}
+    referring = protocol.referring_call(image_bytes(32, 32), "mug", "<my-mug> mug", {})
+    assert referring.path == "/segment/referring" and referring.data["queries"] == '["<my-mug> mug"]'
+    training = JobState.from_api({**JOB, "kind": "concept_train", "status": "succeeded", "concept_id": "c1",
+                                  "result": {"concept_id": "c1"}})
+    with pytest.raises(TypeError, match="client.concept"):
+        segmentation_result(training)
+
+
+def test_a_referring_label_map_numbers_the_other_instances_after_the_labels():
+    def segment(id_, rows, label_id):
+        mask = np.zeros((4, 4), np.uint8)
+        mask[rows] = 1
+        rle = coco.encode(np.asfortranarray(mask))
+        return {"id": id_, "label": None if label_id is None else "q", "label_id": label_id, "score": None,
+                "area": int(mask.sum()), "bbox": [0, 0, 4, 1],
+                "segmentation": {"size": [4, 4], "counts": rle["counts"].decode()}}
+
+    body = {"image": {"width": 4, "height": 4}, "labels": ["background", "<my-mug> mug", "a red mug"],
+            "segments": [segment(1, 0, 0), segment(2, 1, 2), segment(3, 2, None), segment(4, 3, None)]}
+    np.testing.assert_array_equal(Result.from_api(body).label_map()[:, 0], [0, 2, 3, 4])
+
+
 # -- against the real stack ----------------------------------------------------------------------
 
 
@@ -155,8 +182,11 @@ def assert_consistent(result, width: int, height: int) -> None:
         assert segment.mask.dtype == bool and segment.area == int(segment.mask.sum())
         ys, xs = np.nonzero(segment.mask)
         assert segment.bbox == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
-        expected = segment.id if segment.label_id is None else segment.label_id
-        assert (label_map[segment.mask] == expected).all()
+        if segment.label_id is not None or result.labels is None:
+            expected = segment.id if segment.label_id is None else segment.label_id
+            assert (label_map[segment.mask] == expected).all()
+        else:  # a referring result's other instances: numbered after the labels
+            assert (label_map[segment.mask] >= len(result.labels)).all()
         coverage += segment.mask
     np.testing.assert_array_equal(coverage, 1)
 
@@ -206,6 +236,9 @@ def test_async_client_runs_jobs_concurrently(shared_stack):
             again = await client.job(jobs[0].id)
             with pytest.raises(NotFound):
                 await client.oneshot_model("no-such-model")
+            with pytest.raises(NotFound):
+                await client.concept("no-such-concept")
+            assert isinstance(await client.concepts(), list)
             return await asyncio.gather(*(job.result(timeout=300) for job in jobs)), again
 
     (unsupervised, text), again = asyncio.run(main())
@@ -263,3 +296,33 @@ def test_api_errors_are_typed_with_code_and_field(client):
     assert raised.value.status == 415
     with pytest.raises(NotFound):
         client.oneshot_segment("no-such-model", image_bytes(32, 32))
+
+
+@pytest.mark.slow
+def test_concept_train_referring_export_import_and_delete(client):
+    photos = [image_bytes(64, 64, seed=i) for i in range(3)]
+    masks = [np.pad(np.ones((40, 40), bool), 12)] * 3  # the object in the middle of each photo
+    concept = client.train_concept(photos, "client-mug", "mug", masks=masks, steps=2, batch_size=1, resolution=256,
+                                   seed=0)
+    assert concept.status == "training" and concept.query == "<client-mug> mug"
+    scene = image_bytes(128, 96, seed=5)
+    early = client.segment_referring(scene, "mug", [concept.query, "a red mug"], resolution=256, seed=2)  # waits
+    assert concept.wait(timeout=600) is concept
+    assert concept.status == "ready" and concept.state.method == "custom_diffusion"
+    assert concept.state.metrics["steps"] == 2 and concept.id in [c.id for c in client.concepts()]
+    result = early.result(timeout=300)
+    assert result.labels == ["background", "<client-mug> mug", "a red mug"]
+    assert_consistent(result, 128, 96)
+
+    files = {name: concept.file(name) for name in concept.state.files}
+    copy = client.import_concept("client-mug-copy", "mug", files["learned_embeds.safetensors"],
+                                 files["pytorch_custom_diffusion_weights.safetensors"]).wait(timeout=300)
+    assert copy.status == "ready" and copy.state.method == "custom_diffusion"
+    assert copy.file("pytorch_custom_diffusion_weights.safetensors") == \
+        files["pytorch_custom_diffusion_weights.safetensors"]
+    text = client.segment_text(scene, [copy.query, "table"], resolution=256).result(timeout=300)
+    assert text.labels == ["background", "<client-mug-copy> mug", "table"]
+    for gone in (copy, concept):
+        gone.delete()
+        with pytest.raises(NotFound):
+            client.concept(gone.id)

@@ -8,18 +8,18 @@
             print(segment.label, segment.score, segment.mask.sum())
 """
 
-from attnseg.client.aio import AsyncClient, AsyncJob, AsyncOneshotModel
+from attnseg.client.aio import AsyncClient, AsyncConcept, AsyncJob, AsyncOneshotModel
 from attnseg.client.errors import (
     ApiError, AttnsegError, Conflict, Forbidden, Gone, InvalidRequest, JobCanceled, JobFailed, NotFound,
     PayloadTooLarge, QueueFull, ServerError, Unauthorized, Unavailable, UnsupportedMediaType, WaitTimeout,
 )
 from attnseg.client.inputs import ImageInput
-from attnseg.client.results import JobState, ModelState, Progress, Result, Segment
-from attnseg.client.sync import Client, Job, OneshotModel
+from attnseg.client.results import ConceptState, JobState, ModelState, Progress, Result, Segment
+from attnseg.client.sync import Client, Concept, Job, OneshotModel
 
 __all__ = [
-    "AsyncClient", "AsyncJob", "AsyncOneshotModel", "Client", "Job", "OneshotModel",
-    "Result", "Segment", "Progress", "JobState", "ModelState", "ImageInput",
+    "AsyncClient", "AsyncJob", "AsyncOneshotModel", "AsyncConcept", "Client", "Job", "OneshotModel", "Concept",
+    "Result", "Segment", "Progress", "JobState", "ModelState", "ConceptState", "ImageInput",
     "AttnsegError", "ApiError", "InvalidRequest", "PayloadTooLarge", "UnsupportedMediaType", "Unauthorized",
     "Forbidden", "NotFound", "Conflict", "Gone", "QueueFull", "Unavailable", "ServerError",
     "JobFailed", "JobCanceled", "WaitTimeout",

@@ -9,7 +9,9 @@ import httpx
 
 from attnseg.client import protocol
 from attnseg.client.inputs import ImageInput
-from attnseg.client.results import JobState, JobView, ModelState, ModelView, Result, segmentation_result
+from attnseg.client.results import (
+    ConceptState, ConceptView, JobState, JobView, ModelState, ModelView, Result, segmentation_result,
+)
 from attnseg.client.sync import ProgressCallback
 
 
@@ -48,7 +50,7 @@ class AsyncClient:
     async def train_oneshot(self, images: ImageInput | Sequence[ImageInput], masks: ImageInput | Sequence[ImageInput],
                             labels: Sequence[str], **params) -> "AsyncOneshotModel":
         call = protocol.train_call(images, masks, labels, params)
-        _, model = await self._run(protocol.train_oneshot(call, self.retries))
+        _, model = await self._run(protocol.submit_for_record(call, self.retries))
         return AsyncOneshotModel(self, model)
 
     async def oneshot_model(self, model_id: str) -> "AsyncOneshotModel":
@@ -56,6 +58,26 @@ class AsyncClient:
 
     async def oneshot_segment(self, model_id: str, image: ImageInput, **params) -> "AsyncJob":
         return AsyncJob(self, await self._json(protocol.oneshot_segment_call(model_id, image, params)))
+
+    async def segment_referring(self, image: ImageInput, class_word: str, queries: Sequence[str],
+                                **params) -> "AsyncJob":
+        return AsyncJob(self, await self._json(protocol.referring_call(image, class_word, queries, params)))
+
+    async def train_concept(self, photos: Sequence[ImageInput], identifier: str, class_word: str,
+                            masks: Sequence[ImageInput] | None = None, **params) -> "AsyncConcept":
+        call = protocol.concept_train_call(photos, identifier, class_word, masks, params)
+        return AsyncConcept(self, (await self._run(protocol.submit_for_record(call, self.retries)))[1])
+
+    async def import_concept(self, identifier: str, class_word: str, embeddings, weights=None) -> "AsyncConcept":
+        call = protocol.concept_import_call(identifier, class_word, embeddings, weights)
+        return AsyncConcept(self, (await self._run(protocol.submit_for_record(call, self.retries)))[1])
+
+    async def concept(self, concept_id: str) -> "AsyncConcept":
+        return AsyncConcept(self, await self._json(protocol.concept_call(concept_id)))
+
+    async def concepts(self, offset: int = 0, limit: int = 50) -> list["AsyncConcept"]:
+        return [AsyncConcept(self, body)
+                for body in (await self._json(protocol.concepts_call(offset, limit)))["concepts"]]
 
     async def job(self, job_id: str) -> "AsyncJob":
         return AsyncJob(self, await self._json(protocol.job_call(job_id)))
@@ -115,7 +137,9 @@ class AsyncOneshotModel(ModelView):
 
     async def wait(self, timeout: float | None = None,
                    on_progress: ProgressCallback | None = None) -> "AsyncOneshotModel":
-        self.state = await self.client._run(protocol.wait_model(self.state, timeout, on_progress, self.client.retries))
+        self.state = ModelState.from_api(await self.client._run(protocol.wait_record(
+            self.state.train_job_id, protocol.model_call(self.id), self.status == "training", timeout, on_progress,
+            self.client.retries)))
         return self
 
     async def segment(self, image: ImageInput, **params) -> AsyncJob:
@@ -123,3 +147,28 @@ class AsyncOneshotModel(ModelView):
 
     async def delete(self) -> None:
         await self.client._run(protocol.request(protocol.model_call(self.id, "DELETE"), self.client.retries))
+
+
+class AsyncConcept(ConceptView):
+    """As `Concept`, with coroutines."""
+
+    def __init__(self, client: AsyncClient, body: dict):
+        self.client = client
+        self.state = ConceptState.from_api(body)
+
+    async def refresh(self) -> "AsyncConcept":
+        self.state = (await self.client.concept(self.id)).state
+        return self
+
+    async def wait(self, timeout: float | None = None, on_progress: ProgressCallback | None = None) -> "AsyncConcept":
+        self.state = ConceptState.from_api(await self.client._run(protocol.wait_record(
+            self.state.job_id, protocol.concept_call(self.id), self.status in ("training", "importing"), timeout,
+            on_progress, self.client.retries)))
+        return self
+
+    async def file(self, name: str) -> bytes:
+        call = protocol.concept_file_call(self.id, name)
+        return (await self.client._run(protocol.request(call, self.client.retries))).content
+
+    async def delete(self) -> None:
+        await self.client._run(protocol.request(protocol.concept_call(self.id, "DELETE"), self.client.retries))

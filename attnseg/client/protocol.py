@@ -22,7 +22,7 @@ import httpx
 
 from attnseg.client.errors import ApiError, JobCanceled, JobFailed, WaitTimeout, error_class
 from attnseg.client.inputs import FilePart, ImageInput, file_part
-from attnseg.client.results import JobState, ModelState, Progress
+from attnseg.client.results import JobState, Progress
 
 T = TypeVar("T")
 RETRY_STATUSES = (429, 503)  # the API sends Retry-After with both; nothing was queued
@@ -117,6 +117,40 @@ def train_call(images, masks, labels: str | Sequence[str], params: dict) -> Call
     return Call("POST", "/oneshot/train", data=form_fields({"labels": names(labels), **params}), files=files)
 
 
+def referring_call(image: ImageInput, class_word: str, queries: str | Sequence[str], params: dict) -> Call:
+    fields = form_fields({"class_word": class_word, "queries": names(queries), **params})
+    return Call("POST", "/segment/referring", data=fields, files=[("image", file_part(image, "image"))])
+
+
+def concept_train_call(photos, identifier: str, class_word: str, masks, params: dict) -> Call:
+    files = [("images", file_part(photo, f"photo{i}")) for i, photo in enumerate(as_list(photos))]
+    if masks is not None:
+        files += [("masks", file_part(mask, f"mask{i}", mask=True)) for i, mask in enumerate(as_list(masks))]
+    fields = form_fields({"identifier": identifier, "class_word": class_word, **params})
+    return Call("POST", "/concepts/train", data=fields, files=files)
+
+
+def concept_import_call(identifier: str, class_word: str, embeddings, weights=None) -> Call:
+    """embeddings, weights: paths or file bytes (diffusers' learned_embeds / Custom Diffusion weights)."""
+    files = [("embeddings", file_part(embeddings, "learned_embeds.safetensors"))]
+    if weights is not None:
+        files.append(("weights", file_part(weights, "pytorch_custom_diffusion_weights.safetensors")))
+    return Call("POST", "/concepts/import", data=form_fields({"identifier": identifier, "class_word": class_word}),
+                files=files)
+
+
+def concept_call(concept_id: str, method: str = "GET") -> Call:
+    return Call(method, segment_path("concepts", concept_id))
+
+
+def concepts_call(offset: int = 0, limit: int = 50) -> Call:
+    return Call("GET", "/concepts", params={"offset": offset, "limit": limit})
+
+
+def concept_file_call(concept_id: str, name: str) -> Call:
+    return Call("GET", segment_path("concepts", concept_id, "files", name))
+
+
 def oneshot_segment_call(model_id: str, image: ImageInput, params: dict) -> Call:
     return Call("POST", segment_path("oneshot", model_id, "segment"), data=form_fields(params),
                 files=[("image", file_part(image, "image"))])
@@ -190,10 +224,12 @@ def read_json(call: Call, retries: int) -> Operation[dict]:
     return (yield from request(call, retries)).json()
 
 
-def train_oneshot(call: Call, retries: int) -> Operation[tuple[dict, dict]]:
-    """Submit the training, then read the model's record (created with the job): (job, model)."""
+def submit_for_record(call: Call, retries: int) -> Operation[tuple[dict, dict]]:
+    """Submit a job that makes a record (a one-shot model's training, a concept's training or import),
+    then read the record, created with the job: (job, record)."""
     job = yield from read_json(call, retries)
-    return job, (yield from read_json(model_call(job["model_id"]), retries))
+    record = concept_call(job["concept_id"]) if job.get("concept_id") else model_call(job["model_id"])
+    return job, (yield from read_json(record, retries))
 
 
 def finished(state: JobState) -> JobState:
@@ -228,14 +264,15 @@ def wait_job(state: JobState, timeout: float | None, on_progress: Callable[[Prog
         observe(state)
 
 
-def wait_model(model: ModelState, timeout: float | None, on_progress: Callable[[Progress], Any] | None,
-               retries: int) -> Operation[ModelState]:
-    """Wait for the model's training job (JobFailed / JobCanceled if it ends badly), then read the model."""
-    if model.status == "training":
-        job = JobState.from_api((yield from read_json(job_call(model.train_job_id), retries)))
+def wait_record(job_id: str, record_call: Call, in_the_making: bool, timeout: float | None,
+                on_progress: Callable[[Progress], Any] | None, retries: int) -> Operation[dict]:
+    """Wait for the job that makes a record (a model's training, a concept's training or import) while
+    `in_the_making`, then read the record; JobFailed / JobCanceled if that job, or the record, failed."""
+    if in_the_making:
+        job = JobState.from_api((yield from read_json(job_call(job_id), retries)))
         yield from wait_job(job, timeout, on_progress, retries, observe=lambda _: None)
-    model = ModelState.from_api((yield from read_json(model_call(model.id), retries)))
-    if model.status == "failed":
-        error = model.error or {}
-        raise JobFailed(model.train_job_id, error.get("code", "failed"), error.get("message", "training failed"))
-    return model
+    record = yield from read_json(record_call, retries)
+    if record["status"] == "failed":
+        error = record.get("error") or {}
+        raise JobFailed(job_id, error.get("code", "failed"), error.get("message", "training failed"))
+    return record

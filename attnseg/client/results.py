@@ -16,19 +16,22 @@ FINAL_STATUSES = ("succeeded", "failed", "canceled")
 
 @dataclass(frozen=True)
 class Progress:
-    """`stage` and `fraction` (0..1); training adds `epoch`, `epochs`, `loss` and `best_iou`."""
+    """`stage` and `fraction` (0..1); one-shot training adds `epoch`, `epochs`, `loss` and `best_iou`,
+    concept training `step`, `steps` and `loss`."""
 
     stage: str
     fraction: float
     epoch: int | None = None
     epochs: int | None = None
+    step: int | None = None
+    steps: int | None = None
     loss: float | None = None
     best_iou: float | None = None
 
     @classmethod
     def from_api(cls, body: dict) -> "Progress":
-        return cls(stage=body["stage"], fraction=body["fraction"], epoch=body.get("epoch"), epochs=body.get("epochs"),
-                   loss=body.get("loss"), best_iou=body.get("best_iou"))
+        return cls(stage=body["stage"], fraction=body["fraction"],
+                   **{name: body.get(name) for name in ("epoch", "epochs", "step", "steps", "loss", "best_iou")})
 
 
 @dataclass(frozen=True)
@@ -72,11 +75,19 @@ class Result:
                    raw=body)
 
     def label_map(self) -> np.ndarray:
-        """(H, W) int32: each pixel's `label_id` (text, one-shot: 0 is background), or its segment `id` when
-        segments have no label_id (unsupervised); 0 where no segment covers the pixel."""
+        """(H, W) int32: each pixel's `label_id` (text, one-shot, referring: 0 is background), or its segment
+        `id` when segments have no label_id (unsupervised); 0 where no segment covers the pixel. The
+        unlabelled instances of a referring result follow the labels: len(labels), len(labels) + 1, ..."""
         out = np.zeros((self.height, self.width), np.int32)
+        unlabelled = 0
         for segment in self.segments:
-            out[segment.mask] = segment.id if segment.label_id is None else segment.label_id
+            if segment.label_id is not None:
+                out[segment.mask] = segment.label_id
+            elif self.labels is None:
+                out[segment.mask] = segment.id
+            else:
+                out[segment.mask] = len(self.labels) + unlabelled
+                unlabelled += 1
         return out
 
 
@@ -93,6 +104,7 @@ class JobState:
     status: str
     progress: Progress
     model_id: str | None
+    concept_id: str | None
     params: dict[str, Any]
     error: dict | None  # {"code", "message"} when failed or canceled
     created_at: datetime | None
@@ -109,7 +121,7 @@ class JobState:
     def from_api(cls, body: dict) -> "JobState":
         return cls(id=body["id"], kind=body["kind"], status=body["status"],
                    progress=Progress.from_api(body["progress"]), model_id=body.get("model_id"),
-                   params=body.get("params") or {}, error=body.get("error"),
+                   concept_id=body.get("concept_id"), params=body.get("params") or {}, error=body.get("error"),
                    **{name: parse_time(body.get(name)) for name in ("created_at", "started_at", "finished_at",
                                                                      "expires_at")},
                    raw=body)
@@ -133,20 +145,41 @@ class ModelState:
                    train_job_id=body["train_job_id"], error=body.get("error"), raw=body)
 
 
+@dataclass(frozen=True)
+class ConceptState:
+    """One reading of `GET /concepts/{id}`."""
+
+    id: str
+    identifier: str
+    class_word: str
+    status: str  # training | importing | ready | failed
+    method: str | None  # custom_diffusion | textual_inversion
+    files: list[str]  # diffusers files, once ready
+    metrics: dict[str, Any]
+    job_id: str  # the training or import job
+    error: dict | None
+    raw: dict = field(repr=False)
+
+    @classmethod
+    def from_api(cls, body: dict) -> "ConceptState":
+        return cls(id=body["id"], identifier=body["identifier"], class_word=body["class_word"], status=body["status"],
+                   method=body.get("method"), files=body.get("files") or [], metrics=body.get("metrics") or {},
+                   job_id=body["job_id"], error=body.get("error"), raw=body)
+
+
 def segmentation_result(state: JobState) -> Result:
-    """A succeeded segmentation job's `Result`; a training job's product is its model, not a Result."""
+    """A succeeded segmentation job's `Result`; a training job's product is its model or concept, not a Result."""
     if state.kind == "oneshot_train":
         raise TypeError(f"job {state.id} trains model {state.model_id}: use client.oneshot_model(...) for it")
+    if state.kind in ("concept_train", "concept_import"):
+        raise TypeError(f"job {state.id} makes concept {state.concept_id}: use client.concept(...) for it")
     return Result.from_api(state.raw["result"])
 
 
-class JobView:
-    """What the sync `Job` and the `AsyncJob` handles share: the last state read from the API."""
+class StateView:
+    """A handle on something the API keeps (a job, a model, a concept): the last state read of it."""
 
-    state: JobState
-
-    def _observe(self, state: JobState) -> None:
-        self.state = state
+    state: JobState | ModelState | ConceptState
 
     @property
     def id(self) -> str:
@@ -155,6 +188,15 @@ class JobView:
     @property
     def status(self) -> str:
         return self.state.status
+
+
+class JobView(StateView):
+    """What the sync `Job` and the `AsyncJob` handles share: the last state read from the API."""
+
+    state: JobState
+
+    def _observe(self, state: JobState) -> None:
+        self.state = state
 
     @property
     def progress(self) -> Progress:
@@ -168,18 +210,10 @@ class JobView:
         return f"<{type(self).__name__} {self.state.id} {self.state.kind} {self.state.status}>"
 
 
-class ModelView:
+class ModelView(StateView):
     """What the sync `OneshotModel` and `AsyncOneshotModel` share: the last model state read."""
 
     state: ModelState
-
-    @property
-    def id(self) -> str:
-        return self.state.id
-
-    @property
-    def status(self) -> str:
-        return self.state.status
 
     @property
     def labels(self) -> list[str]:
@@ -191,3 +225,17 @@ class ModelView:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.state.id} {self.state.status} {self.state.labels}>"
+
+
+class ConceptView(StateView):
+    """What the sync `Concept` and `AsyncConcept` share: the last concept state read."""
+
+    state: ConceptState
+
+    @property
+    def query(self) -> str:
+        """How queries and class names refer to it: `"<my-mug> mug"`."""
+        return f"<{self.state.identifier}> {self.state.class_word}"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.state.id} {self.query!r} {self.state.status}>"

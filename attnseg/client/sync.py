@@ -11,7 +11,7 @@ import httpx
 from attnseg.client import protocol
 from attnseg.client.inputs import ImageInput
 from attnseg.client.results import (
-    JobState, JobView, ModelState, ModelView, Progress, Result, segmentation_result,
+    ConceptState, ConceptView, JobState, JobView, ModelState, ModelView, Progress, Result, segmentation_result,
 )
 
 ProgressCallback = Callable[[Progress], Any]
@@ -60,7 +60,8 @@ class Client:
                       labels: Sequence[str], **params) -> "OneshotModel":
         """Train a one-shot part model from picture(s) and mask(s) of class ids; `labels` names ids 1..K-1.
         params: epochs, learning_rate, crops_per_side, min_crop, resolution, seed."""
-        _, model = self._run(protocol.train_oneshot(protocol.train_call(images, masks, labels, params), self.retries))
+        call = protocol.train_call(images, masks, labels, params)
+        _, model = self._run(protocol.submit_for_record(call, self.retries))
         return OneshotModel(self, model)
 
     def oneshot_model(self, model_id: str) -> "OneshotModel":
@@ -69,6 +70,32 @@ class Client:
     def oneshot_segment(self, model_id: str, image: ImageInput, **params) -> "Job":
         """Segment into a one-shot model's parts (allowed while it trains). params: crops_per_side, resolution, seed."""
         return Job(self, self._json(protocol.oneshot_segment_call(model_id, image, params)))
+
+    def segment_referring(self, image: ImageInput, class_word: str, queries: Sequence[str], **params) -> "Job":
+        """The instance of `class_word` each query refers to; queries may name concepts (`concept.query`,
+        "a <my-mug> mug with cola"). params: max_instances, resolution, seed."""
+        return Job(self, self._json(protocol.referring_call(image, class_word, queries, params)))
+
+    def train_concept(self, photos: Sequence[ImageInput], identifier: str, class_word: str,
+                      masks: Sequence[ImageInput] | None = None, **params) -> "Concept":
+        """Learn `<identifier>` from 3 to 20 photos of one object (masks: non-zero = the object, optional).
+        params: train_kv (Custom Diffusion, default; False: Textual Inversion), steps, learning_rate,
+        batch_size, num_vectors, resolution, seed."""
+        call = protocol.concept_train_call(photos, identifier, class_word, masks, params)
+        return Concept(self, self._run(protocol.submit_for_record(call, self.retries))[1])
+
+    def import_concept(self, identifier: str, class_word: str, embeddings, weights=None) -> "Concept":
+        """A concept trained elsewhere: diffusers' learned_embeds file (and Custom Diffusion weights), as
+        paths or bytes; the worker checks them against its model."""
+        call = protocol.concept_import_call(identifier, class_word, embeddings, weights)
+        return Concept(self, self._run(protocol.submit_for_record(call, self.retries))[1])
+
+    def concept(self, concept_id: str) -> "Concept":
+        return Concept(self, self._json(protocol.concept_call(concept_id)))
+
+    def concepts(self, offset: int = 0, limit: int = 50) -> list["Concept"]:
+        """Your concepts, newest first."""
+        return [Concept(self, body) for body in self._json(protocol.concepts_call(offset, limit))["concepts"]]
 
     def job(self, job_id: str) -> "Job":
         return Job(self, self._json(protocol.job_call(job_id)))
@@ -133,7 +160,9 @@ class OneshotModel(ModelView):
 
     def wait(self, timeout: float | None = None, on_progress: ProgressCallback | None = None) -> "OneshotModel":
         """Block until training ends; `on_progress` sees epoch, epochs, loss and best_iou. JobFailed if it failed."""
-        self.state = self.client._run(protocol.wait_model(self.state, timeout, on_progress, self.client.retries))
+        self.state = ModelState.from_api(self.client._run(protocol.wait_record(
+            self.state.train_job_id, protocol.model_call(self.id), self.status == "training", timeout, on_progress,
+            self.client.retries)))
         return self
 
     def segment(self, image: ImageInput, **params) -> Job:
@@ -142,3 +171,31 @@ class OneshotModel(ModelView):
     def delete(self) -> None:
         """Delete the model (a training still under way is canceled)."""
         self.client._run(protocol.request(protocol.model_call(self.id, "DELETE"), self.client.retries))
+
+
+class Concept(ConceptView):
+    """A concept (your object): `wait()` for its training or import, then refer to it as `concept.query`
+    in `segment_referring` queries and `segment_text` classes."""
+
+    def __init__(self, client: Client, body: dict):
+        self.client = client
+        self.state = ConceptState.from_api(body)
+
+    def refresh(self) -> "Concept":
+        self.state = self.client.concept(self.id).state
+        return self
+
+    def wait(self, timeout: float | None = None, on_progress: ProgressCallback | None = None) -> "Concept":
+        """Block until it is ready; `on_progress` sees step, steps and loss. JobFailed if it failed."""
+        self.state = ConceptState.from_api(self.client._run(protocol.wait_record(
+            self.state.job_id, protocol.concept_call(self.id), self.status in ("training", "importing"), timeout,
+            on_progress, self.client.retries)))
+        return self
+
+    def file(self, name: str) -> bytes:
+        """One of `state.files` (diffusers format: load_textual_inversion / load_attn_procs, or import again)."""
+        return self.client._run(protocol.request(protocol.concept_file_call(self.id, name), self.client.retries)).content
+
+    def delete(self) -> None:
+        """Delete it and its files (a training still under way is canceled)."""
+        self.client._run(protocol.request(protocol.concept_call(self.id, "DELETE"), self.client.retries))
