@@ -111,3 +111,29 @@ def shared_stack(tmp_path_factory):
     stack = Stack(tmp_path_factory.mktemp("shared-stack")).start_ready()
     yield stack
     stack.stop()
+
+
+@pytest.fixture
+def worker_on(redis_server, tiny_sd, tmp_path):
+    """A ModelWorker in this process on the private Redis, with the tiny model as its runtime."""
+    from rq.serializers import JSONSerializer
+
+    from attnseg.queue import SEGMENT_QUEUE, get_queue
+    from attnseg.settings import Settings
+    from workers.engine import runtime
+    from workers.engine.worker import ModelWorker
+
+    connection = redis_server.client()
+    connection.flushall()
+    settings = Settings(redis_url=redis_server.url, cache_dir=tmp_path)
+    runtime.install(runtime.Runtime(settings=settings, sd=tiny_sd, clip=None))
+
+    def run(max_batch: int) -> ModelWorker:
+        ModelWorker.max_batch = max_batch
+        worker = ModelWorker([get_queue(connection, SEGMENT_QUEUE)], connection=connection,
+                             serializer=JSONSerializer)
+        worker.work(burst=True, with_scheduler=False)
+        return worker
+
+    yield connection, settings, run
+    runtime.install(None)

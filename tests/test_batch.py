@@ -4,13 +4,11 @@ claimed once, and one bad job never fails its neighbours."""
 import io
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from attnseg import rle
 from attnseg.images import store_bytes
 from attnseg.queue import SEGMENT_QUEUE, enqueue, get_queue
-from attnseg.settings import Settings
 from workers.methods.unsupervised import attention_pass, segment_row, segment_unsupervised
 
 PARAMS = {"kl_threshold": 1.0, "grid": 4, "iterations": 2, "timestep": 300, "resolution": 64, "refine": False,
@@ -32,29 +30,6 @@ def test_shared_pass_gives_each_image_its_own_masks(tiny_sd):
         alone = segment_unsupervised(tiny_sd, image, timestep=300, resolution=64, **own)
         np.testing.assert_array_equal(batched.labels, alone.labels)
         assert batched.labels.shape == image.shape[:2]
-
-
-@pytest.fixture
-def worker_on(redis_server, tiny_sd, tmp_path):
-    """A ModelWorker in this process on the private Redis, with the tiny model as its runtime."""
-    from workers.engine import runtime
-    from workers.engine.worker import ModelWorker
-    from rq.serializers import JSONSerializer
-
-    connection = redis_server.client()
-    connection.flushall()
-    settings = Settings(redis_url=redis_server.url, cache_dir=tmp_path)
-    runtime.install(runtime.Runtime(settings=settings, sd=tiny_sd, clip=None))
-
-    def run(max_batch: int) -> ModelWorker:
-        ModelWorker.max_batch = max_batch
-        worker = ModelWorker([get_queue(connection, SEGMENT_QUEUE)], connection=connection,
-                             serializer=JSONSerializer)
-        worker.work(burst=True, with_scheduler=False)
-        return worker
-
-    yield connection, settings, run
-    runtime.install(None)
 
 
 def stored_entry(connection, settings, image: np.ndarray) -> dict:

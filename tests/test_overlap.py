@@ -6,7 +6,7 @@ import pytest
 
 from attnseg.images import ImageMissingError, load_image
 from attnseg.queue import SEGMENT_QUEUE, get_queue
-from tests.test_batch import pictures, stored_entry, submit, worker_on  # noqa: F401 - the fixture
+from tests.test_batch import pictures, submit
 from workers.engine.pictures import Prefetcher
 from workers.engine.worker import batch_picture_side
 
