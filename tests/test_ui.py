@@ -94,6 +94,38 @@ def download_json(page) -> dict:
     return json.loads(Path(download.value.path()).read_text())
 
 
+def expect_error_at(page, form: str, field: str, *messages: str) -> None:
+    """The form's alert says each message and points at the field: marked invalid, and focused."""
+    for message in messages:
+        expect(page.locator(f"{form} .error")).to_contain_text(message)
+    expect(page.locator(field)).to_have_attribute("aria-invalid", "true")
+    expect(page.locator(field)).to_be_focused()
+
+
+def segment(page, submit: str) -> dict:
+    """Presses a form's Segment button, waits for the result's legend; the job, as the page downloads it."""
+    page.click(submit)
+    expect(page.locator("#legend li").first).to_be_visible(timeout=JOB_TIMEOUT_MS)
+    return download_json(page)
+
+
+def check_drawn_mask(page, picture: bytes, segment: dict, index: int):
+    """The page draws the API's masks: segment `index` (legend order) is tinted, and hiding it restores the
+    picture on exactly its pixels. Returns the picture, the canvas before hiding and the mask."""
+    original = np.asarray(Image.open(io.BytesIO(picture)).convert("RGB")).astype(int)
+    shown = canvas_pixels(page).astype(int)
+    assert shown.shape == original.shape
+    mask = coco.decode({"size": segment["segmentation"]["size"],
+                        "counts": segment["segmentation"]["counts"].encode()}).astype(bool)
+    assert (np.abs(shown - original).max(axis=-1)[mask] > 2).mean() > 0.9  # tinted
+    page.click(f"#segment-toggle-{index}")
+    expect(page.locator("#legend li").nth(index)).to_have_class(re.compile(r"\boff\b"))
+    hidden = canvas_pixels(page).astype(int)
+    assert np.abs(hidden - original)[mask].max() <= 2
+    np.testing.assert_array_equal(hidden[~mask], shown[~mask])
+    return original, shown, mask
+
+
 def test_the_page_is_served_with_its_assets_under_a_strict_policy(stack):
     with httpx.Client(base_url=stack.base_url) as http:
         redirect = http.get("/ui")
@@ -144,7 +176,7 @@ def test_rle_decoder_matches_the_python_encoder(page):
 
 
 def test_every_control_is_labelled_and_reachable_by_keyboard(page):
-    unlabelled = page.evaluate("""() => [...document.querySelectorAll("input, select, button")]
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll("input, select, textarea, button")]
         .filter((el) => !(el.labels?.length || el.getAttribute("aria-label") || el.getAttribute("aria-labelledby")
                           || (el.tagName === "BUTTON" && el.textContent.trim())))
         .map((el) => el.outerHTML)""")
@@ -172,12 +204,9 @@ def test_unsupervised_overlay_legend_toggle_and_download(page, stack, tmp_path):
     page.fill("#grid", "8")
     page.fill("#kl_threshold", "0.0003")  # random weights: near-uniform attention, one segment at the default
     page.fill("#seed", "3")
-    page.click("#segment-submit")
+    job = segment(page, "#segment-submit")
     legend = page.locator("#legend li")
-    expect(legend.first).to_be_visible(timeout=JOB_TIMEOUT_MS)
     expect(page.locator("#segment-progress .progress-text")).to_have_text("Done.")
-
-    job = download_json(page)
     assert job["status"] == "succeeded" and job["params"]["seed"] == 3 and job["params"]["resolution"] == 256
     with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
         assert http.get(f"/jobs/{job['id']}").json()["result"] == job["result"]
@@ -188,18 +217,7 @@ def test_unsupervised_overlay_legend_toggle_and_download(page, stack, tmp_path):
                                                       f"The picture with {len(segments)} segments drawn over it")
     expect(legend.nth(1).locator(".name")).to_have_text("segment 2")
 
-    # The page draws the API's masks: hiding segment 2 restores the picture on exactly its pixels.
-    original = np.asarray(Image.open(io.BytesIO(picture)).convert("RGB")).astype(int)
-    shown = canvas_pixels(page).astype(int)
-    assert shown.shape == original.shape
-    second = coco.decode({"size": segments[1]["segmentation"]["size"],
-                          "counts": segments[1]["segmentation"]["counts"].encode()}).astype(bool)
-    assert (np.abs(shown - original).max(axis=-1)[second] > 2).mean() > 0.9  # tinted
-    page.click("#segment-toggle-1")
-    expect(legend.nth(1)).to_have_class(re.compile(r"\boff\b"))
-    hidden = canvas_pixels(page).astype(int)
-    assert np.abs(hidden - original)[second].max() <= 2
-    np.testing.assert_array_equal(hidden[~second], shown[~second])
+    original, shown, second = check_drawn_mask(page, picture, segments[1], 1)
     screenshot(page, tmp_path, "ui-unsupervised")
 
     # Pointing at the segment names it; clicking it shows it again.
@@ -232,15 +250,12 @@ def test_text_method_with_classes(page, tmp_path):
     expect(page.locator("#samples")).to_be_hidden()  # selfcross only
     expect(page.locator("#t-timestep")).to_be_hidden()  # gem has no SD pass
     page.select_option("#resolution", "256")
-    page.click("#segment-submit")
-    legend = page.locator("#legend li .name")
-    expect(legend.first).to_be_visible(timeout=JOB_TIMEOUT_MS)
-    names = legend.all_text_contents()
+    job = segment(page, "#segment-submit")
+    names = page.locator("#legend li .name").all_text_contents()
     assert names and set(names) <= {"background", "dog", "grass", "person with clothes"}
     assert len(set(names)) == len(names)
     expect(page.locator("#result-title")).to_have_text("Result · gem")
     expect(page.locator("#result-meta")).to_contain_text("random weights")
-    job = download_json(page)
     assert job["kind"] == "text" and job["params"]["classes"] == ["dog", "grass", "person with clothes"]
     assert job["params"]["method"] == "gem" and job["params"]["resolution"] == 256
     screenshot(page, tmp_path, "ui-text")
@@ -250,21 +265,14 @@ def test_api_errors_are_shown_next_to_what_to_fix(page, tmp_path):
     page.set_input_files("#picture", files=[png(image_bytes(64, 64), "p.png")])
     use_key(page, "wrong-key")
     page.click("#segment-submit")
-    error = page.locator("#segment-form .error")
-    expect(error).to_contain_text("401 unauthorized")
-    expect(error).to_contain_text("API key")
-    expect(page.locator("#api-key")).to_have_attribute("aria-invalid", "true")
-    expect(page.locator("#api-key")).to_be_focused()
+    expect_error_at(page, "#segment-form", "#api-key", "401 unauthorized", "API key")
     assert page.evaluate("sessionStorage.getItem('attnseg.apiKey')") == "wrong-key"
 
     use_key(page)
     page.click("label[for=method-text]")
     page.fill("#classes", "dog.cat, grass")
     page.click("#segment-submit")
-    expect(error).to_contain_text("422 invalid_field")
-    expect(error).to_contain_text("'dog.cat' contains ',' or '.'")
-    expect(page.locator("#classes")).to_have_attribute("aria-invalid", "true")
-    expect(page.locator("#classes")).to_be_focused()
+    expect_error_at(page, "#segment-form", "#classes", "422 invalid_field", "'dog.cat' contains ',' or '.'")
     screenshot(page, tmp_path, "ui-error")
     page.set_viewport_size({"width": 390, "height": 844})  # a phone: one column, nothing wider than the screen
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
@@ -277,8 +285,7 @@ def test_api_errors_are_shown_next_to_what_to_fix(page, tmp_path):
     page.fill("#kl_threshold", "0")
     page.click("#segment-form summary")  # closed again: the error opens it to show the field
     page.click("#segment-submit")
-    expect(error).to_contain_text("kl_threshold")
-    expect(page.locator("#kl_threshold")).to_have_attribute("aria-invalid", "true")
+    expect_error_at(page, "#segment-form", "#kl_threshold", "kl_threshold")
     expect(page.locator("#segment-form details")).to_have_attribute("open", "")
 
 
@@ -312,12 +319,9 @@ def test_oneshot_train_with_live_progress_then_segment(page, tmp_path):
     expect(model).to_contain_text(re.compile(r"^left, right \(ready, IoU \d\.\d\d\)"))
 
     page.set_input_files("#oneshot-picture", files=[png(image, "new_car.png")])
-    page.click("#oneshot-segment-submit")
-    names = page.locator("#legend li .name")
-    expect(names.first).to_be_visible(timeout=JOB_TIMEOUT_MS)
-    assert set(names.all_text_contents()) <= {"background", "left", "right"}
+    job = segment(page, "#oneshot-segment-submit")
+    assert set(page.locator("#legend li .name").all_text_contents()) <= {"background", "left", "right"}
     expect(page.locator("#result-title")).to_have_text("Result · one-shot")
-    job = download_json(page)
     assert job["kind"] == "oneshot_segment" and job["result"]["labels"] == ["background", "left", "right"]
     screenshot(page, tmp_path, "ui-oneshot")
 
@@ -328,3 +332,131 @@ def test_oneshot_train_with_live_progress_then_segment(page, tmp_path):
     page.click("#train-progress .cancel")
     expect(page.locator("#train-progress-text")).to_have_text("Canceled.", timeout=JOB_TIMEOUT_MS)
     expect(page.locator("#train-submit")).to_be_enabled()
+
+
+def object_photos(count: int) -> list[dict]:
+    return [png(image_bytes(64, 64, seed=i), f"mug{i}.png") for i in range(count)]
+
+
+def legend_names(result: dict, class_word: str) -> list[str]:
+    """What the legend should say: each segment's label; the class's other instances numbered after the queries."""
+    others = iter(range(1, len(result["segments"]) + 1))
+    return [s["label"] if s["label_id"] is not None else f"other {class_word} {next(others)}"
+            for s in result["segments"]]
+
+
+def test_find_my_object_teach_a_concept_then_find_it(page, tmp_path):
+    use_key(page)
+    page.click("label[for=method-referring]")
+    expect(page.locator("#concept-identifier")).to_be_visible()
+    expect(page.locator("#picture")).to_be_hidden()
+    page.set_input_files("#concept-photos", files=object_photos(3))
+    expect(page.locator("#concept-train-form .drop-text").first).to_have_text("3 files: mug0.png, mug1.png, mug2.png")
+    page.fill("#concept-identifier", "ui-mug")
+    page.fill("#concept-class-word", "mug")
+    page.click("#concept-train-form summary")
+    page.fill("#concept-steps", "2")
+    page.fill("#concept-batch-size", "1")
+    page.select_option("#concept-resolution", "256")
+    page.fill("#concept-seed", "0")
+    page.click("#concept-train-submit")
+    # Listed and chosen as soon as it is submitted (a query may name it while it trains).
+    expect(page.locator("#queries")).to_have_value("<ui-mug> mug")
+    expect(page.locator("#referring-class-word")).to_have_value("mug")
+    done = re.compile(r"^Done: step 2 / 2 · loss \d+\.\d{3}$")
+    expect(page.locator("#concept-progress-text")).to_have_text(done, timeout=JOB_TIMEOUT_MS)
+    expect(page.locator("#concept-progress progress")).to_have_js_property("value", 1)
+    expect(page.locator("#concept option:checked")).to_have_text("<ui-mug> mug (ready)")
+
+    scene = image_bytes(128, 96, seed=5)
+    page.set_input_files("#referring-picture", files=[png(scene, "table.png")])
+    page.fill("#queries", "<ui-mug> mug\na red mug")
+    page.click("#referring-form summary")
+    page.select_option("#referring-resolution", "256")
+    page.fill("#referring-seed", "5")
+    job = segment(page, "#referring-submit")
+    result = job["result"]
+    expect(page.locator("#result-title")).to_have_text("Result · referring")
+    assert job["kind"] == "referring" and result["labels"] == ["background", "<ui-mug> mug", "a red mug"]
+    # Random weights find one instance: one query gets it, the other is said not found.
+    expect(page.locator("#legend li .name")).to_have_text(legend_names(result, "mug"))
+    found = [i for i, s in enumerate(result["segments"]) if s["label_id"]]
+    missing = [label for label_id, label in enumerate(result["labels"][1:], 1)
+               if label_id not in {s["label_id"] for s in result["segments"]}]
+    meta = page.locator("#result-meta")
+    expect(meta).to_contain_text(f"{result['instances']} instances")
+    if missing:
+        expect(meta).to_contain_text(f"not found: {', '.join(missing)}")
+    assert found and len(found) + len(missing) == 2
+    check_drawn_mask(page, scene, result["segments"][found[0]], found[0])
+    screenshot(page, tmp_path, "ui-referring")
+
+    page.click("#concept-delete")
+    expect(page.locator("#concept option:checked")).to_have_text("No object yet")
+
+
+def test_find_my_object_names_and_colours_every_instance(page, tmp_path):
+    """Several instances (random weights only ever find one): the API's answers are replaced by a result
+    made the way the worker makes it, to see the queries and the other instances in the legend and drawn."""
+    scene = image_bytes(120, 90, seed=7)
+    queries = ["<my-mug> mug", "a red mug"]
+    labels = np.zeros((90, 120), np.int64)  # as the worker's: 0 background, 1 + query index, then the others
+    for label in range(1, 5):
+        labels[20:70, 30 * (label - 1):30 * label] = label
+    names, label_ids = ["background", *queries, None, None], [0, 1, 2, None, None]
+    segments = [{"id": i + 1, "label": names[label], "label_id": label_ids[label], "score": None, "area": area,
+                 "bbox": box, "segmentation": mask}
+                for i, (label, mask, area, box) in enumerate(rle.label_map_to_segments(labels))]
+    params = {"class_word": "mug", "queries": queries, "seed": 1, "resolution": 256}
+    queued = {"id": "made-up", "kind": "referring", "status": "queued", "progress": {"stage": "queued", "fraction": 0},
+              "params": params}
+    result = {"image": {"width": 120, "height": 90}, "segments": segments, "labels": ["background", *queries],
+              "instances": 4, "instance_scores": [[0.9, 0.1, 0.1, 0.1], [0.1, 0.8, 0.1, 0.1]],
+              "random_weights": False, "timings_ms": {"inference": 1200.0}}
+    page.route("**/segment/referring", lambda route: route.fulfill(status=202, json=queued))
+    page.route(re.compile(r"/jobs/made-up\?"), lambda route: route.fulfill(json={
+        **queued, "status": "succeeded", "progress": {"stage": "done", "fraction": 1}, "result": result}))
+
+    use_key(page)
+    page.click("label[for=method-referring]")
+    page.set_input_files("#referring-picture", files=[png(scene, "table.png")])
+    page.fill("#referring-class-word", "mug")
+    page.fill("#queries", "\n".join(queries))
+    page.click("#referring-submit")
+    names = page.locator("#legend li .name")
+    expect(names).to_have_text(["background", "<my-mug> mug", "a red mug", "other mug 1", "other mug 2"],
+                               timeout=JOB_TIMEOUT_MS)
+    assert legend_names(result, "mug") == names.all_text_contents()
+    swatches = page.eval_on_selector_all("#legend .swatch", "els => els.map((el) => el.style.backgroundColor)")
+    assert len(set(swatches)) == 5, swatches
+    expect(page.locator("#result-meta")).to_contain_text("5 segments · 4 instances · 120×90 px")
+    expect(page.locator("#result-meta")).not_to_contain_text("not found")
+    check_drawn_mask(page, scene, segments[4], 4)
+    ys, xs = np.nonzero(labels == 3)
+    box = page.locator("#canvas").bounding_box()
+    scale = box["width"] / 120
+    page.hover("#canvas", position={"x": (xs[len(xs) // 2] + 0.5) * scale, "y": (ys[len(ys) // 2] + 0.5) * scale})
+    expect(page.locator("#hover-label")).to_have_text("other mug 1 · click to toggle")
+    screenshot(page, tmp_path, "ui-referring-instances")
+
+
+def test_find_my_object_errors_are_shown_next_to_the_field(page):
+    use_key(page)
+    page.click("label[for=method-referring]")
+    page.set_input_files("#concept-photos", files=object_photos(2))
+    page.fill("#concept-identifier", "two-mugs")
+    page.fill("#concept-class-word", "mug")
+    page.click("#concept-train-submit")
+    expect_error_at(page, "#concept-train-form", "#concept-photos", "422 invalid_field",
+                    "give 3 to 20 photos in `images`, got 2")
+
+    page.set_input_files("#concept-photos", files=object_photos(3))
+    page.fill("#concept-identifier", "my mug!")
+    page.click("#concept-train-submit")
+    expect_error_at(page, "#concept-train-form", "#concept-identifier", "422 invalid_field", "identifier")
+
+    page.set_input_files("#referring-picture", files=[png(image_bytes(64, 64), "table.png")])
+    page.fill("#referring-class-word", "mug")
+    page.fill("#queries", "<nobody> mug")
+    page.click("#referring-submit")
+    expect_error_at(page, "#referring-form", "#queries", "422 unknown_concept", "<nobody> is not a concept of yours")

@@ -96,7 +96,7 @@ function setupDrop(zone) {
   const label = $(".drop-zone", zone);
   const original = text.innerHTML;
   const update = () => {
-    const file = input.files[0];
+    const [file, ...more] = input.files;
     if (preview.src) URL.revokeObjectURL(preview.src);
     if (!file) {
       preview.hidden = true;
@@ -104,9 +104,10 @@ function setupDrop(zone) {
       text.innerHTML = original;
       return;
     }
-    preview.src = URL.createObjectURL(file);
+    preview.src = URL.createObjectURL(file); // several files (concept photos): the first one shows
     preview.hidden = false;
-    text.textContent = file.name;
+    text.textContent = more.length ? `${more.length + 1} files: ${[file, ...more].map((f) => f.name).join(", ")}`
+      : file.name;
     input.removeAttribute("aria-invalid");
     if ("mask" in zone.dataset) describeMask(file, preview);
   };
@@ -174,15 +175,20 @@ function pictureOf(input, field, what = "a picture") {
 
 // ---------------------------------------------------------------- jobs and progress
 
+/** A training's line: "epoch 3 / 40 · loss 1.234 · best IoU 0.50" (one-shot), "step 2 / 250 · loss …" (concepts). */
+function describeTraining(p) {
+  const counter = p.epoch != null ? `epoch ${p.epoch} / ${p.epochs}`
+    : p.step != null ? `step ${p.step} / ${p.steps}` : null;
+  if (!counter) return null;
+  const parts = [counter];
+  if (p.loss != null) parts.push(`loss ${p.loss.toFixed(3)}`);
+  if (p.best_iou != null) parts.push(`best IoU ${p.best_iou.toFixed(2)}`);
+  return parts.join(" · ");
+}
+
 function describeProgress(job) {
   const p = job.progress || {};
-  let training = null;
-  if (p.epoch != null) {
-    const parts = [`epoch ${p.epoch} / ${p.epochs}`];
-    if (p.loss != null) parts.push(`loss ${p.loss.toFixed(3)}`);
-    if (p.best_iou != null) parts.push(`best IoU ${p.best_iou.toFixed(2)}`);
-    training = parts.join(" · ");
-  }
+  const training = describeTraining(p);
   switch (job.status) {
     case "queued":
       return "Queued: waiting for a worker…";
@@ -263,6 +269,14 @@ class Runner {
       if (this.abort === abort) this.button.disabled = false;
     }
   }
+
+  /** Runs on every submit of the form (which checks nothing itself: novalidate, the API's messages show). */
+  onSubmit(submit, onDone) {
+    this.form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.run(submit, onDone);
+    });
+  }
 }
 
 // ---------------------------------------------------------------- the page
@@ -281,8 +295,9 @@ function fillResolutions() {
 
 function chooseMethod() {
   const method = $("input[name=method]:checked").value;
-  $("#segment-form").hidden = method === "oneshot";
+  $("#segment-form").hidden = method === "oneshot" || method === "referring";
   $("#oneshot").hidden = method !== "oneshot";
+  $("#referring").hidden = method !== "referring";
   $("#text-fields").hidden = method !== "text";
   $("#text-params").hidden = method !== "text";
   $("#unsupervised-params").hidden = method !== "unsupervised";
@@ -292,6 +307,7 @@ function chooseMethod() {
     field.hidden = !field.dataset.methods.split(" ").includes(textMethod);
   }
   if (method === "oneshot") refreshModels();
+  if (method === "referring") refreshConcepts();
 }
 
 /** An input's value, or null when it is not shown (a field the chosen method does not read). */
@@ -331,11 +347,12 @@ function describeReadiness(ready) {
   $("#footer-workers").textContent = workers.map((w) => `${w.name}: ${w.device}`).join(", ");
 }
 
+const RESULT_TITLES = { unsupervised: "DiffSeg", oneshot_segment: "one-shot", referring: "referring" };
+
 async function showResult(job, file) {
   const picture = await createImageBitmap(file);
   viewer.show(job, picture);
-  $("#result-title").textContent = job.kind === "text" ? `Result · ${job.params.method}`
-    : job.kind === "oneshot_segment" ? "Result · one-shot" : "Result · DiffSeg";
+  $("#result-title").textContent = `Result · ${job.kind === "text" ? job.params.method : RESULT_TITLES[job.kind]}`;
 }
 
 /** The result view follows one runner: starting the other one abandons the first. */
@@ -347,57 +364,53 @@ function startResult(runner) {
   if (window.matchMedia("(max-width: 860px)").matches) $(".result").scrollIntoView({ block: "start" });
 }
 
+/**
+ * A form whose job segments one picture. describe() checks the form and says what to send
+ * ({ path, file, fields }); the result view then follows this form's job and draws it over that picture.
+ */
+function segmentOnSubmit(form, button, describe) {
+  const runner = new Runner(form, segmentProgress, button);
+  let sent; // the latest run's: a newer run abandons the older one
+  runner.onSubmit(async (signal) => {
+    sent = describe();
+    startResult(runner);
+    return request(sent.path, { method: "POST", body: formData([["image", sent.file]], sent.fields), signal });
+  }, (job) => showResult(job, sent.file));
+}
+
 // Unsupervised and text
-const segmentForm = $("#segment-form");
-const segmentRunner = new Runner(segmentForm, segmentProgress, $("#segment-submit"));
-segmentForm.addEventListener("submit", (event) => {
-  event.preventDefault();
-  const method = $("input[name=method]:checked").value;
-  const text = method === "text";
-  segmentRunner.run(async (signal) => {
-    const file = pictureOf($("#picture"), "image");
-    const common = { resolution: $("#resolution").value, seed: valueOrNull($("#seed")) };
-    let fields;
-    if (text) {
-      const classes = words($("#classes").value);
-      if (!classes.length) throw fieldError("classes", "Name at least one class, e.g. “dog, grass”.");
-      fields = { ...common, classes, method: $("#text-method").value, background: $("#background").checked,
-        background_words: words(shownValue($("#background_words")) || ""), samples: shownValue($("#samples")),
-        timestep: shownValue($("#t-timestep")) };
-    } else {
-      fields = { ...common, kl_threshold: $("#kl_threshold").value, grid: $("#grid").value,
-        iterations: $("#iterations").value, timestep: $("#u-timestep").value, refine: $("#refine").checked,
-        vocabulary: words($("#vocabulary").value) };
-    }
-    startResult(segmentRunner);
-    segmentRunner.file = file;
-    return request(text ? "segment/text" : "segment/unsupervised",
-      { method: "POST", body: formData([["image", file]], fields), signal });
-  }, (job) => showResult(job, segmentRunner.file));
+segmentOnSubmit($("#segment-form"), $("#segment-submit"), () => {
+  const text = $("input[name=method]:checked").value === "text";
+  const file = pictureOf($("#picture"), "image");
+  const common = { resolution: $("#resolution").value, seed: valueOrNull($("#seed")) };
+  if (text) {
+    const classes = words($("#classes").value);
+    if (!classes.length) throw fieldError("classes", "Name at least one class, e.g. “dog, grass”.");
+    return { path: "segment/text", file, fields: { ...common, classes, method: $("#text-method").value,
+      background: $("#background").checked, background_words: words(shownValue($("#background_words")) || ""),
+      samples: shownValue($("#samples")), timestep: shownValue($("#t-timestep")) } };
+  }
+  return { path: "segment/unsupervised", file, fields: { ...common, kl_threshold: $("#kl_threshold").value,
+    grid: $("#grid").value, iterations: $("#iterations").value, timestep: $("#u-timestep").value,
+    refine: $("#refine").checked, vocabulary: words($("#vocabulary").value) } };
 });
 
 // One-shot: training
-const trainForm = $("#train-form");
-const trainProgress = new Progress($("#train-progress"));
-const trainRunner = new Runner(trainForm, trainProgress, $("#train-submit"));
-trainForm.addEventListener("submit", (event) => {
-  event.preventDefault();
-  trainRunner.run(async (signal) => {
-    const image = pictureOf($("#train-image"), "images");
-    const mask = pictureOf($("#train-mask"), "masks", "its mask");
-    const labels = words($("#labels").value);
-    if (!labels.length) throw fieldError("labels", "Name the parts: one name per mask id, e.g. “wheel, window”.");
-    // JSON with typed numbers: the API refuses a multipart crops_per_side ("1" is not the literal 1).
-    const seed = valueOrNull($("#train-seed"));
-    const body = { images_base64: [await dataUrl(image)], masks_base64: [await dataUrl(mask)], labels,
-      epochs: Number($("#epochs").value), learning_rate: Number($("#learning_rate").value),
-      crops_per_side: Number($("#crops_per_side").value), resolution: Number($("#train-resolution").value),
-      ...(seed === null ? {} : { seed: Number(seed) }) };
-    const job = await request("oneshot/train", { method: "POST", json: body, signal });
-    await refreshModels(job.model_id);
-    return job;
-  }, () => refreshModels($("#model").value));
-});
+new Runner($("#train-form"), new Progress($("#train-progress")), $("#train-submit")).onSubmit(async (signal) => {
+  const image = pictureOf($("#train-image"), "images");
+  const mask = pictureOf($("#train-mask"), "masks", "its mask");
+  const labels = words($("#labels").value);
+  if (!labels.length) throw fieldError("labels", "Name the parts: one name per mask id, e.g. “wheel, window”.");
+  // JSON with typed numbers: the API refuses a multipart crops_per_side ("1" is not the literal 1).
+  const seed = valueOrNull($("#train-seed"));
+  const body = { images_base64: [await dataUrl(image)], masks_base64: [await dataUrl(mask)], labels,
+    epochs: Number($("#epochs").value), learning_rate: Number($("#learning_rate").value),
+    crops_per_side: Number($("#crops_per_side").value), resolution: Number($("#train-resolution").value),
+    ...(seed === null ? {} : { seed: Number(seed) }) };
+  const job = await request("oneshot/train", { method: "POST", json: body, signal });
+  await refreshModels(job.model_id);
+  return job;
+}, () => refreshModels($("#model").value));
 
 // One-shot: models and segmenting with one
 async function refreshModels(select = null) {
@@ -417,33 +430,87 @@ async function refreshModels(select = null) {
   }
 }
 
+/** A Delete button next to a list: deletes the record chosen in it (`collection`/{id}), then lists again. */
+function deleteChosen(button, list, collection, refresh) {
+  button.addEventListener("click", async () => {
+    const id = list.value;
+    clearErrors(button.form);
+    if (!id) return;
+    try {
+      await request(`${collection}/${encodeURIComponent(id)}`, { method: "DELETE" });
+      await refresh();
+    } catch (error) {
+      showError(button.form, error);
+    }
+  });
+}
+
 $("#models-refresh").addEventListener("click", () => refreshModels());
-$("#model-delete").addEventListener("click", async () => {
-  const form = $("#oneshot-segment-form");
+deleteChosen($("#model-delete"), $("#model"), "oneshot", refreshModels);
+
+segmentOnSubmit($("#oneshot-segment-form"), $("#oneshot-segment-submit"), () => {
   const id = $("#model").value;
-  clearErrors(form);
-  if (!id) return;
-  try {
-    await request(`oneshot/${encodeURIComponent(id)}`, { method: "DELETE" });
-    await refreshModels();
-  } catch (error) {
-    showError(form, error);
-  }
+  if (!id) throw fieldError("model", "Train a model first (step 1), or pick one.");
+  const file = pictureOf($("#oneshot-picture"), "image");
+  return { path: `oneshot/${encodeURIComponent(id)}/segment`, file, fields: {} };
 });
 
-const oneshotForm = $("#oneshot-segment-form");
-const oneshotRunner = new Runner(oneshotForm, segmentProgress, $("#oneshot-segment-submit"));
-oneshotForm.addEventListener("submit", (event) => {
-  event.preventDefault();
-  oneshotRunner.run(async (signal) => {
-    const id = $("#model").value;
-    if (!id) throw fieldError("model", "Train a model first (step 1), or pick one.");
-    const file = pictureOf($("#oneshot-picture"), "image");
-    startResult(oneshotRunner);
-    oneshotRunner.file = file;
-    return request(`oneshot/${encodeURIComponent(id)}/segment`,
-      { method: "POST", body: formData([["image", file]], {}), signal });
-  }, (job) => showResult(job, oneshotRunner.file));
+// Find my object: teaching a concept
+new Runner($("#concept-train-form"), new Progress($("#concept-progress")), $("#concept-train-submit"))
+  .onSubmit(async (signal) => {
+    const photos = [...$("#concept-photos").files];
+    if (!photos.length) throw fieldError("images", "Choose 3 to 20 photos of your object first (drop them or click).");
+    const masks = [...$("#concept-masks").files];
+    const files = [...photos.map((photo) => ["images", photo]), ...masks.map((mask) => ["masks", mask])];
+    const fields = { identifier: valueOrNull($("#concept-identifier")),
+      class_word: valueOrNull($("#concept-class-word")), train_kv: $("#concept-method").value,
+      steps: valueOrNull($("#concept-steps")), learning_rate: valueOrNull($("#concept-learning-rate")),
+      batch_size: valueOrNull($("#concept-batch-size")), num_vectors: valueOrNull($("#concept-vectors")),
+      resolution: $("#concept-resolution").value, seed: valueOrNull($("#concept-seed")) };
+    const job = await request("concepts/train", { method: "POST", body: formData(files, fields), signal });
+    // Listed (and selected) at once: a query may name a concept still training, its job then waits.
+    await refreshConcepts(job.concept_id);
+    return job;
+  }, (job) => refreshConcepts(job.concept_id));
+
+// Find my object: concepts and finding one
+let knownConcepts = new Map(); // id -> the API's concept, as last listed
+
+/** Fills the class word and queries from the chosen concept: "<my-mug> mug" finds it among mugs. */
+function prefillQueries() {
+  const concept = knownConcepts.get($("#concept").value);
+  if (!concept) return;
+  $("#referring-class-word").value = concept.class_word;
+  $("#queries").value = `<${concept.identifier}> ${concept.class_word}`;
+}
+
+async function refreshConcepts(select = null) {
+  const list = $("#concept");
+  const before = list.value;
+  const keep = select || before;
+  try {
+    const { concepts } = await request("concepts?limit=100");
+    knownConcepts = new Map(concepts.map((concept) => [concept.id, concept]));
+    const options = concepts.map((concept) => new Option(`<${concept.identifier}> ${concept.class_word} ` +
+      `(${concept.status})`, concept.id, false, concept.id === keep));
+    list.replaceChildren(...(options.length ? options : [new Option("No object yet", "")]));
+    if (list.value !== before) prefillQueries();
+  } catch (error) {
+    if (error.status !== 401) showError($("#referring-form"), error);
+  }
+}
+
+$("#concept").addEventListener("change", prefillQueries);
+$("#concepts-refresh").addEventListener("click", () => refreshConcepts());
+deleteChosen($("#concept-delete"), $("#concept"), "concepts", refreshConcepts);
+
+segmentOnSubmit($("#referring-form"), $("#referring-submit"), () => {
+  const file = pictureOf($("#referring-picture"), "image");
+  const queries = $("#queries").value.split("\n").map((line) => line.trim()).filter(Boolean);
+  if (!queries.length) throw fieldError("queries", "Write at least one query, e.g. “<my-mug> mug” or “a red mug”.");
+  return { path: "segment/referring", file, fields: { class_word: valueOrNull($("#referring-class-word")), queries,
+    max_instances: $("#max-instances").value, timestep: $("#referring-timestep").value,
+    resolution: $("#referring-resolution").value, seed: valueOrNull($("#referring-seed")) } };
 });
 
 // The API key
@@ -457,6 +524,7 @@ $("#key-form").addEventListener("submit", (event) => {
   keyInput.removeAttribute("aria-invalid");
   refreshStatus();
   if (!$("#oneshot").hidden) refreshModels();
+  if (!$("#referring").hidden) refreshConcepts();
 });
 
 for (const radio of document.querySelectorAll("input[name=method]")) radio.addEventListener("change", chooseMethod);

@@ -15,8 +15,23 @@ export function colour(i) {
   return [f(5), f(3), f(1)].map((c) => Math.round(c * 255));
 }
 
-function segmentName(segment) {
-  return segment.label ?? `segment ${segment.id}`;
+/**
+ * Each segment's legend name and colour. Named classes keep their colour across pictures (and the
+ * one-shot mask preview). A labelled result's unlabelled segments (referring: the class's other
+ * instances) are numbered after its labels, as the client's label maps number them; else by order.
+ */
+function describeSegments(job) {
+  const { segments, labels } = job.result;
+  let others = 0;
+  return segments.map((segment, index) => {
+    if (segment.label_id === 0) return { name: segment.label, colour: BACKGROUND };
+    if (segment.label_id != null) return { name: segment.label, colour: colour(segment.label_id - 1) };
+    if (labels) {
+      others += 1;
+      return { name: `other ${job.params.class_word} ${others}`, colour: colour(labels.length + others - 2) };
+    }
+    return { name: segment.label ?? `segment ${segment.id}`, colour: colour(index) };
+  });
 }
 
 export class Viewer {
@@ -66,11 +81,9 @@ export class Viewer {
     this.job = job;
     this.segments = job.result.segments;
     this.labels = labelMap(this.segments, height, width);
-    // Named classes keep their colour across pictures (and the one-shot mask preview); else by order.
-    this.colours = this.segments.map((s, i) => {
-      if (s.label_id === 0) return BACKGROUND;
-      return colour(s.label_id == null ? i : s.label_id - 1);
-    });
+    const described = describeSegments(job);
+    this.names = described.map((d) => d.name);
+    this.colours = described.map((d) => d.colour);
     this.visible = this.segments.map(() => true);
     this.canvas.width = width;
     this.canvas.height = height;
@@ -85,8 +98,13 @@ export class Viewer {
     this.buildLegend(width * height);
     const timings = job.result.timings_ms || {};
     const seconds = ((timings.inference || 0) / 1000).toFixed(1);
-    this.meta.textContent = `${this.segments.length} segments · ${width}×${height} px · ` +
+    const instances = job.result.instances == null ? "" : `${job.result.instances} instances · `;
+    // Labels asked for that no segment has (a class absent, a query left without an instance) are named.
+    const found = new Set(this.segments.map((segment) => segment.label_id));
+    const missing = (job.result.labels || []).filter((_, labelId) => labelId > 0 && !found.has(labelId));
+    this.meta.textContent = `${this.segments.length} segments · ${instances}${width}×${height} px · ` +
       `${seconds} s inference · seed ${job.params.seed}` +
+      (missing.length ? ` · not found: ${missing.join(", ")}` : "") +
       (job.result.random_weights ? " · random weights (tiny-random): the masks mean nothing" : "");
     this.jsonButton.disabled = false;
     this.pngButton.disabled = false;
@@ -110,7 +128,7 @@ export class Viewer {
       swatch.style.backgroundColor = `rgb(${this.colours[index].join(",")})`;
       const name = document.createElement("span");
       name.className = "name";
-      name.textContent = segmentName(segment);
+      name.textContent = this.names[index];
       label.append(swatch, name);
       const facts = document.createElement("span");
       facts.className = "facts";
@@ -151,7 +169,7 @@ export class Viewer {
     this.hovered = index;
     for (const item of this.legend.children) item.classList.toggle("hovered", Number(item.dataset.index) === index);
     this.hoverLabel.textContent = index >= 0
-      ? `${segmentName(this.segments[index])}${this.visible[index] ? "" : " (hidden)"} · click to toggle`
+      ? `${this.names[index]}${this.visible[index] ? "" : " (hidden)"} · click to toggle`
       : "\u00a0";
     this.render();
   }
