@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -37,7 +38,7 @@ class Member:
     encode: Callable[[], dict] | None = None
     error: BaseException | None = None
     done: bool = False  # handed over to be finalised
-    image: object = None  # the picture, decoded at the working size before the runner starts
+    image: np.ndarray | None = None  # (H, W, 3) uint8, decoded at the working size before the runner starts
 
     @property
     def live(self) -> bool:
