@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 
 from attnseg.images import ImageMissingError, load_image
-from attnseg.queue import SEGMENT_QUEUE, get_queue
-from tests.test_batch import pictures, submit
+from attnseg.queue import SEGMENT_QUEUE, enqueue, get_queue
+from tests.test_batch import pictures, stored_entry, submit
+from workers.engine.jobs import picture_side
 from workers.engine.pictures import Prefetcher
-from workers.engine.worker import batch_picture_side
 
 
 def prefetcher(connection, depth=2, max_bytes=2**30) -> Prefetcher:
     """Not started: the test calls decode_front() where the thread would."""
-    return Prefetcher(connection, [get_queue(connection, SEGMENT_QUEUE).key], batch_picture_side, depth=depth,
+    return Prefetcher(connection, [get_queue(connection, SEGMENT_QUEUE).key], picture_side, depth=depth,
                       max_bytes=max_bytes)
 
 
@@ -33,13 +33,18 @@ def test_the_pictures_of_the_first_queued_jobs_are_decoded_ahead(worker_on):
     assert ahead.hits + len(ahead._pictures) == 2
 
 
-def test_only_jobs_that_run_through_the_batch_path_are_decoded_ahead(worker_on):
-    """A DiffSeg job with a vocabulary runs start to end in its job function, which fetches its own picture."""
+def test_each_picture_is_decoded_ahead_at_the_size_its_job_reads_it(worker_on):
+    """selfcross at the SD resolution, the GEM methods at least at CLIP's input size."""
+    from workers.methods.gem import GEM_IMAGE_SIZE
+
     connection, settings, _ = worker_on
-    submit(connection, settings, pictures(1)[0], vocabulary=["sky", "grass"])
+    text = {"classes": ["cat"], "resolution": 256, "seed": 0}
+    for method, image in zip(("selfcross", "gem"), pictures(2)):
+        entry = stored_entry(connection, settings, image)
+        enqueue(connection, settings, "text", {"params": {**text, "method": method}, "image": entry})
     ahead = prefetcher(connection)
     ahead.decode_front()
-    assert not ahead._pictures
+    assert sorted(side for _, side in ahead._pictures) == [256, GEM_IMAGE_SIZE]
 
 
 def test_pictures_held_ahead_stay_under_the_byte_bound(worker_on):
@@ -68,7 +73,10 @@ def test_the_worker_reads_decoded_pictures_and_counts_its_busy_time(worker_on, m
     # The look-ahead done in place of waking the thread: the hit count no longer depends on how soon
     # the thread is scheduled on a loaded machine.
     monkeypatch.setattr(Prefetcher, "look_ahead", Prefetcher.decode_front)
-    jobs = [submit(connection, settings, image) for image in pictures(4)]
+    # Every other job has a vocabulary: it runs start to end in its job function, which reads the
+    # look-ahead too.
+    jobs = [submit(connection, settings, image, vocabulary=["sky", "grass"] if i % 2 else None)
+            for i, image in enumerate(pictures(4))]
     worker = run(max_batch=1)
     assert all(job.get_status(refresh=True) == "finished" for job in jobs)
     activity = worker.activity()

@@ -49,13 +49,11 @@ class Member:
 class Batch:
     """How jobs of one function share a pass: `share_key(params)` equal (None: never shared), and
     `run(members, done)`, which calls `done(member)` as each member gets its result (or `encode`).
-    The worker decodes each member's picture at `picture_side(params)` (`load_image`'s min_side)
-    before `run`."""
+    The worker decodes each member's picture (at `jobs.picture_side`) before `run`."""
 
     kind: str
     share_key: Callable[[dict], tuple | None]
     run: Callable[[list[Member], Callable[[Member], None]], None]
-    picture_side: Callable[[dict], int]
     on_error: Callable | None = None
 
 

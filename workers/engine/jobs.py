@@ -54,7 +54,7 @@ def segment_unsupervised(ctx: JobContext, payload: dict) -> dict:
     rt = runtime.current()
     params = payload["params"]
     ctx.update_params(sd_model=rt.sd.model_id)
-    image = fetch_image(ctx, payload["image"], min_side=params["resolution"])
+    image = fetch_image(ctx, payload["image"], min_side=resolution_side(params))
     try:
         out = run_diffseg(rt.sd, image, report=ctx.report, output_size=original_size(payload["image"]), **params)
     except PromptTooLongError as exc:  # vocabulary words longer in tokens than the API's bound could tell
@@ -116,7 +116,7 @@ def segment_text(ctx: JobContext, payload: dict) -> dict:
                                              "without one (ATTNSEG_CLIP_MODEL=none)")
     ctx.update_params(sd_model=rt.sd.model_id, clip_model=rt.clip.name if rt.clip else None)
     concepts = load_concepts(ctx, payload.get("concepts", {}))
-    image = fetch_image(ctx, payload["image"], min_side=max(params["resolution"], GEM_IMAGE_SIZE))
+    image = fetch_image(ctx, payload["image"], min_side=text_side(payload["params"]))
     try:
         out = run_text(rt.sd, rt.clip, image, classes, report=ctx.report, output_size=original_size(payload["image"]),
                        concepts=concepts, **params)
@@ -227,7 +227,7 @@ def oneshot_segment(ctx: JobContext, payload: dict) -> dict:
     params = payload["params"]
     model = ready_model(ctx.connection, payload["model_id"])
     ctx.update_params(sd_model=rt.sd.model_id)
-    image = fetch_image(ctx, payload["image"], min_side=params["resolution"])
+    image = fetch_image(ctx, payload["image"], min_side=resolution_side(params))
     try:
         out = segment_oneshot(rt.sd, model, image, crops_per_side=params["crops_per_side"], seed=params["seed"],
                               resolution=params["resolution"], report=ctx.report,
@@ -242,13 +242,33 @@ def oneshot_segment(ctx: JobContext, payload: dict) -> dict:
 
 
 def resolution_side(params: dict) -> int:
-    """The working size of DiffSeg and selfcross: pictures are decoded no smaller than the resolution."""
+    """The working size of the methods that see the picture through SD alone: the resolution."""
     return params["resolution"]
+
+
+def text_side(params: dict) -> int:
+    """selfcross sees the picture through SD; the GEM methods also through CLIP, at GEM_IMAGE_SIZE."""
+    return params["resolution"] if params["method"] == "selfcross" else max(params["resolution"], GEM_IMAGE_SIZE)
+
+
+# The working size (`load_image`'s min_side) each job function decodes its picture at, from its params:
+# the job functions, the batch path and the worker's look-ahead all decode at this size.
+PICTURE_SIDES = {
+    "workers.engine.jobs.segment_unsupervised": resolution_side,
+    "workers.engine.jobs.segment_text": text_side,
+    "workers.engine.jobs.oneshot_segment": resolution_side,
+}
+
+
+def picture_side(function: str, params: dict) -> int | None:
+    """The working size of a job of `function` (dotted path); None for one without a picture to decode ahead."""
+    side = PICTURE_SIDES.get(function)
+    return side(params) if side is not None else None
 
 
 # Job functions (by dotted path) whose queued jobs a worker may run together (workers/engine/batch.py).
 BATCHES = {
     "workers.engine.jobs.segment_unsupervised": Batch("unsupervised", unsupervised_share_key,
-                                                      segment_unsupervised_batch, resolution_side),
-    "workers.engine.jobs.segment_text": Batch("text", text_share_key, segment_text_batch, resolution_side),
+                                                      segment_unsupervised_batch),
+    "workers.engine.jobs.segment_text": Batch("text", text_share_key, segment_text_batch),
 }

@@ -25,7 +25,23 @@ from workers.engine.context import JobContext, JobFailure
 log = logging.getLogger("attnseg.worker")
 
 
-def fetch_image(ctx: JobContext, entry: dict, load=load_image, **options) -> np.ndarray:
+_prefetcher: Prefetcher | None = None
+
+
+def install_prefetcher(prefetcher: Prefetcher | None) -> None:
+    """The worker's look-ahead, which `fetch_image` reads from (None: every picture is fetched)."""
+    global _prefetcher
+    _prefetcher = prefetcher
+
+
+def load_picture(connection, key: str, *, min_side: int | None = None) -> np.ndarray:
+    """`load_image`, from the pictures decoded ahead when the worker has a look-ahead."""
+    if _prefetcher is None:
+        return load_image(connection, key, min_side=min_side)
+    return _prefetcher.load(connection, key, min_side=min_side)
+
+
+def fetch_image(ctx: JobContext, entry: dict, load=load_picture, **options) -> np.ndarray:
     """(H, W, 3) uint8 RGB (`load_mask`: (H, W) uint8 class ids) of a payload's picture entry.
 
     options: min_side, to decode no larger than the working size needs (the entry's width and
@@ -48,8 +64,8 @@ class Prefetcher(threading.Thread):
     """Decodes the pictures of the first `depth` jobs of `queue_keys` whenever `look_ahead()` is called.
 
     It claims nothing: a job that another worker takes, or that is canceled, costs one decode, and
-    its picture is dropped as newer ones need the room. At most `depth` pictures and `max_bytes` of
-    pixels are held. `side_of(function, params)` is the working size a queued job's picture is
+    its picture is dropped as newer ones need the room. At most 2 x `depth` pictures (those of the
+    jobs starting now, not all taken yet, and those of the next ones) and `max_bytes` of pixels are held. `side_of(function, params)` is the working size a queued job's picture is
     decoded at (`min_side` of `load_image`), None for a job whose picture is fetched as it starts.
     """
 
@@ -139,8 +155,8 @@ class Prefetcher(threading.Thread):
         return (payload["image"]["key"], side) if side is not None else None
 
     def _evict(self) -> None:
-        """Oldest first, down to `depth` pictures and `max_bytes` of decoded pixels (under the lock)."""
-        while len(self._pictures) > self.depth:
+        """Oldest first, down to 2 x `depth` pictures and `max_bytes` of decoded pixels (under the lock)."""
+        while len(self._pictures) > 2 * self.depth:
             self._pictures.popitem(last=False)
         held = sum(f.result().nbytes for f in self._pictures.values() if f.done() and f.exception() is None)
         while held > self.max_bytes and self._pictures:

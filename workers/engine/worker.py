@@ -31,15 +31,14 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from attnseg.images import load_image
 from attnseg.queue import KINDS, QUEUES, clean_canceled, connect, get_queue, publish_job_event
 from attnseg.settings import Settings
 from attnseg.workers_registry import announce, withdraw
 from workers.engine import runtime as runtime_module
 from workers.engine.batch import Batch, Member, attempt, claim_companions, fail_live, settle, share_key_of
 from workers.engine.context import JobContext
-from workers.engine.jobs import BATCHES
-from workers.engine.pictures import Prefetcher, fetch_image
+from workers.engine.jobs import BATCHES, PICTURE_SIDES, picture_side
+from workers.engine.pictures import Prefetcher, fetch_image, install_prefetcher
 from workers.methods.concepts import concept_shapes
 from workers.methods.unsupervised import segment_unsupervised
 
@@ -109,18 +108,19 @@ class ModelWorker(SimpleWorker):
         super().bootstrap(*args, **kwargs)
         self.finisher = Finisher(depth=max(1, self.max_batch))
         self.finisher.start()
-        batchable = {KINDS[name].queue for name in KINDS if KINDS[name].func in BATCHES}
+        with_pictures = {kind.queue for kind in KINDS.values() if kind.func in PICTURE_SIDES}
         if self.prefetch_bytes:
-            self.prefetcher = Prefetcher(self.connection, [q.key for q in self.queues if q.name in batchable],
-                                         batch_picture_side, depth=max(1, self.max_batch),
-                                         max_bytes=self.prefetch_bytes)
+            self.prefetcher = Prefetcher(self.connection, [q.key for q in self.queues if q.name in with_pictures],
+                                         picture_side, depth=max(1, self.max_batch), max_bytes=self.prefetch_bytes)
             self.prefetcher.start()
+            install_prefetcher(self.prefetcher)
 
     def teardown(self):
         """Before RQ withdraws the worker: the outcomes still being saved are saved."""
         if self.finisher is not None:
             self.finisher.stop()
         if self.prefetcher is not None:
+            install_prefetcher(None)
             self.prefetcher.stop()
         super().teardown()
 
@@ -166,9 +166,6 @@ class ModelWorker(SimpleWorker):
         if self.prefetcher is not None:
             self.prefetcher.look_ahead()
 
-    def load_picture(self, connection, key: str, **options):
-        return (self.prefetcher.load if self.prefetcher is not None else load_image)(connection, key, **options)
-
     def perform_batch(self, jobs: list[Job], queue, batch: Batch) -> None:
         """RQ's perform_job for jobs sharing one pass (or a batch of one): each is started, finished
         or failed in RQ as if it ran alone (registries, heartbeats, results, TTLs); one timeout, the
@@ -201,9 +198,8 @@ class ModelWorker(SimpleWorker):
         timeout = min(job.timeout or self.queue_class.DEFAULT_TIMEOUT for job in jobs)
         try:
             with self.death_penalty_class(timeout, JobTimeoutException, job_id=jobs[0].id):
-                side = batch.picture_side(members[0].payload["params"])
-                attempt(members, lambda m: setattr(m, "image", fetch_image(m.ctx, m.payload["image"],
-                                                                           self.load_picture, min_side=side)))
+                side = picture_side(jobs[0].func_name, members[0].payload["params"])
+                attempt(members, lambda m: setattr(m, "image", fetch_image(m.ctx, m.payload["image"], min_side=side)))
                 self.look_ahead()  # the next jobs' pictures are decoded while the model runs these
                 started = time.perf_counter()
                 try:
@@ -215,13 +211,6 @@ class ModelWorker(SimpleWorker):
         finally:
             for member in members:  # those that failed before their result
                 done(member)
-
-
-def batch_picture_side(function: str, params: dict) -> int | None:
-    """The working size of a queued job that will run through `perform_batch` (its picture is
-    decoded ahead and read from the look-ahead there); None for the others."""
-    batch = BATCHES.get(function)
-    return batch.picture_side(params) if batch is not None and batch.share_key(params) is not None else None
 
 
 def announce_end(connection, job_id: str) -> None:
