@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from bench.common import MIB, ROOT, machine_info, print_header, print_table
-from tests.support import RedisServer, free_port, wait_for, worker_env
+from tests.support import RedisServer, free_port, wait_until_ok, worker_env
 
 
 def flat_picture(width: int, height: int, fmt: str) -> bytes:
@@ -69,14 +69,7 @@ def start_api(root: Path, redis: RedisServer, cache: Path) -> tuple[subprocess.P
     api = subprocess.Popen([sys.executable, "-m", "cli", "api", "--port", str(port)], cwd=root, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, timeout=60, message="the API")
+    wait_until_ok(f"{base}/healthz", timeout=60, message="the API")
     return api, base
 
 

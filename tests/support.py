@@ -119,6 +119,19 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "c
     raise AssertionError(f"timed out after {timeout} s waiting for {message}")
 
 
+def wait_until_ok(url: str, timeout: float, message: str) -> None:
+    """Until GET `url` answers 200: a server starting up (refused connections are retried)."""
+    import httpx
+
+    def ok() -> bool:
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ok, timeout=timeout, message=message)
+
+
 class Stack:
     """Redis, the API (uvicorn, real HTTP) and workers as separate processes, like production."""
 

@@ -7,7 +7,7 @@ import sys
 import httpx
 import pytest
 
-from tests.support import ROOT, free_port, image_bytes, wait_for, worker_env
+from tests.support import ROOT, free_port, image_bytes, wait_until_ok, worker_env
 from workers.models.tiny_random import build_tiny_random
 
 pytestmark = pytest.mark.slow
@@ -23,13 +23,7 @@ def test_up_starts_the_stack_and_ctrl_c_stops_everything(tmp_path):
                           cwd=ROOT, env=worker_env(redis_url, cache), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        def ready():
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, timeout=240, message="the stack to be ready")
+        wait_until_ok(f"{base}/readyz", timeout=240, message="the stack to be ready")
         job = httpx.post(f"{base}/segment/unsupervised", files={"image": ("i.png", image_bytes(64, 48), "image/png")},
                          data={"resolution": "256"}).json()
         done = httpx.get(f"{base}/jobs/{job['id']}", params={"wait": 60}, timeout=90).json()

@@ -374,19 +374,13 @@ def test_sigterm_answers_open_long_polls_and_exits_promptly(tmp_path):
     """A `wait=60` long-poll used to hold the API's exit for 61 s; now it answers with the current state."""
     import httpx
 
-    from tests.support import Stack, wait_for
+    from tests.support import Stack, wait_until_ok
 
     stack = Stack(tmp_path)
     stack.redis.start()
     stack.start_api()
     try:
-        def up():
-            try:
-                return httpx.get(f"{stack.base_url}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, timeout=60, message="the API")
+        wait_until_ok(f"{stack.base_url}/healthz", timeout=60, message="the API")
         job = httpx.post(f"{stack.base_url}/segment/unsupervised",
                          files={"image": ("x.png", image_bytes(), "image/png")}).json()
         answers: list = []
