@@ -111,10 +111,9 @@ def share_key_of(job: Job, batch: Batch) -> tuple | None:
     return batch.share_key(job.meta.get("params", {}))
 
 
-def claim_companions(connection, queue, first: Job, batch: Batch, limit: int) -> list[Job]:
-    """Up to `limit` queued jobs that can share `first`'s pass, taken off `queue` atomically."""
-    key = share_key_of(first, batch)
-    if key is None or limit < 1:
+def claim_companions(connection, queue, key: tuple, batch: Batch, limit: int) -> list[Job]:
+    """Up to `limit` queued jobs whose share key is `key` (the dequeued job's), taken off `queue` atomically."""
+    if limit < 1:
         return []
     ids = [raw.decode() for raw in connection.lrange(queue.key, 0, CLAIM_WINDOW - 1)]
     with connection.pipeline(transaction=False) as pipe:

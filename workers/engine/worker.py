@@ -146,8 +146,9 @@ class ModelWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue):
         batch = BATCHES.get(job.func_name)
-        if batch is not None and share_key_of(job, batch) is not None:
-            companions = claim_companions(self.connection, queue, job, batch, self.max_batch - 1)
+        key = share_key_of(job, batch) if batch is not None else None
+        if key is not None:
+            companions = claim_companions(self.connection, queue, key, batch, self.max_batch - 1)
             self.perform_batch([job, *companions], queue, batch)
         else:
             self.look_ahead()
