@@ -47,8 +47,11 @@ def safetensors_shapes(data: bytes) -> dict[str, list[int]] | None:
         return None
     if not isinstance(header, dict):
         return None
-    return {name: list(entry["shape"]) for name, entry in header.items()
-            if name != "__metadata__" and isinstance(entry, dict) and "shape" in entry}
+    return {
+        name: list(entry["shape"])
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict) and "shape" in entry
+    }
 
 
 def embedding_key(shapes: dict[str, list[int]], identifier: str) -> str:
@@ -59,25 +62,31 @@ def embedding_key(shapes: dict[str, list[int]], identifier: str) -> str:
     for key in (f"<{identifier}>", identifier):
         if key in shapes:
             return key
-    raise ConceptFileError(f"the embeddings file holds {len(shapes)} entries {sorted(shapes)[:5]}; name the "
-                           f"concept's entry '<{identifier}>' or upload a file with one entry")
+    raise ConceptFileError(
+        f"the embeddings file holds {len(shapes)} entries {sorted(shapes)[:5]}; name the "
+        f"concept's entry '<{identifier}>' or upload a file with one entry"
+    )
 
 
 def kv_layers(shapes: dict[str, list[int]]) -> dict[str, dict[str, list[int]]]:
     """Custom Diffusion entries grouped by layer: attn2 path -> {"to_k": shape, "to_v": shape}."""
     unsupported = sorted(name for name in shapes if any(part in name for part in UNSUPPORTED_KV))
     if unsupported:
-        raise ConceptFileError(f"the weights file has query/output weights ({unsupported[0]}, ...): concepts trained "
-                               "with --train_q_out or --freeze_model crossattn are not supported; train with the "
-                               "default crossattn_kv")
+        raise ConceptFileError(
+            f"the weights file has query/output weights ({unsupported[0]}, ...): concepts trained "
+            "with --train_q_out or --freeze_model crossattn are not supported; train with the "
+            "default crossattn_kv"
+        )
     layers: dict[str, dict[str, list[int]]] = {}
     for name, shape in shapes.items():
         for projection, suffix in KV_SUFFIXES.items():
             if name.endswith(suffix):
                 layers.setdefault(name[: -len(suffix)], {})[projection] = shape
     if not layers:
-        raise ConceptFileError("the weights file has no '*.processor.to_k_custom_diffusion.weight' entries: it is "
-                               "not a Custom Diffusion weights file")
+        raise ConceptFileError(
+            "the weights file has no '*.processor.to_k_custom_diffusion.weight' entries: it is "
+            "not a Custom Diffusion weights file"
+        )
     incomplete = sorted(layer for layer, found in layers.items() if set(found) != set(KV_SUFFIXES))
     if incomplete:
         raise ConceptFileError(f"layer {incomplete[0]} has only one of to_k/to_v custom diffusion weights")
@@ -90,12 +99,15 @@ def check_embedding_shape(shape: list[int], expected: dict, model: str) -> None:
     announces it in `concept_shapes`)."""
     width = expected["text_width"]
     if len(shape) not in (1, 2) or (len(shape) == 2 and not 1 <= shape[0] <= MAX_VECTORS):
-        raise ConceptFileError(f"the embedding has shape {shape}; expected (D,) or (n, D) with 1 <= n <= "
-                               f"{MAX_VECTORS} vectors")
+        raise ConceptFileError(
+            f"the embedding has shape {shape}; expected (D,) or (n, D) with 1 <= n <= {MAX_VECTORS} vectors"
+        )
     if shape[-1] != width:
-        raise ConceptFileError(f"the embedding is {shape[-1]} wide but the text encoder of {model} is {width} wide: "
-                               "the concept was trained for another Stable Diffusion model (SD 1.x text is 768 wide, "
-                               "SD 2.x 1024)")
+        raise ConceptFileError(
+            f"the embedding is {shape[-1]} wide but the text encoder of {model} is {width} wide: "
+            "the concept was trained for another Stable Diffusion model (SD 1.x text is 768 wide, "
+            "SD 2.x 1024)"
+        )
 
 
 def check_kv_shapes(kv: dict[str, dict[str, list[int]]], expected: dict, model: str) -> None:
@@ -104,16 +116,20 @@ def check_kv_shapes(kv: dict[str, dict[str, list[int]]], expected: dict, model: 
     for layer, projections in kv.items():
         target = expected["cross_attention"].get(layer)
         if target is None:
-            raise ConceptFileError(f"the weights file names layer {layer!r}, which {model} does not have as a "
-                                   "cross-attention layer")
+            raise ConceptFileError(
+                f"the weights file names layer {layer!r}, which {model} does not have as a cross-attention layer"
+            )
         for projection, shape in projections.items():
             if list(shape) != list(target):
-                raise ConceptFileError(f"{layer} {projection} has shape {list(shape)} but {model} needs "
-                                       f"{list(target)}: the weights were trained for another Stable Diffusion model")
+                raise ConceptFileError(
+                    f"{layer} {projection} has shape {list(shape)} but {model} needs "
+                    f"{list(target)}: the weights were trained for another Stable Diffusion model"
+                )
 
 
-def check_shapes(embedding_shape: list[int], kv: dict[str, dict[str, list[int]]] | None, expected: dict,
-                 model: str) -> None:
+def check_shapes(
+    embedding_shape: list[int], kv: dict[str, dict[str, list[int]]] | None, expected: dict, model: str
+) -> None:
     """Both checks: the embedding, then the attention weights when there are any."""
     check_embedding_shape(embedding_shape, expected, model)
     check_kv_shapes(kv or {}, expected, model)

@@ -24,15 +24,37 @@ class IdentifierTakenError(Exception):
         self.concept_id = concept_id
 
 
-def create(connection, concept_id: str, *, owner: str, identifier: str, class_word: str, method: str,
-           status: str, params: dict, job_id: str) -> dict:
+def create(
+    connection,
+    concept_id: str,
+    *,
+    owner: str,
+    identifier: str,
+    class_word: str,
+    method: str,
+    status: str,
+    params: dict,
+    job_id: str,
+) -> dict:
     """Claim the identifier for the owner and create the record; IdentifierTakenError if it is used."""
     claim = concept_identifier_key(owner, identifier)
     if not connection.set(claim, concept_id, nx=True):
         raise IdentifierTakenError(identifier, (connection.get(claim) or b"?").decode())
-    return store.create(connection, concept_id, {
-        "identifier": identifier, "class_word": class_word, "method": method, "status": status,
-        "params": params, "sd_model": None, "job_id": job_id, "metrics": {}}, owner=owner)
+    return store.create(
+        connection,
+        concept_id,
+        {
+            "identifier": identifier,
+            "class_word": class_word,
+            "method": method,
+            "status": status,
+            "params": params,
+            "sd_model": None,
+            "job_id": job_id,
+            "metrics": {},
+        },
+        owner=owner,
+    )
 
 
 def by_identifier(connection, owner: str, identifier: str) -> dict | None:

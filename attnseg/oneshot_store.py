@@ -16,9 +16,19 @@ new_model_id = new_id
 
 
 def create(connection, model_id: str, *, tenant: str, labels: list[str], params: dict, train_job_id: str) -> dict:
-    return store.create(connection, model_id, {"status": "training", "labels": labels, "params": params,
-                                               "sd_model": None, "train_job_id": train_job_id, "metrics": {}},
-                        owner=tenant)
+    return store.create(
+        connection,
+        model_id,
+        {
+            "status": "training",
+            "labels": labels,
+            "params": params,
+            "sd_model": None,
+            "train_job_id": train_job_id,
+            "metrics": {},
+        },
+        owner=tenant,
+    )
 
 
 def get(connection, model_id: str) -> dict | None:

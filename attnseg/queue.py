@@ -51,9 +51,14 @@ KINDS = {
 def connect(url: str) -> redis.Redis:
     """Bytes in, bytes out (RQ stores binary fields). Commands are retried for a few seconds, so a
     Redis restart is invisible to callers; a longer outage raises redis.ConnectionError."""
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30,
-                                retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=5),
-                                retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=5),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
 
 
 def get_queue(connection: redis.Redis, name: str) -> Queue:
@@ -85,8 +90,16 @@ def clean_canceled(connection: redis.Redis, name: str) -> int:
     return connection.zrem(key, *gone) if gone else 0
 
 
-def enqueue(connection: redis.Redis, settings: Settings, kind: str, payload: dict, *, job_id: str | None = None,
-            extra_meta: dict | None = None, after: str | None = None):
+def enqueue(
+    connection: redis.Redis,
+    settings: Settings,
+    kind: str,
+    payload: dict,
+    *,
+    job_id: str | None = None,
+    extra_meta: dict | None = None,
+    after: str | None = None,
+):
     """Enqueue one job of `kind` with a JSON `payload` (admission, the caps included, is the API's).
 
     `payload["params"]` is echoed in the job object; the rest (image keys) is for the worker.

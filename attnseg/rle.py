@@ -153,6 +153,12 @@ def label_map_to_segments(labels: np.ndarray) -> list[tuple[int, dict, int, list
     row_high = np.where(one_column, (ends - 1) % h, h - 1)
     x0, x1 = np.minimum.reduceat(col_start, first), np.maximum.reduceat(col_end, first)
     y0, y1 = np.minimum.reduceat(row_low, first), np.maximum.reduceat(row_high, first)
-    return [(int(value), {"size": [int(h), int(w)], "counts": string}, int(area),
-             [int(a), int(b), int(c - a + 1), int(d - b + 1)])
-            for value, string, area, a, b, c, d in zip(present, strings, areas, x0, y0, x1, y1)]
+    return [
+        (
+            int(value),
+            {"size": [int(h), int(w)], "counts": string},
+            int(area),
+            [int(a), int(b), int(c - a + 1), int(d - b + 1)],
+        )
+        for value, string, area, a, b, c, d in zip(present, strings, areas, x0, y0, x1, y1)
+    ]

@@ -35,8 +35,9 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(24 * 3600, gt=0, description="How long a finished job and its result are kept.")
     queued_ttl_s: int = Field(3600, gt=0, description="A job still queued after this is dropped.")
     max_queued_jobs: int = Field(200, gt=0, description="Per queue; beyond it new jobs get 429.")
-    max_queued_per_tenant: int | None = Field(None, gt=0, description="Queued jobs one tenant may have (all "
-                                                                     "queues); beyond it 429. Unset: no limit.")
+    max_queued_per_tenant: int | None = Field(
+        None, gt=0, description="Queued jobs one tenant may have (all queues); beyond it 429. Unset: no limit."
+    )
     segment_timeout_s: int = Field(600, gt=0)
     train_timeout_s: int = Field(4 * 3600, gt=0)
 
@@ -44,33 +45,46 @@ class Settings(BaseSettings):
     worker_heartbeat_s: int = Field(10, gt=0, description="How often a worker says it is alive.")
     worker_lost_after_s: int = Field(60, gt=0, description="Silence after which a running job is failed.")
     warmup: bool = True
-    max_batch: int | None = Field(None, gt=0, description="Queued jobs a worker runs as one model pass when they "
-                                                          "can share it; unset: 8 on a GPU, 1 on CPU.")
-    prefetch_mb: int = Field(256, ge=0, description="Decoded pictures of queued jobs a worker holds ahead of the "
-                                                    "model, in MiB (0: no look-ahead).")
+    max_batch: int | None = Field(
+        None,
+        gt=0,
+        description="Queued jobs a worker runs as one model pass when they can share it; unset: 8 on a GPU, 1 on CPU.",
+    )
+    prefetch_mb: int = Field(
+        256,
+        ge=0,
+        description="Decoded pictures of queued jobs a worker holds ahead of the model, in MiB (0: no look-ahead).",
+    )
     workers_per_host: int = Field(1, gt=0, description="Worker processes sharing this host's CPUs.")
-    torch_threads: int | None = Field(None, gt=0, description="CPU threads per worker (torch.set_num_threads); "
-                                                              "unset: OMP_NUM_THREADS if set, else the host's CPUs "
-                                                              "divided by workers_per_host (oversubscribed workers "
-                                                              "slow down 2-20x).")
+    torch_threads: int | None = Field(
+        None,
+        gt=0,
+        description="CPU threads per worker (torch.set_num_threads); "
+        "unset: OMP_NUM_THREADS if set, else the host's CPUs "
+        "divided by workers_per_host (oversubscribed workers "
+        "slow down 2-20x).",
+    )
 
     @model_validator(mode="after")
-    def _default_torch_threads(self) -> "Settings":
+    def _default_torch_threads(self) -> Settings:
         if self.torch_threads is None:
             omp = os.environ.get("OMP_NUM_THREADS", "")
-            self.torch_threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(
-                1, usable_cpus() // self.workers_per_host)
+            self.torch_threads = (
+                int(omp) if omp.isdigit() and int(omp) > 0 else max(1, usable_cpus() // self.workers_per_host)
+            )
         return self
 
     # API.
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    api_key: str | None = Field(None, description="When set, requests need `Authorization: Bearer <key>`; "
-                                                  "its holder is tenant `default`.")
+    api_key: str | None = Field(
+        None, description="When set, requests need `Authorization: Bearer <key>`; its holder is tenant `default`."
+    )
     api_keys: str | None = Field(None, description="Comma-separated `tenant:key` pairs.")
     api_keys_file: Path | None = Field(None, description="One `tenant:key` a line; re-read when it changes.")
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated exact origins browsers may call the API from.")
+        default_factory=list, description="Comma-separated exact origins browsers may call the API from."
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod

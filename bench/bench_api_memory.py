@@ -66,8 +66,13 @@ def measure(client: httpx.Client, pid: int, send) -> tuple[int, float, int]:
 def start_api(root: Path, redis: RedisServer, cache: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = worker_env(redis.url, cache, ATTNSEG_MAX_UPLOAD_BYTES=str(200 * MIB), ATTNSEG_MAX_QUEUED_JOBS="100000")
-    api = subprocess.Popen([sys.executable, "-m", "cli", "api", "--port", str(port)], cwd=root, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = subprocess.Popen(
+        [sys.executable, "-m", "cli", "api", "--port", str(port)],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     wait_until_ok(f"{base}/healthz", timeout=60, message="the API")
     return api, base
@@ -94,14 +99,18 @@ def main() -> None:
             files = [("images", (f"i{i}", image, "image/jpeg")) for i in range(count)]
             files += [("masks", (f"m{i}", mask, "image/png")) for i in range(count)]
             return client.post("/oneshot/train", files=files, data={"labels": "part"})
+
         return send
 
     cases = [
         ("segment, 1 PNG 6300x6300", segment(big_png), len(big_png), 6300 * 6300 * 3),
-        ("train, 4 pairs 6300x6300", train(4, big_png, big_mask), 4 * (len(big_png) + len(big_mask)),
-         6300 * 6300 * 3),
-        (f"train, {args.pairs} pairs {pair_w}x{pair_h}", train(args.pairs, pair_image, pair_mask),
-         args.pairs * (len(pair_image) + len(pair_mask)), pair_w * pair_h * 3),
+        ("train, 4 pairs 6300x6300", train(4, big_png, big_mask), 4 * (len(big_png) + len(big_mask)), 6300 * 6300 * 3),
+        (
+            f"train, {args.pairs} pairs {pair_w}x{pair_h}",
+            train(args.pairs, pair_image, pair_mask),
+            args.pairs * (len(pair_image) + len(pair_mask)),
+            pair_w * pair_h * 3,
+        ),
     ]
     rows = []
     with tempfile.TemporaryDirectory() as directory:
@@ -116,9 +125,17 @@ def main() -> None:
                 finally:
                     api.terminate()
                     api.wait(timeout=30)
-                rows.append({"request": name, "status": status, "body MiB": body / MIB,
-                             "largest decoded MiB": decoded / MIB, "peak MiB": peak / MIB,
-                             "peak / decoded": peak / decoded, "seconds": seconds})
+                rows.append(
+                    {
+                        "request": name,
+                        "status": status,
+                        "body MiB": body / MIB,
+                        "largest decoded MiB": decoded / MIB,
+                        "peak MiB": peak / MIB,
+                        "peak / decoded": peak / decoded,
+                        "seconds": seconds,
+                    }
+                )
         finally:
             redis.stop()
     print(f"API at {args.api_root}; peak = VmHWM after a clear_refs reset minus VmRSS before, one API per case")

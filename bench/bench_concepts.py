@@ -45,13 +45,30 @@ def training(sd, photos, train_kv: bool, args, meter) -> tuple[object, dict]:
     start_memory = meter.current()
     with Stopwatch(sd.device) as watch:
         clock.last = time.perf_counter()
-        concept = train_concept(sd, photos, "my-mug", "mug", train_kv=train_kv, steps=args.steps,
-                                batch_size=args.batch_size, resolution=args.resolution, seed=0, report=clock)
+        concept = train_concept(
+            sd,
+            photos,
+            "my-mug",
+            "mug",
+            train_kv=train_kv,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            resolution=args.resolution,
+            seed=0,
+            report=clock,
+        )
     peak = meter.peak()
     later = clock.seconds[1:] or clock.seconds
-    return concept, {"row": "custom diffusion" if train_kv else "textual inversion", "steps": args.steps,
-                     "batch": args.batch_size, "first s": clock.seconds[0], "s/step": summary(later)["mean"],
-                     "wall s": watch.seconds, "peak MiB": peak / MIB, "extra MiB": (peak - start_memory) / MIB}
+    return concept, {
+        "row": "custom diffusion" if train_kv else "textual inversion",
+        "steps": args.steps,
+        "batch": args.batch_size,
+        "first s": clock.seconds[0],
+        "s/step": summary(later)["mean"],
+        "wall s": watch.seconds,
+        "peak MiB": peak / MIB,
+        "extra MiB": (peak - start_memory) / MIB,
+    }
 
 
 def main(argv=None) -> dict:
@@ -79,16 +96,35 @@ def main(argv=None) -> dict:
         with Stopwatch(sd.device) as watch:
             out = segment_referring(sd, scene, "mug", QUERIES, concepts={"my-mug": concept}, resolution=args.resolution)
         peak = meter.peak()
-        runs.append({"wall_s": watch.seconds, "peak": peak, "extra": peak - start_memory, "ms": out.timings_ms,
-                     "instances": out.instances})
+        runs.append(
+            {
+                "wall_s": watch.seconds,
+                "peak": peak,
+                "extra": peak - start_memory,
+                "ms": out.timings_ms,
+                "instances": out.instances,
+            }
+        )
     walls = [run["wall_s"] for run in runs]
-    referring = {"row": "referring (2 queries)", "images": len(runs), "s/image": summary(walls)["mean"],
-                 "images/s": len(runs) / sum(walls), "peak MiB": max(r["peak"] for r in runs) / MIB,
-                 "extra MiB": max(r["extra"] for r in runs) / MIB}
+    referring = {
+        "row": "referring (2 queries)",
+        "images": len(runs),
+        "s/image": summary(walls)["mean"],
+        "images/s": len(runs) / sum(walls),
+        "peak MiB": max(r["peak"] for r in runs) / MIB,
+        "extra MiB": max(r["extra"] for r in runs) / MIB,
+    }
     print_table([referring], ["row", "images", "s/image", "images/s", "peak MiB", "extra MiB"])
     print("referring stages (ms, last image):", runs[-1]["ms"])
-    report = {"machine": info, "model": args.model, "load": load, "resolution": args.resolution,
-              "memory_method": meter.method, "training": rows, "referring": {**referring, "runs": runs}}
+    report = {
+        "machine": info,
+        "model": args.model,
+        "load": load,
+        "resolution": args.resolution,
+        "memory_method": meter.method,
+        "training": rows,
+        "referring": {**referring, "runs": runs},
+    }
     write_json(report, args.json)
     return report
 

@@ -69,8 +69,13 @@ def parse_phase(text: str) -> dict:
     if workers < 1 or concurrency < 1:
         raise argparse.ArgumentTypeError(f"phase {text!r}: workers and concurrency must be >= 1")
     size = tuple(int(v) for v in picture.lower().split("x")) if picture else None
-    return {"name": text, "workers": workers, "concurrency": concurrency, "poll_s": float(poll) if poll else None,
-            "picture": size}
+    return {
+        "name": text,
+        "workers": workers,
+        "concurrency": concurrency,
+        "poll_s": float(poll) if poll else None,
+        "picture": size,
+    }
 
 
 def photo_jpeg(width: int, height: int, seed: int) -> bytes:
@@ -78,8 +83,9 @@ def photo_jpeg(width: int, height: int, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
     base = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC), dtype=np.int16)
-    noise = rng.integers(-12, 13, size=(height, 1, 1), dtype=np.int16) + rng.integers(-12, 13, size=(1, width, 3),
-                                                                                           dtype=np.int16)
+    noise = rng.integers(-12, 13, size=(height, 1, 1), dtype=np.int16) + rng.integers(
+        -12, 13, size=(1, width, 3), dtype=np.int16
+    )
     out = io.BytesIO()
     Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
     return out.getvalue()
@@ -100,8 +106,10 @@ class RedisCounter:
         self.client = redis.Redis.from_url(url)
 
     def snapshot(self) -> dict[str, int]:
-        return {name.removeprefix("cmdstat_"): int(stats["calls"])
-                for name, stats in self.client.info("commandstats").items()}
+        return {
+            name.removeprefix("cmdstat_"): int(stats["calls"])
+            for name, stats in self.client.info("commandstats").items()
+        }
 
     @staticmethod
     def delta(before: dict, after: dict) -> dict[str, int]:
@@ -138,8 +146,11 @@ def count_round_trips(url: str, run) -> dict:
         if command["time"] - last.get(client, -1.0) > 200e-6:
             trips[client] = trips.get(client, 0) + 1
         last[client] = command["time"]
-    return {"commands": sum(commands.values()), "round_trips": sum(trips.values()),
-            "by_client": {c: {"commands": commands[c], "round_trips": trips[c]} for c in commands}}
+    return {
+        "commands": sum(commands.values()),
+        "round_trips": sum(trips.values()),
+        "by_client": {c: {"commands": commands[c], "round_trips": trips[c]} for c in commands},
+    }
 
 
 def fresh_activity(url: str, workers: int) -> dict[str, dict]:
@@ -202,19 +213,49 @@ def run_job(client: httpx.Client, picture: tuple[str, bytes, str], fields: dict,
     run_ms = seconds_between(job["started_at"], job["finished_at"]) * 1000
     finished_wall = datetime.fromisoformat(job["finished_at"]).timestamp()
     fetch, labels = timings.get("fetch", 0.0), timings.get("labels", 0.0)
-    return {"ok": True, "e2e": e2e_ms, "inference": timings["inference"], "overhead": e2e_ms - timings["inference"],
-            "post": post_ms, "queue": timings["queue"], "worker_other": run_ms - timings["inference"],
-            "fetch": fetch, "model": timings["inference"] - labels, "labels": labels, "rle": timings["encode"],
-            "save": run_ms - timings["inference"] - fetch - timings["encode"],
-            "notify": (done_wall - finished_wall) * 1000}
+    return {
+        "ok": True,
+        "e2e": e2e_ms,
+        "inference": timings["inference"],
+        "overhead": e2e_ms - timings["inference"],
+        "post": post_ms,
+        "queue": timings["queue"],
+        "worker_other": run_ms - timings["inference"],
+        "fetch": fetch,
+        "model": timings["inference"] - labels,
+        "labels": labels,
+        "rle": timings["encode"],
+        "save": run_ms - timings["inference"] - fetch - timings["encode"],
+        "notify": (done_wall - finished_wall) * 1000,
+    }
 
 
-STAGES = ("e2e", "inference", "overhead", "post", "queue", "worker_other", "fetch", "model", "labels", "rle", "save",
-          "notify")
+STAGES = (
+    "e2e",
+    "inference",
+    "overhead",
+    "post",
+    "queue",
+    "worker_other",
+    "fetch",
+    "model",
+    "labels",
+    "rle",
+    "save",
+    "notify",
+)
 
 
-def run_phase(base_url: str, phase: dict, jobs: int, max_seconds: float, pictures: list, fields: dict,
-              counter: RedisCounter | None = None, activity: Callable[[], dict] | None = None) -> dict:
+def run_phase(
+    base_url: str,
+    phase: dict,
+    jobs: int,
+    max_seconds: float,
+    pictures: list,
+    fields: dict,
+    counter: RedisCounter | None = None,
+    activity: Callable[[], dict] | None = None,
+) -> dict:
     """`concurrency` clients in a closed loop until `jobs` jobs are submitted or time is up."""
     lock = threading.Lock()
     submitted = 0
@@ -245,10 +286,18 @@ def run_phase(base_url: str, phase: dict, jobs: int, max_seconds: float, picture
     workers = activity_delta(before_activity, activity(), wall_s) if activity else {}
     ok = [r for r in records if r["ok"]]
     stats = {key: summary([r[key] for r in ok]) for key in STAGES} if ok else {}
-    return {**phase, "jobs": len(records), "succeeded": len(ok), "failures": [r for r in records if not r["ok"]],
-            "wall_s": wall_s, "jobs_per_s": len(ok) / wall_s, "stats": stats, **workers,
-            "redis_commands_per_job": sum(commands.values()) / max(1, len(records)),
-            "redis_commands": dict(sorted(commands.items(), key=lambda item: -item[1]))}
+    return {
+        **phase,
+        "jobs": len(records),
+        "succeeded": len(ok),
+        "failures": [r for r in records if not r["ok"]],
+        "wall_s": wall_s,
+        "jobs_per_s": len(ok) / wall_s,
+        "stats": stats,
+        **workers,
+        "redis_commands_per_job": sum(commands.values()) / max(1, len(records)),
+        "redis_commands": dict(sorted(commands.items(), key=lambda item: -item[1])),
+    }
 
 
 def phase_rows(results: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -259,19 +308,35 @@ def phase_rows(results: list[dict]) -> tuple[list[dict], list[dict]]:
             headline.append({"phase": result["name"], "jobs": result["jobs"], "ok": 0})
             continue
         poll = "long-poll" if result["poll_s"] is None else f"poll {result['poll_s']} s"
-        headline.append({"phase": result["name"], "workers": result["workers"], "clients": result["concurrency"],
-                         "wait": poll, "ok": result["succeeded"], "jobs/s": round(result["jobs_per_s"], 2),
-                         "e2e p50": s["e2e"]["p50"], "e2e p99": s["e2e"]["p99"],
-                         "inference p50": s["inference"]["p50"],
-                         "overhead min": s["overhead"]["min"], "overhead p50": s["overhead"]["p50"],
-                         "overhead p99": s["overhead"]["p99"],
-                         "redis cmds/job": round(result["redis_commands_per_job"], 1),
-                         "model busy": percent(result.get("model_busy")),
-                         "prefetched": percent(result.get("prefetched"))})
-        split.append({"phase": result["name"], **{f"{key} p50": s[key]["p50"] for key in
-                                                 ("post", "queue", "fetch", "model", "labels", "rle", "save",
-                                                  "notify")},
-                      "notify p99": s["notify"]["p99"]})
+        headline.append(
+            {
+                "phase": result["name"],
+                "workers": result["workers"],
+                "clients": result["concurrency"],
+                "wait": poll,
+                "ok": result["succeeded"],
+                "jobs/s": round(result["jobs_per_s"], 2),
+                "e2e p50": s["e2e"]["p50"],
+                "e2e p99": s["e2e"]["p99"],
+                "inference p50": s["inference"]["p50"],
+                "overhead min": s["overhead"]["min"],
+                "overhead p50": s["overhead"]["p50"],
+                "overhead p99": s["overhead"]["p99"],
+                "redis cmds/job": round(result["redis_commands_per_job"], 1),
+                "model busy": percent(result.get("model_busy")),
+                "prefetched": percent(result.get("prefetched")),
+            }
+        )
+        split.append(
+            {
+                "phase": result["name"],
+                **{
+                    f"{key} p50": s[key]["p50"]
+                    for key in ("post", "queue", "fetch", "model", "labels", "rle", "save", "notify")
+                },
+                "notify p99": s["notify"]["p99"],
+            }
+        )
     return headline, split
 
 
@@ -281,19 +346,31 @@ def percent(share: float | None) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phases", type=lambda text: [parse_phase(p) for p in text.split(",")],
-                        default=[parse_phase(p) for p in ("1x1", "1x1:0.01", "1x4", "2x4")],
-                        help="comma-separated WORKERSxCLIENTS[:POLL_S] (default 1x1,1x1:0.01,1x4,2x4)")
+    parser.add_argument(
+        "--phases",
+        type=lambda text: [parse_phase(p) for p in text.split(",")],
+        default=[parse_phase(p) for p in ("1x1", "1x1:0.01", "1x4", "2x4")],
+        help="comma-separated WORKERSxCLIENTS[:POLL_S] (default 1x1,1x1:0.01,1x4,2x4)",
+    )
     parser.add_argument("--jobs", type=int, default=100, help="jobs per phase (default 100)")
     parser.add_argument("--max-seconds", type=float, default=60, help="stop submitting in a phase after this")
     parser.add_argument("--warmup", type=int, default=3, help="jobs before the first phase, not counted")
     parser.add_argument("--image-size", default="160x120", help="WIDTHxHEIGHT of the PNG sent")
     parser.add_argument("--resolution", type=int, default=256, help="working resolution of the jobs")
-    parser.add_argument("--worker-threads", type=int, default=1,
-                        help="OMP_NUM_THREADS of each worker (default 1; 0: torch's default, all cores)")
+    parser.add_argument(
+        "--worker-threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of each worker (default 1; 0: torch's default, all cores)",
+    )
     parser.add_argument("--worker-device", default="cpu", help="ATTNSEG_DEVICE of the workers (cpu, cuda)")
-    parser.add_argument("--round-trips", type=int, default=0, metavar="N",
-                        help="after the phases, N more jobs one at a time under MONITOR: round trips per job")
+    parser.add_argument(
+        "--round-trips",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the phases, N more jobs one at a time under MONITOR: round trips per job",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout)")
     args = parser.parse_args(argv)
     counts = [phase["workers"] for phase in args.phases]
@@ -314,14 +391,19 @@ def main(argv=None) -> dict:
     fields = {"resolution": str(args.resolution), "seed": "1"}
     # torch's default (all cores per worker) oversubscribes a small shared box: OpenMP threads
     # that spin for a busy core made the tiny model 5-20x slower here, and that is not the service.
-    worker_extra = {} if args.worker_threads == 0 else {"OMP_NUM_THREADS": str(args.worker_threads),
-                                                        "ATTNSEG_TORCH_THREADS": str(args.worker_threads)}
+    worker_extra = (
+        {}
+        if args.worker_threads == 0
+        else {"OMP_NUM_THREADS": str(args.worker_threads), "ATTNSEG_TORCH_THREADS": str(args.worker_threads)}
+    )
     worker_extra["ATTNSEG_DEVICE"] = args.worker_device
     info = machine_info()
     print_header("service benchmark (HTTP + Redis/RQ + tiny-random worker)", info)
-    print(f"run       {args.jobs} jobs per phase (at most {args.max_seconds:.0f} s), {len(small)}-byte PNG "
-          f"{width}x{height}, resolution {args.resolution}, {args.warmup} warm-up jobs, worker threads "
-          f"{args.worker_threads or 'default'}, all on 127.0.0.1\n")
+    print(
+        f"run       {args.jobs} jobs per phase (at most {args.max_seconds:.0f} s), {len(small)}-byte PNG "
+        f"{width}x{height}, resolution {args.resolution}, {args.warmup} warm-up jobs, worker threads "
+        f"{args.worker_threads or 'default'}, all on 127.0.0.1\n"
+    )
 
     results = []
     round_trips = None
@@ -335,24 +417,45 @@ def main(argv=None) -> dict:
             started = time.perf_counter()
             for phase in args.phases:
                 while len(stack.workers) < phase["workers"]:
-                    stack.workers.append(start_worker(stack.redis.url, stack.cache_dir,
-                                                      stack.directory / "worker.log", **worker_extra))
-                    wait_for(lambda: stack.ready_workers() >= len(stack.workers), timeout=WORKER_READY_TIMEOUT_S,
-                             message=f"{len(stack.workers)} ready workers")
+                    stack.workers.append(
+                        start_worker(stack.redis.url, stack.cache_dir, stack.directory / "worker.log", **worker_extra)
+                    )
+                    wait_for(
+                        lambda: stack.ready_workers() >= len(stack.workers),
+                        timeout=WORKER_READY_TIMEOUT_S,
+                        message=f"{len(stack.workers)} ready workers",
+                    )
                 pictures = pictures_for(phase, args.jobs, small)
                 if not results and args.warmup:
                     print(f"stack ready in {time.perf_counter() - started:.1f} s; warming up")
-                    run_phase(stack.base_url, {**phase, "concurrency": 1}, args.warmup, args.max_seconds,
-                              [pictures_for({"picture": (64, 48)}, 1, small)[0]], fields)
-                result = run_phase(stack.base_url, phase, args.jobs, args.max_seconds, pictures, fields, counter,
-                                   lambda: fresh_activity(stack.redis.url, len(stack.workers)))
+                    run_phase(
+                        stack.base_url,
+                        {**phase, "concurrency": 1},
+                        args.warmup,
+                        args.max_seconds,
+                        [pictures_for({"picture": (64, 48)}, 1, small)[0]],
+                        fields,
+                    )
+                result = run_phase(
+                    stack.base_url,
+                    phase,
+                    args.jobs,
+                    args.max_seconds,
+                    pictures,
+                    fields,
+                    counter,
+                    lambda: fresh_activity(stack.redis.url, len(stack.workers)),
+                )
                 results.append(result)
-                print(f"phase {phase['name']}: {result['succeeded']}/{result['jobs']} ok in "
-                      f"{result['wall_s']:.1f} s")
+                print(f"phase {phase['name']}: {result['succeeded']}/{result['jobs']} ok in {result['wall_s']:.1f} s")
             if args.round_trips:
                 pictures = pictures_for({"picture": (640, 480)}, args.round_trips, small)
-                trips = count_round_trips(stack.redis.url, lambda: run_phase(
-                    stack.base_url, parse_phase("1x1"), args.round_trips, args.max_seconds, pictures, fields))
+                trips = count_round_trips(
+                    stack.redis.url,
+                    lambda: run_phase(
+                        stack.base_url, parse_phase("1x1"), args.round_trips, args.max_seconds, pictures, fields
+                    ),
+                )
                 round_trips = {"jobs": args.round_trips, **trips}
         except BaseException:
             print(stack.logs())
@@ -362,32 +465,79 @@ def main(argv=None) -> dict:
     print()
     headline, split = phase_rows(results)
     print("latency per job, ms (overhead = e2e - worker-reported inference)")
-    print_table(headline, ["phase", "workers", "clients", "wait", "ok", "jobs/s", "e2e p50", "e2e p99",
-                           "inference p50", "overhead min", "overhead p50", "overhead p99", "redis cmds/job",
-                           "model busy", "prefetched"])
+    print_table(
+        headline,
+        [
+            "phase",
+            "workers",
+            "clients",
+            "wait",
+            "ok",
+            "jobs/s",
+            "e2e p50",
+            "e2e p99",
+            "inference p50",
+            "overhead min",
+            "overhead p50",
+            "overhead p99",
+            "redis cmds/job",
+            "model busy",
+            "prefetched",
+        ],
+    )
     print("per stage, ms: post = upload + checks + store + enqueue; fetch = image fetch + decode (worker); model =")
     print("inference minus labels; labels = argmax + relabel at picture size; rle; save = the rest of the worker's")
     print("run (result and status writes); notify = finished -> client has it")
-    print_table(split, ["phase", "post p50", "queue p50", "fetch p50", "model p50", "labels p50", "rle p50",
-                        "save p50", "notify p50", "notify p99"])
+    print_table(
+        split,
+        [
+            "phase",
+            "post p50",
+            "queue p50",
+            "fetch p50",
+            "model p50",
+            "labels p50",
+            "rle p50",
+            "save p50",
+            "notify p50",
+            "notify p99",
+        ],
+    )
     for result in results:
-        top = ", ".join(f"{name} {calls / max(1, result['jobs']):.1f}"
-                        for name, calls in list(result["redis_commands"].items())[:12])
+        top = ", ".join(
+            f"{name} {calls / max(1, result['jobs']):.1f}"
+            for name, calls in list(result["redis_commands"].items())[:12]
+        )
         print(f"redis commands per job, {result['name']}: {result['redis_commands_per_job']:.1f} ({top})")
     if round_trips:
-        per_job = {c: {k: round(v / round_trips["jobs"], 1) for k, v in n.items()}
-                   for c, n in round_trips["by_client"].items()}
-        print(f"under MONITOR, {round_trips['jobs']} jobs one at a time: {round_trips['commands'] / round_trips['jobs']:.1f} "
-              f"commands and {round_trips['round_trips'] / round_trips['jobs']:.1f} sequential round trips per job; "
-              f"per client: {per_job}")
+        per_job = {
+            c: {k: round(v / round_trips["jobs"], 1) for k, v in n.items()} for c, n in round_trips["by_client"].items()
+        }
+        jobs = round_trips["jobs"]
+        print(
+            f"under MONITOR, {jobs} jobs one at a time: {round_trips['commands'] / jobs:.1f} "
+            f"commands and {round_trips['round_trips'] / jobs:.1f} sequential round trips per job; "
+            f"per client: {per_job}"
+        )
     failures = sum(len(r["failures"]) for r in results)
     if failures:
         print(f"{failures} jobs did not succeed: {[r['failures'][:3] for r in results if r['failures']]}")
 
-    report = {"benchmark": "service", "machine": info, "settings": {
-        "jobs": args.jobs, "max_seconds": args.max_seconds, "warmup": args.warmup, "image_size": args.image_size,
-        "image_bytes": len(small), "resolution": args.resolution, "worker_threads": args.worker_threads},
-        "phases": results, "round_trips": round_trips}
+    report = {
+        "benchmark": "service",
+        "machine": info,
+        "settings": {
+            "jobs": args.jobs,
+            "max_seconds": args.max_seconds,
+            "warmup": args.warmup,
+            "image_size": args.image_size,
+            "image_bytes": len(small),
+            "resolution": args.resolution,
+            "worker_threads": args.worker_threads,
+        },
+        "phases": results,
+        "round_trips": round_trips,
+    }
     write_json(report, args.json)
     return report
 

@@ -26,12 +26,23 @@ import open_clip
 import torch
 
 from bench.bench_unsupervised import StageClock
-from bench.common import (MIB, MemoryMeter, Stopwatch, add_batch_arguments, add_run_arguments, batch_throughput,
-                          bench_images, print_table, start_run, summary, write_json)
+from bench.common import (
+    MIB,
+    MemoryMeter,
+    Stopwatch,
+    add_batch_arguments,
+    add_run_arguments,
+    batch_throughput,
+    bench_images,
+    print_table,
+    start_run,
+    summary,
+    write_json,
+)
 from workers.engine.jobs import segments_from_labels
-from workers.models.clip import DEFAULT_CLIP_MODEL, TINY_RANDOM, Clip, load_clip
 from workers.methods.textseg import METHODS, channel_labels, segment_text, selfcross_batch
 from workers.methods.timing import Timer
+from workers.models.clip import DEFAULT_CLIP_MODEL, TINY_RANDOM, Clip, load_clip
 
 RANDOM_VIT_B_16 = "ViT-B-16-random"
 DEFAULT_CLASSES = "cat,traffic light,grass"  # 3 classes, one of them two BPE tokens
@@ -55,8 +66,15 @@ def random_clip(device: torch.device, dtype: torch.dtype, seed: int = 0) -> Clip
         torch.manual_seed(seed)
         model = open_clip.create_model(DEFAULT_CLIP_MODEL, pretrained=None)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return Clip(model=model, tokenizer=open_clip.get_tokenizer(DEFAULT_CLIP_MODEL), name=DEFAULT_CLIP_MODEL,
-                pretrained=f"random-seed-{seed}", device=torch.device(device), dtype=dtype, random_weights=True)
+    return Clip(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(DEFAULT_CLIP_MODEL),
+        name=DEFAULT_CLIP_MODEL,
+        pretrained=f"random-seed-{seed}",
+        device=torch.device(device),
+        dtype=dtype,
+        random_weights=True,
+    )
 
 
 def load_bench_clip(name: str, device: torch.device, dtype: torch.dtype, cache_dir: Path) -> tuple[Clip, float]:
@@ -77,8 +95,14 @@ def measure(sd, clip, image: np.ndarray, classes: list[str], method: str, args, 
     with Stopwatch(sd.device) as watch:
         out = segment_text(sd, clip, image, classes, method=method, resolution=args.resolution, report=clock)
     clock.close()
-    return {"ms": dict(out.timings_ms), "wall_ms": watch.seconds * 1000, "peak": dict(clock.peak),
-            "extra": dict(clock.extra), "labels_found": sorted(out.scores), "passes": out.passes}
+    return {
+        "ms": dict(out.timings_ms),
+        "wall_ms": watch.seconds * 1000,
+        "peak": dict(clock.peak),
+        "extra": dict(clock.extra),
+        "labels_found": sorted(out.scores),
+        "passes": out.passes,
+    }
 
 
 def run_selfcross_batch(sd, images: list[np.ndarray], classes: list[str], args) -> None:
@@ -101,13 +125,31 @@ def method_rows(measured: list[dict]) -> list[dict]:
         values = [m["ms"][stage] for m in measured if stage in m["ms"]]
         if values:
             stats = summary(values)
-            rows.append({"stage": stage, "p50 ms": stats["p50"], "min ms": stats["min"], "max ms": stats["max"],
-                         "% wall": 100 * stats["p50"] / median_wall, "what": meaning})
-    for name, values, meaning in (("sum", [sum(m["ms"].values()) for m in measured], "the stages above"),
-                                  ("wall", walls, "the segment_text call, one request's model work")):
+            rows.append(
+                {
+                    "stage": stage,
+                    "p50 ms": stats["p50"],
+                    "min ms": stats["min"],
+                    "max ms": stats["max"],
+                    "% wall": 100 * stats["p50"] / median_wall,
+                    "what": meaning,
+                }
+            )
+    for name, values, meaning in (
+        ("sum", [sum(m["ms"].values()) for m in measured], "the stages above"),
+        ("wall", walls, "the segment_text call, one request's model work"),
+    ):
         stats = summary(values)
-        rows.append({"stage": name, "p50 ms": stats["p50"], "min ms": stats["min"], "max ms": stats["max"],
-                     "% wall": 100 * stats["p50"] / median_wall, "what": meaning})
+        rows.append(
+            {
+                "stage": name,
+                "p50 ms": stats["p50"],
+                "min ms": stats["min"],
+                "max ms": stats["max"],
+                "% wall": 100 * stats["p50"] / median_wall,
+                "what": meaning,
+            }
+        )
     return rows
 
 
@@ -125,8 +167,11 @@ def memory_rows(measured: list[dict]) -> list[dict]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, dtype_help="auto: fp16 on cuda, fp32 on cpu (SD and CLIP)")
-    parser.add_argument("--clip", default=RANDOM_VIT_B_16,
-                        help="ViT-B-16-random (default), tiny-random, or a ViT-B-16-quickgelu pretrained tag/path")
+    parser.add_argument(
+        "--clip",
+        default=RANDOM_VIT_B_16,
+        help="ViT-B-16-random (default), tiny-random, or a ViT-B-16-quickgelu pretrained tag/path",
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     add_batch_arguments(parser)
     parser.add_argument("--classes", default=DEFAULT_CLASSES, help="comma-separated class names")
@@ -144,10 +189,14 @@ def main(argv=None) -> dict:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     clip, load["clip_load_s"] = load_bench_clip(args.clip, sd.device, sd.dtype, args.cache_dir)
-    print(f"clip      {clip.name} / {clip.pretrained} ({'random weights' if clip.random_weights else 'trained'}), "
-          f"{sum(p.numel() for p in clip.model.parameters()):,} parameters; load {load['clip_load_s']:.1f}")
-    print(f"run       methods {methods}; classes {classes}; {images} images of {width}x{height} at "
-          f"{args.resolution} (R={args.resolution // 8}), {warmup} warm-up, per method; memory: {meter.method}")
+    print(
+        f"clip      {clip.name} / {clip.pretrained} ({'random weights' if clip.random_weights else 'trained'}), "
+        f"{sum(p.numel() for p in clip.model.parameters()):,} parameters; load {load['clip_load_s']:.1f}"
+    )
+    print(
+        f"run       methods {methods}; classes {classes}; {images} images of {width}x{height} at "
+        f"{args.resolution} (R={args.resolution // 8}), {warmup} warm-up, per method; memory: {meter.method}"
+    )
 
     pictures = bench_images(warmup + images, width, height)
     for picture in pictures[:warmup]:
@@ -158,8 +207,7 @@ def main(argv=None) -> dict:
     for picture in pictures[warmup:]:
         for method in methods:
             measured[method].append(measure(sd, clip, picture, classes, method, args, meter))
-    print(f"resident  {resident / MIB:.0f} MiB after warm-up "
-          f"({'allocated on the GPU' if on_gpu else 'process RSS'})\n")
+    print(f"resident  {resident / MIB:.0f} MiB after warm-up ({'allocated on the GPU' if on_gpu else 'process RSS'})\n")
 
     summaries = []
     per_method = {}
@@ -171,28 +219,63 @@ def main(argv=None) -> dict:
         print(f"-- {method}: {throughput:.3f} images/s (1 / mean wall); labels found per image {labels_found}")
         print_table(rows, ["stage", "p50 ms", "min ms", "max ms", "% wall", "what"])
         print_table(memory, ["progress stage", "peak MiB", "+MiB"])
-        summaries.append({"method": method, "images/s": f"{throughput:.4g}", "wall p50 ms": summary(walls)["p50"],
-                          "wall min ms": min(walls), "wall max ms": max(walls),
-                          "peak MiB": max(row["peak MiB"] for row in memory),
-                          "max +MiB": max(row["+MiB"] for row in memory)})
-        per_method[method] = {"stages": rows, "memory": memory, "images_per_s": throughput,
-                              "labels_found": labels_found, "per_image": measured[method]}
+        summaries.append(
+            {
+                "method": method,
+                "images/s": f"{throughput:.4g}",
+                "wall p50 ms": summary(walls)["p50"],
+                "wall min ms": min(walls),
+                "wall max ms": max(walls),
+                "peak MiB": max(row["peak MiB"] for row in memory),
+                "max +MiB": max(row["+MiB"] for row in memory),
+            }
+        )
+        per_method[method] = {
+            "stages": rows,
+            "memory": memory,
+            "images_per_s": throughput,
+            "labels_found": labels_found,
+            "per_image": measured[method],
+        }
     print("-- summary")
     print_table(summaries, ["method", "images/s", "wall p50 ms", "wall min ms", "wall max ms", "peak MiB", "max +MiB"])
     print(f"load average now      {[round(x, 2) for x in os.getloadavg()]}")
 
-    batches = batch_throughput(sd.device, pictures, args.batch, args.batch_repeats,
-                               lambda batch: run_selfcross_batch(sd, batch, classes, args)) if args.batch else []
+    batches = (
+        batch_throughput(
+            sd.device,
+            pictures,
+            args.batch,
+            args.batch_repeats,
+            lambda batch: run_selfcross_batch(sd, batch, classes, args),
+        )
+        if args.batch
+        else []
+    )
     if batches:
-        print(f"\n-- selfcross batched: B images with the same classes share the VAE and UNet calls, then labels "
-              f"and RLE per image ({args.batch_repeats} timed batches per size, after one untimed)")
+        print(
+            f"\n-- selfcross batched: B images with the same classes share the VAE and UNet calls, then labels "
+            f"and RLE per image ({args.batch_repeats} timed batches per size, after one untimed)"
+        )
         print_table(batches, ["batch", "images/s best", "images/s median", "ms/image best", "ms/image median"])
         print(f"load average now      {[round(x, 2) for x in os.getloadavg()]}")
 
-    report = {"benchmark": "text", "machine": info, "model": sd.describe(), "clip": clip.describe(), "load": load,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "images": images, "warmup": warmup, "memory_method": meter.method, "resident_bytes": resident,
-              "summary": summaries, "methods": per_method, "batches": batches, "load_average_end": os.getloadavg()}
+    report = {
+        "benchmark": "text",
+        "machine": info,
+        "model": sd.describe(),
+        "clip": clip.describe(),
+        "load": load,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "images": images,
+        "warmup": warmup,
+        "memory_method": meter.method,
+        "resident_bytes": resident,
+        "summary": summaries,
+        "methods": per_method,
+        "batches": batches,
+        "load_average_end": os.getloadavg(),
+    }
     write_json(report, args.json)
     return report
 

@@ -27,13 +27,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import (MIB, MemoryMeter, Stopwatch, add_batch_arguments, add_run_arguments, batch_throughput,
-                          bench_images, print_table, start_run, summary, synchronize, write_json)
-from workers.methods import diffseg
+from bench.common import (
+    MIB,
+    MemoryMeter,
+    Stopwatch,
+    add_batch_arguments,
+    add_run_arguments,
+    batch_throughput,
+    bench_images,
+    print_table,
+    start_run,
+    summary,
+    synchronize,
+    write_json,
+)
 from workers.engine.jobs import segments_from_labels
-from workers.models.stable_diffusion import StableDiffusion
-from workers.models.sd_ops import encode_latents, encode_prompts, image_to_pixels, unet_noise
+from workers.methods import diffseg
 from workers.methods.unsupervised import attention_pass, segment_row, segment_unsupervised
+from workers.models.sd_ops import encode_latents, encode_prompts, image_to_pixels, unet_noise
+from workers.models.stable_diffusion import StableDiffusion
 
 # segment_unsupervised's progress stages -> the names in the table
 STAGE_NAMES = {"encoding": "latent", "attention": "unet_capture", "aggregating": "aggregate", "merging": "merge"}
@@ -85,8 +97,13 @@ class StageClock:
 
 def measure_image(sd: StableDiffusion, image: np.ndarray, args, meter: MemoryMeter) -> dict:
     """One image: the pipeline by stage, RLE, and the breakdown calls. Times in ms, memory in bytes."""
-    params = {"kl_threshold": args.kl_threshold, "grid": args.grid, "iterations": args.iterations,
-              "timestep": args.timestep, "resolution": args.resolution}
+    params = {
+        "kl_threshold": args.kl_threshold,
+        "grid": args.grid,
+        "iterations": args.iterations,
+        "timestep": args.timestep,
+        "resolution": args.resolution,
+    }
     clock = StageClock(sd.device, meter)
     out = segment_unsupervised(sd, image, report=clock, **params)
     clock.close()
@@ -113,16 +130,22 @@ def measure_image(sd: StableDiffusion, image: np.ndarray, args, meter: MemoryMet
         ms["unet_plain"] = watch.seconds * 1000
         peak["unet_plain"] = meter.peak()
         extra["unet_plain"] = peak["unet_plain"] - start_memory
-    return {"ms": ms, "peak": peak, "extra": extra, "segments": len(segments),
-            "unet_output_finite": bool(torch.isfinite(noise).all())}
+    return {
+        "ms": ms,
+        "peak": peak,
+        "extra": extra,
+        "segments": len(segments),
+        "unet_output_finite": bool(torch.isfinite(noise).all()),
+    }
 
 
 def run_batch(sd: StableDiffusion, images: list[np.ndarray], args) -> None:
     """What a worker does for a batch of DiffSeg jobs: one shared pass, then per image merge and RLE."""
     shared = attention_pass(sd, images, timestep=args.timestep, resolution=args.resolution)
     for row, image in enumerate(images):
-        out = segment_row(shared, row, image.shape[:2], kl_threshold=args.kl_threshold, grid=args.grid,
-                          iterations=args.iterations)
+        out = segment_row(
+            shared, row, image.shape[:2], kl_threshold=args.kl_threshold, grid=args.grid, iterations=args.iterations
+        )
         count = len(out.names)
         segments_from_labels(out.labels, out.names, [None] * count, out.scores)
 
@@ -148,16 +171,31 @@ def merge_sweep(device: torch.device, args, width: int, height: int) -> list[dic
         times = {"merge": [], "rle": []}
         for _ in range(3):
             with Stopwatch(device) as watch:
-                labels = diffseg.merge(attn, grid=args.grid, iterations=args.iterations,
-                                       kl_threshold=args.kl_threshold, output_size=(height, width)).cpu().numpy()
+                labels = (
+                    diffseg.merge(
+                        attn,
+                        grid=args.grid,
+                        iterations=args.iterations,
+                        kl_threshold=args.kl_threshold,
+                        output_size=(height, width),
+                    )
+                    .cpu()
+                    .numpy()
+                )
             times["merge"].append(watch.seconds * 1000)
             with Stopwatch(device) as watch:
                 count = int(labels.max()) + 1
                 segments = segments_from_labels(labels, [None] * count, [None] * count, [None] * count)
             times["rle"].append(watch.seconds * 1000)
-        rows.append({"segments": len(segments), "merge min ms": min(times["merge"]),
-                     "merge p50 ms": summary(times["merge"])["p50"], "rle min ms": min(times["rle"]),
-                     "rle p50 ms": summary(times["rle"])["p50"]})
+        rows.append(
+            {
+                "segments": len(segments),
+                "merge min ms": min(times["merge"]),
+                "merge p50 ms": summary(times["merge"])["p50"],
+                "rle min ms": min(times["rle"]),
+                "rle p50 ms": summary(times["rle"])["p50"],
+            }
+        )
     return rows
 
 
@@ -171,11 +209,18 @@ def report_rows(measured: list[dict], total_ms: list[float]) -> list[dict]:
         stats = summary(values)
         peaks = [m["peak"][stage] for m in measured if stage in m["peak"]]
         extras = [m["extra"][stage] for m in measured if stage in m["extra"]]
-        rows.append({"stage": stage, "p50 ms": stats["p50"], "min ms": stats["min"], "max ms": stats["max"],
-                     "% total": None if stage in BREAKDOWN else 100 * stats["p50"] / median_total,
-                     "peak MiB": max(peaks) / MIB if peaks else None,
-                     "+MiB": max(extras) / MIB if extras else None,
-                     "what": STAGE_MEANINGS[stage]})
+        rows.append(
+            {
+                "stage": stage,
+                "p50 ms": stats["p50"],
+                "min ms": stats["min"],
+                "max ms": stats["max"],
+                "% total": None if stage in BREAKDOWN else 100 * stats["p50"] / median_total,
+                "peak MiB": max(peaks) / MIB if peaks else None,
+                "+MiB": max(extras) / MIB if extras else None,
+                "what": STAGE_MEANINGS[stage],
+            }
+        )
     return rows
 
 
@@ -189,8 +234,12 @@ def parse_args(argv=None):
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--timestep", type=int, default=300)
     add_batch_arguments(parser)
-    parser.add_argument("--no-merge-sweep", dest="merge_sweep", action="store_false",
-                        help="skip merge + RLE timing on planted maps with 1, 4, 16, 64 segments")
+    parser.add_argument(
+        "--no-merge-sweep",
+        dest="merge_sweep",
+        action="store_false",
+        help="skip merge + RLE timing on planted maps with 1, 4, 16, 64 segments",
+    )
     return parser.parse_args(argv)
 
 
@@ -200,16 +249,17 @@ def main(argv=None) -> dict:
     on_gpu = sd.device.type == "cuda"
     images = args.images if args.images is not None else (30 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
-    print(f"run       {images} images of {width}x{height} at {args.resolution} (R={args.resolution // 8}), "
-          f"{warmup} warm-up; tau {args.kl_threshold}, grid {args.grid}, t {args.timestep}; memory: {meter.method}")
+    print(
+        f"run       {images} images of {width}x{height} at {args.resolution} (R={args.resolution // 8}), "
+        f"{warmup} warm-up; tau {args.kl_threshold}, grid {args.grid}, t {args.timestep}; memory: {meter.method}"
+    )
 
     pictures = bench_images(warmup + images, width, height)
     for picture in pictures[:warmup]:
         measure_image(sd, picture, args, meter)
     resident = meter.current()
     measured = [measure_image(sd, picture, args, meter) for picture in pictures[warmup:]]
-    print(f"resident  {resident / MIB:.0f} MiB after warm-up "
-          f"({'allocated on the GPU' if on_gpu else 'process RSS'})\n")
+    print(f"resident  {resident / MIB:.0f} MiB after warm-up ({'allocated on the GPU' if on_gpu else 'process RSS'})\n")
 
     total_ms = [m["ms"]["total"] for m in measured]
     rows = report_rows(measured, total_ms)
@@ -224,33 +274,57 @@ def main(argv=None) -> dict:
     print(f"images/s              {throughput:.3f}  (1 / mean total; one image at a time)")
     overhead = {key: unet_capture[key] - unet_plain[key] for key in ("p50", "min")}
     ratio = {key: unet_capture[key] / unet_plain[key] - 1 for key in ("p50", "min")}
-    print(f"capture overhead      {overhead['p50']:+.0f} ms per UNet pass by p50 ({100 * ratio['p50']:+.0f}%), "
-          f"{overhead['min']:+.0f} ms by min ({100 * ratio['min']:+.0f}%); peak memory {capture_memory / MIB:+.0f} MiB")
+    print(
+        f"capture overhead      {overhead['p50']:+.0f} ms per UNet pass by p50 ({100 * ratio['p50']:+.0f}%), "
+        f"{overhead['min']:+.0f} ms by min ({100 * ratio['min']:+.0f}%); peak memory {capture_memory / MIB:+.0f} MiB"
+    )
     print(f"segments per image    {segments}  (random weights: merge and RLE costs grow with this)")
     print(f"UNet output finite    {finite}")
     print(f"load average now      {[round(x, 2) for x in os.getloadavg()]}\n")
 
-    batches = batch_throughput(sd.device, pictures, args.batch, args.batch_repeats,
-                               lambda batch: run_batch(sd, batch, args)) if args.batch else []
+    batches = (
+        batch_throughput(sd.device, pictures, args.batch, args.batch_repeats, lambda batch: run_batch(sd, batch, args))
+        if args.batch
+        else []
+    )
     if batches:
-        print(f"batched: B images share one VAE + text + UNet pass, then merge and RLE per image "
-              f"({args.batch_repeats} timed batches per size, after one untimed)")
+        print(
+            f"batched: B images share one VAE + text + UNet pass, then merge and RLE per image "
+            f"({args.batch_repeats} timed batches per size, after one untimed)"
+        )
         print_table(batches, ["batch", "images/s best", "images/s median", "ms/image best", "ms/image median"])
         print(f"load average now      {[round(x, 2) for x in os.getloadavg()]}\n")
 
     sweep = merge_sweep(sd.device, args, width, height) if args.merge_sweep else []
     if sweep:
-        print(f"merge + RLE against the number of segments (planted maps, R={args.resolution // 8}, "
-              f"output {width}x{height}, 3 runs each)")
+        print(
+            f"merge + RLE against the number of segments (planted maps, R={args.resolution // 8}, "
+            f"output {width}x{height}, 3 runs each)"
+        )
         print_table(sweep, ["segments", "merge min ms", "merge p50 ms", "rle min ms", "rle p50 ms"])
 
-    report = {"benchmark": "unsupervised", "machine": info, "model": sd.describe(), "load": load,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "images": images, "warmup": warmup, "memory_method": meter.method, "resident_bytes": resident,
-              "stages": rows, "images_per_s": throughput, "capture_overhead_ms": overhead,
-              "capture_overhead_ratio": ratio, "capture_peak_bytes": capture_memory,
-              "segments": segments, "unet_output_finite": finite, "merge_sweep": sweep, "batches": batches, "per_image": measured,
-              "load_average_end": os.getloadavg()}
+    report = {
+        "benchmark": "unsupervised",
+        "machine": info,
+        "model": sd.describe(),
+        "load": load,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "images": images,
+        "warmup": warmup,
+        "memory_method": meter.method,
+        "resident_bytes": resident,
+        "stages": rows,
+        "images_per_s": throughput,
+        "capture_overhead_ms": overhead,
+        "capture_overhead_ratio": ratio,
+        "capture_peak_bytes": capture_memory,
+        "segments": segments,
+        "unet_output_finite": finite,
+        "merge_sweep": sweep,
+        "batches": batches,
+        "per_image": measured,
+        "load_average_end": os.getloadavg(),
+    }
     write_json(report, args.json)
     return report
 

@@ -78,8 +78,12 @@ def machine_info() -> dict:
     gpu = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        gpu = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
-               "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
+        gpu = {
+            "name": props.name,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda,
+        }
     commit = _git("rev-parse", "--short", "HEAD")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {
@@ -103,8 +107,10 @@ def print_header(title: str, info: dict) -> None:
     versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items())
     print(f"== {title} ==")
     print(f"date      {info['date_utc']}   commit {info['commit']}")
-    print(f"cpu       {info['cpu']}, {info['cores_usable']}/{info['cores']} cores usable, "
-          f"torch threads {info['torch_threads']}, RAM {info['ram_gib']} GiB, load average {info['load_average']}")
+    print(
+        f"cpu       {info['cpu']}, {info['cores_usable']}/{info['cores']} cores usable, "
+        f"torch threads {info['torch_threads']}, RAM {info['ram_gib']} GiB, load average {info['load_average']}"
+    )
     print(f"gpu       {gpu_text}")
     print(f"versions  {versions}")
     print(f"platform  {info['platform']}")
@@ -124,9 +130,15 @@ def percentile(values: list[float], q: float) -> float:
 
 def summary(values: list[float]) -> dict:
     """n, mean, min, p50, p90, p99, max of a sample (p99 of fewer than 100 values is near the max)."""
-    return {"n": len(values), "mean": sum(values) / len(values), "min": min(values),
-            "p50": percentile(values, 50), "p90": percentile(values, 90), "p99": percentile(values, 99),
-            "max": max(values)}
+    return {
+        "n": len(values),
+        "mean": sum(values) / len(values),
+        "min": min(values),
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "max": max(values),
+    }
 
 
 def _proc_status_bytes(field: str) -> int | None:
@@ -167,8 +179,11 @@ class MemoryMeter:
             self.resettable = True
         else:
             self.resettable = _can_reset_rss_peak()
-            self.method = ("VmHWM after /proc/self/clear_refs reset (per span)" if self.resettable
-                           else "ru_maxrss (process lifetime, no reset)")
+            self.method = (
+                "VmHWM after /proc/self/clear_refs reset (per span)"
+                if self.resettable
+                else "ru_maxrss (process lifetime, no reset)"
+            )
 
     def reset(self) -> None:
         import torch
@@ -212,7 +227,7 @@ class Stopwatch:
         self.device = device
         self.seconds = 0.0
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         synchronize(self.device)
         self._started = time.perf_counter()
         return self
@@ -224,6 +239,7 @@ class Stopwatch:
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
     """rows as a fixed-width text table; floats with one decimal (three significant digits below 10)."""
+
     def cell(value) -> str:
         if value is None:
             return "-"
@@ -236,8 +252,12 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(column.ljust(width) for column, width in zip(columns, widths)).rstrip())
     for row, line in zip(rows, text):
         # numbers right-aligned, text left-aligned
-        print("  ".join(text_cell.ljust(width) if isinstance(row.get(column), str) else text_cell.rjust(width)
-                        for text_cell, width, column in zip(line, widths, columns)).rstrip())
+        print(
+            "  ".join(
+                text_cell.ljust(width) if isinstance(row.get(column), str) else text_cell.rjust(width)
+                for text_cell, width, column in zip(line, widths, columns)
+            ).rstrip()
+        )
     print()
 
 
@@ -274,28 +294,39 @@ def load_model(name: str, cache_dir: Path, device: str, dtype: str) -> tuple[Sta
 
 def bench_images(count: int, width: int, height: int) -> list[np.ndarray]:
     """RGB uint8 pictures with a few flat regions and noise (the test suite's), one seed each."""
-    return [np.asarray(Image.open(io.BytesIO(image_bytes(width, height, seed=seed))).convert("RGB"))
-            for seed in range(count)]
+    return [
+        np.asarray(Image.open(io.BytesIO(image_bytes(width, height, seed=seed))).convert("RGB"))
+        for seed in range(count)
+    ]
 
 
 def add_run_arguments(parser, dtype_help: str = "auto: fp16 on cuda, fp32 on cpu") -> None:
     """The arguments every model benchmark takes."""
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", help=dtype_help)
-    parser.add_argument("--model", default=SD15_RANDOM,
-                        help="sd15-random (default), tiny-random, a diffusers directory or a cached hub id")
+    parser.add_argument(
+        "--model",
+        default=SD15_RANDOM,
+        help="sd15-random (default), tiny-random, a diffusers directory or a cached hub id",
+    )
     parser.add_argument("--resolution", type=int, default=512, help="working size (R = resolution / 8)")
     parser.add_argument("--image-size", default="640x480", help="WIDTHxHEIGHT of the input pictures")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(os.environ.get("ATTNSEG_CACHE_DIR", DEFAULT_CACHE_DIR)).expanduser())
+    parser.add_argument(
+        "--cache-dir", type=Path, default=Path(os.environ.get("ATTNSEG_CACHE_DIR", DEFAULT_CACHE_DIR)).expanduser()
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout)")
 
 
 def add_batch_arguments(parser) -> None:
     """--batch B[,B...]: images/s when B images share one pass (the worker's cross-request batching)."""
-    parser.add_argument("--batch", type=lambda text: [int(v) for v in text.split(",")], default=[],
-                        metavar="B[,B...]", help="also measure images/s for these batch sizes (e.g. 1,2,4,8)")
+    parser.add_argument(
+        "--batch",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=[],
+        metavar="B[,B...]",
+        help="also measure images/s for these batch sizes (e.g. 1,2,4,8)",
+    )
     parser.add_argument("--batch-repeats", type=int, default=2, help="timed batches per size (default 2)")
 
 
@@ -315,9 +346,16 @@ def batch_throughput(device, pictures: list[np.ndarray], sizes: list[int], repea
                 run_batch(batch)
             seconds.append(watch.seconds)
         stats = summary(seconds)
-        rows.append({"batch": size, "images/s best": size / stats["min"], "images/s median": size / stats["p50"],
-                     "ms/image best": 1000 * stats["min"] / size, "ms/image median": 1000 * stats["p50"] / size,
-                     "runs": repeats})
+        rows.append(
+            {
+                "batch": size,
+                "images/s best": size / stats["min"],
+                "images/s median": size / stats["p50"],
+                "ms/image best": 1000 * stats["min"] / size,
+                "ms/image median": 1000 * stats["p50"] / size,
+                "runs": repeats,
+            }
+        )
     return rows
 
 
@@ -332,8 +370,9 @@ def start_run(args, title: str):
     print_header(title, info)
     sd, load = load_model(args.model, args.cache_dir, str(resolve_device(args.device)), args.dtype)
     meter = MemoryMeter(sd.device)
-    print(f"model     {args.model}: {sd.model_id} ({'random weights' if sd.random_weights else 'trained weights'}), "
-          f"{sd.device}, {str(sd.dtype).removeprefix('torch.')}; "
-          + ", ".join(f"{k} {v:.1f}" for k, v in load.items()))
+    print(
+        f"model     {args.model}: {sd.model_id} ({'random weights' if sd.random_weights else 'trained weights'}), "
+        f"{sd.device}, {str(sd.dtype).removeprefix('torch.')}; " + ", ".join(f"{k} {v:.1f}" for k, v in load.items())
+    )
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     return info, sd, load, meter, (width, height)

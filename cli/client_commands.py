@@ -90,8 +90,9 @@ def coco_document(done: list[tuple[Path, str, Result]], failed: list[dict]) -> d
     images: list[dict] = []
     annotations: list[dict] = []
     for image_id, (path, job_id, result) in enumerate(done, start=1):
-        images.append({"id": image_id, "file_name": str(path), "width": result.width, "height": result.height,
-                       "job_id": job_id})
+        images.append(
+            {"id": image_id, "file_name": str(path), "width": result.width, "height": result.height, "job_id": job_id}
+        )
         for label_id, name in enumerate(result.labels or []):  # every class asked for, found or not
             categories.setdefault(name, label_id)
         for segment in result.segments:
@@ -99,12 +100,24 @@ def coco_document(done: list[tuple[Path, str, Result]], failed: list[dict]) -> d
                 category = segment.label_id
             else:
                 category = categories.setdefault(segment.label or "segment", max(categories.values(), default=0) + 1)
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                                "segmentation": segment.rle, "area": segment.area, "bbox": list(segment.bbox),
-                                "score": segment.score, "iscrowd": 0})
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": i, "name": name} for name, i in sorted(categories.items(), key=lambda c: c[1])],
-            "failed": failed}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "segmentation": segment.rle,
+                    "area": segment.area,
+                    "bbox": list(segment.bbox),
+                    "score": segment.score,
+                    "iscrowd": 0,
+                }
+            )
+    return {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": name} for name, i in sorted(categories.items(), key=lambda c: c[1])],
+        "failed": failed,
+    }
 
 
 class Submitted:
@@ -186,8 +199,14 @@ async def segment_pictures(args, submit: Submit) -> int:
     done, failed = [], []
     for path, outcome in zip(paths, outcomes):
         if isinstance(outcome, PICTURE_ERRORS):
-            failed.append({"file_name": str(path), "code": getattr(outcome, "code", type(outcome).__name__),
-                           "message": describe(outcome), "job_id": getattr(outcome, "job_id", None)})
+            failed.append(
+                {
+                    "file_name": str(path),
+                    "code": getattr(outcome, "code", type(outcome).__name__),
+                    "message": describe(outcome),
+                    "job_id": getattr(outcome, "job_id", None),
+                }
+            )
         elif isinstance(outcome, BaseException):
             raise outcome
         else:
@@ -205,8 +224,10 @@ def write_json(document: dict, output: Path | None) -> None:
 
 
 def connection(args) -> tuple[str, str | None]:
-    return (args.url or os.environ.get("ATTNSEG_URL") or DEFAULT_URL,
-            args.api_key or os.environ.get("ATTNSEG_API_KEY") or None)
+    return (
+        args.url or os.environ.get("ATTNSEG_URL") or DEFAULT_URL,
+        args.api_key or os.environ.get("ATTNSEG_API_KEY") or None,
+    )
 
 
 def params(args, names: tuple[str, ...]) -> dict:
@@ -231,20 +252,23 @@ def cmd_segment_unsupervised(args) -> int:
 def cmd_segment_text(args) -> int:
     classes = words(args.classes)
     options = {**params(args, TEXT), "background_words": words(args.background_words) or None}
-    return asyncio.run(segment_pictures(
-        args, lambda client, path: client.segment_text(path, classes, method=args.method, **options)))
+    return asyncio.run(
+        segment_pictures(args, lambda client, path: client.segment_text(path, classes, method=args.method, **options))
+    )
 
 
 def cmd_segment_referring(args) -> int:
     options = params(args, REFERRING)
-    return asyncio.run(segment_pictures(
-        args, lambda client, path: client.segment_referring(path, args.class_word, args.queries, **options)))
+    return asyncio.run(
+        segment_pictures(
+            args, lambda client, path: client.segment_referring(path, args.class_word, args.queries, **options)
+        )
+    )
 
 
 def cmd_oneshot_segment(args) -> int:
     options = params(args, ONESHOT_SEGMENT)
-    return asyncio.run(segment_pictures(
-        args, lambda client, path: client.oneshot_segment(args.model, path, **options)))
+    return asyncio.run(segment_pictures(args, lambda client, path: client.oneshot_segment(args.model, path, **options)))
 
 
 def training_bar(total: int | None, unit: str) -> tuple[tqdm, Callable[[Progress], None]]:
@@ -261,14 +285,18 @@ def training_bar(total: int | None, unit: str) -> tuple[tqdm, Callable[[Progress
             bar.total = getattr(progress, unit + "s")
         bar.set_description("training")
         bar.update(done - bar.n)
-        bar.set_postfix({name: f"{value:.3f}" for name, value in (("loss", progress.loss), ("iou", progress.best_iou))
-                         if value is not None})
+        bar.set_postfix(
+            {
+                name: f"{value:.3f}"
+                for name, value in (("loss", progress.loss), ("iou", progress.best_iou))
+                if value is not None
+            }
+        )
 
     return bar, show
 
 
-def follow_training(client: Client, what: str, record, job_id: str, total: int | None, unit: str,
-                    no_wait: bool) -> int:
+def follow_training(client: Client, what: str, record, job_id: str, total: int | None, unit: str, no_wait: bool) -> int:
     """Say which record (`what`: model, concept) is being made, then follow its job with a bar unless
     `no_wait`; Ctrl-C cancels that job. Returns the exit code (0, or INTERRUPTED)."""
     print(f"{what} {record.id}: {record.status} (job {job_id})", file=sys.stderr)
@@ -292,8 +320,9 @@ def cmd_oneshot_train(args) -> int:
     existing_files(*args.image, *args.mask)
     with Client(*connection(args)) as client:
         model = client.train_oneshot(args.image, args.mask, words(args.labels), **params(args, TRAIN))
-        code = follow_training(client, "model", model, model.state.train_job_id, model.state.raw["params"]["epochs"],
-                               "epoch", args.no_wait)
+        code = follow_training(
+            client, "model", model, model.state.train_job_id, model.state.raw["params"]["epochs"], "epoch", args.no_wait
+        )
         if code == 0:
             write_json(model.state.raw, args.output)
     return code
@@ -310,10 +339,12 @@ def cmd_concept_train(args) -> int:
         raise CommandError(f"{len(args.image)} --image but {len(args.mask)} --mask: give one mask per image, or none")
     existing_files(*args.image, *(args.mask or []))
     with Client(*connection(args)) as client:
-        concept = client.train_concept(args.image, args.identifier, args.class_word, masks=args.mask or None,
-                                       **params(args, CONCEPT_TRAIN))
-        code = follow_training(client, "concept", concept, concept.state.job_id, concept.state.raw["params"]["steps"],
-                               "step", args.no_wait)
+        concept = client.train_concept(
+            args.image, args.identifier, args.class_word, masks=args.mask or None, **params(args, CONCEPT_TRAIN)
+        )
+        code = follow_training(
+            client, "concept", concept, concept.state.job_id, concept.state.raw["params"]["steps"], "step", args.no_wait
+        )
         if code == 0:
             write_json(concept.state.raw, args.output)
     return code
@@ -408,8 +439,9 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--resolution", type=int, help="working resolution (256..1024, multiple of 64)")
     common.add_argument("--seed", type=int, help="the same seed gives the same masks")
 
-    segment = sub.add_parser("segment", help="segment pictures through the API").add_subparsers(dest="method_name",
-                                                                                                required=True)
+    segment = sub.add_parser("segment", help="segment pictures through the API").add_subparsers(
+        dest="method_name", required=True
+    )
     unsupervised = segment.add_parser("unsupervised", parents=[common, api], help="DiffSeg, no prompt")
     add_outputs(unsupervised)
     unsupervised.add_argument("--kl-threshold", type=float, help="tau: larger merges more (default 1.0)")
@@ -424,28 +456,37 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     add_outputs(text)
     text.add_argument("--classes", nargs="+", required=True, help="class names (space- or comma-separated)")
     text.add_argument("--method", default="selfcross", choices=["selfcross", "gem", "gem_refined", "cluster"])
-    text.add_argument("--no-background", dest="background", action="store_const", const=False,
-                      help="no background class")
+    text.add_argument(
+        "--no-background", dest="background", action="store_const", const=False, help="no background class"
+    )
     text.add_argument("--background-words", nargs="+", help="selfcross: extra words that absorb attention")
     text.add_argument("--samples", type=int, help="selfcross: noise draws averaged (1)")
     text.add_argument("--timestep", type=int, help="default per method")
     text.set_defaults(func=partial(run, cmd_segment_text))
 
-    referring = segment.add_parser("referring", parents=[common, api],
-                                   help="the instance each query refers to (queries may name concepts)")
+    referring = segment.add_parser(
+        "referring", parents=[common, api], help="the instance each query refers to (queries may name concepts)"
+    )
     add_outputs(referring)
     referring.add_argument("--class-word", required=True, help="the category of the instances ('mug')")
-    referring.add_argument("--queries", nargs="+", required=True,
-                           help="1 to 8 queries, each one argument: '<my-mug> mug' 'a red mug'")
+    referring.add_argument(
+        "--queries", nargs="+", required=True, help="1 to 8 queries, each one argument: '<my-mug> mug' 'a red mug'"
+    )
     referring.add_argument("--max-instances", type=int, help="most instances the clustering finds (8)")
     referring.set_defaults(func=partial(run, cmd_segment_referring))
 
     oneshot = sub.add_parser("oneshot", help="train and use one-shot part models (SLiMe)").add_subparsers(
-        dest="oneshot_command", required=True)
+        dest="oneshot_command", required=True
+    )
     train = oneshot.add_parser("train", parents=[common, api], help="train from picture(s) and label mask(s)")
     train.add_argument("--image", type=Path, action="append", required=True, help="a training picture (repeatable)")
-    train.add_argument("--mask", type=Path, action="append", required=True,
-                       help="its mask: a PNG of class ids, 0 background (repeatable, same order)")
+    train.add_argument(
+        "--mask",
+        type=Path,
+        action="append",
+        required=True,
+        help="its mask: a PNG of class ids, 0 background (repeatable, same order)",
+    )
     train.add_argument("--labels", nargs="+", required=True, help="names of mask values 1..K-1")
     train.add_argument("--epochs", type=int, help="(200)")
     train.add_argument("--learning-rate", type=float, help="(0.1)")
@@ -460,16 +501,23 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     oneshot_segment.add_argument("--crops-per-side", type=int, choices=[1, 2], help="default: the model's")
     oneshot_segment.set_defaults(func=partial(run, cmd_oneshot_segment))
 
-    concept = sub.add_parser("concept", help="teach the model your object, then refer to it as <identifier>") \
-        .add_subparsers(dest="concept_command", required=True)
+    concept = sub.add_parser(
+        "concept", help="teach the model your object, then refer to it as <identifier>"
+    ).add_subparsers(dest="concept_command", required=True)
     learn = concept.add_parser("train", parents=[common, api], help="learn a concept from 3 to 20 photos")
     learn.add_argument("--image", type=Path, action="append", required=True, help="a photo of the object (repeatable)")
-    learn.add_argument("--mask", type=Path, action="append",
-                       help="its mask, non-zero = the object (repeatable, same order; optional)")
+    learn.add_argument(
+        "--mask", type=Path, action="append", help="its mask, non-zero = the object (repeatable, same order; optional)"
+    )
     learn.add_argument("--identifier", required=True, help="letters, digits and '-': queries write <identifier>")
     learn.add_argument("--class-word", required=True, help="the object's category ('mug')")
-    learn.add_argument("--textual-inversion", dest="train_kv", action="store_const", const=False,
-                       help="learn the embedding alone (default: Custom Diffusion, embedding + cross-attention K/V)")
+    learn.add_argument(
+        "--textual-inversion",
+        dest="train_kv",
+        action="store_const",
+        const=False,
+        help="learn the embedding alone (default: Custom Diffusion, embedding + cross-attention K/V)",
+    )
     learn.add_argument("--steps", type=int, help="(250 Custom Diffusion, 3000 Textual Inversion)")
     learn.add_argument("--learning-rate", type=float)
     learn.add_argument("--batch-size", type=int)
@@ -477,7 +525,9 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     learn.add_argument("--no-wait", action="store_true", help="print the concept at once; do not follow training")
     learn.add_argument("-o", "--output", type=Path, help="the concept's JSON (default: stdout)")
     learn.set_defaults(func=partial(run, cmd_concept_train))
-    bring = concept.add_parser("import", parents=[api], help="import diffusers Textual Inversion / Custom Diffusion files")
+    bring = concept.add_parser(
+        "import", parents=[api], help="import diffusers Textual Inversion / Custom Diffusion files"
+    )
     bring.add_argument("--embeddings", type=Path, required=True, help="learned_embeds.safetensors (or .bin)")
     bring.add_argument("--weights", type=Path, help="pytorch_custom_diffusion_weights (.safetensors or .bin)")
     bring.add_argument("--identifier", required=True)
@@ -485,8 +535,10 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     bring.set_defaults(func=partial(run, cmd_concept_import))
     listing = concept.add_parser("list", parents=[api], help="print your concepts' JSON")
     listing.set_defaults(func=partial(run, cmd_concept_list))
-    for name, command, text in (("get", cmd_concept_get, "print a concept's JSON"),
-                                ("delete", cmd_concept_delete, "delete a concept (its training is canceled)")):
+    for name, command, text in (
+        ("get", cmd_concept_get, "print a concept's JSON"),
+        ("delete", cmd_concept_delete, "delete a concept (its training is canceled)"),
+    ):
         one = concept.add_parser(name, parents=[api], help=text)
         one.add_argument("concept_id")
         one.set_defaults(func=partial(run, command))

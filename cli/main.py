@@ -33,8 +33,8 @@ def cmd_api(args) -> None:
 
 
 def cmd_worker(args) -> None:
-    from workers.models.stable_diffusion import ModelUnavailableError
     from workers.engine.worker import run_worker
+    from workers.models.stable_diffusion import ModelUnavailableError
 
     try:
         run_worker(get_settings(), queues=tuple(args.queues or QUEUES), name=args.name, burst=args.burst)
@@ -52,13 +52,32 @@ def redis_answers(url: str) -> bool:
 def start_local_redis(url: str, data_dir: Path) -> subprocess.Popen:
     binary = shutil.which("redis-server")
     if binary is None:
-        sys.exit(f"no Redis answers at {url} and no redis-server is installed: install it "
-                 "(apt-get install redis-server) or set ATTNSEG_REDIS_URL")
+        sys.exit(
+            f"no Redis answers at {url} and no redis-server is installed: install it "
+            "(apt-get install redis-server) or set ATTNSEG_REDIS_URL"
+        )
     parsed = urlparse(url)
     data_dir.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen([binary, "--port", str(parsed.port or 6379), "--bind", parsed.hostname or "127.0.0.1",
-                                "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
-                                "--maxmemory-policy", "noeviction", "--save", ""], start_new_session=True)
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(parsed.port or 6379),
+            "--bind",
+            parsed.hostname or "127.0.0.1",
+            "--dir",
+            str(data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--maxmemory-policy",
+            "noeviction",
+            "--save",
+            "",
+        ],
+        start_new_session=True,
+    )
     for _ in range(50):
         if redis_answers(url):
             return process
@@ -72,8 +91,11 @@ def cmd_up(args) -> None:
     settings = get_settings()
     children: list[subprocess.Popen] = []
     if not redis_answers(settings.redis_url):
-        log.info("no Redis at %s: starting a local redis-server (AOF on) in %s", settings.redis_url,
-                 settings.cache_dir / "redis")
+        log.info(
+            "no Redis at %s: starting a local redis-server (AOF on) in %s",
+            settings.redis_url,
+            settings.cache_dir / "redis",
+        )
         children.append(start_local_redis(settings.redis_url, settings.cache_dir / "redis"))
     env = {**os.environ, "ATTNSEG_REDIS_URL": settings.redis_url}
     if args.model:
@@ -138,8 +160,11 @@ def cmd_openapi(args) -> None:
 def cmd_evaluate(args) -> None:
     from workers.evaluation.evaluate import main as evaluate_main
 
-    required = {"text": ("classes",), "oneshot": ("parts", "train_images", "train_masks"),
-                "referring": ("queries", "class_word")}
+    required = {
+        "text": ("classes",),
+        "oneshot": ("parts", "train_images", "train_masks"),
+        "referring": ("queries", "class_word"),
+    }
     missing = [f"--{name.replace('_', '-')}" for name in required.get(args.protocol, ()) if not getattr(args, name)]
     if missing:
         sys.exit(f"evaluate {args.protocol} needs {', '.join(missing)}")
@@ -162,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     up = sub.add_parser("up", help="Redis + API + one worker in the foreground (Ctrl-C stops all)")
-    up.add_argument("--model", help="SD model id or directory; 'tiny-random' (SD 1.x) or 'tiny-random-sd2' for an offline demo")
+    up.add_argument(
+        "--model", help="SD model id or directory; 'tiny-random' (SD 1.x) or 'tiny-random-sd2' for an offline demo"
+    )
     up.add_argument("--port", type=int)
     up.set_defaults(func=cmd_up)
 
@@ -175,11 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     openapi.set_defaults(func=cmd_openapi)
 
     evaluate = sub.add_parser("evaluate", help="score a method on a folder of images and label PNGs")
-    evaluate.add_argument("protocol", choices=["unsupervised", "text", "oneshot", "referring"],
-                          help="methods.md section 4 (referring: 2.4)")
+    evaluate.add_argument(
+        "protocol",
+        choices=["unsupervised", "text", "oneshot", "referring"],
+        help="methods.md section 4 (referring: 2.4)",
+    )
     evaluate.add_argument("--images", type=Path, required=True, help="folder of images (jpg/png/webp)")
-    evaluate.add_argument("--labels", type=Path, required=True,
-                          help="folder of label PNGs with the same stems; 255 = ignore")
+    evaluate.add_argument(
+        "--labels", type=Path, required=True, help="folder of label PNGs with the same stems; 255 = ignore"
+    )
     evaluate.add_argument("--resolution", type=int, default=512)
     evaluate.add_argument("--limit", type=int, help="only the first N images")
     evaluate.add_argument("--output", type=Path, help="write the scores as JSON here too")

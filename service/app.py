@@ -14,8 +14,8 @@ from attnseg.settings import Settings, get_settings
 from service.auth import KeyRing
 from service.edges import install_edges
 from service.errors import install_error_handlers
-from service.lifecycle import begin_shutdown, open_lifecycle
 from service.job_events import JobEvents
+from service.lifecycle import begin_shutdown, open_lifecycle
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.routers import concepts, jobs, oneshot, ops, segment

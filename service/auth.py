@@ -37,8 +37,9 @@ def parse_pairs(text: str, source: str, separator: str) -> list[tuple[str, bytes
         tenant, colon, key = entry.partition(":")
         tenant, key = tenant.strip(), key.strip()
         if not colon or not key or not TENANT_NAME.fullmatch(tenant):
-            raise KeyConfigError(f"{source}: entry {number} is not 'tenant:key' (tenant: letters, digits, '_.-', "
-                                 "up to 64)")
+            raise KeyConfigError(
+                f"{source}: entry {number} is not 'tenant:key' (tenant: letters, digits, '_.-', up to 64)"
+            )
         pairs.append((tenant, key.encode()))
     return pairs
 

@@ -27,8 +27,12 @@ def get_redis(request: Request):
 
 
 def unauthorized() -> ApiError:
-    return ApiError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    headers={"WWW-Authenticate": "Bearer"})
+    return ApiError(
+        401,
+        "unauthorized",
+        "missing or wrong API key: send 'Authorization: Bearer <key>'",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def tenant_from(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str | None:
@@ -49,8 +53,7 @@ def current_tenant(request: Request, credentials: HTTPAuthorizationCredentials |
     return tenant
 
 
-def optional_tenant(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
-                    ) -> str | None:
+def optional_tenant(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str | None:
     """Like current_tenant, but None instead of 401 (for answers that have a public, reduced form)."""
     return tenant_from(request, credentials)
 

@@ -32,8 +32,11 @@ class SecurityHeadersMiddleware:
                 content_type = dict(headers).get(b"content-type", b"")
                 if not content_type.startswith(b"text/html"):
                     extra["Content-Security-Policy"] = NON_HTML_CSP
-                headers += [(name.lower().encode(), value.encode()) for name, value in extra.items()
-                            if name.lower().encode() not in present]
+                headers += [
+                    (name.lower().encode(), value.encode())
+                    for name, value in extra.items()
+                    if name.lower().encode() not in present
+                ]
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -43,7 +46,12 @@ class SecurityHeadersMiddleware:
 def install_edges(app: FastAPI, cors_origins: list[str]) -> None:
     """Call after the other middleware: these wrap them all (the last added is the outermost)."""
     if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type"], expose_headers=["Location", "Retry-After"],
-                           max_age=600)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Location", "Retry-After"],
+            max_age=600,
+        )
     app.add_middleware(SecurityHeadersMiddleware)

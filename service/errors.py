@@ -15,8 +15,9 @@ log = logging.getLogger("attnseg.api")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, *, field: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, *, field: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
@@ -37,13 +38,18 @@ HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 def allowed_methods(request: Request) -> list[str]:
     """Every method some route serves at this path (Starlette's 405 names only the first route's)."""
-    return [method for method in HTTP_METHODS
-            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
-                   for route in request.app.router.routes)]
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.router.routes
+        )
+    ]
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body: dict = {"code": code, "message": message}
     if field is not None:
         body["field"] = field
@@ -94,13 +100,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(redis.TimeoutError)
     async def _redis_down(_: Request, exc: Exception):
         log.warning("redis unavailable: %s", exc)
-        return error_response(503, "unavailable", "the job store (Redis) is unavailable; retry shortly",
-                              headers={"Retry-After": "5"})
+        return error_response(
+            503, "unavailable", "the job store (Redis) is unavailable; retry shortly", headers={"Retry-After": "5"}
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         from service.edges import SECURITY_HEADERS  # this answer bypasses the middleware stack
 
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error; this is a bug, please report it",
-                              headers=SECURITY_HEADERS)
+        return error_response(
+            500, "internal_error", "internal error; this is a bug, please report it", headers=SECURITY_HEADERS
+        )

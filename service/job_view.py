@@ -46,8 +46,10 @@ def error_of(job: RQJob, meta: dict) -> dict | None:
         return meta["error"]
     exc = job.exc_info or ""
     if "AbandonedJobError" in exc:
-        return {"code": "worker_lost",
-                "message": "the worker running this job stopped responding (crashed or was killed); submit it again"}
+        return {
+            "code": "worker_lost",
+            "message": "the worker running this job stopped responding (crashed or was killed); submit it again",
+        }
     if exc:
         return {"code": "internal_error", "message": "the job failed in the worker; this is a bug, please report it"}
     return {"code": "expired", "message": "the job expired before a worker took it"}

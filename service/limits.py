@@ -17,9 +17,11 @@ class BodySizeLimitMiddleware:
         self.max_bytes = max_bytes
 
     def _too_large(self):
-        return error_response(413, "payload_too_large",
-                              f"request body exceeds the limit of {self.max_bytes} bytes "
-                              f"({self.max_bytes / 1048576:.1f} MiB)")
+        return error_response(
+            413,
+            "payload_too_large",
+            f"request body exceeds the limit of {self.max_bytes} bytes ({self.max_bytes / 1048576:.1f} MiB)",
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

@@ -35,14 +35,18 @@ class ClusterCollector:
             depth.add_metric([name], count)
         yield depth
         yield GaugeMetricFamily("attnseg_workers_ready", "Workers announcing themselves ready.", value=len(workers))
-        busy = CounterMetricFamily("attnseg_worker_model_busy_seconds", "Seconds each worker's model thread has "
-                                   "worked (rate: its utilisation), as of its last announcement.", labels=["worker"])
+        busy = CounterMetricFamily(
+            "attnseg_worker_model_busy_seconds",
+            "Seconds each worker's model thread has worked (rate: its utilisation), as of its last announcement.",
+            labels=["worker"],
+        )
         for worker in workers:
             if worker.get("model_busy_s") is not None:
                 busy.add_metric([worker["name"]], worker["model_busy_s"])
         yield busy
-        hist = HistogramMetricFamily("attnseg_job_duration_seconds", "Job run time in the worker.",
-                                     labels=["kind", "outcome"])
+        hist = HistogramMetricFamily(
+            "attnseg_job_duration_seconds", "Job run time in the worker.", labels=["kind", "outcome"]
+        )
         for (kind, outcome), entry in sorted(durations.items()):
             buckets = [(str(bound), count) for bound, count in entry["buckets"]] + [("+Inf", entry["count"])]
             hist.add_metric([kind, outcome], buckets, entry["sum"])
@@ -52,10 +56,15 @@ class ClusterCollector:
 class Metrics:
     def __init__(self, connection):
         self.registry = CollectorRegistry()
-        self.requests = Counter("attnseg_http_requests_total", "HTTP requests.", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("attnseg_http_request_duration_seconds", "HTTP request latency.",
-                                 ["method", "route"], registry=self.registry)
+        self.requests = Counter(
+            "attnseg_http_requests_total", "HTTP requests.", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "attnseg_http_request_duration_seconds",
+            "HTTP request latency.",
+            ["method", "route"],
+            registry=self.registry,
+        )
         self.registry.register(ClusterCollector(connection))
 
 

@@ -15,8 +15,9 @@ ALPHA = 0.45
 def palette(n: int) -> np.ndarray:
     """n distinct colours (golden-angle hues), (n, 3) uint8."""
     hues = (np.arange(n) * 0.61803398875) % 1.0
-    image = Image.fromarray((np.stack([hues * 255, np.full(n, 200), np.full(n, 235)], -1)[None]).astype(np.uint8),
-                            mode="HSV")
+    image = Image.fromarray(
+        (np.stack([hues * 255, np.full(n, 200), np.full(n, 235)], -1)[None]).astype(np.uint8), mode="HSV"
+    )
     return np.asarray(image.convert("RGB"))[0]
 
 

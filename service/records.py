@@ -24,8 +24,11 @@ def with_job_state(connection, view: dict, job_id: str, settings: Settings) -> d
     try:
         job = job_view(connection, fetch_job(connection, job_id), settings)
     except NoSuchJobError:
-        job = {"status": "failed", "progress": None,
-               "error": {"code": "expired", "message": "the job making it no longer exists"}}
+        job = {
+            "status": "failed",
+            "progress": None,
+            "error": {"code": "expired", "message": "the job making it no longer exists"},
+        }
     view["progress"] = job["progress"]
     if job["status"] in ("failed", "canceled"):
         view["status"] = "failed"

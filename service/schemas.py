@@ -47,9 +47,11 @@ def check_prompt_fits(field: str, items: list[str], background_words: list[str] 
     words = [*items, *background_words]
     needed = PROMPT_FIXED_TOKENS + sum(min_tokens(word) for word in words) + len(words) - 1 + bool(background_words)
     if needed > PROMPT_TOKENS:
-        raise ValueError(f"{field}: the prompt would need at least {needed} tokens but the text encoder holds "
-                         f"{PROMPT_TOKENS} (each word costs at least one token per word or punctuation run, plus "
-                         "one for its separator); use fewer or shorter words")
+        raise ValueError(
+            f"{field}: the prompt would need at least {needed} tokens but the text encoder holds "
+            f"{PROMPT_TOKENS} (each word costs at least one token per word or punctuation run, plus "
+            "one for its separator); use fewer or shorter words"
+        )
 
 
 def new_seed() -> int:
@@ -71,10 +73,19 @@ class Params(BaseModel):
     # Unknown fields are an error: a typo must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = Field(default_factory=new_seed, ge=0, lt=2**31,
-                      description="Seeds every random draw; the same seed gives the same masks.")
-    resolution: int = Field(512, ge=256, le=1024, multiple_of=64,
-                            description="Working resolution (the image is resized to it, aspect not kept).")
+    seed: int = Field(
+        default_factory=new_seed,
+        ge=0,
+        lt=2**31,
+        description="Seeds every random draw; the same seed gives the same masks.",
+    )
+    resolution: int = Field(
+        512,
+        ge=256,
+        le=1024,
+        multiple_of=64,
+        description="Working resolution (the image is resized to it, aspect not kept).",
+    )
 
 
 class UnsupervisedParams(Params):
@@ -83,8 +94,9 @@ class UnsupervisedParams(Params):
     iterations: int = Field(3, ge=1, le=10, description="Merging iterations, the first included.")
     timestep: int = Field(300, ge=1, le=999, description="Diffusion timestep of the single UNet pass.")
     refine: bool = Field(False, description="K-means refinement of the merged proposals.")
-    vocabulary: list[Word] | None = Field(None, max_length=MAX_WORDS,
-                                          description="Words to name the segments (cross-attention).")
+    vocabulary: list[Word] | None = Field(
+        None, max_length=MAX_WORDS, description="Words to name the segments (cross-attention)."
+    )
 
     @field_validator("vocabulary")
     @classmethod
@@ -108,22 +120,37 @@ MAX_CLASSES = 32
 
 
 class TextParams(Params):
-    classes: list[Word] = Field(min_length=1, max_length=MAX_CLASSES,
-                                description="Class names to find, 1 to 32, each up to 64 characters.")
+    classes: list[Word] = Field(
+        min_length=1, max_length=MAX_CLASSES, description="Class names to find, 1 to 32, each up to 64 characters."
+    )
     method: Literal["selfcross", "gem", "gem_refined", "cluster"] = Field(
-        "selfcross", description="selfcross: From Text to Mask (SD cross x self attention); gem: dense CLIP; "
-                                 "gem_refined: GEM propagated by SD self-attention; cluster: DiffSeg segments "
-                                 "named by GEM.")
+        "selfcross",
+        description="selfcross: From Text to Mask (SD cross x self attention); gem: dense CLIP; "
+        "gem_refined: GEM propagated by SD self-attention; cluster: DiffSeg segments "
+        "named by GEM.",
+    )
     background: bool = Field(True, description="Add a background class (label_id 0) where no class is strong.")
-    background_words: list[Word] | None = Field(None, max_length=8, description="selfcross: extra words in the "
-                                                "prompt that absorb attention (never reported).")
+    background_words: list[Word] | None = Field(
+        None, max_length=8, description="selfcross: extra words in the prompt that absorb attention (never reported)."
+    )
     samples: int = Field(1, ge=1, le=10, description="selfcross: noise draws averaged (the paper uses 10).")
-    timestep: int | None = Field(None, ge=1, le=999, description="Default per method: selfcross 150, "
-                                                                 "gem_refined and cluster 100; gem uses none.")
-    gate_threshold: float | None = Field(0.2, ge=0, lt=1, description="selfcross: box gate level on the "
-                                         "quantised class map (VOC 0.2, COCO 0.5); null turns the gate off.")
-    background_threshold: float = Field(0.5, gt=0, le=1, description="selfcross: thr of the background "
-                                        "(2 * thr - max)^2 (VOC 0.5, COCO 0.35); lower gives less background.")
+    timestep: int | None = Field(
+        None, ge=1, le=999, description="Default per method: selfcross 150, gem_refined and cluster 100; gem uses none."
+    )
+    gate_threshold: float | None = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="selfcross: box gate level on the "
+        "quantised class map (VOC 0.2, COCO 0.5); null turns the gate off.",
+    )
+    background_threshold: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="selfcross: thr of the background "
+        "(2 * thr - max)^2 (VOC 0.5, COCO 0.35); lower gives less background.",
+    )
 
     @field_validator("classes")
     @classmethod
@@ -161,12 +188,16 @@ MAX_PARTS = 31  # one prompt token per class ("part " * K) leaves room in 77 pos
 
 
 class TrainParams(Params):
-    labels: list[Word] = Field(min_length=1, max_length=MAX_PARTS,
-                               description="Part names for mask values 1..K-1 (0 is background).")
+    labels: list[Word] = Field(
+        min_length=1, max_length=MAX_PARTS, description="Part names for mask values 1..K-1 (0 is background)."
+    )
     epochs: int = Field(200, ge=1, le=2000)
     learning_rate: float = Field(0.1, gt=0, le=10)
-    crops_per_side: Literal[1, 2] = Field(1, description="Default for segmenting with this model: 1 for whole "
-                                                         "objects, 2 (400 px crops) for faces and fine parts.")
+    crops_per_side: Literal[1, 2] = Field(
+        1,
+        description="Default for segmenting with this model: 1 for whole "
+        "objects, 2 (400 px crops) for faces and fine parts.",
+    )
     min_crop: float = Field(0.7, ge=0.5, le=1.0, description="Smallest random crop side, as a fraction.")
 
     @field_validator("labels")
@@ -177,8 +208,9 @@ class TrainParams(Params):
 
 class OneshotSegmentParams(Params):
     crops_per_side: Literal[1, 2] | None = Field(None, description="Default: the model's.")
-    resolution: int | None = Field(None, ge=256, le=1024, multiple_of=64,
-                                   description="Default: the resolution the model was trained at.")
+    resolution: int | None = Field(
+        None, ge=256, le=1024, multiple_of=64, description="Default: the resolution the model was trained at."
+    )
 
 
 class OneshotModel(BaseModel):
@@ -201,22 +233,30 @@ class OneshotModelList(BaseModel):
 
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9-]{1,32}$"
 Identifier = Annotated[str, StringConstraints(strip_whitespace=True, pattern=IDENTIFIER_PATTERN)]
-ClassWord = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=32,
-                                             pattern=r"^[^<>,.]+$")]
+ClassWord = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=32, pattern=r"^[^<>,.]+$")]
 Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 
 class ConceptTrainParams(Params):
     identifier: Identifier = Field(description="Letters, digits and '-'; written <identifier> in queries.")
     class_word: ClassWord = Field(description="The object's category ('mug'); the embedding starts from it.")
-    train_kv: bool = Field(True, description="Custom Diffusion (embedding + to_k/to_v of the cross-attention "
-                                             "layers); false: Textual Inversion (the embedding alone).")
-    steps: int | None = Field(None, ge=1, le=5000, description="Default: 250 (Custom Diffusion), 3000 (Textual "
-                                                                "Inversion), as their public recipes.")
-    learning_rate: float | None = Field(None, gt=0, le=1, description="Default: 2e-5 (Custom Diffusion), 2e-3 "
-                                                                       "(Textual Inversion).")
-    batch_size: int | None = Field(None, ge=1, le=8, description="Default: 2 (Custom Diffusion), 4 (Textual "
-                                                                 "Inversion).")
+    train_kv: bool = Field(
+        True,
+        description="Custom Diffusion (embedding + to_k/to_v of the cross-attention "
+        "layers); false: Textual Inversion (the embedding alone).",
+    )
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=5000,
+        description="Default: 250 (Custom Diffusion), 3000 (Textual Inversion), as their public recipes.",
+    )
+    learning_rate: float | None = Field(
+        None, gt=0, le=1, description="Default: 2e-5 (Custom Diffusion), 2e-3 (Textual Inversion)."
+    )
+    batch_size: int | None = Field(
+        None, ge=1, le=8, description="Default: 2 (Custom Diffusion), 4 (Textual Inversion)."
+    )
     num_vectors: int = Field(1, ge=1, le=16, description="Vectors of the identifier.")
 
 
@@ -229,8 +269,11 @@ class ConceptImportParams(BaseModel):
 
 class ReferringParams(Params):
     class_word: ClassWord = Field(description="The category of the instances ('mug').")
-    queries: list[Query] = Field(min_length=1, max_length=8, description="1 to 8 texts, each with at most one "
-                                 "<identifier> of a concept: '<my-mug> mug', 'a red mug'.")
+    queries: list[Query] = Field(
+        min_length=1,
+        max_length=8,
+        description="1 to 8 texts, each with at most one <identifier> of a concept: '<my-mug> mug', 'a red mug'.",
+    )
     max_instances: int = Field(8, ge=1, le=16, description="Upper bound of the instances the clustering finds.")
     timestep: int = Field(150, ge=1, le=999)
 
@@ -248,7 +291,8 @@ class Concept(BaseModel):
     identifier: str
     class_word: str
     method: Literal["custom_diffusion", "textual_inversion"] | None = Field(
-        description="Set when training starts or the import is read.")
+        description="Set when training starts or the import is read."
+    )
     status: Literal["training", "importing", "ready", "failed"]
     sd_model: str | None
     vectors: int | None = None
@@ -314,16 +358,19 @@ class SegmentationResult(BaseModel):
     labels: list[str] | None = Field(None, description="Text and one-shot: label_id -> name, 0 = background.")
     passes: int | None = Field(None, description="selfcross: SD passes used (a long class list is split).")
     instances: int | None = Field(None, description="Referring: instances found in the object area.")
-    instance_scores: list[list[float]] | None = Field(None, description="Referring: each query's mean "
-                                                      "attribution on each instance.")
-    random_weights: bool = Field(False, description="True when the worker's model has random weights "
-                                                    "(tiny-random): the masks mean nothing.")
+    instance_scores: list[list[float]] | None = Field(
+        None, description="Referring: each query's mean attribution on each instance."
+    )
+    random_weights: bool = Field(
+        False, description="True when the worker's model has random weights (tiny-random): the masks mean nothing."
+    )
     timings_ms: dict[str, float]
 
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "canceled"]
-JobKindName = Literal["unsupervised", "text", "oneshot_train", "oneshot_segment", "concept_train", "concept_import",
-                      "referring"]
+JobKindName = Literal[
+    "unsupervised", "text", "oneshot_train", "oneshot_segment", "concept_train", "concept_import", "referring"
+]
 
 
 class Job(BaseModel):
@@ -366,8 +413,11 @@ class WorkerInfo(BaseModel):
     state: str = Field(description="idle or busy")
     ready_at: datetime
     announced_at: datetime | None = Field(None, description="When this announcement was written.")
-    model_busy_s: float | None = Field(None, description="Seconds its model thread has worked since it started; "
-                                                         "the rate between two announcements is its utilisation.")
+    model_busy_s: float | None = Field(
+        None,
+        description="Seconds its model thread has worked since it started; "
+        "the rate between two announcements is its utilisation.",
+    )
     prefetch_hits: int | None = Field(None, description="Jobs whose picture was decoded while the model was busy.")
     prefetch_misses: int | None = Field(None, description="Jobs whose picture was fetched when they started.")
 
@@ -375,6 +425,7 @@ class WorkerInfo(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     redis: bool
-    workers: list[WorkerInfo] = Field(default_factory=list, description="Absent for callers without a key "
-                                                                        "when keys are configured.")
+    workers: list[WorkerInfo] = Field(
+        default_factory=list, description="Absent for callers without a key when keys are configured."
+    )
     queues: dict[str, int] = Field(default_factory=dict, description="Queued jobs per queue; like workers.")

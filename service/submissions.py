@@ -69,9 +69,13 @@ def parse_form_value(name: str, values: list[str], model: type[BaseModel]) -> An
             try:
                 parsed = parse_json_limited(values[0].encode())
             except ApiError as exc:
-                raise ApiError(422, "invalid_field", f"{name}: starts with '[' but is not a valid JSON array "
-                                                     f'({exc.message}); send ["a", "b"] or repeat the field',
-                               field=name) from None
+                raise ApiError(
+                    422,
+                    "invalid_field",
+                    f"{name}: starts with '[' but is not a valid JSON array "
+                    f'({exc.message}); send ["a", "b"] or repeat the field',
+                    field=name,
+                ) from None
             if not isinstance(parsed, list):
                 raise ApiError(422, "invalid_field", f"{name}: a JSON array was expected", field=name)
             return parsed
@@ -123,8 +127,9 @@ def depth(value: Any) -> int:
 def parse_json_limited(raw: bytes) -> Any:
     """JSON with its limits named in the 400: depth, integer digits, finite numbers."""
     try:
-        value = json.loads(raw, parse_int=reject_long_int, parse_float=reject_non_finite,
-                           parse_constant=reject_constant)
+        value = json.loads(
+            raw, parse_int=reject_long_int, parse_float=reject_non_finite, parse_constant=reject_constant
+        )
     except RecursionError:
         value = None
         too_deep = True
@@ -135,8 +140,7 @@ def parse_json_limited(raw: bytes) -> Any:
     else:
         too_deep = depth(value) > MAX_JSON_DEPTH
     if too_deep:
-        raise ApiError(400, "invalid_json", f"the JSON body is nested deeper than the limit of {MAX_JSON_DEPTH} "
-                                            "levels")
+        raise ApiError(400, "invalid_json", f"the JSON body is nested deeper than the limit of {MAX_JSON_DEPTH} levels")
     return value
 
 
@@ -168,8 +172,9 @@ async def read_submission(request: Request, model: type[BaseModel], file_fields:
                 submission.files[name] = [(f"{key}[{i}]", decode_base64(v, key)) for i, v in enumerate(values)]
         submission.fields = body
     else:
-        raise ApiError(415, "unsupported_media_type",
-                       "send multipart/form-data (file parts) or application/json (base64 images)")
+        raise ApiError(
+            415, "unsupported_media_type", "send multipart/form-data (file parts) or application/json (base64 images)"
+        )
     return submission
 
 
@@ -198,14 +203,22 @@ def openapi_body(model: type[BaseModel], file_fields: dict[str, bool]) -> dict:
     properties = dict(schema.get("properties", {}))
     required = schema.get("required", [])
     multipart = {"type": "object", "properties": dict(properties), "required": [*file_fields, *required]}
-    as_json = {"type": "object", "properties": dict(properties),
-               "required": [*(f"{name}_base64" for name in file_fields), *required]}
+    as_json = {
+        "type": "object",
+        "properties": dict(properties),
+        "required": [*(f"{name}_base64" for name in file_fields), *required],
+    }
     for name, many in file_fields.items():
         binary = {"type": "string", "format": "binary"}
         b64 = {"type": "string", "contentEncoding": "base64", "description": "Image bytes, base64 (or a data URL)."}
         multipart["properties"][name] = {"type": "array", "items": binary} if many else binary
         as_json["properties"][f"{name}_base64"] = {"type": "array", "items": b64} if many else b64
-    return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": multipart},
-        "application/json": {"schema": as_json},
-    }}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": multipart},
+                "application/json": {"schema": as_json},
+            },
+        }
+    }

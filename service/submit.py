@@ -9,17 +9,15 @@ the job enqueued. A refused request leaves Redis as it was.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import redis
-
 from fastapi import Response
 
 from attnseg.images import mask_png, store_bytes
 from attnseg.ownership import stamp
-from attnseg.queue import (ADMISSION_LOCK_KEY, KINDS, WAITING, enqueue, job_statuses, live_queued_count,
-                           tenant_jobs_key)
+from attnseg.queue import ADMISSION_LOCK_KEY, KINDS, WAITING, enqueue, job_statuses, live_queued_count, tenant_jobs_key
 from attnseg.settings import Settings
 from service.errors import ApiError
 from service.job_view import job_view
@@ -32,8 +30,11 @@ LOCK_TIMEOUT_S = 10  # a crashed API replica's lock lapses after this
 
 def image_entry(connection, image: CheckedImage, settings: Settings) -> dict:
     """Store an upload as received; the entry a job payload carries (upright size included)."""
-    return {"key": store_bytes(connection, image.data, settings.image_ttl_s),
-            "width": image.width, "height": image.height}
+    return {
+        "key": store_bytes(connection, image.data, settings.image_ttl_s),
+        "width": image.width,
+        "height": image.height,
+    }
 
 
 def checked_mask(mask) -> CheckedImage:
@@ -46,17 +47,26 @@ def check_caps(connection, settings: Settings, tenant: str, queue: str) -> list[
     """Raise 429 when the queue or the tenant is at its cap; returns the tenant's jobs that ended."""
     depth = live_queued_count(connection, queue)
     if depth >= settings.max_queued_jobs:
-        raise ApiError(429, "queue_full", f"the {queue} queue is full ({depth} jobs, the limit of "
-                                          f"ATTNSEG_MAX_QUEUED_JOBS); retry later", headers={"Retry-After": "30"})
+        raise ApiError(
+            429,
+            "queue_full",
+            f"the {queue} queue is full ({depth} jobs, the limit of ATTNSEG_MAX_QUEUED_JOBS); retry later",
+            headers={"Retry-After": "30"},
+        )
     if settings.max_queued_per_tenant is None:
         return []
     ids = [job_id.decode() for job_id in connection.smembers(tenant_jobs_key(tenant))]
     statuses = job_statuses(connection, ids)
     waiting = sum(status in WAITING for status in statuses)
     if waiting >= settings.max_queued_per_tenant:
-        raise ApiError(429, "tenant_queue_full", f"you have {waiting} queued jobs, the limit per tenant "
-                                                 f"({settings.max_queued_per_tenant}); retry when some have "
-                                                 "started", headers={"Retry-After": "30"})
+        raise ApiError(
+            429,
+            "tenant_queue_full",
+            f"you have {waiting} queued jobs, the limit per tenant "
+            f"({settings.max_queued_per_tenant}); retry when some have "
+            "started",
+            headers={"Retry-After": "30"},
+        )
     return [job_id for job_id, status in zip(ids, statuses) if status not in WAITING]
 
 
@@ -75,8 +85,9 @@ def track_tenant_job(connection, settings: Settings, tenant: str, job_id: str, e
 def admission_lock(connection):
     lock = connection.lock(ADMISSION_LOCK_KEY, timeout=LOCK_TIMEOUT_S, blocking_timeout=LOCK_TIMEOUT_S)
     if not lock.acquire():
-        raise ApiError(503, "busy", "the job store is busy admitting other jobs; retry shortly",
-                       headers={"Retry-After": "1"})
+        raise ApiError(
+            503, "busy", "the job store is busy admitting other jobs; retry shortly", headers={"Retry-After": "1"}
+        )
     try:
         yield
     finally:
@@ -86,8 +97,15 @@ def admission_lock(connection):
             log.warning("admission lock expired before release; raise LOCK_TIMEOUT_S if this recurs")
 
 
-def submit_job(connection, settings: Settings, response: Response, tenant: str, kind: str,
-               build_payload: Callable[[], dict], **enqueue_options) -> dict:
+def submit_job(
+    connection,
+    settings: Settings,
+    response: Response,
+    tenant: str,
+    kind: str,
+    build_payload: Callable[[], dict],
+    **enqueue_options,
+) -> dict:
     """Admit, then `build_payload()` (which stores the pictures) and enqueue; the job's view, 202 headers set.
 
     enqueue_options: job_id, after, extra_meta (see attnseg.queue.enqueue).

@@ -40,15 +40,18 @@ def decoder_errors(field: str, fmt: str, max_pixels: int) -> Iterator[None]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             yield
     except Image.DecompressionBombError:
-        raise ApiError(413, "image_too_large", f"{field} declares more pixels than the limit of {max_pixels}",
-                       field=field) from None
+        raise ApiError(
+            413, "image_too_large", f"{field} declares more pixels than the limit of {max_pixels}", field=field
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ApiError(400, "invalid_image", f"{field} could not be decoded as {fmt}: {decoder_message(exc)}",
-                       field=field) from None
+        raise ApiError(
+            400, "invalid_image", f"{field} could not be decoded as {fmt}: {decoder_message(exc)}", field=field
+        ) from None
 
 
-def open_checked(data: bytes, *, max_pixels: int, field: str, formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP"),
-                 pixels: bool = True) -> tuple[Image.Image, tuple[int, int]]:
+def open_checked(
+    data: bytes, *, max_pixels: int, field: str, formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP"), pixels: bool = True
+) -> tuple[Image.Image, tuple[int, int]]:
     """Bytes -> the fully decoded image in its stored mode (orientation not applied) and its upright
     (width, height).
 
@@ -63,14 +66,19 @@ def open_checked(data: bytes, *, max_pixels: int, field: str, formats: tuple[str
     fmt = sniff_format(data)
     if fmt not in formats:
         names = " or ".join("WebP" if f == "WEBP" else f for f in formats)
-        raise ApiError(415, "unsupported_media_type", f"{field} is not a {names} image (detected from its bytes)",
-                       field=field)
+        raise ApiError(
+            415, "unsupported_media_type", f"{field} is not a {names} image (detected from its bytes)", field=field
+        )
     with decoder_errors(field, fmt, max_pixels):
         image = Image.open(io.BytesIO(data), formats=[fmt])
         width, height = image.size
         if width * height > max_pixels:
-            raise ApiError(413, "image_too_large", f"{field} is {width}x{height} = {width * height} pixels; the "
-                                                   f"limit is {max_pixels} pixels", field=field)
+            raise ApiError(
+                413,
+                "image_too_large",
+                f"{field} is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels",
+                field=field,
+            )
         upright = upright_size(image)
         if not pixels and fmt == "JPEG":
             image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
@@ -82,8 +90,12 @@ def check_image(data: bytes, *, max_pixels: int, field: str = "image") -> Checke
     """Everything a worker will need to decode the upload, checked; the pixels are dropped again."""
     image, (width, height) = open_checked(data, max_pixels=max_pixels, field=field, pixels=False)
     if image.mode not in PILLOW_TO_RGB | HIGH_DEPTH_GREY:
-        raise ApiError(415, "unsupported_media_type", f"{field} has pixel mode {image.mode!r}, which has no 8-bit "
-                                                      "RGB form; send an RGB or greyscale picture", field=field)
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"{field} has pixel mode {image.mode!r}, which has no 8-bit RGB form; send an RGB or greyscale picture",
+            field=field,
+        )
     return CheckedImage(data, width, height)
 
 
@@ -97,8 +109,13 @@ def decode_mask(data: bytes, *, max_pixels: int, field: str) -> np.ndarray:
     if image.mode in ("RGB", "RGBA"):
         pixels = np.asarray(image)[..., :3]
         if not (np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2])):
-            raise ApiError(422, "invalid_mask", f"{field} is a colour image; send a single-channel PNG whose pixel "
-                                                "values are class ids (0 = background)", field=field)
+            raise ApiError(
+                422,
+                "invalid_mask",
+                f"{field} is a colour image; send a single-channel PNG whose pixel "
+                "values are class ids (0 = background)",
+                field=field,
+            )
         return pixels[..., 0]
     if image.mode in ("LA", "PA"):
         image = image.getchannel(0)

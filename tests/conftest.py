@@ -56,8 +56,9 @@ def tiny_sd2(tmp_path_factory):
     """The tiny random SD of the SD 2.x topology ("tiny-random-sd2"), CPU fp32. Do not modify it."""
     from workers.models.stable_diffusion import load_stable_diffusion
 
-    return load_stable_diffusion("tiny-random-sd2", device="cpu", dtype="float32",
-                                 cache_dir=tmp_path_factory.mktemp("models-sd2"))
+    return load_stable_diffusion(
+        "tiny-random-sd2", device="cpu", dtype="float32", cache_dir=tmp_path_factory.mktemp("models-sd2")
+    )
 
 
 @pytest.fixture(scope="session")
@@ -80,8 +81,9 @@ def make_client(redis_server):
 
     def make(**overrides):
         redis_server.client().flushall()  # our own server, started above
-        settings = Settings(redis_url=redis_server.url, max_upload_bytes=2_000_000, max_image_pixels=1_000_000,
-                            **overrides)
+        settings = Settings(
+            redis_url=redis_server.url, max_upload_bytes=2_000_000, max_image_pixels=1_000_000, **overrides
+        )
         return TestClient(create_app(settings))
 
     return make
@@ -130,8 +132,7 @@ def worker_on(redis_server, tiny_sd, tmp_path):
 
     def run(max_batch: int) -> ModelWorker:
         ModelWorker.max_batch = max_batch
-        worker = ModelWorker([get_queue(connection, SEGMENT_QUEUE)], connection=connection,
-                             serializer=JSONSerializer)
+        worker = ModelWorker([get_queue(connection, SEGMENT_QUEUE)], connection=connection, serializer=JSONSerializer)
         worker.work(burst=True, with_scheduler=False)
         return worker
 

@@ -37,13 +37,29 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed (.ci/run installs it)"
         self.directory.mkdir(parents=True, exist_ok=True)
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-                "--maxmemory-policy", "noeviction", "--logfile", str(self.directory / "redis.log")]
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--maxmemory-policy",
+            "noeviction",
+            "--logfile",
+            str(self.directory / "redis.log"),
+        ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = self.client()
         for _ in range(100):
@@ -96,17 +112,32 @@ def two_part_arrays(width: int = 96, height: int = 64) -> tuple[np.ndarray, np.n
 
 def worker_env(redis_url: str, cache_dir: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSEG_")}
-    env.update({"ATTNSEG_REDIS_URL": redis_url, "ATTNSEG_SD_MODEL": "tiny-random",
-                "ATTNSEG_CLIP_MODEL": "tiny-random", "ATTNSEG_CACHE_DIR": str(cache_dir),
-                "ATTNSEG_DEVICE": "cpu", "ATTNSEG_WORKER_HEARTBEAT_S": "1", "ATTNSEG_WORKER_LOST_AFTER_S": "5",
-                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra})
+    env.update(
+        {
+            "ATTNSEG_REDIS_URL": redis_url,
+            "ATTNSEG_SD_MODEL": "tiny-random",
+            "ATTNSEG_CLIP_MODEL": "tiny-random",
+            "ATTNSEG_CACHE_DIR": str(cache_dir),
+            "ATTNSEG_DEVICE": "cpu",
+            "ATTNSEG_WORKER_HEARTBEAT_S": "1",
+            "ATTNSEG_WORKER_LOST_AFTER_S": "5",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            **extra,
+        }
+    )
     return env
 
 
 def start_worker(redis_url: str, cache_dir: Path, log_path: Path, **extra: str) -> subprocess.Popen:
     log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=ROOT,
-                            env=worker_env(redis_url, cache_dir, **extra), stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", "worker"],
+        cwd=ROOT,
+        env=worker_env(redis_url, cache_dir, **extra),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "condition"):
@@ -151,10 +182,15 @@ class Stack:
     def start_api(self) -> None:
         log = open(self.directory / "api.log", "ab")
         env = worker_env(self.redis.url, self.cache_dir, **self.api_env)
-        self.api = subprocess.Popen([sys.executable, "-m", "cli", "api", "--port", str(self.api_port)],
-                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.api = subprocess.Popen(
+            [sys.executable, "-m", "cli", "api", "--port", str(self.api_port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
-    def start_ready(self, timeout: float = 240) -> "Stack":
+    def start_ready(self, timeout: float = 240) -> Stack:
         """Redis, the API and one worker; returns once the worker is ready (stopped, with logs, if not)."""
         from workers.models.tiny_random import build_tiny_random
 
@@ -190,8 +226,11 @@ class Stack:
             return 0
 
     def logs(self) -> str:
-        return "\n".join((self.directory / name).read_text(errors="replace")[-4000:]
-                         for name in ("api.log", "worker.log") if (self.directory / name).exists())
+        return "\n".join(
+            (self.directory / name).read_text(errors="replace")[-4000:]
+            for name in ("api.log", "worker.log")
+            if (self.directory / name).exists()
+        )
 
     def stop_workers(self) -> None:
         for worker in self.workers:

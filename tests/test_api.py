@@ -65,9 +65,14 @@ def test_json_base64_submission(client):
 
 
 def test_form_lists_accept_repeats_and_json(client):
-    repeated = client.post("/segment/unsupervised", files=[("image", ("a.png", image_bytes(), "image/png")),
-                                                            ("vocabulary", (None, "sky")),
-                                                            ("vocabulary", (None, "tree"))])
+    repeated = client.post(
+        "/segment/unsupervised",
+        files=[
+            ("image", ("a.png", image_bytes(), "image/png")),
+            ("vocabulary", (None, "sky")),
+            ("vocabulary", (None, "tree")),
+        ],
+    )
     assert repeated.status_code == 202, repeated.text
     assert repeated.json()["params"]["vocabulary"] == ["sky", "tree"]
     as_json = post_image(client, image_bytes(), vocabulary='["sky", "tree"]')
@@ -75,8 +80,7 @@ def test_form_lists_accept_repeats_and_json(client):
 
 
 def test_webp_accepted_and_format_sniffed_from_bytes(client):
-    response = client.post("/segment/unsupervised",
-                           files={"image": ("lies.gif", image_bytes(fmt="WEBP"), "image/gif")})
+    response = client.post("/segment/unsupervised", files={"image": ("lies.gif", image_bytes(fmt="WEBP"), "image/gif")})
     assert response.status_code == 202, response.text
 
 
@@ -97,40 +101,97 @@ BAD_INPUTS = [
     ("gif", lambda: post_image(client_ref[0], b"GIF89a" + b"\0" * 100), 415, "unsupported_media_type"),
     ("truncated png", lambda: post_image(client_ref[0], image_bytes()[:300]), 400, "invalid_image"),
     # checked at 1/8 scale (pixels=False), which still reads every block: the missing tail is found
-    ("truncated jpeg", lambda: post_image(client_ref[0], image_bytes(400, 300, fmt="JPEG")[:-40]), 400,
-     "invalid_image"),
-    ("decompression bomb", lambda: post_image(client_ref[0], png_with_declared_size(60000, 60000)), 413,
-     "image_too_large"),
-    ("over pixel limit", lambda: post_image(client_ref[0], image_bytes(1100, 1000, fmt="JPEG")), 413, "image_too_large"),
-    ("oversized body", lambda: post_image(client_ref[0], b"\xff\xd8\xff" + b"0" * 2_100_000), 413,
-     "payload_too_large"),
-    ("threshold out of range", lambda: post_image(client_ref[0], image_bytes(), kl_threshold="-1"), 422,
-     "invalid_field"),
-    ("threshold not a number", lambda: post_image(client_ref[0], image_bytes(), kl_threshold="high"), 422,
-     "invalid_field"),
+    (
+        "truncated jpeg",
+        lambda: post_image(client_ref[0], image_bytes(400, 300, fmt="JPEG")[:-40]),
+        400,
+        "invalid_image",
+    ),
+    (
+        "decompression bomb",
+        lambda: post_image(client_ref[0], png_with_declared_size(60000, 60000)),
+        413,
+        "image_too_large",
+    ),
+    (
+        "over pixel limit",
+        lambda: post_image(client_ref[0], image_bytes(1100, 1000, fmt="JPEG")),
+        413,
+        "image_too_large",
+    ),
+    ("oversized body", lambda: post_image(client_ref[0], b"\xff\xd8\xff" + b"0" * 2_100_000), 413, "payload_too_large"),
+    (
+        "threshold out of range",
+        lambda: post_image(client_ref[0], image_bytes(), kl_threshold="-1"),
+        422,
+        "invalid_field",
+    ),
+    (
+        "threshold not a number",
+        lambda: post_image(client_ref[0], image_bytes(), kl_threshold="high"),
+        422,
+        "invalid_field",
+    ),
     ("grid too large", lambda: post_image(client_ref[0], image_bytes(), grid="65"), 422, "invalid_field"),
-    ("grid over latent side", lambda: post_image(client_ref[0], image_bytes(), grid="40", resolution="256"), 422,
-     "invalid_field"),
-    ("resolution not multiple of 64", lambda: post_image(client_ref[0], image_bytes(), resolution="500"), 422,
-     "invalid_field"),
+    (
+        "grid over latent side",
+        lambda: post_image(client_ref[0], image_bytes(), grid="40", resolution="256"),
+        422,
+        "invalid_field",
+    ),
+    (
+        "resolution not multiple of 64",
+        lambda: post_image(client_ref[0], image_bytes(), resolution="500"),
+        422,
+        "invalid_field",
+    ),
     ("unknown field", lambda: post_image(client_ref[0], image_bytes(), kl_treshold="1"), 422, "invalid_field"),
-    ("duplicate vocabulary", lambda: post_image(client_ref[0], image_bytes(), vocabulary='["sky","Sky"]'), 422,
-     "invalid_field"),
-    ("no image", lambda: client_ref[0].post("/segment/unsupervised", files=[("grid", (None, "16"))]), 422,
-     "invalid_field"),
-    ("form without multipart", lambda: client_ref[0].post("/segment/unsupervised", data={"grid": "16"}), 415,
-     "unsupported_media_type"),
-    ("two images", lambda: client_ref[0].post("/segment/unsupervised", files=[
-        ("image", ("a.png", image_bytes(), "image/png")), ("image", ("b.png", image_bytes(), "image/png"))]), 422,
-     "invalid_field"),
-    ("bad base64", lambda: client_ref[0].post("/segment/unsupervised", json={"image_base64": "%%%"}), 422,
-     "invalid_field"),
+    (
+        "duplicate vocabulary",
+        lambda: post_image(client_ref[0], image_bytes(), vocabulary='["sky","Sky"]'),
+        422,
+        "invalid_field",
+    ),
+    (
+        "no image",
+        lambda: client_ref[0].post("/segment/unsupervised", files=[("grid", (None, "16"))]),
+        422,
+        "invalid_field",
+    ),
+    (
+        "form without multipart",
+        lambda: client_ref[0].post("/segment/unsupervised", data={"grid": "16"}),
+        415,
+        "unsupported_media_type",
+    ),
+    (
+        "two images",
+        lambda: client_ref[0].post(
+            "/segment/unsupervised",
+            files=[("image", ("a.png", image_bytes(), "image/png")), ("image", ("b.png", image_bytes(), "image/png"))],
+        ),
+        422,
+        "invalid_field",
+    ),
+    (
+        "bad base64",
+        lambda: client_ref[0].post("/segment/unsupervised", json={"image_base64": "%%%"}),
+        422,
+        "invalid_field",
+    ),
     ("json not object", lambda: client_ref[0].post("/segment/unsupervised", json=[1, 2]), 400, "invalid_json"),
-    ("broken json", lambda: client_ref[0].post("/segment/unsupervised", content=b"{",
-                                               headers={"content-type": "application/json"}), 400, "invalid_json"),
-    ("wrong content type", lambda: client_ref[0].post("/segment/unsupervised", content=b"abc",
-                                                      headers={"content-type": "text/plain"}), 415,
-     "unsupported_media_type"),
+    (
+        "broken json",
+        lambda: client_ref[0].post("/segment/unsupervised", content=b"{", headers={"content-type": "application/json"}),
+        400,
+        "invalid_json",
+    ),
+    (
+        "wrong content type",
+        lambda: client_ref[0].post("/segment/unsupervised", content=b"abc", headers={"content-type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    ),
 ]
 client_ref: list = []
 
@@ -186,8 +247,11 @@ def test_full_queue_answers_429_with_retry_after(make_client, redis_server):
 def test_api_key_required_when_configured(make_client):
     client = make_client(api_key="s3cret")
     assert post_image(client, image_bytes()).status_code == 401
-    authorised = client.post("/segment/unsupervised", files={"image": ("x.png", image_bytes(), "image/png")},
-                             headers={"Authorization": "Bearer s3cret"})
+    authorised = client.post(
+        "/segment/unsupervised",
+        files={"image": ("x.png", image_bytes(), "image/png")},
+        headers={"Authorization": "Bearer s3cret"},
+    )
     assert authorised.status_code == 202
     assert client.get("/healthz").status_code == 200
 
@@ -228,15 +292,18 @@ def test_the_api_never_imports_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from service.app import create_app; create_app().openapi(); "
-            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'open_clip') if m in sys.modules]; "
-            "assert not heavy, heavy")
+    code = (
+        "import sys; from service.app import create_app; create_app().openapi(); "
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'open_clip') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_a_validator_message_names_its_field_once_without_pydantic_prefix(client):
-    response = client.post("/segment/text", files={"image": ("p.png", image_bytes(), "image/png")},
-                           data={"classes": ["dog.cat", "grass"]})
+    response = client.post(
+        "/segment/text", files={"image": ("p.png", image_bytes(), "image/png")}, data={"classes": ["dog.cat", "grass"]}
+    )
     assert response.status_code == 422
     message = response.json()["error"]["message"]
     assert message.startswith("classes: 'dog.cat' contains") and "Value error" not in message, message

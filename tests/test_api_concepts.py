@@ -37,8 +37,9 @@ def photos(count=3):
 
 
 def train(client, count=3, **fields):
-    return client.post("/concepts/train", files=photos(count), data={"identifier": "my-mug", "class_word": "mug",
-                                                                     **fields})
+    return client.post(
+        "/concepts/train", files=photos(count), data={"identifier": "my-mug", "class_word": "mug", **fields}
+    )
 
 
 def import_files(client, embeddings: bytes, weights: bytes | None = None, identifier="my-mug"):
@@ -68,14 +69,17 @@ def test_train_queues_a_concept_training_job(client, redis_server):
     assert again.status_code == 409 and "already the identifier" in again.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("count, fields, message", [
-    (2, {}, "3 to 20 photos"),
-    (21, {}, "3 to 20 photos"),
-    (3, {"identifier": "my mug"}, "identifier"),
-    (3, {"identifier": "<my-mug>"}, "identifier"),
-    (3, {"class_word": "mug."}, "class_word"),
-    (3, {"steps": "0"}, "steps"),
-])
+@pytest.mark.parametrize(
+    "count, fields, message",
+    [
+        (2, {}, "3 to 20 photos"),
+        (21, {}, "3 to 20 photos"),
+        (3, {"identifier": "my mug"}, "identifier"),
+        (3, {"identifier": "<my-mug>"}, "identifier"),
+        (3, {"class_word": "mug."}, "class_word"),
+        (3, {"steps": "0"}, "steps"),
+    ],
+)
 def test_bad_training_requests_are_refused(client, redis_server, count, fields, message):
     response = train(client, count, **fields)
     assert response.status_code == 422, response.text
@@ -96,16 +100,30 @@ def test_import_checks_safetensors_against_the_workers_model(client, redis_serve
     error = wide.json()["error"]
     assert "48 wide but the text encoder of tiny-random is 32 wide" in error["message"]
     assert error["field"] == "embeddings" and queued_jobs(redis_server) == 0
-    bad_layer = import_files(client, safetensors_file({"<my-mug>": [1, 32]}),
-                             safetensors_file({f"{LAYER}.processor.to_k_custom_diffusion.weight": [64, 48],
-                                               f"{LAYER}.processor.to_v_custom_diffusion.weight": [64, 48]}))
+    bad_layer = import_files(
+        client,
+        safetensors_file({"<my-mug>": [1, 32]}),
+        safetensors_file(
+            {
+                f"{LAYER}.processor.to_k_custom_diffusion.weight": [64, 48],
+                f"{LAYER}.processor.to_v_custom_diffusion.weight": [64, 48],
+            }
+        ),
+    )
     assert bad_layer.status_code == 422 and "needs [64, 32]" in bad_layer.json()["error"]["message"]
     assert bad_layer.json()["error"]["field"] == "weights"
     not_cd = import_files(client, safetensors_file({"<my-mug>": [1, 32]}), safetensors_file({"x": [2]}))
     assert not_cd.status_code == 422 and "not a Custom Diffusion weights file" in not_cd.json()["error"]["message"]
-    good = import_files(client, safetensors_file({"<my-mug>": [2, 32]}),
-                        safetensors_file({f"{LAYER}.processor.to_k_custom_diffusion.weight": [64, 32],
-                                          f"{LAYER}.processor.to_v_custom_diffusion.weight": [64, 32]}))
+    good = import_files(
+        client,
+        safetensors_file({"<my-mug>": [2, 32]}),
+        safetensors_file(
+            {
+                f"{LAYER}.processor.to_k_custom_diffusion.weight": [64, 32],
+                f"{LAYER}.processor.to_v_custom_diffusion.weight": [64, 32],
+            }
+        ),
+    )
     assert good.status_code == 202, good.text
     job = good.json()
     assert job["kind"] == "concept_import"
@@ -127,8 +145,11 @@ def test_referring_and_text_resolve_identifiers(client, redis_server):
     unknown = client.post("/segment/referring", files=image, data={"class_word": "mug", "queries": '["<my-mug> mug"]'})
     assert unknown.status_code == 422 and "<my-mug> is not a concept of yours" in unknown.json()["error"]["message"]
     concept_id = train(client).json()["concept_id"]
-    response = client.post("/segment/referring", files=image,
-                           data={"class_word": "mug", "queries": '["<my-mug> mug", "a red mug"]', "seed": "1"})
+    response = client.post(
+        "/segment/referring",
+        files=image,
+        data={"class_word": "mug", "queries": '["<my-mug> mug", "a red mug"]', "seed": "1"},
+    )
     assert response.status_code == 202, response.text
     job = response.json()
     assert job["kind"] == "referring" and job["status"] == "queued"
@@ -151,10 +172,14 @@ def test_referring_and_text_resolve_identifiers(client, redis_server):
 
 def test_failed_concept_is_refused_by_queries(client, redis_server):
     concept_id = train(client).json()["concept_id"]
-    concept_store.store.update(redis_server.client(), concept_id, status="failed",
-                               error={"code": "internal_error", "message": "boom"})
-    response = client.post("/segment/referring", files={"image": ("x.png", image_bytes(), "image/png")},
-                           data={"class_word": "mug", "queries": '["<my-mug> mug"]'})
+    concept_store.store.update(
+        redis_server.client(), concept_id, status="failed", error={"code": "internal_error", "message": "boom"}
+    )
+    response = client.post(
+        "/segment/referring",
+        files={"image": ("x.png", image_bytes(), "image/png")},
+        data={"class_word": "mug", "queries": '["<my-mug> mug"]'},
+    )
     assert response.status_code == 409 and "boom" in response.json()["error"]["message"]
 
 

@@ -29,20 +29,23 @@ def test_text_job_echoes_method_defaults(client):
     assert gem["params"]["timestep"] == 100 and gem["params"]["classes"] == ["cat"]
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({}, "classes"),
-    ({"classes": "[]"}, "classes"),
-    ({"classes": '["dog", "Dog"]'}, "twice"),
-    ({"classes": '["dog", "  "]'}, "classes"),
-    ({"classes": json.dumps(["x" * 65])}, "classes"),
-    ({"classes": json.dumps([f"c{i}" for i in range(33)])}, "classes"),
-    ({"classes": '["cat, dog"]'}, "separate"),
-    ({"classes": "dog", "method": "sam"}, "method"),
-    ({"classes": "dog", "samples": "0"}, "samples"),
-    ({"classes": "dog", "background_words": "dog"}, "repeat"),
-    ({"classes": "dog", "gate_threshold": "1"}, "gate_threshold"),
-    ({"classes": "dog", "background_threshold": "0"}, "background_threshold"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({}, "classes"),
+        ({"classes": "[]"}, "classes"),
+        ({"classes": '["dog", "Dog"]'}, "twice"),
+        ({"classes": '["dog", "  "]'}, "classes"),
+        ({"classes": json.dumps(["x" * 65])}, "classes"),
+        ({"classes": json.dumps([f"c{i}" for i in range(33)])}, "classes"),
+        ({"classes": '["cat, dog"]'}, "separate"),
+        ({"classes": "dog", "method": "sam"}, "method"),
+        ({"classes": "dog", "samples": "0"}, "samples"),
+        ({"classes": "dog", "background_words": "dog"}, "repeat"),
+        ({"classes": "dog", "gate_threshold": "1"}, "gate_threshold"),
+        ({"classes": "dog", "background_threshold": "0"}, "background_threshold"),
+    ],
+)
 def test_bad_class_lists_are_rejected(client, redis_server, fields, message):
     response = post_text(client, **fields)
     assert response.status_code == 422, response.text
@@ -82,8 +85,7 @@ def test_train_answers_with_model_id_and_the_model_is_listed(client, redis_serve
     listing = client.get("/oneshot").json()
     assert listing["total"] == 1 and listing["models"][0]["id"] == job["model_id"]
 
-    waiting = client.post(f"/oneshot/{job['model_id']}/segment",
-                          files={"image": ("x.png", image_bytes(), "image/png")})
+    waiting = client.post(f"/oneshot/{job['model_id']}/segment", files={"image": ("x.png", image_bytes(), "image/png")})
     assert waiting.status_code == 202, waiting.text
     assert waiting.json()["status"] == "queued"
     assert waiting.json()["progress"]["stage"] == "waiting for the model's training"
@@ -120,10 +122,18 @@ BAD_TRAINING = [
     ("colour mask", lambda: ([image_bytes()], [colour_mask()]), {}, "colour"),
     ("mask not png", lambda: ([image_bytes()], [image_bytes(fmt="JPEG")]), {}, "PNG"),
     ("image not an image", lambda: ([b"nope"], [mask_png(two_part_mask())]), {}, "i0.png"),
-    ("too many labels", lambda: ([image_bytes()], [mask_png(two_part_mask())]),
-     {"labels": json.dumps([f"p{i}" for i in range(32)])}, "labels"),
-    ("part without pixels", lambda: ([image_bytes()], [mask_png(two_part_mask())]),
-     {"labels": '["body", "wing", "tail"]'}, "'tail' (id 3)"),
+    (
+        "too many labels",
+        lambda: ([image_bytes()], [mask_png(two_part_mask())]),
+        {"labels": json.dumps([f"p{i}" for i in range(32)])},
+        "labels",
+    ),
+    (
+        "part without pixels",
+        lambda: ([image_bytes()], [mask_png(two_part_mask())]),
+        {"labels": '["body", "wing", "tail"]'},
+        "'tail' (id 3)",
+    ),
     ("epochs", lambda: ([image_bytes()], [mask_png(two_part_mask())]), {"epochs": "0"}, "epochs"),
     ("crops", lambda: ([image_bytes()], [mask_png(two_part_mask())]), {"crops_per_side": "3"}, "crops_per_side"),
 ]
@@ -147,8 +157,14 @@ def test_unknown_model_is_404(client):
 
 def test_segment_with_a_failed_model_is_409(client, redis_server):
     connection = redis_server.client()
-    oneshot_store.create(connection, "m1", tenant="default", labels=["a"], params={"crops_per_side": 1, "resolution": 512},
-                         train_job_id="gone")
+    oneshot_store.create(
+        connection,
+        "m1",
+        tenant="default",
+        labels=["a"],
+        params={"crops_per_side": 1, "resolution": 512},
+        train_job_id="gone",
+    )
     oneshot_store.update(connection, "m1", status="failed", error={"code": "x", "message": "it broke"})
     response = client.post("/oneshot/m1/segment", files={"image": ("x.png", image_bytes(), "image/png")})
     assert response.status_code == 409 and "it broke" in response.json()["error"]["message"]

@@ -16,9 +16,15 @@ from workers.models.sd_ops import encode_prompts, unet_noise
 
 ALL = tuple(range(1, 17))
 TABLE = (  # methods.md 0.2
-    ["down_blocks.0.attentions.0", "down_blocks.0.attentions.1", "down_blocks.1.attentions.0",
-     "down_blocks.1.attentions.1", "down_blocks.2.attentions.0", "down_blocks.2.attentions.1",
-     "mid_block.attentions.0"]
+    [
+        "down_blocks.0.attentions.0",
+        "down_blocks.0.attentions.1",
+        "down_blocks.1.attentions.0",
+        "down_blocks.1.attentions.1",
+        "down_blocks.2.attentions.0",
+        "down_blocks.2.attentions.1",
+        "mid_block.attentions.0",
+    ]
     + [f"up_blocks.{i}.attentions.{j}" for i in (1, 2, 3) for j in (0, 1, 2)]
 )
 R = 32  # latent grid of a 256 x 256 input
@@ -53,9 +59,13 @@ def test_unet_of_another_topology_is_refused():
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 8), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8, cross_attention_dim=8,
-        layers_per_block=1, attention_head_dim=2,
+        block_out_channels=(8, 8),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8,
+        cross_attention_dim=8,
+        layers_per_block=1,
+        attention_head_dim=2,
     )
     with pytest.raises(ValueError, match="found 4"):
         transformer_blocks(unet)
@@ -77,8 +87,7 @@ def test_all_blocks_land_on_four_grids(tiny_sd, inputs):
 def test_capture_leaves_unet_output_bit_identical(tiny_sd, inputs):
     latents, text = inputs
     plain = run(tiny_sd, latents, text)
-    captured = run(tiny_sd, latents, text, AttentionStore(), self_blocks=ALL, cross_blocks=ALL,
-                   cross_logit_blocks=ALL)
+    captured = run(tiny_sd, latents, text, AttentionStore(), self_blocks=ALL, cross_blocks=ALL, cross_logit_blocks=ALL)
     assert torch.equal(plain, captured)
 
 
@@ -158,8 +167,10 @@ def test_processors_restored_after_exit_and_after_an_error(tiny_sd, inputs):
     with capture_attention(tiny_sd.unet, AttentionStore(), self_blocks=(3,), cross_blocks=(8,)):
         during = tiny_sd.unet.attn_processors
         changed = {name for name in before if during[name] is not before[name]}
-        assert changed == {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor",
-                           "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"}
+        assert changed == {
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor",
+            "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor",
+        }
         assert all(isinstance(during[name], CapturingAttnProcessor) for name in changed)
     assert all(tiny_sd.unet.attn_processors[n] is p for n, p in before.items())
 

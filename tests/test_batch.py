@@ -11,8 +11,16 @@ from attnseg.images import store_bytes
 from attnseg.queue import SEGMENT_QUEUE, enqueue, get_queue
 from workers.methods.unsupervised import attention_pass, segment_row, segment_unsupervised
 
-PARAMS = {"kl_threshold": 1.0, "grid": 4, "iterations": 2, "timestep": 300, "resolution": 64, "refine": False,
-          "vocabulary": None, "seed": 1}
+PARAMS = {
+    "kl_threshold": 1.0,
+    "grid": 4,
+    "iterations": 2,
+    "timestep": 300,
+    "resolution": 64,
+    "refine": False,
+    "vocabulary": None,
+    "seed": 1,
+}
 
 
 def pictures(count: int) -> list[np.ndarray]:
@@ -36,8 +44,11 @@ def stored_entry(connection, settings, image: np.ndarray) -> dict:
     """A payload's picture entry, as the API stores an upload (PNG bytes as received)."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
-    return {"key": store_bytes(connection, buffer.getvalue(), settings.image_ttl_s),
-            "width": image.shape[1], "height": image.shape[0]}
+    return {
+        "key": store_bytes(connection, buffer.getvalue(), settings.image_ttl_s),
+        "width": image.shape[1],
+        "height": image.shape[0],
+    }
 
 
 def submit(connection, settings, image: np.ndarray, **params):
@@ -48,8 +59,11 @@ def submit(connection, settings, image: np.ndarray, **params):
 def test_worker_batches_compatible_jobs_and_each_keeps_its_outcome(worker_on):
     connection, settings, run = worker_on
     images = pictures(5)
-    batched = [submit(connection, settings, images[0]), submit(connection, settings, images[1], kl_threshold=2.0),
-               submit(connection, settings, images[2], grid=8)]
+    batched = [
+        submit(connection, settings, images[0]),
+        submit(connection, settings, images[1], kl_threshold=2.0),
+        submit(connection, settings, images[2], grid=8),
+    ]
     expired = submit(connection, settings, images[4])
     connection.delete(expired.args[0]["image"]["key"])  # its image is gone: this job alone fails
     other_timestep = submit(connection, settings, images[3], timestep=100)  # cannot share: runs alone
@@ -98,8 +112,17 @@ def test_selfcross_jobs_with_the_same_classes_share_a_pass(worker_on):
 
     connection, settings, run = worker_on
     images = pictures(3)
-    text = {"classes": ["cat", "dog"], "method": "selfcross", "background": True, "background_words": None,
-            "samples": 2, "timestep": 150, "resolution": 64, "gate_threshold": 0.2, "background_threshold": 0.5}
+    text = {
+        "classes": ["cat", "dog"],
+        "method": "selfcross",
+        "background": True,
+        "background_words": None,
+        "samples": 2,
+        "timestep": 150,
+        "resolution": 64,
+        "gate_threshold": 0.2,
+        "background_threshold": 0.5,
+    }
 
     def submit_text(image, seed, **changes):
         entry = stored_entry(connection, settings, image)

@@ -19,13 +19,21 @@ def test_up_starts_the_stack_and_ctrl_c_stops_everything(tmp_path):
     redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing answers there: `up` starts its own redis-server
     port = free_port()
     log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "cli", "up", "--model", "tiny-random", "--port", str(port)],
-                          cwd=ROOT, env=worker_env(redis_url, cache), stdout=log, stderr=subprocess.STDOUT)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "cli", "up", "--model", "tiny-random", "--port", str(port)],
+        cwd=ROOT,
+        env=worker_env(redis_url, cache),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_ok(f"{base}/readyz", timeout=240, message="the stack to be ready")
-        job = httpx.post(f"{base}/segment/unsupervised", files={"image": ("i.png", image_bytes(64, 48), "image/png")},
-                         data={"resolution": "256"}).json()
+        job = httpx.post(
+            f"{base}/segment/unsupervised",
+            files={"image": ("i.png", image_bytes(64, 48), "image/png")},
+            data={"resolution": "256"},
+        ).json()
         done = httpx.get(f"{base}/jobs/{job['id']}", params={"wait": 60}, timeout=90).json()
         assert done["status"] == "succeeded", done
         assert (cache / "redis" / "appendonlydir").exists()  # the local Redis keeps an AOF
@@ -35,16 +43,19 @@ def test_up_starts_the_stack_and_ctrl_c_stops_everything(tmp_path):
     assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{base}/healthz", timeout=2)
-    leftover = subprocess.run(["pgrep", "-f", f"--port {port}|{redis_url.split(':')[2].split('/')[0]}"],
-                              capture_output=True, text=True).stdout.split()
+    leftover = subprocess.run(
+        ["pgrep", "-f", f"--port {port}|{redis_url.split(':')[2].split('/')[0]}"], capture_output=True, text=True
+    ).stdout.split()
     assert leftover == []
 
 
 def test_worker_with_missing_weights_exits_with_a_clear_message(tmp_path):
-    env = worker_env(f"redis://127.0.0.1:{free_port()}/0", tmp_path / "cache",
-                     ATTNSEG_SD_MODEL=str(tmp_path / "no-such-model"))
-    done = subprocess.run([sys.executable, "-m", "cli", "worker"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    env = worker_env(
+        f"redis://127.0.0.1:{free_port()}/0", tmp_path / "cache", ATTNSEG_SD_MODEL=str(tmp_path / "no-such-model")
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "worker"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("attnseg worker:") and "no-such-model" in last and "ATTNSEG_SD_MODEL" in last

@@ -39,11 +39,27 @@ def test_a_folder_with_masks_overlays_and_results_json(api_env, tmp_path):
     sizes = {"a": (64, 48), "b": (80, 40), "c": (48, 64)}
     for seed, (stem, (width, height)) in enumerate(sizes.items()):
         (folder / f"{stem}.{'jpg' if stem == 'b' else 'png'}").write_bytes(
-            image_bytes(width, height, fmt="JPEG" if stem == "b" else "PNG", seed=seed))
+            image_bytes(width, height, fmt="JPEG" if stem == "b" else "PNG", seed=seed)
+        )
     (folder / "notes.txt").write_text("not a picture")
     results = tmp_path / "results.json"
-    code = attnseg("segment", "unsupervised", folder, "--resolution", "256", "--seed", "3", "--concurrency", "2",
-                   "-o", results, "--masks-dir", tmp_path / "masks", "--overlay-dir", tmp_path / "overlays")
+    code = attnseg(
+        "segment",
+        "unsupervised",
+        folder,
+        "--resolution",
+        "256",
+        "--seed",
+        "3",
+        "--concurrency",
+        "2",
+        "-o",
+        results,
+        "--masks-dir",
+        tmp_path / "masks",
+        "--overlay-dir",
+        tmp_path / "overlays",
+    )
     assert code == 0
     document = json.loads(results.read_text())
     assert document["failed"] == [] and document["categories"] == [{"id": 1, "name": "segment"}]
@@ -65,11 +81,11 @@ def test_a_folder_with_masks_overlays_and_results_json(api_env, tmp_path):
 def test_text_to_stdout(api_env, tmp_path, capsys):
     picture = tmp_path / "park.png"
     picture.write_bytes(image_bytes(64, 48))
-    assert attnseg("segment", "text", picture, "--classes", "dog,grass", "person with clothes",
-                   "--method", "gem") == 0
+    assert attnseg("segment", "text", picture, "--classes", "dog,grass", "person with clothes", "--method", "gem") == 0
     document = json.loads(capsys.readouterr().out)
-    assert document["categories"] == [{"id": i, "name": name} for i, name in
-                                      enumerate(["background", "dog", "grass", "person with clothes"])]
+    assert document["categories"] == [
+        {"id": i, "name": name} for i, name in enumerate(["background", "dog", "grass", "person with clothes"])
+    ]
     assert document["images"][0]["file_name"] == str(picture)
     assert document["annotations"] and all(0 <= a["category_id"] <= 3 for a in document["annotations"])
 
@@ -78,8 +94,26 @@ def test_oneshot_train_then_segment(api_env, tmp_path, capsys):
     pixels, mask = two_part_arrays()
     Image.fromarray(pixels).save(tmp_path / "car.png")
     Image.fromarray(mask).save(tmp_path / "car_mask.png")
-    assert attnseg("oneshot", "train", "--image", tmp_path / "car.png", "--mask", tmp_path / "car_mask.png",
-                   "--labels", "left", "right", "--epochs", "2", "--resolution", "256", "--seed", "0") == 0
+    assert (
+        attnseg(
+            "oneshot",
+            "train",
+            "--image",
+            tmp_path / "car.png",
+            "--mask",
+            tmp_path / "car_mask.png",
+            "--labels",
+            "left",
+            "right",
+            "--epochs",
+            "2",
+            "--resolution",
+            "256",
+            "--seed",
+            "0",
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     model = json.loads(out)
     assert model["status"] == "ready" and model["labels"] == ["background", "left", "right"]
@@ -96,17 +130,49 @@ def test_concept_train_refer_export_list_and_delete(api_env, tmp_path, capsys):
     for i in range(3):
         photos += ["--image", tmp_path / f"mug{i}.png"]
         (tmp_path / f"mug{i}.png").write_bytes(image_bytes(64, 64, seed=i))
-    assert attnseg("concept", "train", *photos, "--identifier", "cli-mug", "--class-word", "mug", "--steps", "2",
-                   "--batch-size", "1", "--resolution", "256", "--seed", "0") == 0
+    assert (
+        attnseg(
+            "concept",
+            "train",
+            *photos,
+            "--identifier",
+            "cli-mug",
+            "--class-word",
+            "mug",
+            "--steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--resolution",
+            "256",
+            "--seed",
+            "0",
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     concept = json.loads(out)
     assert concept["status"] == "ready" and concept["identifier"] == "cli-mug"
     assert f"concept {concept['id']}: training" in err and "2/2" in err  # the bar over steps
 
     (tmp_path / "scene.png").write_bytes(image_bytes(128, 96, seed=5))
-    assert attnseg("segment", "referring", tmp_path / "scene.png", "--class-word", "mug",
-                   "--queries", "<cli-mug> mug", "a red mug", "--resolution", "256",
-                   "--masks-dir", tmp_path / "masks") == 0
+    assert (
+        attnseg(
+            "segment",
+            "referring",
+            tmp_path / "scene.png",
+            "--class-word",
+            "mug",
+            "--queries",
+            "<cli-mug> mug",
+            "a red mug",
+            "--resolution",
+            "256",
+            "--masks-dir",
+            tmp_path / "masks",
+        )
+        == 0
+    )
     document = json.loads(capsys.readouterr().out)
     assert [c["name"] for c in document["categories"]][:3] == ["background", "<cli-mug> mug", "a red mug"]
     assert all(isinstance(a["category_id"], int) for a in document["annotations"])
@@ -150,9 +216,26 @@ def test_bad_input_is_reported_per_picture(api_env, tmp_path, capsys):
 def test_ctrl_c_cancels_what_was_submitted(api_env, tmp_path):
     for seed in range(3):
         (tmp_path / f"p{seed}.png").write_bytes(image_bytes(300, 200, seed=seed))
-    process = subprocess.Popen([sys.executable, "-m", "cli", "segment", "unsupervised", str(tmp_path),
-                                "--resolution", "1024", "--concurrency", "2", "--url", api_env.base_url],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "segment",
+            "unsupervised",
+            str(tmp_path),
+            "--resolution",
+            "1024",
+            "--concurrency",
+            "2",
+            "--url",
+            api_env.base_url,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     submitted = []
     for line in process.stderr:  # "<picture>: job <id>" once each job is accepted
         if ": job " in line:
@@ -161,25 +244,53 @@ def test_ctrl_c_cancels_what_was_submitted(api_env, tmp_path):
                 break
     with Client(api_env.base_url) as client:
         # One job running, the other queued behind it (see the training test on an API race).
-        wait_for(lambda: any(client.job(job_id).status == "running" for job_id in submitted), timeout=120,
-                 message="a job to run")
+        wait_for(
+            lambda: any(client.job(job_id).status == "running" for job_id in submitted),
+            timeout=120,
+            message="a job to run",
+        )
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=120)
         assert process.returncode == 130, err
         assert "canceled 2 unfinished job(s)" in err
         for job_id in submitted:
-            wait_for(lambda: (job := client.job(job_id)).status == "canceled" and job.state.finished_at,
-                     timeout=120, message=f"job {job_id} canceled")
+            wait_for(
+                lambda job_id=job_id: (job := client.job(job_id)).status == "canceled" and job.state.finished_at,
+                timeout=120,
+                message=f"job {job_id} canceled",
+            )
 
 
 def test_ctrl_c_cancels_a_training(api_env, tmp_path):
     pixels, mask = two_part_arrays()
     Image.fromarray(pixels).save(tmp_path / "car.png")
     Image.fromarray(mask).save(tmp_path / "car_mask.png")
-    process = subprocess.Popen([sys.executable, "-m", "cli", "oneshot", "train", "--image", str(tmp_path / "car.png"),
-                                "--mask", str(tmp_path / "car_mask.png"), "--labels", "left", "right",
-                                "--epochs", "500", "--resolution", "256", "--url", api_env.base_url],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "oneshot",
+            "train",
+            "--image",
+            str(tmp_path / "car.png"),
+            "--mask",
+            str(tmp_path / "car_mask.png"),
+            "--labels",
+            "left",
+            "right",
+            "--epochs",
+            "500",
+            "--resolution",
+            "256",
+            "--url",
+            api_env.base_url,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = process.stderr.readline()  # "model <id>: training (job <id>)"
     assert first.startswith("model "), first
     job_id = first.strip().rstrip(")").rsplit(" ", 1)[1]
@@ -191,5 +302,8 @@ def test_ctrl_c_cancels_a_training(api_env, tmp_path):
         _, err = process.communicate(timeout=120)
         assert process.returncode == 130, err
         assert f"canceled training job {job_id}" in err
-        wait_for(lambda: (job := client.job(job_id)).status == "canceled" and job.state.finished_at,
-                 timeout=120, message="the training canceled")
+        wait_for(
+            lambda: (job := client.job(job_id)).status == "canceled" and job.state.finished_at,
+            timeout=120,
+            message="the training canceled",
+        )

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 
 import httpx
 import numpy as np
@@ -15,17 +15,36 @@ from PIL import Image
 from pycocotools import mask as coco
 
 from attnseg.client import (
-    AsyncClient, Client, InvalidRequest, JobCanceled, NotFound, QueueFull, ServerError, Unauthorized, Unavailable,
-    UnsupportedMediaType, WaitTimeout,
+    AsyncClient,
+    Client,
+    InvalidRequest,
+    JobCanceled,
+    NotFound,
+    QueueFull,
+    ServerError,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+    WaitTimeout,
+    protocol,
 )
-from attnseg.client import protocol
 from attnseg.client.inputs import file_part
 from attnseg.client.results import JobState, Result, segmentation_result
 from tests.support import image_bytes, two_part_arrays
 
-JOB = {"id": "j1", "kind": "unsupervised", "status": "queued", "progress": {"stage": "queued", "fraction": 0.0},
-       "created_at": "2026-12-01T10:00:00Z", "started_at": None, "finished_at": None,
-       "expires_at": "2026-12-02T10:00:00Z", "params": {}, "result": None, "error": None}
+JOB = {
+    "id": "j1",
+    "kind": "unsupervised",
+    "status": "queued",
+    "progress": {"stage": "queued", "fraction": 0.0},
+    "created_at": "2026-12-01T10:00:00Z",
+    "started_at": None,
+    "finished_at": None,
+    "expires_at": "2026-12-02T10:00:00Z",
+    "params": {},
+    "result": None,
+    "error": None,
+}
 
 
 def error(status: int, code: str, message: str, field: str | None = None, **headers) -> httpx.Response:
@@ -48,14 +67,19 @@ def drive(operation, responses):
 
 # -- the request/response layer, without a server ------------------------------------------------
 
+
 def test_retry_after_seconds_and_dates_are_honoured_and_bounded():
     call = protocol.job_call("j1")
     in_a_minute = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=50), usegmt=True)
-    steps, response = drive(protocol.request(call, retries=3),
-                            [error(429, "queue_full", "full", **{"Retry-After": "30"}),
-                             error(503, "unavailable", "down", **{"Retry-After": in_a_minute}),
-                             error(503, "unavailable", "down"),
-                             httpx.Response(200, json=JOB)])
+    steps, response = drive(
+        protocol.request(call, retries=3),
+        [
+            error(429, "queue_full", "full", **{"Retry-After": "30"}),
+            error(503, "unavailable", "down", **{"Retry-After": in_a_minute}),
+            error(503, "unavailable", "down"),
+            httpx.Response(200, json=JOB),
+        ],
+    )
     sleeps = [step.seconds for step in steps if isinstance(step, protocol.Sleep)]
     assert sleeps[0] == 30.0
     assert 40 < sleeps[1] <= 50  # an HTTP date: the time until then
@@ -70,8 +94,9 @@ def test_the_client_retries_a_full_queue_then_raises_queue_full_with_the_api_fie
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return error(429, "queue_full", "the attnseg:segment queue is full (200 jobs); retry later",
-                     **{"Retry-After": "0"})
+        return error(
+            429, "queue_full", "the attnseg:segment queue is full (200 jobs); retry later", **{"Retry-After": "0"}
+        )
 
     with Client("http://api", api_key="k3y", retries=2, transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(QueueFull) as raised:
@@ -83,8 +108,10 @@ def test_the_client_retries_a_full_queue_then_raises_queue_full_with_the_api_fie
 
 
 def test_async_client_retries_then_succeeds():
-    answers = [error(503, "unavailable", "the job store (Redis) is unavailable", **{"Retry-After": "0"}),
-               httpx.Response(202, json=JOB)]
+    answers = [
+        error(503, "unavailable", "the job store (Redis) is unavailable", **{"Retry-After": "0"}),
+        httpx.Response(202, json=JOB),
+    ]
 
     async def handler(request: httpx.Request) -> httpx.Response:
         return answers.pop(0)
@@ -98,9 +125,11 @@ def test_async_client_retries_then_succeeds():
 
 
 def test_exhausted_retries_and_other_statuses_are_typed():
-    responses = {"/jobs/down": error(503, "unavailable", "down", **{"Retry-After": "0"}),
-                 "/jobs/locked": error(401, "unauthorized", "missing or wrong API key"),
-                 "/jobs/proxy": httpx.Response(502, text="Bad Gateway")}
+    responses = {
+        "/jobs/down": error(503, "unavailable", "down", **{"Retry-After": "0"}),
+        "/jobs/locked": error(401, "unauthorized", "missing or wrong API key"),
+        "/jobs/proxy": httpx.Response(502, text="Bad Gateway"),
+    }
     transport = httpx.MockTransport(lambda request: responses[request.url.path])
     with Client("http://api", retries=1, transport=transport) as client:
         with pytest.raises(Unavailable):
@@ -115,7 +144,10 @@ def test_exhausted_retries_and_other_statuses_are_typed():
 
 def test_form_fields_and_image_inputs():
     assert protocol.form_fields({"vocabulary": ["sky", "tree"], "refine": True, "seed": 3, "grid": None}) == {
-        "vocabulary": '["sky", "tree"]', "refine": "true", "seed": "3"}
+        "vocabulary": '["sky", "tree"]',
+        "refine": "true",
+        "seed": "3",
+    }
     pixels = np.zeros((4, 6, 3), np.uint8)
     name, data, _ = file_part(pixels, "image")
     assert name == "image.png" and Image.open(io.BytesIO(data)).size == (6, 4)
@@ -128,21 +160,28 @@ def test_form_fields_and_image_inputs():
 
 
 def test_a_training_job_has_no_segmentation_result():
-    training = JobState.from_api({**JOB, "kind": "oneshot_train", "status": "succeeded", "model_id": "m1",
-                                  "result": {"model_id": "m1"}})
+    training = JobState.from_api(
+        {**JOB, "kind": "oneshot_train", "status": "succeeded", "model_id": "m1", "result": {"model_id": "m1"}}
+    )
     with pytest.raises(TypeError, match="oneshot_model"):
         segmentation_result(training)
 
 
 def test_concept_calls_and_a_concept_job_has_no_segmentation_result():
-    call = protocol.concept_train_call([image_bytes(32, 32), image_bytes(32, 32, seed=1)], "my-mug", "mug",
-                                       [np.ones((32, 32), bool)] * 2, {"steps": 2, "train_kv": False})
+    call = protocol.concept_train_call(
+        [image_bytes(32, 32), image_bytes(32, 32, seed=1)],
+        "my-mug",
+        "mug",
+        [np.ones((32, 32), bool)] * 2,
+        {"steps": 2, "train_kv": False},
+    )
     assert [name for name, _ in call.files] == ["images", "images", "masks", "masks"]
     assert call.data == {"identifier": "my-mug", "class_word": "mug", "steps": "2", "train_kv": "false"}
     referring = protocol.referring_call(image_bytes(32, 32), "mug", "<my-mug> mug", {})
     assert referring.path == "/segment/referring" and referring.data["queries"] == '["<my-mug> mug"]'
-    training = JobState.from_api({**JOB, "kind": "concept_train", "status": "succeeded", "concept_id": "c1",
-                                  "result": {"concept_id": "c1"}})
+    training = JobState.from_api(
+        {**JOB, "kind": "concept_train", "status": "succeeded", "concept_id": "c1", "result": {"concept_id": "c1"}}
+    )
     with pytest.raises(TypeError, match="client.concept"):
         segmentation_result(training)
 
@@ -152,12 +191,21 @@ def test_a_referring_label_map_numbers_the_other_instances_after_the_labels():
         mask = np.zeros((4, 4), np.uint8)
         mask[rows] = 1
         rle = coco.encode(np.asfortranarray(mask))
-        return {"id": id_, "label": None if label_id is None else "q", "label_id": label_id, "score": None,
-                "area": int(mask.sum()), "bbox": [0, 0, 4, 1],
-                "segmentation": {"size": [4, 4], "counts": rle["counts"].decode()}}
+        return {
+            "id": id_,
+            "label": None if label_id is None else "q",
+            "label_id": label_id,
+            "score": None,
+            "area": int(mask.sum()),
+            "bbox": [0, 0, 4, 1],
+            "segmentation": {"size": [4, 4], "counts": rle["counts"].decode()},
+        }
 
-    body = {"image": {"width": 4, "height": 4}, "labels": ["background", "<my-mug> mug", "a red mug"],
-            "segments": [segment(1, 0, 0), segment(2, 1, 2), segment(3, 2, None), segment(4, 3, None)]}
+    body = {
+        "image": {"width": 4, "height": 4},
+        "labels": ["background", "<my-mug> mug", "a red mug"],
+        "segments": [segment(1, 0, 0), segment(2, 1, 2), segment(3, 2, None), segment(4, 3, None)],
+    }
     np.testing.assert_array_equal(Result.from_api(body).label_map()[:, 0], [0, 2, 3, 4])
 
 
@@ -198,8 +246,10 @@ def test_unsupervised_from_every_input_type(client, tmp_path):
     path.write_bytes(data)
     picture = Image.open(io.BytesIO(data))
     inputs = {"path": path, "str": str(path), "bytes": data, "pil": picture, "array": np.asarray(picture)}
-    jobs = {name: client.segment_unsupervised(value, resolution=256, seed=7, vocabulary=["sky", "grass"])
-            for name, value in inputs.items()}
+    jobs = {
+        name: client.segment_unsupervised(value, resolution=256, seed=7, vocabulary=["sky", "grass"])
+        for name, value in inputs.items()
+    }
     grey = client.segment_unsupervised(np.asarray(picture.convert("L")), resolution=256, seed=7)
     results = {name: job.result(timeout=300) for name, job in jobs.items()}
     for result in results.values():
@@ -231,8 +281,10 @@ def test_text_with_progress_and_the_overlay(client):
 def test_async_client_runs_jobs_concurrently(shared_stack):
     async def main():
         async with AsyncClient(shared_stack.base_url) as client:
-            jobs = await asyncio.gather(client.segment_unsupervised(image_bytes(64, 48, seed=1), resolution=256),
-                                        client.segment_text(image_bytes(64, 48, seed=2), ["sky"], method="gem"))
+            jobs = await asyncio.gather(
+                client.segment_unsupervised(image_bytes(64, 48, seed=1), resolution=256),
+                client.segment_text(image_bytes(64, 48, seed=2), ["sky"], method="gem"),
+            )
             again = await client.job(jobs[0].id)
             with pytest.raises(NotFound):
                 await client.oneshot_model("no-such-model")
@@ -302,8 +354,9 @@ def test_api_errors_are_typed_with_code_and_field(client):
 def test_concept_train_referring_export_import_and_delete(client):
     photos = [image_bytes(64, 64, seed=i) for i in range(3)]
     masks = [np.pad(np.ones((40, 40), bool), 12)] * 3  # the object in the middle of each photo
-    concept = client.train_concept(photos, "client-mug", "mug", masks=masks, steps=2, batch_size=1, resolution=256,
-                                   seed=0)
+    concept = client.train_concept(
+        photos, "client-mug", "mug", masks=masks, steps=2, batch_size=1, resolution=256, seed=0
+    )
     assert concept.status == "training" and concept.query == "<client-mug> mug"
     scene = image_bytes(128, 96, seed=5)
     early = client.segment_referring(scene, "mug", [concept.query, "a red mug"], resolution=256, seed=2)  # waits
@@ -315,11 +368,17 @@ def test_concept_train_referring_export_import_and_delete(client):
     assert_consistent(result, 128, 96)
 
     files = {name: concept.file(name) for name in concept.state.files}
-    copy = client.import_concept("client-mug-copy", "mug", files["learned_embeds.safetensors"],
-                                 files["pytorch_custom_diffusion_weights.safetensors"]).wait(timeout=300)
+    copy = client.import_concept(
+        "client-mug-copy",
+        "mug",
+        files["learned_embeds.safetensors"],
+        files["pytorch_custom_diffusion_weights.safetensors"],
+    ).wait(timeout=300)
     assert copy.status == "ready" and copy.state.method == "custom_diffusion"
-    assert copy.file("pytorch_custom_diffusion_weights.safetensors") == \
-        files["pytorch_custom_diffusion_weights.safetensors"]
+    assert (
+        copy.file("pytorch_custom_diffusion_weights.safetensors")
+        == files["pytorch_custom_diffusion_weights.safetensors"]
+    )
     text = client.segment_text(scene, [copy.query, "table"], resolution=256).result(timeout=300)
     assert text.labels == ["background", "<client-mug-copy> mug", "table"]
     for gone in (copy, concept):

@@ -39,32 +39,52 @@ def photo(colour=(220, 30, 30), size=48) -> np.ndarray:
 
 
 def snapshot(sd) -> dict[str, torch.Tensor]:
-    return {f"{part}.{name}": tensor.clone() for part in ("unet", "text_encoder", "vae")
-            for name, tensor in getattr(sd, part).state_dict().items()}
+    return {
+        f"{part}.{name}": tensor.clone()
+        for part in ("unet", "text_encoder", "vae")
+        for name, tensor in getattr(sd, part).state_dict().items()
+    }
 
 
 def unchanged(sd, before: dict[str, torch.Tensor]) -> bool:
     after = snapshot(sd)
-    stock = not any(isinstance(p, CapturingAttnProcessor) or type(p).__name__ == "ConceptAttnProcessor"
-                    for p in sd.unet.attn_processors.values())
-    grads = all(p.grad is None and not p.requires_grad for part in (sd.unet, sd.text_encoder, sd.vae)
-                for p in part.parameters())
+    stock = not any(
+        isinstance(p, CapturingAttnProcessor) or type(p).__name__ == "ConceptAttnProcessor"
+        for p in sd.unet.attn_processors.values()
+    )
+    grads = all(
+        p.grad is None and not p.requires_grad for part in (sd.unet, sd.text_encoder, sd.vae) for p in part.parameters()
+    )
     return stock and grads and after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
 def random_kv(sd, seed=0, scale=1.0) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    return {name: (layer.to_k.weight + scale * torch.randn(layer.to_k.weight.shape, generator=generator),
-                   layer.to_v.weight + scale * torch.randn(layer.to_v.weight.shape, generator=generator))
-            for name, layer in cross_attention_layers(sd.unet).items()}
+    return {
+        name: (
+            layer.to_k.weight + scale * torch.randn(layer.to_k.weight.shape, generator=generator),
+            layer.to_v.weight + scale * torch.randn(layer.to_v.weight.shape, generator=generator),
+        )
+        for name, layer in cross_attention_layers(sd.unet).items()
+    }
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_sd):
     before = snapshot(tiny_sd)
     progress = []
-    concept = train_concept(tiny_sd, [photo(), photo()[:, ::-1].copy()], "my-mug", "mug", steps=2, batch_size=1,
-                            learning_rate=1e-2, resolution=RESOLUTION, seed=0, report=lambda **p: progress.append(p))
+    concept = train_concept(
+        tiny_sd,
+        [photo(), photo()[:, ::-1].copy()],
+        "my-mug",
+        "mug",
+        steps=2,
+        batch_size=1,
+        learning_rate=1e-2,
+        resolution=RESOLUTION,
+        seed=0,
+        report=lambda **p: progress.append(p),
+    )
     return concept, before, progress
 
 
@@ -89,7 +109,9 @@ def test_token_embeddings_replace_only_the_given_positions(tiny_sd):
 def test_concept_attention_with_the_resident_weights_changes_nothing(tiny_sd):
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     text = encode_prompts(tiny_sd, ["", "a photo of a mug"])
-    same = {name: (layer.to_k.weight, layer.to_v.weight) for name, layer in cross_attention_layers(tiny_sd.unet).items()}
+    same = {
+        name: (layer.to_k.weight, layer.to_v.weight) for name, layer in cross_attention_layers(tiny_sd.unet).items()
+    }
     with torch.no_grad():
         plain = unet_noise(tiny_sd, latents, 300, text)
         with concept_attention(tiny_sd.unet, same):
@@ -122,7 +144,10 @@ def test_processors_come_back_after_an_error(tiny_sd):
     with pytest.raises(RuntimeError), concept_attention(tiny_sd.unet, random_kv(tiny_sd)):
         raise RuntimeError("boom")
     assert dict(tiny_sd.unet.attn_processors) == before
-    with pytest.raises(KeyError, match="no cross-attention layers"), concept_attention(tiny_sd.unet, {"x.attn2": (1, 2)}):
+    with (
+        pytest.raises(KeyError, match="no cross-attention layers"),
+        concept_attention(tiny_sd.unet, {"x.attn2": (1, 2)}),
+    ):
         pass
 
 
@@ -199,8 +224,9 @@ def test_a_concept_job_leaves_the_resident_model_bit_identical(tiny_sd, trained)
     concept, _, _ = trained
     before = snapshot(tiny_sd)
     image = photo(size=64)
-    with_concept = segment_text(tiny_sd, None, image, ["<my-mug> mug"], concepts={"my-mug": concept},
-                                resolution=RESOLUTION)
+    with_concept = segment_text(
+        tiny_sd, None, image, ["<my-mug> mug"], concepts={"my-mug": concept}, resolution=RESOLUTION
+    )
     assert unchanged(tiny_sd, before)
     plain = segment_text(tiny_sd, None, image, ["mug"], resolution=RESOLUTION)
     assert with_concept.labels.shape == plain.labels.shape == (64, 64)
@@ -235,8 +261,11 @@ def test_reads_the_diffusers_bin_files(tiny_sd, trained):
     concept, _, _ = trained
     # textual_inversion.py's legacy .bin (a (D,) tensor), Custom Diffusion's <new1>.bin and weights .bin
     # with the empty self-attention processor entries save_attn_procs writes.
-    weights = {f"{name}.processor.to_{p}_custom_diffusion.weight": w
-               for name, (k, v) in concept.kv.items() for p, w in (("k", k), ("v", v))}
+    weights = {
+        f"{name}.processor.to_{p}_custom_diffusion.weight": w
+        for name, (k, v) in concept.kv.items()
+        for p, w in (("k", k), ("v", v))
+    }
     weights["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"] = {}
     files = {EMBEDDINGS_FILE: torch_bytes({"<new1>": concept.vectors[0]}), KV_FILE: torch_bytes(weights)}
     loaded = Concept.from_files(files, "whatever", "mug")
@@ -262,14 +291,23 @@ def test_wrong_width_and_wrong_layers_are_refused(tiny_sd, tiny_sd2, trained):
     with pytest.raises(ConceptMismatchError, match="48 wide"):
         check_concept(tiny_sd, wide)
     check_concept(tiny_sd2, wide)  # an SD 2.x-width embedding fits the SD 2.x model
-    odd = Concept("o", "mug", torch.zeros(1, 32), {"mid_block.attentions.0.transformer_blocks.0.attn2":
-                                                     (torch.zeros(32, 32), torch.zeros(32, 32))})
+    odd = Concept(
+        "o",
+        "mug",
+        torch.zeros(1, 32),
+        {"mid_block.attentions.0.transformer_blocks.0.attn2": (torch.zeros(32, 32), torch.zeros(32, 32))},
+    )
     with pytest.raises(ConceptMismatchError, match=r"needs \[64, 32\]"):
         check_concept(tiny_sd, odd)
     with pytest.raises(ConceptFileError, match="train_q_out"):
-        Concept.from_files({EMBEDDINGS_FILE: concept.files()[EMBEDDINGS_FILE],
-                            KV_FILE: save_safetensors({"a.attn2.processor.to_q_custom_diffusion.weight": torch.zeros(2, 2)})},
-                           "my-mug", "mug")
+        Concept.from_files(
+            {
+                EMBEDDINGS_FILE: concept.files()[EMBEDDINGS_FILE],
+                KV_FILE: save_safetensors({"a.attn2.processor.to_q_custom_diffusion.weight": torch.zeros(2, 2)}),
+            },
+            "my-mug",
+            "mug",
+        )
 
 
 def test_concept_shapes_describe_the_model(tiny_sd2):
@@ -281,7 +319,9 @@ def test_concept_shapes_describe_the_model(tiny_sd2):
 
 def test_sd2_trains_and_checks_a_concept(tiny_sd2):
     concept = train_concept(tiny_sd2, [photo()], "my-mug", "mug", steps=1, batch_size=1, resolution=RESOLUTION)
-    assert concept.vectors.shape == (1, 48) and concept.kv["mid_block.attentions.0.transformer_blocks.0.attn2"][0].shape == (64, 48)
+    assert concept.vectors.shape == (1, 48) and concept.kv["mid_block.attentions.0.transformer_blocks.0.attn2"][
+        0
+    ].shape == (64, 48)
     check_concept(tiny_sd2, Concept.from_files(concept.files(), "my-mug", "mug"))
 
 

@@ -8,8 +8,11 @@ from workers.methods.unsupervised import segment_unsupervised
 
 
 def python_defaults(function) -> dict:
-    return {name: p.default for name, p in inspect.signature(function).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    return {
+        name: p.default
+        for name, p in inspect.signature(function).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def api_defaults(model) -> dict:

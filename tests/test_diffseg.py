@@ -26,8 +26,7 @@ def planted_regions(side: int = 64) -> torch.Tensor:
     return regions
 
 
-def planted_attention(regions: torch.Tensor, *, leak=0.3, peak=0.5, sigma=4.0, noise=0.2,
-                      seed=0) -> torch.Tensor:
+def planted_attention(regions: torch.Tensor, *, leak=0.3, peak=0.5, sigma=4.0, noise=0.2, seed=0) -> torch.Tensor:
     """Row-stochastic (P, P) attention of a planted segmentation: each pixel's map is a mix of
     uniform over its region and a Gaussian peak around it (inside its region), plus a uniform
     leak over the whole image and multiplicative noise."""
@@ -36,9 +35,10 @@ def planted_attention(regions: torch.Tensor, *, leak=0.3, peak=0.5, sigma=4.0, n
     same = (flat[:, None] == flat[None, :]).float()
     i, j = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     position = torch.stack([i.flatten(), j.flatten()], 1).float()
-    local = torch.exp(-torch.cdist(position, position) ** 2 / (2 * sigma**2)) * same
-    attn = (1 - leak) * ((1 - peak) * same / same.sum(1, keepdim=True)
-                         + peak * local / local.sum(1, keepdim=True)) + leak / flat.numel()
+    local = torch.exp(-(torch.cdist(position, position) ** 2) / (2 * sigma**2)) * same
+    attn = (1 - leak) * (
+        (1 - peak) * same / same.sum(1, keepdim=True) + peak * local / local.sum(1, keepdim=True)
+    ) + leak / flat.numel()
     attn *= 1 + noise * torch.rand(attn.shape, generator=torch.Generator().manual_seed(seed))
     return attn / attn.sum(1, keepdim=True)
 
@@ -56,16 +56,18 @@ def planted():
 
 
 # Blocky layout: exact at every grid 64, 32, 16, 8, so downsampling keeps the same structure.
-COARSE_LAYOUT = torch.tensor([
-    [0, 0, 0, 0, 1, 1, 1, 1],
-    [0, 0, 4, 4, 4, 1, 1, 1],
-    [0, 0, 4, 4, 4, 4, 1, 1],
-    [0, 4, 4, 4, 0, 1, 1, 1],
-    [2, 2, 4, 2, 3, 3, 3, 3],
-    [2, 2, 2, 2, 3, 3, 3, 3],
-    [2, 2, 2, 2, 3, 3, 3, 3],
-    [2, 2, 2, 2, 3, 3, 3, 3],
-])
+COARSE_LAYOUT = torch.tensor(
+    [
+        [0, 0, 0, 0, 1, 1, 1, 1],
+        [0, 0, 4, 4, 4, 1, 1, 1],
+        [0, 0, 4, 4, 4, 4, 1, 1],
+        [0, 4, 4, 4, 0, 1, 1, 1],
+        [2, 2, 4, 2, 3, 3, 3, 3],
+        [2, 2, 2, 2, 3, 3, 3, 3],
+        [2, 2, 2, 2, 3, 3, 3, 3],
+        [2, 2, 2, 2, 3, 3, 3, 3],
+    ]
+)
 
 
 def blocky_regions(side: int) -> torch.Tensor:
@@ -74,6 +76,7 @@ def blocky_regions(side: int) -> torch.Tensor:
 
 
 # ---- merge on planted structure ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("tau", [0.5, 0.8, 1.1, 1.5])
 def test_merge_recovers_planted_regions_across_threshold_band(planted, tau):
@@ -99,8 +102,7 @@ def test_merge_output_size_and_first_appearance_numbering(planted):
     # Bilinear upsampling may move a curved boundary by a pixel; away from boundaries the
     # labels are the nearest-upsampled regions.
     expected = regions.repeat_interleave(2, 0).repeat_interleave(2, 1)
-    neighbourhood = F.max_pool2d(expected[None].float(), 3, 1, 1), -F.max_pool2d(
-        -expected[None].float(), 3, 1, 1)
+    neighbourhood = F.max_pool2d(expected[None].float(), 3, 1, 1), -F.max_pool2d(-expected[None].float(), 3, 1, 1)
     interior = (neighbourhood[0] == neighbourhood[1])[0]
     assert interior.float().mean() > 0.9
     assert same_partition(labels[interior], expected[interior])
@@ -158,6 +160,7 @@ def test_merge_is_device_agnostic(planted, device):
 
 # ---- aggregate ----------------------------------------------------------------------------
 
+
 def random_stochastic(rows: int, generator: torch.Generator) -> torch.Tensor:
     maps = torch.rand(rows, rows, generator=generator) ** 3
     return maps / maps.sum(1, keepdim=True)
@@ -195,8 +198,9 @@ def test_aggregate_matches_loop_implementation():
     expected = aggregate_by_loops(maps, {4: 4.0, 2: 2.0})
     torch.testing.assert_close(diffseg.aggregate(maps).double(), expected, rtol=1e-5, atol=1e-7)
     custom = {4: 1.0, 2: 3.0}
-    torch.testing.assert_close(diffseg.aggregate(maps, custom).double(),
-                               aggregate_by_loops(maps, custom), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        diffseg.aggregate(maps, custom).double(), aggregate_by_loops(maps, custom), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_aggregate_rows_sum_to_one():
@@ -219,6 +223,7 @@ def test_aggregate_rejects_grid_not_dividing_largest():
 
 
 # ---- distance and anchors -----------------------------------------------------------------
+
 
 def test_kl_distance_matches_double_loop_and_has_no_nan_with_zeros():
     generator = torch.Generator().manual_seed(4)
@@ -280,6 +285,7 @@ def test_greedy_iteration_follows_index_order():
 
 # ---- output step and naming ---------------------------------------------------------------
 
+
 def test_relabel_by_first_appearance():
     labels = torch.tensor([[5, 5, 2], [7, 2, 5]])
     assert diffseg.relabel_by_first_appearance(labels).tolist() == [[0, 0, 1], [2, 1, 0]]
@@ -318,7 +324,10 @@ def test_bilinear_argmax_is_the_argmax_of_the_upsampled_maps(seed, device):
     if seed % 4 == 1:
         maps[count // 2] = maps[0]  # exact ties go to the lower index
     proposals = maps.flatten(1).to(device)
-    size = (int(torch.randint(side, 150, (1,), generator=generator)), int(torch.randint(1, 150, (1,), generator=generator)))
+    size = (
+        int(torch.randint(side, 150, (1,), generator=generator)),
+        int(torch.randint(1, 150, (1,), generator=generator)),
+    )
     assert torch.equal(diffseg.proposals_to_labels(proposals, size), upsampled_argmax(proposals, size))
 
 
@@ -327,16 +336,19 @@ def test_bilinear_argmax_at_photo_size():
     yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
     centres = torch.rand(12, 2, generator=torch.Generator().manual_seed(2)) * 64
     maps = torch.exp(-((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2) / 200)
-    assert torch.equal(diffseg.proposals_to_labels(maps.flatten(1), (1200, 1600)),
-                       upsampled_argmax(maps.flatten(1), (1200, 1600)))
+    assert torch.equal(
+        diffseg.proposals_to_labels(maps.flatten(1), (1200, 1600)), upsampled_argmax(maps.flatten(1), (1200, 1600))
+    )
 
 
 def test_segment_word_scores():
     labels = torch.tensor([[0, 0, 1], [1, 1, 1]])
-    word_maps = torch.tensor([
-        [[1.0, 0.0, 0.2], [0.2, 0.2, 0.2]],
-        [[0.0, 0.5, 0.5], [0.5, 0.5, 0.1]],
-    ])
+    word_maps = torch.tensor(
+        [
+            [[1.0, 0.0, 0.2], [0.2, 0.2, 0.2]],
+            [[0.0, 0.5, 0.5], [0.5, 0.5, 0.1]],
+        ]
+    )
     scores = diffseg.segment_word_scores(labels, word_maps)
     assert scores.argmax(1).tolist() == [0, 1]
     assert scores[0, 0].item() == pytest.approx(0.5)

@@ -36,8 +36,9 @@ def http(stack):
 
 
 def submit(http, width=300, height=200, **fields) -> dict:
-    response = http.post("/segment/unsupervised", files={"image": ("i.png", image_bytes(width, height), "image/png")},
-                         data=fields)
+    response = http.post(
+        "/segment/unsupervised", files={"image": ("i.png", image_bytes(width, height), "image/png")}, data=fields
+    )
     assert response.status_code == 202, response.text
     return response.json()
 
@@ -102,8 +103,9 @@ def test_a_large_rotated_jpeg_is_decoded_small_and_masked_at_its_size(http):
     from tests.test_images import jpeg
 
     data = jpeg(1600, 1200, orientation=6)
-    job = http.post("/segment/unsupervised", files={"image": ("r.jpg", data, "image/jpeg")},
-                    data={"resolution": "256", "grid": "8"}).json()
+    job = http.post(
+        "/segment/unsupervised", files={"image": ("r.jpg", data, "image/jpeg")}, data={"resolution": "256", "grid": "8"}
+    ).json()
     done = wait_job(http, job["id"])
     assert done["status"] == "succeeded", done
     assert done["result"]["image"] == {"width": 1200, "height": 1600}
@@ -139,12 +141,20 @@ def test_jobs_survive_a_redis_restart(stack, http):
 def test_a_worker_killed_mid_job_fails_the_job_promptly(stack, http):
     worker = stack.workers[-1]
     job = submit(http, 300, 200, resolution="1024", grid="16")
-    wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "running", timeout=120, interval=0.05,
-             message="the job to start")
+    wait_for(
+        lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "running",
+        timeout=120,
+        interval=0.05,
+        message="the job to start",
+    )
     os.kill(worker.pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    failed = wait_for(lambda: (j := http.get(f"/jobs/{job['id']}").json())["status"] == "failed" and j,
-                      timeout=120, interval=0.5, message="the job to be failed")
+    failed = wait_for(
+        lambda: (j := http.get(f"/jobs/{job['id']}").json())["status"] == "failed" and j,
+        timeout=120,
+        interval=0.5,
+        message="the job to be failed",
+    )
     assert failed["error"]["code"] == "worker_lost"
     assert "worker" in failed["error"]["message"]
     assert time.monotonic() - killed_at < 120
@@ -158,8 +168,12 @@ def test_a_worker_told_to_stop_finishes_and_saves_its_job_first(stack, http):
     finishing thread) is stored, and only then does the worker withdraw."""
     worker = stack.workers[-1]
     job = submit(http, 300, 200, resolution="1024", grid="16")
-    wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "running", timeout=120, interval=0.05,
-             message="the job to start")
+    wait_for(
+        lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "running",
+        timeout=120,
+        interval=0.05,
+        message="the job to start",
+    )
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=120) == 0
     done = http.get(f"/jobs/{job['id']}").json()
@@ -171,8 +185,12 @@ def test_a_worker_told_to_stop_finishes_and_saves_its_job_first(stack, http):
 
 def test_cancel_a_running_job(stack, http):
     job = submit(http, 300, 200, resolution="1024")
-    wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "running", timeout=120, interval=0.05,
-             message="the job to start")
+    wait_for(
+        lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "running",
+        timeout=120,
+        interval=0.05,
+        message="the job to start",
+    )
     assert http.delete(f"/jobs/{job['id']}").status_code == 200
     ended = wait_job(http, job["id"])
     assert ended["status"] == "canceled"  # the 1024 px UNet pass outlasts the request; the next step stops
@@ -182,8 +200,11 @@ def test_cancel_a_running_job(stack, http):
 @pytest.mark.parametrize("method", ["selfcross", "gem", "gem_refined", "cluster"])
 def test_text_job_end_to_end(http, method):
     classes = ["dog", "person with clothes", "grass"]
-    response = http.post("/segment/text", files={"image": ("i.png", image_bytes(150, 100), "image/png")},
-                         data={"classes": json.dumps(classes), "method": method, "resolution": "256", "seed": "1"})
+    response = http.post(
+        "/segment/text",
+        files={"image": ("i.png", image_bytes(150, 100), "image/png")},
+        data={"classes": json.dumps(classes), "method": method, "resolution": "256", "seed": "1"},
+    )
     assert response.status_code == 202, response.text
     done = wait_job(http, response.json()["id"])
     assert done["status"] == "succeeded", done
@@ -210,17 +231,20 @@ def two_part_example(width=128, height=96) -> tuple[bytes, bytes]:
 
 def train(http, epochs=15) -> dict:
     image, mask = two_part_example()
-    response = http.post("/oneshot/train", files=[("images", ("car.png", image, "image/png")),
-                                                  ("masks", ("car_mask.png", mask, "image/png"))],
-                         data={"labels": '["left", "right"]', "epochs": str(epochs), "resolution": "256", "seed": "0"})
+    response = http.post(
+        "/oneshot/train",
+        files=[("images", ("car.png", image, "image/png")), ("masks", ("car_mask.png", mask, "image/png"))],
+        data={"labels": '["left", "right"]', "epochs": str(epochs), "resolution": "256", "seed": "0"},
+    )
     assert response.status_code == 202, response.text
     return response.json()
 
 
 def segment_with(http, model_id: str) -> dict:
     image, _ = two_part_example()
-    response = http.post(f"/oneshot/{model_id}/segment", files={"image": ("new.png", image, "image/png")},
-                         data={"seed": "0"})
+    response = http.post(
+        f"/oneshot/{model_id}/segment", files={"image": ("new.png", image, "image/png")}, data={"seed": "0"}
+    )
     assert response.status_code == 202, response.text
     return response.json()
 
@@ -266,15 +290,23 @@ def test_oneshot_train_progress_segment_and_restarts(stack, http):
 
     assert http.delete(f"/oneshot/{model_id}").status_code == 204
     assert http.get(f"/oneshot/{model_id}").status_code == 404
-    assert http.post(f"/oneshot/{model_id}/segment",
-                     files={"image": ("x.png", two_part_example()[0], "image/png")}).status_code == 404
+    assert (
+        http.post(
+            f"/oneshot/{model_id}/segment", files={"image": ("x.png", two_part_example()[0], "image/png")}
+        ).status_code
+        == 404
+    )
 
 
 def test_segment_waiting_for_a_deleted_model_fails_clearly(stack, http):
     job = train(http, epochs=200)
     waiting = segment_with(http, job["model_id"])
-    wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "running", timeout=120, interval=0.1,
-             message="training to start")
+    wait_for(
+        lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "running",
+        timeout=120,
+        interval=0.1,
+        message="training to start",
+    )
     assert http.delete(f"/oneshot/{job['model_id']}").status_code == 204
     assert wait_job(http, job["id"])["status"] == "canceled"
     failed = wait_job(http, waiting["id"])
@@ -286,9 +318,18 @@ def concept_photos(count=3) -> list:
 
 
 def test_concept_train_progress_export_import_referring_and_delete(stack, http):
-    response = http.post("/concepts/train", files=concept_photos(),
-                         data={"identifier": "my-mug", "class_word": "mug", "steps": "2", "batch_size": "1",
-                               "resolution": "256", "seed": "0"})
+    response = http.post(
+        "/concepts/train",
+        files=concept_photos(),
+        data={
+            "identifier": "my-mug",
+            "class_word": "mug",
+            "steps": "2",
+            "batch_size": "1",
+            "resolution": "256",
+            "seed": "0",
+        },
+    )
     assert response.status_code == 202, response.text
     job = response.json()
     concept_id = job["concept_id"]
@@ -330,19 +371,29 @@ def test_concept_train_progress_export_import_referring_and_delete(stack, http):
     # Export, then import the same files under another identifier: the worker reads and checks them.
     exported = {name: http.get(f"/concepts/{concept_id}/files/{name}").content for name in concept["files"]}
     assert set(exported) == {"learned_embeds.safetensors", "pytorch_custom_diffusion_weights.safetensors"}
-    imported = http.post("/concepts/import", data={"identifier": "her-mug", "class_word": "mug"},
-                         files=[("embeddings", ("learned_embeds.safetensors", exported["learned_embeds.safetensors"])),
-                                ("weights", ("w.safetensors", exported["pytorch_custom_diffusion_weights.safetensors"]))])
+    imported = http.post(
+        "/concepts/import",
+        data={"identifier": "her-mug", "class_word": "mug"},
+        files=[
+            ("embeddings", ("learned_embeds.safetensors", exported["learned_embeds.safetensors"])),
+            ("weights", ("w.safetensors", exported["pytorch_custom_diffusion_weights.safetensors"])),
+        ],
+    )
     assert imported.status_code == 202, imported.text
     assert wait_job(http, imported.json()["id"])["status"] == "succeeded"
     copy_id = imported.json()["concept_id"]
     copy = http.get(f"/concepts/{copy_id}").json()
     assert copy["status"] == "ready" and copy["method"] == "custom_diffusion"
     # The embedding file names the identifier it was trained with; the weights round-trip bit for bit.
-    assert http.get(f"/concepts/{copy_id}/files/pytorch_custom_diffusion_weights.safetensors").content == \
-        exported["pytorch_custom_diffusion_weights.safetensors"]
-    wide = http.post("/concepts/import", data={"identifier": "wide", "class_word": "mug"},
-                     files={"embeddings": ("e.safetensors", safetensors_bytes({"<wide>": [1, 768]}))})
+    assert (
+        http.get(f"/concepts/{copy_id}/files/pytorch_custom_diffusion_weights.safetensors").content
+        == exported["pytorch_custom_diffusion_weights.safetensors"]
+    )
+    wide = http.post(
+        "/concepts/import",
+        data={"identifier": "wide", "class_word": "mug"},
+        files={"embeddings": ("e.safetensors", safetensors_bytes({"<wide>": [1, 768]}))},
+    )
     assert wide.status_code == 422 and "768 wide" in wide.json()["error"]["message"]
 
     text = http.post("/segment/text", files=scene, data={"classes": '["<her-mug> mug", "table"]', "resolution": "256"})

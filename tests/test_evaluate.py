@@ -21,8 +21,10 @@ def dataset(tmp_path):
         label[:, 48:] = 1
         label[20:60, 10:40] = 2
         label[0, 0] = 255  # ignored
-        pixels = (np.array([[30, 30, 30], [200, 50, 50], [40, 200, 60]])[np.minimum(label, 2)]
-                  + rng.integers(0, 20, (80, 96, 3))).astype(np.uint8)
+        pixels = (
+            np.array([[30, 30, 30], [200, 50, 50], [40, 200, 60]])[np.minimum(label, 2)]
+            + rng.integers(0, 20, (80, 96, 3))
+        ).astype(np.uint8)
         Image.fromarray(pixels).save(images / f"img{index}.png")
         Image.fromarray(label).save(labels / f"img{index}.png")
     return images, labels
@@ -53,8 +55,20 @@ def check_unit_interval(*values):
 
 def test_unsupervised_protocol(dataset, tiny_env, capsys, tmp_path):
     images, labels = dataset
-    out = run(capsys, "unsupervised", "--images", str(images), "--labels", str(labels), "--num-classes", "3",
-              "--resolution", "256", "--output", str(tmp_path / "scores.json"))
+    out = run(
+        capsys,
+        "unsupervised",
+        "--images",
+        str(images),
+        "--labels",
+        str(labels),
+        "--num-classes",
+        "3",
+        "--resolution",
+        "256",
+        "--output",
+        str(tmp_path / "scores.json"),
+    )
     assert out["protocol"] == "unsupervised" and out["images"] == 2 and out["random_weights"] is True
     check_unit_interval(out["pixel_accuracy"], out["miou"])
     assert len(out["per_class_iou"]) == 3
@@ -63,8 +77,20 @@ def test_unsupervised_protocol(dataset, tiny_env, capsys, tmp_path):
 
 def test_text_protocol(dataset, tiny_env, capsys):
     images, labels = dataset
-    out = run(capsys, "text", "--images", str(images), "--labels", str(labels), "--classes", "red thing, green thing",
-              "--method", "gem", "--resolution", "256")
+    out = run(
+        capsys,
+        "text",
+        "--images",
+        str(images),
+        "--labels",
+        str(labels),
+        "--classes",
+        "red thing, green thing",
+        "--method",
+        "gem",
+        "--resolution",
+        "256",
+    )
     assert out["classes"] == ["background", "red thing", "green thing"]
     assert np.asarray(out["confusion"]).shape == (3, 3)
     # every pixel of the centre square, resized to 256, once (the ignored corner pixel is cropped away)
@@ -74,9 +100,24 @@ def test_text_protocol(dataset, tiny_env, capsys):
 
 def test_oneshot_protocol(dataset, tiny_env, capsys):
     images, labels = dataset
-    out = run(capsys, "oneshot", "--images", str(images), "--labels", str(labels), "--parts", "red,green",
-              "--train-images", str(images / "img0.png"), "--train-masks", str(labels / "img0.png"),
-              "--epochs", "2", "--resolution", "256")
+    out = run(
+        capsys,
+        "oneshot",
+        "--images",
+        str(images),
+        "--labels",
+        str(labels),
+        "--parts",
+        "red,green",
+        "--train-images",
+        str(images / "img0.png"),
+        "--train-masks",
+        str(labels / "img0.png"),
+        "--epochs",
+        "2",
+        "--resolution",
+        "256",
+    )
     assert out["parts"] == ["background", "red", "green"]
     assert len(out["per_part_iou"]) == 3
     check_unit_interval(out["miou"])
@@ -100,13 +141,28 @@ def test_referring_protocol(tiny_env, tiny_sd, capsys, tmp_path):
     pixels = np.array([[90, 90, 90], [220, 30, 30], [30, 30, 220]], np.uint8)[label]
     Image.fromarray(pixels).save(scenes / "s0.png")
     Image.fromarray(label).save(instances / "s0.png")
-    (queries / "s0.json").write_text(json.dumps([{"query": "<my-mug> mug", "instance": 1},
-                                                 {"query": "a blue mug", "instance": 2}]))
+    (queries / "s0.json").write_text(
+        json.dumps([{"query": "<my-mug> mug", "instance": 1}, {"query": "a blue mug", "instance": 2}])
+    )
     concept = train_concept(tiny_sd, [pixels[:, :32].copy()], "my-mug", "mug", steps=1, batch_size=1, resolution=128)
     (concepts / "my-mug").mkdir(parents=True)
     for name, data in concept.files().items():
         (concepts / "my-mug" / name).write_bytes(data)
-    out = run(capsys, "referring", "--images", str(scenes), "--labels", str(instances), "--queries", str(queries),
-              "--concepts", str(concepts), "--class-word", "mug", "--resolution", "128")
+    out = run(
+        capsys,
+        "referring",
+        "--images",
+        str(scenes),
+        "--labels",
+        str(instances),
+        "--queries",
+        str(queries),
+        "--concepts",
+        str(concepts),
+        "--class-word",
+        "mug",
+        "--resolution",
+        "128",
+    )
     assert out["protocol"] == "referring" and out["concepts"] == ["my-mug"] and out["queries"] == 2
     check_unit_interval(out["miou"], out["bf_miou"], out["bf_acc"], out["af_acc"])

@@ -13,8 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
-from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from tests.support import image_bytes
 
@@ -26,8 +29,11 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 def test_every_answer_is_clean_and_declared(make_client):
     client = make_client(api_key=KEY, max_queued_jobs=1000)
     # One real job, so job routes meet an existing id too.
-    client.post("/segment/unsupervised", files={"image": ("x.png", image_bytes(32, 32), "image/png")},
-                headers={"Authorization": f"Bearer {KEY}"})
+    client.post(
+        "/segment/unsupervised",
+        files={"image": ("x.png", image_bytes(32, 32), "image/png")},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
     schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 13
@@ -37,10 +43,15 @@ def test_every_answer_is_clean_and_declared(make_client):
         checks = CHECKS[1:] if operation.path == "/readyz" else CHECKS
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
-        def answers_cleanly(case):
-            case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, checks=checks)
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        def answers_cleanly(case):  # run at once below, while `checks` is this iteration's
+            case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, checks=checks)  # noqa: B023
 
         try:
             answers_cleanly()

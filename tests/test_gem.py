@@ -127,6 +127,7 @@ def reference_block(block, sequence):
 
 def _reference_assign(rows, values, inv_temp):
     """One head: rows (N, d) of q, k or v; token by token, one iteration then assignment to v."""
+
     def similarities(token, tokens):
         return _softmax(inv_temp * torch.stack([token @ other for other in tokens]))
 
@@ -345,9 +346,7 @@ def test_real_tokenizer(clip32):
 def test_unavailable_tag_offline_raises_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelUnavailableError) as error:
-        load_clip(
-            "ViT-B-16-quickgelu", "metaclip_400m", device="cpu", dtype=torch.float32, cache_dir=tmp_path
-        )
+        load_clip("ViT-B-16-quickgelu", "metaclip_400m", device="cpu", dtype=torch.float32, cache_dir=tmp_path)
     # cache_dir=tmp_path: an empty cache, so a developer's own HF cache cannot satisfy the lookup
     message = str(error.value)
     assert "ViT-B-16-quickgelu" in message and "metaclip_400m" in message

@@ -29,17 +29,31 @@ def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
 def redis_state(redis_server) -> dict:
     """Every key with its value: what a refused request must leave untouched."""
     connection = redis_server.client()
-    read = {b"string": connection.get, b"hash": connection.hgetall, b"set": connection.smembers,
-            b"list": lambda key: connection.lrange(key, 0, -1),
-            b"zset": lambda key: connection.zrange(key, 0, -1, withscores=True)}
+    read = {
+        b"string": connection.get,
+        b"hash": connection.hgetall,
+        b"set": connection.smembers,
+        b"list": lambda key: connection.lrange(key, 0, -1),
+        b"zset": lambda key: connection.zrange(key, 0, -1, withscores=True),
+    }
     return {key: read[connection.type(key)](key) for key in connection.keys("*")}
 
 
 # --- every request gets a clean answer ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/jobs/a.b", "/jobs/a%20b", "/jobs/a%20b/overlay.png", "/jobs/" + "x" * 5000,
-                                  "/jobs/..%2F..", "/oneshot/a.b", "/oneshot/" + "y" * 5000])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/jobs/a.b",
+        "/jobs/a%20b",
+        "/jobs/a%20b/overlay.png",
+        "/jobs/" + "x" * 5000,
+        "/jobs/..%2F..",
+        "/oneshot/a.b",
+        "/oneshot/" + "y" * 5000,
+    ],
+)
 def test_ids_of_any_shape_are_404(client, path):
     for method in ("GET", "DELETE"):
         if method == "DELETE" and path.endswith(".png"):
@@ -69,8 +83,11 @@ def test_json_depth_and_number_size_are_named_limits(client):
     response = client.post("/segment/unsupervised", content=huge, headers={"content-type": "application/json"})
     assert response.status_code == 400 and "limit of 20" in response.json()["error"]["message"]
     for constant in (b"NaN", b"Infinity", b"1e999"):
-        response = client.post("/segment/unsupervised", content=b'{"kl_threshold": ' + constant + b"}",
-                               headers={"content-type": "application/json"})
+        response = client.post(
+            "/segment/unsupervised",
+            content=b'{"kl_threshold": ' + constant + b"}",
+            headers={"content-type": "application/json"},
+        )
         assert response.status_code == 400, response.text
     as_form = post_image(client, image_bytes(), seed="9" * 5000)
     assert as_form.status_code == 422 and as_form.json()["error"]["field"] == "seed"
@@ -139,25 +156,35 @@ def test_decoder_errors_never_show_python_objects(client):
 
 
 def test_form_and_json_take_the_same_fields_and_types(client):
-    train = client.post("/oneshot/train", files=[("images", ("i.png", image_bytes(), "image/png")),
-                                                 ("masks", ("m.png", mask_bytes(), "image/png"))],
-                        data={"labels": "part", "crops_per_side": "2", "epochs": "3", "min_crop": "0.8"})
+    train = client.post(
+        "/oneshot/train",
+        files=[("images", ("i.png", image_bytes(), "image/png")), ("masks", ("m.png", mask_bytes(), "image/png"))],
+        data={"labels": "part", "crops_per_side": "2", "epochs": "3", "min_crop": "0.8"},
+    )
     assert train.status_code == 202, train.text
     assert train.json()["params"]["crops_per_side"] == 2 and train.json()["params"]["min_crop"] == 0.8
     model_id = train.json()["model_id"]
-    form = client.post(f"/oneshot/{model_id}/segment", files={"image": ("x.png", image_bytes(), "image/png")},
-                       data={"crops_per_side": "2"})
+    form = client.post(
+        f"/oneshot/{model_id}/segment",
+        files={"image": ("x.png", image_bytes(), "image/png")},
+        data={"crops_per_side": "2"},
+    )
     assert form.status_code == 202, form.text
-    as_json = client.post(f"/oneshot/{model_id}/segment",
-                          json={"image_base64": base64.b64encode(image_bytes()).decode(), "crops_per_side": 2})
-    assert as_json.status_code == 202 and as_json.json()["params"] == {**form.json()["params"],
-                                                                       "seed": as_json.json()["params"]["seed"]}
+    as_json = client.post(
+        f"/oneshot/{model_id}/segment",
+        json={"image_base64": base64.b64encode(image_bytes()).decode(), "crops_per_side": 2},
+    )
+    assert as_json.status_code == 202 and as_json.json()["params"] == {
+        **form.json()["params"],
+        "seed": as_json.json()["params"]["seed"],
+    }
     assert post_image(client, image_bytes(), refine="true").json()["params"]["refine"] is True
 
 
 def test_a_broken_json_list_in_a_form_is_422_not_a_class(client, redis_server):
-    response = client.post("/segment/text", files={"image": ("x.png", image_bytes(), "image/png")},
-                           data={"classes": "[sky"})
+    response = client.post(
+        "/segment/text", files={"image": ("x.png", image_bytes(), "image/png")}, data={"classes": "[sky"}
+    )
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == "classes"
     assert queued_jobs(redis_server) == 0
@@ -169,9 +196,12 @@ def test_text_that_cannot_fit_the_prompt_is_refused_at_submission(client, redis_
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["field"] == "vocabulary" and "77" in error["message"]
-    one_class = json.dumps(["-".join("abcdefghijklmnopqrstuvwxyz"[: 30] * 2)[:64]])
-    response = client.post("/segment/text", files={"image": ("x.png", image_bytes(), "image/png")},
-                           data={"classes": one_class, "background_words": '["a-b-c-d-e-f-g-h"]'})
+    one_class = json.dumps(["-".join("abcdefghijklmnopqrstuvwxyz"[:30] * 2)[:64]])
+    response = client.post(
+        "/segment/text",
+        files={"image": ("x.png", image_bytes(), "image/png")},
+        data={"classes": one_class, "background_words": '["a-b-c-d-e-f-g-h"]'},
+    )
     assert response.status_code == 422 and "77" in response.json()["error"]["message"]
     assert queued_jobs(redis_server) == 0
     fits = json.dumps([f"word{i}" for i in range(10)])
@@ -188,7 +218,10 @@ def test_405_names_every_allowed_method(client):
 def test_openapi_declares_security_required_fields_and_statuses(client):
     spec = client.get("/openapi.json").json()
     assert spec["components"]["securitySchemes"]["HTTPBearer"] == {
-        "type": "http", "scheme": "bearer", "description": "An API key: `Authorization: Bearer <key>`."}
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key: `Authorization: Bearer <key>`.",
+    }
     body = spec["paths"]["/segment/text"]["post"]["requestBody"]["content"]
     assert {"image", "classes"} <= set(body["multipart/form-data"]["schema"]["required"])
     assert {"image_base64", "classes"} <= set(body["application/json"]["schema"]["required"])
@@ -252,24 +285,37 @@ def bearer(key: str) -> dict:
 
 def test_tenants_see_only_their_own_jobs_and_models(make_client):
     client = make_client(api_keys="alice:k-alice, bob:k-bob", api_key="k-default")
-    job = client.post("/segment/unsupervised", files={"image": ("x.png", image_bytes(), "image/png")},
-                      headers=bearer("k-alice")).json()
-    for method, path in (("GET", f"/jobs/{job['id']}"), ("GET", f"/jobs/{job['id']}/overlay.png"),
-                         ("DELETE", f"/jobs/{job['id']}")):
+    job = client.post(
+        "/segment/unsupervised", files={"image": ("x.png", image_bytes(), "image/png")}, headers=bearer("k-alice")
+    ).json()
+    for method, path in (
+        ("GET", f"/jobs/{job['id']}"),
+        ("GET", f"/jobs/{job['id']}/overlay.png"),
+        ("DELETE", f"/jobs/{job['id']}"),
+    ):
         assert client.request(method, path, headers=bearer("k-bob")).status_code == 404
         assert client.request(method, path, headers=bearer("k-default")).status_code == 404
     assert client.get(f"/jobs/{job['id']}", headers=bearer("k-alice")).status_code == 200
 
-    train = client.post("/oneshot/train", files=[("images", ("i.png", image_bytes(), "image/png")),
-                                                 ("masks", ("m.png", mask_bytes(), "image/png"))],
-                        data={"labels": "part"}, headers=bearer("k-bob")).json()
+    train = client.post(
+        "/oneshot/train",
+        files=[("images", ("i.png", image_bytes(), "image/png")), ("masks", ("m.png", mask_bytes(), "image/png"))],
+        data={"labels": "part"},
+        headers=bearer("k-bob"),
+    ).json()
     model = train["model_id"]
     assert client.get("/oneshot", headers=bearer("k-bob")).json()["total"] == 1
     assert client.get("/oneshot", headers=bearer("k-alice")).json() == {"models": [], "total": 0}
     assert client.get(f"/oneshot/{model}", headers=bearer("k-alice")).status_code == 404
     assert client.delete(f"/oneshot/{model}", headers=bearer("k-alice")).status_code == 404
-    assert client.post(f"/oneshot/{model}/segment", files={"image": ("x.png", image_bytes(), "image/png")},
-                       headers=bearer("k-alice")).status_code == 404
+    assert (
+        client.post(
+            f"/oneshot/{model}/segment",
+            files={"image": ("x.png", image_bytes(), "image/png")},
+            headers=bearer("k-alice"),
+        ).status_code
+        == 404
+    )
     assert client.get(f"/jobs/{train['id']}", headers=bearer("k-alice")).status_code == 404
     assert client.get(f"/oneshot/{model}", headers=bearer("k-bob")).status_code == 200
     assert client.get("/oneshot", headers=bearer("k-wrong")).status_code == 401
@@ -282,6 +328,7 @@ def test_keys_file_is_reread_when_it_changes(make_client, tmp_path):
     assert client.get("/oneshot", headers=bearer("first")).status_code == 200
     keys.write_text("alice:second\ncarol:third\n")
     import os
+
     os.utime(keys, ns=(1, 10**18))  # a different mtime even on coarse clocks
     assert client.get("/oneshot", headers=bearer("first")).status_code == 401
     assert client.get("/oneshot", headers=bearer("third")).status_code == 200
@@ -291,8 +338,9 @@ def test_per_tenant_queue_cap_leaves_other_tenants_free(make_client, redis_serve
     client = make_client(api_keys="alice:a,bob:b", max_queued_per_tenant=2)
 
     def submit(key):
-        return client.post("/segment/unsupervised", files={"image": ("x.png", image_bytes(), "image/png")},
-                           headers=bearer(key))
+        return client.post(
+            "/segment/unsupervised", files={"image": ("x.png", image_bytes(), "image/png")}, headers=bearer(key)
+        )
 
     assert [submit("a").status_code for _ in range(2)] == [202, 202]
     before = redis_state(redis_server)
@@ -318,10 +366,17 @@ def test_unauthenticated_refusal_writes_nothing(make_client, redis_server):
 
 def test_security_headers_on_every_answer(make_client):
     client = make_client(api_key="k")
-    answers = [client.get("/healthz"), client.get("/jobs/x"), client.get("/jobs/x", headers=bearer("k")),
-               client.post("/segment/unsupervised", content=b"\xff\xd8\xff" + b"0" * 2_100_000,
-                           headers={"content-type": "application/json", **bearer("k")}),
-               client.put("/jobs/x")]
+    answers = [
+        client.get("/healthz"),
+        client.get("/jobs/x"),
+        client.get("/jobs/x", headers=bearer("k")),
+        client.post(
+            "/segment/unsupervised",
+            content=b"\xff\xd8\xff" + b"0" * 2_100_000,
+            headers={"content-type": "application/json", **bearer("k")},
+        ),
+        client.put("/jobs/x"),
+    ]
     assert [a.status_code for a in answers] == [200, 401, 404, 413, 405]
     for answer in answers:
         assert answer.headers["x-content-type-options"] == "nosniff"
@@ -330,8 +385,11 @@ def test_security_headers_on_every_answer(make_client):
 
 def test_cors_allows_exactly_the_configured_origins(make_client):
     client = make_client(cors_origins="https://ui.example.com")
-    preflight = {"Origin": "https://ui.example.com", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization"}
+    preflight = {
+        "Origin": "https://ui.example.com",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization",
+    }
     allowed = client.options("/segment/unsupervised", headers=preflight)
     assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == "https://ui.example.com"
@@ -381,11 +439,15 @@ def test_sigterm_answers_open_long_polls_and_exits_promptly(tmp_path):
     stack.start_api()
     try:
         wait_until_ok(f"{stack.base_url}/healthz", timeout=60, message="the API")
-        job = httpx.post(f"{stack.base_url}/segment/unsupervised",
-                         files={"image": ("x.png", image_bytes(), "image/png")}).json()
+        job = httpx.post(
+            f"{stack.base_url}/segment/unsupervised", files={"image": ("x.png", image_bytes(), "image/png")}
+        ).json()
         answers: list = []
-        poll = threading.Thread(target=lambda: answers.append(
-            httpx.get(f"{stack.base_url}/jobs/{job['id']}", params={"wait": 60}, timeout=90)))
+        poll = threading.Thread(
+            target=lambda: answers.append(
+                httpx.get(f"{stack.base_url}/jobs/{job['id']}", params={"wait": 60}, timeout=90)
+            )
+        )
         poll.start()
         time.sleep(3)  # let the long-poll reach the API (it holds for 60 s, so it is still open)
         assert poll.is_alive()
@@ -413,8 +475,17 @@ def test_models_from_before_tenants_are_listed_for_tenant_default(make_client, r
     """One-shot models indexed in the single pre-tenant index are adopted by tenant `default` at start."""
     client = make_client()
     raw = redis_server.client()
-    record = {"id": "m0", "status": "failed", "labels": ["wheel"], "params": {}, "sd_model": None,
-              "train_job_id": "gone", "created_at": "2026-11-30T00:00:00+00:00", "metrics": {}, "error": None}
+    record = {
+        "id": "m0",
+        "status": "failed",
+        "labels": ["wheel"],
+        "params": {},
+        "sd_model": None,
+        "train_job_id": "gone",
+        "created_at": "2026-11-30T00:00:00+00:00",
+        "metrics": {},
+        "error": None,
+    }
     raw.set(f"{ONESHOT_PREFIX}:m0", json.dumps(record))
     raw.zadd(ONESHOT_INDEX_KEY, {"m0": 1.0})
     with client:  # start-up runs the adoption

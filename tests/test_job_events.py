@@ -86,8 +86,7 @@ def test_a_finished_job_shows_its_last_report_even_when_throttled(redis_server):
 
     connection = redis_server.client()
     connection.flushall()
-    job = enqueue(connection, Settings(redis_url=redis_server.url), "oneshot_train",
-                  {"params": {}, "model_id": "m"})
+    job = enqueue(connection, Settings(redis_url=redis_server.url), "oneshot_train", {"params": {}, "model_id": "m"})
     ctx = context.JobContext(job)
     with context.job_outcome(ctx, "oneshot_train", {}):
         ctx.report("training", 0.5, epoch=1, epochs=2)

@@ -28,10 +28,8 @@ def test_hungarian_ignores_ignored_pixels_and_absent_classes():
 def test_unsupervised_score_hand_computed():
     score = UnsupervisedScore(num_classes=3)
     # Image 1: segments a(=10) and b(=20) match classes 0 and 1; segment c(=30) is unmatched.
-    gt1 = np.array([[0, 0, 0, 1],
-                    [1, 1, 0, IGNORE]])
-    pred1 = np.array([[10, 10, 20, 20],
-                      [20, 30, 10, 10]])
+    gt1 = np.array([[0, 0, 0, 1], [1, 1, 0, IGNORE]])
+    pred1 = np.array([[10, 10, 20, 20], [20, 30, 10, 10]])
     # overlaps (valid pixels): 10: c0 3; 20: c0 1, c1 2; 30: c1 1 -> match {10: 0, 20: 1}
     # TP: c0 3 (10 on 0), c1 2 (20 on 1); FN: c0 1 (20 on 0), c1 1 (30, unmatched)
     # FP: c1 1 (segment 20 on a class-0 pixel)
@@ -63,9 +61,7 @@ def test_confusion_score_hand_computed():
     score.add(np.array([[0, 0, 1, 2]]), np.array([[0, 1, 1, IGNORE]]))
     score.add(np.array([[2, 2]]), np.array([[2, 0]]))
     result = score.result()
-    np.testing.assert_array_equal(result["confusion"], [[1, 0, 1],
-                                                        [1, 1, 0],
-                                                        [0, 0, 1]])
+    np.testing.assert_array_equal(result["confusion"], [[1, 0, 1], [1, 1, 0], [0, 0, 1]])
     # IoU: c0 1/(1+1+1), c1 1/(1+0+1), c2 1/(1+1+0)
     np.testing.assert_allclose(result["per_class_iou"], [1 / 3, 1 / 2, 1 / 2])
     assert result["miou"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)

@@ -10,7 +10,6 @@ import pytest
 import torch
 from open_clip import get_tokenizer
 
-from workers.models.stable_diffusion import ModelUnavailableError, load_stable_diffusion, resolve_device, resolve_dtype
 from workers.models.sd_ops import (
     add_noise,
     encode_latents,
@@ -21,6 +20,7 @@ from workers.models.sd_ops import (
     sample_noise,
     unet_noise,
 )
+from workers.models.stable_diffusion import ModelUnavailableError, load_stable_diffusion, resolve_device, resolve_dtype
 from workers.models.tiny_random import (
     RANDOM_WEIGHTS_MARKER,
     build_tiny_random,
@@ -53,8 +53,12 @@ def test_build_is_seeded_and_leaves_global_rng_alone():
 
 
 def test_tiny_model_has_sd_shapes_and_a_working_forward(tiny_sd):
-    assert tiny_sd.describe() == {"sd_model": tiny_sd.model_id, "device": "cpu", "dtype": "float32",
-                                  "random_weights": True}
+    assert tiny_sd.describe() == {
+        "sd_model": tiny_sd.model_id,
+        "device": "cpu",
+        "dtype": "float32",
+        "random_weights": True,
+    }
     assert tiny_sd.vae_scale_factor == 8
     assert not any(p.requires_grad for p in tiny_sd.unet.parameters())
     assert not tiny_sd.unet.training and not tiny_sd.vae.training and not tiny_sd.text_encoder.training
@@ -104,7 +108,7 @@ def test_tokenizer_agrees_with_open_clip(tiny_sd, text):
     ids = tiny_sd.tokenizer(text).input_ids
     reference = get_tokenizer("ViT-B-16")([text])[0]
     assert ids == reference[: len(ids)].tolist()
-    assert (reference[len(ids):] == 0).all()
+    assert (reference[len(ids) :] == 0).all()
 
 
 def test_tokenizer_loads_from_the_sd_repository_layout(tmp_path, tiny_sd):
@@ -114,9 +118,17 @@ def test_tokenizer_loads_from_the_sd_repository_layout(tmp_path, tiny_sd):
     vocab, merges = clip_bpe_vocabulary()
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-         "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+            }
+        )
+    )
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path)
     for text in ["a photo of a dog", "person with clothes, traffic light."]:
         assert tokenizer(text).input_ids == tiny_sd.tokenizer(text).input_ids
@@ -132,7 +144,8 @@ def test_missing_directory_is_reported(tmp_path):
 def test_incomplete_directory_is_reported(tmp_path, tiny_sd_dir):
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_bytes(
-        (tiny_sd_dir / "scheduler" / "scheduler_config.json").read_bytes())
+        (tiny_sd_dir / "scheduler" / "scheduler_config.json").read_bytes()
+    )
     with pytest.raises(ModelUnavailableError, match=str(tmp_path)):
         load_stable_diffusion(str(tmp_path), device="cpu")
 

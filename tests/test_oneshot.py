@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from workers.methods import oneshot
-from workers.models.attention import CapturingAttnProcessor, transformer_blocks
-from workers.models.stable_diffusion import load_stable_diffusion
 from workers.methods.oneshot import ModelMismatchError, OneshotModel, segment_oneshot, train_oneshot
-from workers.models.sd_ops import image_to_pixels
 from workers.methods.slime import mean_iou
+from workers.models.attention import CapturingAttnProcessor, transformer_blocks
+from workers.models.sd_ops import image_to_pixels
+from workers.models.stable_diffusion import load_stable_diffusion
 
 RESOLUTION = 256
 HEIGHT, WIDTH = 48, 80  # not square: labels must come back at the image's own size
@@ -81,8 +81,15 @@ def sd_like(tiny_sd_dir):
 def fitted(sd_like):
     image, mask = two_colour_example()
     progress = []
-    model = train_oneshot(sd_like, [image], [mask], LABELS, epochs=FIT_EPOCHS, resolution=RESOLUTION,
-                          report=lambda **p: progress.append(p))
+    model = train_oneshot(
+        sd_like,
+        [image],
+        [mask],
+        LABELS,
+        epochs=FIT_EPOCHS,
+        resolution=RESOLUTION,
+        report=lambda **p: progress.append(p),
+    )
     return model, progress
 
 
@@ -151,7 +158,11 @@ def test_json_round_trip_is_exact(sd_like, fitted):
     loaded = OneshotModel.from_json(json.loads(json.dumps(model.to_json())))
     assert torch.equal(loaded.vectors, model.vectors)
     assert (loaded.labels, loaded.sd_model, loaded.params, loaded.metrics) == (
-        model.labels, model.sd_model, model.params, model.metrics)
+        model.labels,
+        model.sd_model,
+        model.params,
+        model.metrics,
+    )
     image, _ = two_colour_example()
     first = segment_oneshot(sd_like, model, image, resolution=RESOLUTION)
     again = segment_oneshot(sd_like, loaded, image, resolution=RESOLUTION)
@@ -210,8 +221,15 @@ def test_report_runs_between_steps_and_evaluated_images(tiny_sd):
     """With many (or large) pictures an epoch is long: a cancel is seen after every step and image."""
     image, mask = two_colour_example()
     fractions = []
-    train_oneshot(tiny_sd, [image, image], [mask, mask], LABELS, epochs=1, resolution=RESOLUTION,
-                  report=lambda **p: fractions.append(p["fraction"]))
+    train_oneshot(
+        tiny_sd,
+        [image, image],
+        [mask, mask],
+        LABELS,
+        epochs=1,
+        resolution=RESOLUTION,
+        report=lambda **p: fractions.append(p["fraction"]),
+    )
     # after step 1 of 2; between the 2 images of the IoU check (the epoch's steps are done); its end
     assert fractions == [0.5, 1.0, 1.0]
 

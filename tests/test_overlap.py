@@ -13,8 +13,9 @@ from workers.engine.pictures import Prefetcher
 
 def prefetcher(connection, depth=2, max_bytes=2**30) -> Prefetcher:
     """Not started: the test calls decode_front() where the thread would."""
-    return Prefetcher(connection, [get_queue(connection, SEGMENT_QUEUE).key], picture_side, depth=depth,
-                      max_bytes=max_bytes)
+    return Prefetcher(
+        connection, [get_queue(connection, SEGMENT_QUEUE).key], picture_side, depth=depth, max_bytes=max_bytes
+    )
 
 
 def test_the_pictures_of_the_first_queued_jobs_are_decoded_ahead(worker_on):
@@ -26,8 +27,9 @@ def test_the_pictures_of_the_first_queued_jobs_are_decoded_ahead(worker_on):
 
     for job in jobs:  # the first two from memory, the third fetched; the same pixels either way
         key = job.args[0]["image"]["key"]
-        np.testing.assert_array_equal(ahead.load(connection, key, min_side=64),
-                                      load_image(connection, key, min_side=64))
+        np.testing.assert_array_equal(
+            ahead.load(connection, key, min_side=64), load_image(connection, key, min_side=64)
+        )
     assert (ahead.hits, ahead.misses) == (2, 1)
     ahead.decode_front()  # the same jobs again: read once, decoded once
     assert ahead.hits + len(ahead._pictures) == 2
@@ -75,8 +77,10 @@ def test_the_worker_reads_decoded_pictures_and_counts_its_busy_time(worker_on, m
     monkeypatch.setattr(Prefetcher, "look_ahead", Prefetcher.decode_front)
     # Every other job has a vocabulary: it runs start to end in its job function, which reads the
     # look-ahead too.
-    jobs = [submit(connection, settings, image, vocabulary=["sky", "grass"] if i % 2 else None)
-            for i, image in enumerate(pictures(4))]
+    jobs = [
+        submit(connection, settings, image, vocabulary=["sky", "grass"] if i % 2 else None)
+        for i, image in enumerate(pictures(4))
+    ]
     worker = run(max_batch=1)
     assert all(job.get_status(refresh=True) == "finished" for job in jobs)
     activity = worker.activity()

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from workers.models.tiny_random import clip_tokenizer
 from workers.methods.prompts import (
     PromptTooLongError,
     build_prompt,
@@ -9,6 +8,7 @@ from workers.methods.prompts import (
     pad_ids,
     word_spans,
 )
+from workers.models.tiny_random import clip_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,16 @@ def span_tokens(tokenizer, prompt, span):
 def test_tokenizer_matches_clip_ids(tokenizer):
     # Hand-checked against open_clip's SimpleTokenizer.
     assert tokenizer("a photo including car seat, car.")["input_ids"] == [
-        49406, 320, 1125, 2814, 1615, 4922, 267, 1615, 269, 49407
+        49406,
+        320,
+        1125,
+        2814,
+        1615,
+        4922,
+        267,
+        1615,
+        269,
+        49407,
     ]
 
 
@@ -45,7 +54,8 @@ def test_background_words_joining_rule(tokenizer):
     assert prompt.ids == tokenizer(prompt.text)["input_ids"]
     assert [span_tokens(tokenizer, prompt, span) for span in prompt.class_spans] == [["train</w>"], ["cat</w>"]]
     assert [span_tokens(tokenizer, prompt, span) for span in prompt.background_spans] == [
-        ["railway</w>"], ["track</w>"]
+        ["railway</w>"],
+        ["track</w>"],
     ]
     assert prompt.class_names == ["train", "cat"]
     assert prompt.background_words == ["railway", "track"]

@@ -105,13 +105,16 @@ def test_instance_labels_put_queries_first_then_the_others():
     assert labels.tolist() == [0, 3, 4, 1, 1]  # query 1 -> instance 2; instances 0 and 1 follow (3, 4)
 
 
-@pytest.mark.parametrize("query, span", [
-    ("<my-mug> mug", "<my-mug> mug"),
-    ("a <my-mug> Mug with cola", "<my-mug> Mug"),
-    ("<my-mug> on the left", "<my-mug>"),
-    ("a red mug", "mug"),
-    ("the red cup", "the red cup"),
-])
+@pytest.mark.parametrize(
+    "query, span",
+    [
+        ("<my-mug> mug", "<my-mug> mug"),
+        ("a <my-mug> Mug with cola", "<my-mug> Mug"),
+        ("<my-mug> on the left", "<my-mug>"),
+        ("a red mug", "mug"),
+        ("the red cup", "the red cup"),
+    ],
+)
 def test_query_span(query, span):
     start, end = query_span(query, "mug")
     assert query[start:end] == span
@@ -142,7 +145,7 @@ def planted_pass(calls: list):
         calls.append(([prompt.text for prompt in prompts], sorted(concepts or {})))
         cross = torch.full((len(prompts), GRID * GRID, 77), 0.01)
         for row, prompt in enumerate(prompts):
-            (start, end), = prompt.class_spans
+            ((start, end),) = prompt.class_spans
             if prompt.concept_positions:
                 (identifier,) = prompt.concept_positions
                 attention = colours @ concepts[identifier].vectors[0, :3]
@@ -171,8 +174,9 @@ def test_the_concept_picks_its_mug_among_two_look_alikes(tiny_sd, monkeypatch, c
     calls = []
     monkeypatch.setattr(referring, "selfcross_pass", planted_pass(calls))
     image = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
-    out = segment_referring(tiny_sd, image, "mug", ["<my-mug> mug"], concepts={"my-mug": concept_of(colour)},
-                            resolution=128)
+    out = segment_referring(
+        tiny_sd, image, "mug", ["<my-mug> mug"], concepts={"my-mug": concept_of(colour)}, resolution=128
+    )
     assert out.instances == 2
     regions = scene_regions().repeat_interleave(HEIGHT // GRID, 0).repeat_interleave(WIDTH // GRID, 1).numpy()
     other = 3 - instance_label
@@ -190,8 +194,9 @@ def test_several_queries_are_assigned_jointly(tiny_sd, monkeypatch):
     # "a mug" attends to both mugs equally: alone it would take the first (the red one, the concept's);
     # assigned jointly with the concept's query it gets the other.
     queries = ["<my-mug> mug", "a mug"]
-    out = segment_referring(tiny_sd, image, "mug", queries, concepts={"my-mug": concept_of((1.0, 0.0, 0.0))},
-                            resolution=128)
+    out = segment_referring(
+        tiny_sd, image, "mug", queries, concepts={"my-mug": concept_of((1.0, 0.0, 0.0))}, resolution=128
+    )
     regions = scene_regions().repeat_interleave(HEIGHT // GRID, 0).repeat_interleave(WIDTH // GRID, 1).numpy()
     assert (out.labels[regions == 1] == 1).mean() > 0.9 and (out.labels[regions == 2] == 2).mean() > 0.9
     assert np.allclose(out.instance_scores, [[1.0, 0.0], [1.0, 1.0]], atol=1e-5)
@@ -219,8 +224,13 @@ def test_referring_runs_on_both_topologies(request, model):
     sd = request.getfixturevalue(model)
     width = sd.text_encoder.get_input_embeddings().weight.shape[1]
     generator = torch.Generator().manual_seed(0)
-    kv = {name: (layer.to_k.weight + 0.1 * torch.randn(layer.to_k.weight.shape, generator=generator),
-                 layer.to_v.weight.clone()) for name, layer in cross_attention_layers(sd.unet).items()}
+    kv = {
+        name: (
+            layer.to_k.weight + 0.1 * torch.randn(layer.to_k.weight.shape, generator=generator),
+            layer.to_v.weight.clone(),
+        )
+        for name, layer in cross_attention_layers(sd.unet).items()
+    }
     concept = Concept("my-mug", "mug", torch.randn(2, width, generator=generator), kv)
     image = np.random.default_rng(0).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
     queries = ["a <my-mug> mug with cola", "a red mug"]

@@ -90,7 +90,9 @@ def test_label_map_segments_of_a_12_megapixel_map():
         mask = labels == value
         assert mask_rle == coco_encode(mask)
         assert area == int(mask.sum())
-        assert box == coco.toBbox({"size": mask_rle["size"], "counts": mask_rle["counts"].encode()}).astype(int).tolist()
+        assert (
+            box == coco.toBbox({"size": mask_rle["size"], "counts": mask_rle["counts"].encode()}).astype(int).tolist()
+        )
 
 
 def test_decode_rejects_inconsistent_size():

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from workers.methods import textseg
-from workers.models.attention import AttentionStore
 from workers.methods.prompts import PromptTooLongError, build_prompt
 from workers.methods.textseg import (
     gem_channels,
@@ -21,13 +20,17 @@ from workers.methods.textseg import (
     selfcross_draw,
     split_classes,
 )
+from workers.models.attention import AttentionStore
 
 CLASSES = ["cat", "dog", "big tree"]
 HEIGHT, WIDTH = 90, 120
 RESOLUTION = 256
 # 30 names of 5 tokens each: 30 * (5 + 1 separator) tokens need three 77-token prompts.
-LONG_CLASSES = [f"small {colour} {thing} with stripes" for colour in ("red", "green", "blue", "black", "white")
-                for thing in ("car", "dog", "cat", "house", "tree", "boat")]
+LONG_CLASSES = [
+    f"small {colour} {thing} with stripes"
+    for colour in ("red", "green", "blue", "black", "white")
+    for thing in ("car", "dog", "cat", "house", "tree", "boat")
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +44,15 @@ def runs(tiny_sd, tiny_clip, image):
     results = {}
     for method in textseg.METHODS:
         reports = []
-        first = segment_text(tiny_sd, tiny_clip, image, CLASSES, method=method, resolution=RESOLUTION,
-                             report=lambda stage, fraction: reports.append((stage, fraction)))
+        first = segment_text(
+            tiny_sd,
+            tiny_clip,
+            image,
+            CLASSES,
+            method=method,
+            resolution=RESOLUTION,
+            report=lambda stage, fraction, reports=reports: reports.append((stage, fraction)),
+        )
         second = segment_text(tiny_sd, tiny_clip, image, CLASSES, method=method, resolution=RESOLUTION)
         results[method] = (first, second, reports)
     return results
@@ -134,8 +144,17 @@ def test_selfcross_draws_use_consecutive_seeds_and_are_averaged(tiny_sd, image, 
     gates = []
     scores = textseg.selfcross_scores
     monkeypatch.setattr(textseg, "selfcross_scores", lambda *args: gates.append(args[4]) or scores(*args))
-    out = segment_text(tiny_sd, None, image, ["cat", "dog"], samples=2, seed=10, resolution=RESOLUTION,
-                       gate_threshold=0.5, background_threshold=0.75)
+    out = segment_text(
+        tiny_sd,
+        None,
+        image,
+        ["cat", "dog"],
+        samples=2,
+        seed=10,
+        resolution=RESOLUTION,
+        gate_threshold=0.5,
+        background_threshold=0.75,
+    )
     assert gates == [0.5, 0.5] and set(out.scores) == {0}
 
 
@@ -181,8 +200,10 @@ def test_selfcross_draw_averages_exactly_each_prompts_class_spans(tiny_sd):
     """Class tokens attend to their own column band; the tokens right before and after every span
     attend to a decoy band. With S = identity the SelfCross maps are exactly the class bands."""
     grid = 8
-    prompts = [build_prompt(tiny_sd.tokenizer, ["red sports car", "dog"]),
-               build_prompt(tiny_sd.tokenizer, ["traffic light"])]
+    prompts = [
+        build_prompt(tiny_sd.tokenizer, ["red sports car", "dog"]),
+        build_prompt(tiny_sd.tokenizer, ["traffic light"]),
+    ]
     bands = [(0, 2), (2, 4), (4, 6)]  # columns of the classes, in order over the prompts
     decoy = (6, 8)
     cross = torch.zeros(len(prompts), grid, grid, 77)
@@ -192,7 +213,7 @@ def test_selfcross_draw_averages_exactly_each_prompts_class_spans(tiny_sd):
         for start, end in prompt.class_spans:
             first, last = bands[class_index]
             cross[row, :, first:last, start:end] = 1.0
-            cross[row, :, decoy[0]:decoy[1], [start - 1, end]] = 1.0
+            cross[row, :, decoy[0] : decoy[1], [start - 1, end]] = 1.0
             expected[class_index, :, first:last] = 1.0
             class_index += 1
     store = AttentionStore()

@@ -50,13 +50,16 @@ def browser():
 
 @pytest.fixture
 def page(browser, stack):
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True,
-                                  base_url=stack.base_url)
+    context = browser.new_context(
+        viewport={"width": 1280, "height": 900}, accept_downloads=True, base_url=stack.base_url
+    )
     page = context.new_page()
     problems = []
     # CSP violations and script errors surface here; failed requests (our 401s) are expected.
-    page.on("console", lambda m: m.type == "error" and not m.text.startswith("Failed to load resource")
-            and problems.append(m.text))
+    page.on(
+        "console",
+        lambda m: m.type == "error" and not m.text.startswith("Failed to load resource") and problems.append(m.text),
+    )
     page.on("pageerror", lambda e: problems.append(str(e)))
     page.goto("/ui")
     expect(page.locator("html[data-ready=true]")).to_have_count(1)
@@ -115,8 +118,9 @@ def check_drawn_mask(page, picture: bytes, segment: dict, index: int):
     original = np.asarray(Image.open(io.BytesIO(picture)).convert("RGB")).astype(int)
     shown = canvas_pixels(page).astype(int)
     assert shown.shape == original.shape
-    mask = coco.decode({"size": segment["segmentation"]["size"],
-                        "counts": segment["segmentation"]["counts"].encode()}).astype(bool)
+    mask = coco.decode(
+        {"size": segment["segmentation"]["size"], "counts": segment["segmentation"]["counts"].encode()}
+    ).astype(bool)
     assert (np.abs(shown - original).max(axis=-1)[mask] > 2).mean() > 0.9  # tinted
     page.click(f"#segment-toggle-{index}")
     expect(page.locator("#legend li").nth(index)).to_have_class(re.compile(r"\boff\b"))
@@ -145,28 +149,45 @@ def test_the_page_is_served_with_its_assets_under_a_strict_policy(stack):
 
 def test_rle_decoder_matches_the_python_encoder(page):
     rng = np.random.default_rng(0)
-    masks = [np.zeros((1, 1), bool), np.ones((1, 1), bool), np.ones((7, 1), bool), np.zeros((1, 9), bool),
-             rng.random((23, 37)) > 0.5, rng.random((64, 48)) > 0.9, np.ones((40, 30), bool)]
+    masks = [
+        np.zeros((1, 1), bool),
+        np.ones((1, 1), bool),
+        np.ones((7, 1), bool),
+        np.zeros((1, 9), bool),
+        rng.random((23, 37)) > 0.5,
+        rng.random((64, 48)) > 0.9,
+        np.ones((40, 30), bool),
+    ]
     stripes = np.zeros((50, 80), bool)
     stripes[:, ::3] = True
     masks.append(stripes)
     encoded = [rle.encode(mask) for mask in masks]
-    decoded = page.evaluate("""async (rles) => {
+    decoded = page.evaluate(
+        """async (rles) => {
         const { labelMap } = await import("./js/rle.js");
         return rles.map((r) => Array.from(labelMap([{ id: 1, segmentation: r }], ...r.size)));
-    }""", encoded)
+    }""",
+        encoded,
+    )
     for mask, flat in zip(masks, decoded):  # segment index 0 where the mask is set, -1 elsewhere
         np.testing.assert_array_equal(np.array(flat).reshape(mask.shape), np.where(mask, 0, -1))
     # Several segments: each pixel gets the index of the segment covering it.
     labels = rng.integers(0, 5, (30, 20))
     segments = [{"id": i + 1, "segmentation": rle.encode(labels == i)} for i in range(5)]
-    painted = page.evaluate("""async (segments) => Array.from(
-        (await import("./js/rle.js")).labelMap(segments, 30, 20))""", segments)
+    painted = page.evaluate(
+        """async (segments) => Array.from(
+        (await import("./js/rle.js")).labelMap(segments, 30, 20))""",
+        segments,
+    )
     np.testing.assert_array_equal(np.array(painted).reshape(30, 20), labels)
     # Counts past 2^31 (pictures over 2 Gpx are refused, but the string format allows them) and deltas < 0.
     counts = [0, 5, 2**31 + 7, 3, 2**40, 1, 2]
-    assert page.evaluate("""async (text) => (await import("./js/rle.js")).stringToCounts(text)""",
-                         rle.counts_to_string(counts)) == counts
+    assert (
+        page.evaluate(
+            """async (text) => (await import("./js/rle.js")).stringToCounts(text)""", rle.counts_to_string(counts)
+        )
+        == counts
+    )
     message = page.evaluate("""async () => {
         const { labelMap } = await import("./js/rle.js");
         try { labelMap([{ id: 1, segmentation: { size: [2, 2], counts: [1, 2] } }], 2, 2); return null; }
@@ -213,8 +234,9 @@ def test_unsupervised_overlay_legend_toggle_and_download(page, stack, tmp_path):
     segments = job["result"]["segments"]
     assert len(segments) >= 2
     expect(legend).to_have_count(len(segments))
-    expect(page.locator("#canvas")).to_have_attribute("aria-label",
-                                                      f"The picture with {len(segments)} segments drawn over it")
+    expect(page.locator("#canvas")).to_have_attribute(
+        "aria-label", f"The picture with {len(segments)} segments drawn over it"
+    )
     expect(legend.nth(1).locator(".name")).to_have_text("segment 2")
 
     original, shown, second = check_drawn_mask(page, picture, segments[1], 1)
@@ -312,8 +334,9 @@ def test_oneshot_train_with_live_progress_then_segment(page, tmp_path):
     done = re.compile(r"^Done: epoch 40 / 40 · loss \d+\.\d{3} · best IoU \d\.\d\d$")
     expect(page.locator("#train-progress-text")).to_have_text(done, timeout=JOB_TIMEOUT_MS)
     seen = page.evaluate("window.progressSeen")
-    assert any(re.fullmatch(r"Training: epoch \d+ / 40 · loss \d+\.\d{3}( · best IoU \d\.\d\d)?", text)
-               for text in seen), seen
+    assert any(
+        re.fullmatch(r"Training: epoch \d+ / 40 · loss \d+\.\d{3}( · best IoU \d\.\d\d)?", text) for text in seen
+    ), seen
     expect(page.locator("#train-progress progress")).to_have_js_property("value", 1)
     model = page.locator("#model option:checked")
     expect(model).to_contain_text(re.compile(r"^left, right \(ready, IoU \d\.\d\d\)"))
@@ -341,8 +364,9 @@ def object_photos(count: int) -> list[dict]:
 def legend_names(result: dict, class_word: str) -> list[str]:
     """What the legend should say: each segment's label; the class's other instances numbered after the queries."""
     others = iter(range(1, len(result["segments"]) + 1))
-    return [s["label"] if s["label_id"] is not None else f"other {class_word} {next(others)}"
-            for s in result["segments"]]
+    return [
+        s["label"] if s["label_id"] is not None else f"other {class_word} {next(others)}" for s in result["segments"]
+    ]
 
 
 def test_find_my_object_teach_a_concept_then_find_it(page, tmp_path):
@@ -381,8 +405,11 @@ def test_find_my_object_teach_a_concept_then_find_it(page, tmp_path):
     # Random weights find one instance: one query gets it, the other is said not found.
     expect(page.locator("#legend li .name")).to_have_text(legend_names(result, "mug"))
     found = [i for i, s in enumerate(result["segments"]) if s["label_id"]]
-    missing = [label for label_id, label in enumerate(result["labels"][1:], 1)
-               if label_id not in {s["label_id"] for s in result["segments"]}]
+    missing = [
+        label
+        for label_id, label in enumerate(result["labels"][1:], 1)
+        if label_id not in {s["label_id"] for s in result["segments"]}
+    ]
     meta = page.locator("#result-meta")
     expect(meta).to_contain_text(f"{result['instances']} instances")
     if missing:
@@ -402,20 +429,44 @@ def test_find_my_object_names_and_colours_every_instance(page, tmp_path):
     queries = ["<my-mug> mug", "a red mug"]
     labels = np.zeros((90, 120), np.int64)  # as the worker's: 0 background, 1 + query index, then the others
     for label in range(1, 5):
-        labels[20:70, 30 * (label - 1):30 * label] = label
+        labels[20:70, 30 * (label - 1) : 30 * label] = label
     names, label_ids = ["background", *queries, None, None], [0, 1, 2, None, None]
-    segments = [{"id": i + 1, "label": names[label], "label_id": label_ids[label], "score": None, "area": area,
-                 "bbox": box, "segmentation": mask}
-                for i, (label, mask, area, box) in enumerate(rle.label_map_to_segments(labels))]
+    segments = [
+        {
+            "id": i + 1,
+            "label": names[label],
+            "label_id": label_ids[label],
+            "score": None,
+            "area": area,
+            "bbox": box,
+            "segmentation": mask,
+        }
+        for i, (label, mask, area, box) in enumerate(rle.label_map_to_segments(labels))
+    ]
     params = {"class_word": "mug", "queries": queries, "seed": 1, "resolution": 256}
-    queued = {"id": "made-up", "kind": "referring", "status": "queued", "progress": {"stage": "queued", "fraction": 0},
-              "params": params}
-    result = {"image": {"width": 120, "height": 90}, "segments": segments, "labels": ["background", *queries],
-              "instances": 4, "instance_scores": [[0.9, 0.1, 0.1, 0.1], [0.1, 0.8, 0.1, 0.1]],
-              "random_weights": False, "timings_ms": {"inference": 1200.0}}
+    queued = {
+        "id": "made-up",
+        "kind": "referring",
+        "status": "queued",
+        "progress": {"stage": "queued", "fraction": 0},
+        "params": params,
+    }
+    result = {
+        "image": {"width": 120, "height": 90},
+        "segments": segments,
+        "labels": ["background", *queries],
+        "instances": 4,
+        "instance_scores": [[0.9, 0.1, 0.1, 0.1], [0.1, 0.8, 0.1, 0.1]],
+        "random_weights": False,
+        "timings_ms": {"inference": 1200.0},
+    }
     page.route("**/segment/referring", lambda route: route.fulfill(status=202, json=queued))
-    page.route(re.compile(r"/jobs/made-up\?"), lambda route: route.fulfill(json={
-        **queued, "status": "succeeded", "progress": {"stage": "done", "fraction": 1}, "result": result}))
+    page.route(
+        re.compile(r"/jobs/made-up\?"),
+        lambda route: route.fulfill(
+            json={**queued, "status": "succeeded", "progress": {"stage": "done", "fraction": 1}, "result": result}
+        ),
+    )
 
     use_key(page)
     page.click("label[for=method-referring]")
@@ -424,8 +475,9 @@ def test_find_my_object_names_and_colours_every_instance(page, tmp_path):
     page.fill("#queries", "\n".join(queries))
     page.click("#referring-submit")
     names = page.locator("#legend li .name")
-    expect(names).to_have_text(["background", "<my-mug> mug", "a red mug", "other mug 1", "other mug 2"],
-                               timeout=JOB_TIMEOUT_MS)
+    expect(names).to_have_text(
+        ["background", "<my-mug> mug", "a red mug", "other mug 1", "other mug 2"], timeout=JOB_TIMEOUT_MS
+    )
     assert legend_names(result, "mug") == names.all_text_contents()
     swatches = page.eval_on_selector_all("#legend .swatch", "els => els.map((el) => el.style.backgroundColor)")
     assert len(set(swatches)) == 5, swatches
@@ -447,8 +499,9 @@ def test_find_my_object_errors_are_shown_next_to_the_field(page):
     page.fill("#concept-identifier", "two-mugs")
     page.fill("#concept-class-word", "mug")
     page.click("#concept-train-submit")
-    expect_error_at(page, "#concept-train-form", "#concept-photos", "422 invalid_field",
-                    "give 3 to 20 photos in `images`, got 2")
+    expect_error_at(
+        page, "#concept-train-form", "#concept-photos", "422 invalid_field", "give 3 to 20 photos in `images`, got 2"
+    )
 
     page.set_input_files("#concept-photos", files=object_photos(3))
     page.fill("#concept-identifier", "my mug!")

@@ -16,8 +16,9 @@ class AttnsegError(Exception):
 class ApiError(AttnsegError):
     """The API answered with an error status."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 retry_after: float | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, field: str | None = None, retry_after: float | None = None
+    ):
         where = f" (field: {field})" if field else ""
         super().__init__(f"{status} {code}: {message}{where}")
         self.status = status
@@ -72,8 +73,17 @@ class ServerError(ApiError):
 
 
 ERRORS_BY_STATUS: dict[int, type[ApiError]] = {
-    400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 410: Gone,
-    413: PayloadTooLarge, 415: UnsupportedMediaType, 422: InvalidRequest, 429: QueueFull, 503: Unavailable,
+    400: InvalidRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    410: Gone,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    422: InvalidRequest,
+    429: QueueFull,
+    503: Unavailable,
 }
 
 

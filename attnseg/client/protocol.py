@@ -68,8 +68,14 @@ def client_options(base_url: str, api_key: str | None, timeout: float) -> dict:
 
 def request_arguments(call: Call, timeout: float) -> dict:
     """Keyword arguments for `httpx.Client.request`, the read timeout stretched by the server's hold."""
-    return {"method": call.method, "url": call.path, "params": call.params, "data": call.data, "files": call.files,
-            "timeout": httpx.Timeout(timeout, read=timeout + call.hold_s)}
+    return {
+        "method": call.method,
+        "url": call.path,
+        "params": call.params,
+        "data": call.data,
+        "files": call.files,
+        "timeout": httpx.Timeout(timeout, read=timeout + call.hold_s),
+    }
 
 
 def form_fields(params: dict[str, Any]) -> dict[str, str]:
@@ -135,8 +141,9 @@ def concept_import_call(identifier: str, class_word: str, embeddings, weights=No
     files = [("embeddings", file_part(embeddings, "learned_embeds.safetensors"))]
     if weights is not None:
         files.append(("weights", file_part(weights, "pytorch_custom_diffusion_weights.safetensors")))
-    return Call("POST", "/concepts/import", data=form_fields({"identifier": identifier, "class_word": class_word}),
-                files=files)
+    return Call(
+        "POST", "/concepts/import", data=form_fields({"identifier": identifier, "class_word": class_word}), files=files
+    )
 
 
 def concept_call(concept_id: str, method: str = "GET") -> Call:
@@ -152,8 +159,12 @@ def concept_file_call(concept_id: str, name: str) -> Call:
 
 
 def oneshot_segment_call(model_id: str, image: ImageInput, params: dict) -> Call:
-    return Call("POST", segment_path("oneshot", model_id, "segment"), data=form_fields(params),
-                files=[("image", file_part(image, "image"))])
+    return Call(
+        "POST",
+        segment_path("oneshot", model_id, "segment"),
+        data=form_fields(params),
+        files=[("image", file_part(image, "image"))],
+    )
 
 
 def job_call(job_id: str, hold_s: float = 0.0, progress: bool = False) -> Call:
@@ -202,8 +213,9 @@ def api_error(response: httpx.Response) -> ApiError:
         code, message, field = body["code"], body["message"], body.get("field")
     except (ValueError, KeyError, TypeError):
         code, message, field = f"http_{response.status_code}", response.text[:300] or response.reason_phrase, None
-    return error_class(response.status_code)(response.status_code, code, message, field,
-                                              retry_after=header_seconds(response.headers.get("retry-after")))
+    return error_class(response.status_code)(
+        response.status_code, code, message, field, retry_after=header_seconds(response.headers.get("retry-after"))
+    )
 
 
 def request(call: Call, retries: int) -> Operation[httpx.Response]:
@@ -238,12 +250,22 @@ def finished(state: JobState) -> JobState:
         return state
     error = state.error or {}
     kind = JobCanceled if state.status == "canceled" else JobFailed
-    raise kind(state.id, error.get("code", state.status), error.get("message", f"the job is {state.status}"),
-               error.get("field"), job=state)
+    raise kind(
+        state.id,
+        error.get("code", state.status),
+        error.get("message", f"the job is {state.status}"),
+        error.get("field"),
+        job=state,
+    )
 
 
-def wait_job(state: JobState, timeout: float | None, on_progress: Callable[[Progress], Any] | None, retries: int,
-             observe: Callable[[JobState], Any]) -> Operation[JobState]:
+def wait_job(
+    state: JobState,
+    timeout: float | None,
+    on_progress: Callable[[Progress], Any] | None,
+    retries: int,
+    observe: Callable[[JobState], Any],
+) -> Operation[JobState]:
     """Long-poll until the job ends. `observe` sees every reading; `on_progress` each change of progress."""
     deadline = None if timeout is None else time.monotonic() + timeout
     seen = None
@@ -259,13 +281,20 @@ def wait_job(state: JobState, timeout: float | None, on_progress: Callable[[Prog
             if left <= 0:
                 raise WaitTimeout(f"job {state.id} is still {state.status} after {timeout} s")
             hold = min(hold, left)
-        state = JobState.from_api((yield from read_json(job_call(state.id, hold, progress=on_progress is not None),
-                                                        retries)))
+        state = JobState.from_api(
+            (yield from read_json(job_call(state.id, hold, progress=on_progress is not None), retries))
+        )
         observe(state)
 
 
-def wait_record(job_id: str, record_call: Call, in_the_making: bool, timeout: float | None,
-                on_progress: Callable[[Progress], Any] | None, retries: int) -> Operation[dict]:
+def wait_record(
+    job_id: str,
+    record_call: Call,
+    in_the_making: bool,
+    timeout: float | None,
+    on_progress: Callable[[Progress], Any] | None,
+    retries: int,
+) -> Operation[dict]:
     """Wait for the job that makes a record (a model's training, a concept's training or import) while
     `in_the_making`, then read the record; JobFailed / JobCanceled if that job, or the record, failed."""
     if in_the_making:

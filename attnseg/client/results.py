@@ -29,9 +29,12 @@ class Progress:
     best_iou: float | None = None
 
     @classmethod
-    def from_api(cls, body: dict) -> "Progress":
-        return cls(stage=body["stage"], fraction=body["fraction"],
-                   **{name: body.get(name) for name in ("epoch", "epochs", "step", "steps", "loss", "best_iou")})
+    def from_api(cls, body: dict) -> Progress:
+        return cls(
+            stage=body["stage"],
+            fraction=body["fraction"],
+            **{name: body.get(name) for name in ("epoch", "epochs", "step", "steps", "loss", "best_iou")},
+        )
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,16 @@ class Segment:
         return rle.decode(self.rle)
 
     @classmethod
-    def from_api(cls, body: dict) -> "Segment":
-        return cls(id=body["id"], label=body.get("label"), label_id=body.get("label_id"), score=body.get("score"),
-                   area=body["area"], bbox=tuple(body["bbox"]), rle=body["segmentation"])
+    def from_api(cls, body: dict) -> Segment:
+        return cls(
+            id=body["id"],
+            label=body.get("label"),
+            label_id=body.get("label_id"),
+            score=body.get("score"),
+            area=body["area"],
+            bbox=tuple(body["bbox"]),
+            rle=body["segmentation"],
+        )
 
 
 @dataclass(frozen=True)
@@ -68,11 +78,16 @@ class Result:
     raw: dict = field(repr=False)  # the API's JSON, as received
 
     @classmethod
-    def from_api(cls, body: dict) -> "Result":
-        return cls(width=body["image"]["width"], height=body["image"]["height"],
-                   segments=[Segment.from_api(s) for s in body["segments"]], labels=body.get("labels"),
-                   random_weights=body.get("random_weights", False), timings_ms=body.get("timings_ms", {}),
-                   raw=body)
+    def from_api(cls, body: dict) -> Result:
+        return cls(
+            width=body["image"]["width"],
+            height=body["image"]["height"],
+            segments=[Segment.from_api(s) for s in body["segments"]],
+            labels=body.get("labels"),
+            random_weights=body.get("random_weights", False),
+            timings_ms=body.get("timings_ms", {}),
+            raw=body,
+        )
 
     def label_map(self) -> np.ndarray:
         """(H, W) int32: each pixel's `label_id` (text, one-shot, referring: 0 is background), or its segment
@@ -118,13 +133,19 @@ class JobState:
         return self.status in FINAL_STATUSES
 
     @classmethod
-    def from_api(cls, body: dict) -> "JobState":
-        return cls(id=body["id"], kind=body["kind"], status=body["status"],
-                   progress=Progress.from_api(body["progress"]), model_id=body.get("model_id"),
-                   concept_id=body.get("concept_id"), params=body.get("params") or {}, error=body.get("error"),
-                   **{name: parse_time(body.get(name)) for name in ("created_at", "started_at", "finished_at",
-                                                                     "expires_at")},
-                   raw=body)
+    def from_api(cls, body: dict) -> JobState:
+        return cls(
+            id=body["id"],
+            kind=body["kind"],
+            status=body["status"],
+            progress=Progress.from_api(body["progress"]),
+            model_id=body.get("model_id"),
+            concept_id=body.get("concept_id"),
+            params=body.get("params") or {},
+            error=body.get("error"),
+            **{name: parse_time(body.get(name)) for name in ("created_at", "started_at", "finished_at", "expires_at")},
+            raw=body,
+        )
 
 
 @dataclass(frozen=True)
@@ -140,9 +161,16 @@ class ModelState:
     raw: dict = field(repr=False)
 
     @classmethod
-    def from_api(cls, body: dict) -> "ModelState":
-        return cls(id=body["id"], status=body["status"], labels=body["labels"], metrics=body.get("metrics") or {},
-                   train_job_id=body["train_job_id"], error=body.get("error"), raw=body)
+    def from_api(cls, body: dict) -> ModelState:
+        return cls(
+            id=body["id"],
+            status=body["status"],
+            labels=body["labels"],
+            metrics=body.get("metrics") or {},
+            train_job_id=body["train_job_id"],
+            error=body.get("error"),
+            raw=body,
+        )
 
 
 @dataclass(frozen=True)
@@ -161,10 +189,19 @@ class ConceptState:
     raw: dict = field(repr=False)
 
     @classmethod
-    def from_api(cls, body: dict) -> "ConceptState":
-        return cls(id=body["id"], identifier=body["identifier"], class_word=body["class_word"], status=body["status"],
-                   method=body.get("method"), files=body.get("files") or [], metrics=body.get("metrics") or {},
-                   job_id=body["job_id"], error=body.get("error"), raw=body)
+    def from_api(cls, body: dict) -> ConceptState:
+        return cls(
+            id=body["id"],
+            identifier=body["identifier"],
+            class_word=body["class_word"],
+            status=body["status"],
+            method=body.get("method"),
+            files=body.get("files") or [],
+            metrics=body.get("metrics") or {},
+            job_id=body["job_id"],
+            error=body.get("error"),
+            raw=body,
+        )
 
 
 def segmentation_result(state: JobState) -> Result:

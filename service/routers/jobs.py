@@ -39,33 +39,50 @@ def fetch_job(connection, job_id: str, tenant: str) -> RQJob:
             pass
     meta = job.get_meta(refresh=False) if job is not None else {}
     if "kind" not in meta or not owned_by(meta, tenant):
-        raise ApiError(404, "not_found", f"no job with id '{shown_id(job_id)}' (finished jobs are kept for a "
-                                         "limited time, see expires_at)", field="job_id")
+        raise ApiError(
+            404,
+            "not_found",
+            f"no job with id '{shown_id(job_id)}' (finished jobs are kept for a limited time, see expires_at)",
+            field="job_id",
+        )
     return job
 
 
 @router.get("/{job_id}", response_model=Job, responses=error_responses(401, 404, 422, 503))
-async def get_job(job_id: str, request: Request,
-                  wait: float = Query(0, ge=0, le=60, description="Hold up to this many seconds until the job ends "
-                                                                  "(a shutting-down API answers at once)."),
-                  progress: bool = Query(False, description="With `wait`: also answer as soon as the job's status "
-                                                            "or progress changes (for progress bars)."),
-                  tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
-                  connection=Depends(get_redis), job_events: JobEvents = Depends(get_job_events)):
+async def get_job(
+    job_id: str,
+    request: Request,
+    wait: float = Query(
+        0,
+        ge=0,
+        le=60,
+        description="Hold up to this many seconds until the job ends (a shutting-down API answers at once).",
+    ),
+    progress: bool = Query(
+        False,
+        description="With `wait`: also answer as soon as the job's status or progress changes (for progress bars).",
+    ),
+    tenant: str = Depends(current_tenant),
+    settings: Settings = Depends(get_settings),
+    connection=Depends(get_redis),
+    job_events: JobEvents = Depends(get_job_events),
+):
     deadline = time.monotonic() + wait
     first_seen = None
     with job_events.watch(job_id, progress=progress) as woken:
         while True:
             woken.clear()  # before the read: a signal sent after it wakes the wait below
-            view = await run_in_threadpool(lambda: job_view(connection, fetch_job(connection, job_id, tenant),
-                                                            settings))
+            view = await run_in_threadpool(
+                lambda: job_view(connection, fetch_job(connection, job_id, tenant), settings)
+            )
             seen = (view["status"], view["progress"])
             first_seen = first_seen or seen
             if wait_is_over(view, deadline) or (progress and seen != first_seen):
                 return view
             pause = RECHECK_S if job_events.listening else POLL_S
-            if not await wait_unless_shutting_down(request.app, woken,
-                                                   min(pause, max(0.0, deadline - time.monotonic()))):
+            if not await wait_unless_shutting_down(
+                request.app, woken, min(pause, max(0.0, deadline - time.monotonic()))
+            ):
                 return view
 
 
@@ -75,23 +92,35 @@ def wait_is_over(view: dict, deadline: float) -> bool:
 
 
 @router.delete("/{job_id}", response_model=Job, responses=error_responses(401, 404, 422, 503))
-def cancel_job(job_id: str, tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
-               connection=Depends(get_redis)):
+def cancel_job(
+    job_id: str,
+    tenant: str = Depends(current_tenant),
+    settings: Settings = Depends(get_settings),
+    connection=Depends(get_redis),
+):
     """Cancels a queued job at once; asks a running one to stop (the worker checks between steps)."""
     cancel(connection, fetch_job(connection, job_id, tenant), settings)
     return job_view(connection, fetch_job(connection, job_id, tenant), settings)
 
 
-@router.get("/{job_id}/overlay.png", response_class=Response,
-            responses={200: {"content": {"image/png": {}}}, **error_responses(401, 404, 409, 410, 422, 503)})
-def job_overlay(job_id: str, tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
-                connection=Depends(get_redis)):
+@router.get(
+    "/{job_id}/overlay.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, **error_responses(401, 404, 409, 410, 422, 503)},
+)
+def job_overlay(
+    job_id: str,
+    tenant: str = Depends(current_tenant),
+    settings: Settings = Depends(get_settings),
+    connection=Depends(get_redis),
+):
     """The image with the job's segments drawn and labelled, for people."""
     job = fetch_job(connection, job_id, tenant)
     view = job_view(connection, job, settings)
     if view["status"] != "succeeded" or "segments" not in (view["result"] or {}):
-        raise ApiError(409, "not_ready", f"job {job_id} is {view['status']}; an overlay needs a succeeded "
-                                         "segmentation job")
+        raise ApiError(
+            409, "not_ready", f"job {job_id} is {view['status']}; an overlay needs a succeeded segmentation job"
+        )
     key = job.args[0]["image"]["key"]
     try:
         image = load_image(connection, key)

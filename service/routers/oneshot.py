@@ -14,8 +14,16 @@ from attnseg.settings import Settings
 from service.deps import current_tenant, get_redis, get_settings
 from service.errors import ApiError, error_responses
 from service.records import cancel_job, with_job_state
-from service.schemas import (MAX_OFFSET, Job, OneshotModel, OneshotModelList, OneshotSegmentParams, TrainParams,
-                             shown_id, valid_id)
+from service.schemas import (
+    MAX_OFFSET,
+    Job,
+    OneshotModel,
+    OneshotModelList,
+    OneshotSegmentParams,
+    TrainParams,
+    shown_id,
+    valid_id,
+)
 from service.submissions import openapi_body, read_submission, validate_params
 from service.submit import checked_mask, image_entry, submit_job
 from service.uploads import CheckedImage, check_image, decode_mask
@@ -28,15 +36,24 @@ SEGMENT_ERRORS = error_responses(400, 401, 404, 409, 413, 415, 422, 429, 503)
 def check_mask(mask: np.ndarray, image: CheckedImage, num_classes: int, field: str) -> set[int]:
     """The class ids present; each error names the file and the problem (nothing is stored before all pass)."""
     if mask.shape != (image.height, image.width):
-        raise ApiError(422, "invalid_mask", f"{field} is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                                            f"{image.width}x{image.height}; a mask must have its image's size",
-                       field=field)
+        raise ApiError(
+            422,
+            "invalid_mask",
+            f"{field} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+            f"{image.width}x{image.height}; a mask must have its image's size",
+            field=field,
+        )
     values = np.unique(mask)
     outside = values[(values < 0) | (values >= num_classes)]
     if outside.size:
-        raise ApiError(422, "invalid_mask", f"{field} has class ids {outside[:8].tolist()} but `labels` names "
-                                            f"{num_classes - 1} parts: ids must be 0 (background) to "
-                                            f"{num_classes - 1}", field=field)
+        raise ApiError(
+            422,
+            "invalid_mask",
+            f"{field} has class ids {outside[:8].tolist()} but `labels` names "
+            f"{num_classes - 1} parts: ids must be 0 (background) to "
+            f"{num_classes - 1}",
+            field=field,
+        )
     if not (values > 0).any():
         raise ApiError(422, "invalid_mask", f"{field} has no part pixel (all background)", field=field)
     return {int(value) for value in values}
@@ -59,11 +76,21 @@ def get_record(connection, model_id: str, tenant: str) -> dict:
     return record
 
 
-@router.post("/train", status_code=202, response_model=Job, responses=TRAIN_ERRORS,
-             openapi_extra=openapi_body(TrainParams, {"images": True, "masks": True}),
-             summary="Train a one-shot part model (SLiMe) from images and label masks")
-async def train(request: Request, response: Response, tenant: str = Depends(current_tenant),
-                settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+@router.post(
+    "/train",
+    status_code=202,
+    response_model=Job,
+    responses=TRAIN_ERRORS,
+    openapi_extra=openapi_body(TrainParams, {"images": True, "masks": True}),
+    summary="Train a one-shot part model (SLiMe) from images and label masks",
+)
+async def train(
+    request: Request,
+    response: Response,
+    tenant: str = Depends(current_tenant),
+    settings: Settings = Depends(get_settings),
+    connection=Depends(get_redis),
+):
     """`images[i]` with `masks[i]` (a PNG of class ids, 0 = background, same size), `labels` naming ids 1..K-1.
 
     Answers 202 with the training job and its `model_id` at once; the model is usable when ready
@@ -75,8 +102,12 @@ async def train(request: Request, response: Response, tenant: str = Depends(curr
     if not images:
         raise ApiError(422, "invalid_field", "at least one file in `images` is required", field="images")
     if len(images) != len(masks):
-        raise ApiError(422, "invalid_field", f"{len(images)} images but {len(masks)} masks: give one mask per image, "
-                                             "in the same order", field="masks")
+        raise ApiError(
+            422,
+            "invalid_field",
+            f"{len(images)} images but {len(masks)} masks: give one mask per image, in the same order",
+            field="masks",
+        )
 
     def check_pair(index: int, image_file: tuple[str, bytes], mask_file: tuple[str, bytes]):
         """One pair decoded and checked at a time: memory stays that of the largest picture."""
@@ -94,44 +125,78 @@ async def train(request: Request, response: Response, tenant: str = Depends(curr
             present.update(classes)
         unused = [f"{name!r} (id {index})" for index, name in enumerate(params.labels, start=1) if index not in present]
         if unused:
-            raise ApiError(422, "invalid_mask", f"no mask has a pixel of part {', '.join(unused)}: every part in "
-                                                "`labels` needs pixels in at least one mask to be learned",
-                           field="labels")
+            raise ApiError(
+                422,
+                "invalid_mask",
+                f"no mask has a pixel of part {', '.join(unused)}: every part in "
+                "`labels` needs pixels in at least one mask to be learned",
+                field="labels",
+            )
         model_id, job_id = oneshot_store.new_model_id(), uuid.uuid4().hex
 
         def store():
-            entries = [{"image": image_entry(connection, image, settings), "mask": image_entry(connection, mask, settings)}
-                       for image, mask in pairs]
-            oneshot_store.create(connection, model_id, tenant=tenant, labels=params.labels,
-                                 params=params.model_dump(), train_job_id=job_id)
+            entries = [
+                {"image": image_entry(connection, image, settings), "mask": image_entry(connection, mask, settings)}
+                for image, mask in pairs
+            ]
+            oneshot_store.create(
+                connection,
+                model_id,
+                tenant=tenant,
+                labels=params.labels,
+                params=params.model_dump(),
+                train_job_id=job_id,
+            )
             return {"model_id": model_id, "examples": entries, "params": {**params.model_dump(), "model_id": model_id}}
 
-        return submit_job(connection, settings, response, tenant, "oneshot_train", store, job_id=job_id,
-                          extra_meta={"model_id": model_id})
+        return submit_job(
+            connection,
+            settings,
+            response,
+            tenant,
+            "oneshot_train",
+            store,
+            job_id=job_id,
+            extra_meta={"model_id": model_id},
+        )
 
     return await run_in_threadpool(check_and_submit)
 
 
 @router.get("", response_model=OneshotModelList, responses=error_responses(401, 422, 503))
-def list_models(offset: int = Query(0, ge=0, le=MAX_OFFSET), limit: int = Query(50, ge=1, le=500),
-                tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
-                connection=Depends(get_redis)):
+def list_models(
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
+    limit: int = Query(50, ge=1, le=500),
+    tenant: str = Depends(current_tenant),
+    settings: Settings = Depends(get_settings),
+    connection=Depends(get_redis),
+):
     """Your models, newest first."""
     ids = oneshot_store.list_ids(connection, tenant, offset=offset, limit=limit)
     records = [oneshot_store.get(connection, i) for i in ids]
-    return {"models": [model_view(connection, r, settings) for r in records if owned_by(r, tenant)],
-            "total": oneshot_store.count(connection, tenant)}
+    return {
+        "models": [model_view(connection, r, settings) for r in records if owned_by(r, tenant)],
+        "total": oneshot_store.count(connection, tenant),
+    }
 
 
 @router.get("/{model_id}", response_model=OneshotModel, responses=error_responses(401, 404, 422, 503))
-def get_model(model_id: str, tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
-              connection=Depends(get_redis)):
+def get_model(
+    model_id: str,
+    tenant: str = Depends(current_tenant),
+    settings: Settings = Depends(get_settings),
+    connection=Depends(get_redis),
+):
     return model_view(connection, get_record(connection, model_id, tenant), settings)
 
 
 @router.delete("/{model_id}", status_code=204, response_class=Response, responses=error_responses(401, 404, 422, 503))
-def delete_model(model_id: str, tenant: str = Depends(current_tenant), settings: Settings = Depends(get_settings),
-                 connection=Depends(get_redis)):
+def delete_model(
+    model_id: str,
+    tenant: str = Depends(current_tenant),
+    settings: Settings = Depends(get_settings),
+    connection=Depends(get_redis),
+):
     """Deletes the model; a training still under way is canceled. Segment jobs waiting for it fail."""
     record = get_record(connection, model_id, tenant)
     if record["status"] == "training":
@@ -140,11 +205,22 @@ def delete_model(model_id: str, tenant: str = Depends(current_tenant), settings:
     return Response(status_code=204)
 
 
-@router.post("/{model_id}/segment", status_code=202, response_model=Job, responses=SEGMENT_ERRORS,
-             openapi_extra=openapi_body(OneshotSegmentParams, {"image": False}),
-             summary="Segment an image into a one-shot model's parts")
-async def segment(model_id: str, request: Request, response: Response, tenant: str = Depends(current_tenant),
-                  settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+@router.post(
+    "/{model_id}/segment",
+    status_code=202,
+    response_model=Job,
+    responses=SEGMENT_ERRORS,
+    openapi_extra=openapi_body(OneshotSegmentParams, {"image": False}),
+    summary="Segment an image into a one-shot model's parts",
+)
+async def segment(
+    model_id: str,
+    request: Request,
+    response: Response,
+    tenant: str = Depends(current_tenant),
+    settings: Settings = Depends(get_settings),
+    connection=Depends(get_redis),
+):
     """One segment per part present, named by the model's labels. Allowed while the model trains."""
     submission = await read_submission(request, OneshotSegmentParams, ("image",))
     params = validate_params(OneshotSegmentParams, submission.fields)
@@ -153,16 +229,28 @@ async def segment(model_id: str, request: Request, response: Response, tenant: s
     def check_and_submit():
         view = model_view(connection, get_record(connection, model_id, tenant), settings)
         if view["status"] == "failed":
-            raise ApiError(409, "model_failed", f"model {model_id} failed training: "
-                                                f"{(view['error'] or {}).get('message', 'unknown error')}")
-        filled = {**params.model_dump(), "model_id": model_id,
-                  "crops_per_side": params.crops_per_side or view["params"]["crops_per_side"],
-                  "resolution": params.resolution or view["params"]["resolution"]}
+            raise ApiError(
+                409,
+                "model_failed",
+                f"model {model_id} failed training: {(view['error'] or {}).get('message', 'unknown error')}",
+            )
+        filled = {
+            **params.model_dump(),
+            "model_id": model_id,
+            "crops_per_side": params.crops_per_side or view["params"]["crops_per_side"],
+            "resolution": params.resolution or view["params"]["resolution"],
+        }
         image = check_image(data, max_pixels=settings.max_image_pixels)
         after = view["train_job_id"] if view["status"] == "training" else None
-        return submit_job(connection, settings, response, tenant, "oneshot_segment",
-                          lambda: {"model_id": model_id, "image": image_entry(connection, image, settings),
-                                   "params": filled},
-                          after=after, extra_meta={"model_id": model_id})
+        return submit_job(
+            connection,
+            settings,
+            response,
+            tenant,
+            "oneshot_segment",
+            lambda: {"model_id": model_id, "image": image_entry(connection, image, settings), "params": filled},
+            after=after,
+            extra_meta={"model_id": model_id},
+        )
 
     return await run_in_threadpool(check_and_submit)

@@ -26,8 +26,9 @@ def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},
-            openapi_extra={"security": [{}]})  # added to the bearer scheme: a key is optional here
+@router.get(
+    "/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, openapi_extra={"security": [{}]}
+)  # added to the bearer scheme: a key is optional here
 def readyz(tenant: str | None = Depends(optional_tenant), connection=Depends(get_redis)):
     """Ready when Redis answers and at least one worker has loaded its models (200, else 503).
 
@@ -45,8 +46,12 @@ def readyz(tenant: str | None = Depends(optional_tenant), connection=Depends(get
     return JSONResponse(content, status_code=200 if body.ready else 503)
 
 
-@router.get("/metrics", response_class=Response, dependencies=[Depends(current_tenant)],
-            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, **error_responses(401)})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    dependencies=[Depends(current_tenant)],
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, **error_responses(401)},
+)
 def metrics(request: Request):
     """Prometheus text: HTTP requests, queue depth, ready workers, job durations."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -20,11 +20,21 @@ SUBMIT_ERRORS = error_responses(400, 401, 413, 415, 422, 429, 503)
 CONCEPT_SUBMIT_ERRORS = error_responses(400, 401, 409, 413, 415, 422, 429, 503)  # 409: a concept not ready
 
 
-@router.post("/unsupervised", status_code=202, response_model=Job, responses=SUBMIT_ERRORS,
-             openapi_extra=openapi_body(UnsupervisedParams, {"image": False}),
-             summary="Segment an image without a prompt (DiffSeg)")
-async def segment_unsupervised(request: Request, response: Response, tenant: str = Depends(current_tenant),
-                               settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+@router.post(
+    "/unsupervised",
+    status_code=202,
+    response_model=Job,
+    responses=SUBMIT_ERRORS,
+    openapi_extra=openapi_body(UnsupervisedParams, {"image": False}),
+    summary="Segment an image without a prompt (DiffSeg)",
+)
+async def segment_unsupervised(
+    request: Request,
+    response: Response,
+    tenant: str = Depends(current_tenant),
+    settings: Settings = Depends(get_settings),
+    connection=Depends(get_redis),
+):
     """Segments the whole image into regions by merging self-attention maps (KL distance).
 
     Answers 202 with the job; poll `GET /jobs/{id}`. Pass `vocabulary` to name the segments.
@@ -32,34 +42,72 @@ async def segment_unsupervised(request: Request, response: Response, tenant: str
     return await submit_one_image(request, response, tenant, settings, connection, UnsupervisedParams, "unsupervised")
 
 
-@router.post("/text", status_code=202, response_model=Job, responses=CONCEPT_SUBMIT_ERRORS,
-             openapi_extra=openapi_body(TextParams, {"image": False}),
-             summary="Segment an image into the given classes")
-async def segment_text(request: Request, response: Response, tenant: str = Depends(current_tenant),
-                       settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+@router.post(
+    "/text",
+    status_code=202,
+    response_model=Job,
+    responses=CONCEPT_SUBMIT_ERRORS,
+    openapi_extra=openapi_body(TextParams, {"image": False}),
+    summary="Segment an image into the given classes",
+)
+async def segment_text(
+    request: Request,
+    response: Response,
+    tenant: str = Depends(current_tenant),
+    settings: Settings = Depends(get_settings),
+    connection=Depends(get_redis),
+):
     """One segment per class found, plus background (`label_id` 0); `labels` lists every class asked for.
 
     Methods: `selfcross` (default), `gem`, `gem_refined`, `cluster`. A class may name a concept
     (`"<my-mug> mug"`, selfcross only). Answers 202 with the job.
     """
-    return await submit_one_image(request, response, tenant, settings, connection, TextParams, "text",
-                                  concept_texts=lambda params: params.classes)
+    return await submit_one_image(
+        request, response, tenant, settings, connection, TextParams, "text", concept_texts=lambda params: params.classes
+    )
 
 
-@router.post("/referring", status_code=202, response_model=Job, responses=CONCEPT_SUBMIT_ERRORS,
-             openapi_extra=openapi_body(ReferringParams, {"image": False}),
-             summary="Find the instance each query refers to (personalized referring segmentation)")
-async def segment_referring(request: Request, response: Response, tenant: str = Depends(current_tenant),
-                            settings: Settings = Depends(get_settings), connection=Depends(get_redis)):
+@router.post(
+    "/referring",
+    status_code=202,
+    response_model=Job,
+    responses=CONCEPT_SUBMIT_ERRORS,
+    openapi_extra=openapi_body(ReferringParams, {"image": False}),
+    summary="Find the instance each query refers to (personalized referring segmentation)",
+)
+async def segment_referring(
+    request: Request,
+    response: Response,
+    tenant: str = Depends(current_tenant),
+    settings: Settings = Depends(get_settings),
+    connection=Depends(get_redis),
+):
     """Separates the instances of `class_word` and gives each query its instance: one segment per
     query found (`label` the query, `score` its mean attribution), plus the other instances unlabelled.
     Queries may name concepts: `"<my-mug> mug"`, `"a <my-mug> mug with cola"`, `"a red mug"`."""
-    return await submit_one_image(request, response, tenant, settings, connection, ReferringParams, "referring",
-                                  concept_texts=lambda params: params.queries)
+    return await submit_one_image(
+        request,
+        response,
+        tenant,
+        settings,
+        connection,
+        ReferringParams,
+        "referring",
+        concept_texts=lambda params: params.queries,
+    )
 
 
-async def submit_one_image(request: Request, response: Response, tenant: str, settings: Settings, connection,
-                           model, kind: str, *, concept_texts=None):
+async def submit_one_image(
+    request: Request,
+    response: Response,
+    tenant: str,
+    settings: Settings,
+    connection,
+    model,
+    kind: str,
+    *,
+    concept_texts=None,
+):
     """concept_texts(params): the texts that may name concepts, resolved to the caller's concepts."""
     submission = await read_submission(request, model, ("image",))
     params = validate_params(model, submission.fields)
@@ -67,14 +115,31 @@ async def submit_one_image(request: Request, response: Response, tenant: str, se
 
     def check_and_submit():
         field = "queries" if kind == "referring" else "classes"
-        concepts, after = ({}, None) if concept_texts is None else resolve_concepts(
-            connection, tenant, concept_texts(params), settings, field, one_pass=kind == "text")
+        concepts, after = (
+            ({}, None)
+            if concept_texts is None
+            else resolve_concepts(connection, tenant, concept_texts(params), settings, field, one_pass=kind == "text")
+        )
         if concepts and getattr(params, "method", "selfcross") != "selfcross":
-            raise ApiError(422, "invalid_field", f"concepts work with method 'selfcross' only, not "
-                                                 f"'{params.method}'", field="method")
+            raise ApiError(
+                422,
+                "invalid_field",
+                f"concepts work with method 'selfcross' only, not '{params.method}'",
+                field="method",
+            )
         image = check_image(data, max_pixels=settings.max_image_pixels)
-        return submit_job(connection, settings, response, tenant, kind,
-                          lambda: {"image": image_entry(connection, image, settings), "params": params.model_dump(),
-                                   "concepts": concepts}, after=after)
+        return submit_job(
+            connection,
+            settings,
+            response,
+            tenant,
+            kind,
+            lambda: {
+                "image": image_entry(connection, image, settings),
+                "params": params.model_dump(),
+                "concepts": concepts,
+            },
+            after=after,
+        )
 
     return await run_in_threadpool(check_and_submit)

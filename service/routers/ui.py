@@ -13,7 +13,7 @@ UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 # nosniff, the frame and referrer headers come with every answer (service.edges).
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
-                               "base-uri 'none'; frame-ancestors 'none'; form-action 'none'",
+    "base-uri 'none'; frame-ancestors 'none'; form-action 'none'",
     "Cache-Control": "no-cache",  # revalidate (ETag): an upgrade of the service never mixes old and new files
 }
 

@@ -10,8 +10,8 @@ from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE, ConceptFileError
 from attnseg.concept_store import UPLOAD_PREFIX, store
 from attnseg.images import load_mask
 from workers.engine import runtime
-from workers.engine.context import JobContext, JobFailure, job_function
 from workers.engine.concept_records import load_concepts
+from workers.engine.context import JobContext, JobFailure, job_function
 from workers.engine.jobs import finish, segments_from_labels, timings
 from workers.engine.pictures import fetch_image
 from workers.methods.concepts import Concept, ConceptMismatchError, check_concept, train_concept
@@ -28,8 +28,17 @@ def save_concept(ctx: JobContext, concept_id: str, concept: Concept, **fields) -
     for name, data in concept.files().items():
         if store.put_file(ctx.connection, concept_id, name, data) is None:
             raise JobFailure("concept_deleted", f"concept {concept_id} was deleted before it was saved")
-    if store.update(ctx.connection, concept_id, status="ready", vectors=int(concept.vectors.shape[0]),
-                    sd_model=runtime.current().sd.model_id, **fields) is None:
+    if (
+        store.update(
+            ctx.connection,
+            concept_id,
+            status="ready",
+            vectors=int(concept.vectors.shape[0]),
+            sd_model=runtime.current().sd.model_id,
+            **fields,
+        )
+        is None
+    ):
         raise JobFailure("concept_deleted", f"concept {concept_id} was deleted before it was saved")
 
 
@@ -44,13 +53,28 @@ def concept_train(ctx: JobContext, payload: dict) -> dict:
     ctx.update_params(sd_model=rt.sd.model_id)
     photos = [fetch_image(ctx, entry) for entry in payload["photos"]]
     masks = [fetch_image(ctx, entry, load_mask) > 0 for entry in payload["masks"]] if payload.get("masks") else None
-    concept = train_concept(rt.sd, photos, record["identifier"], record["class_word"], masks=masks,
-                            train_kv=params["train_kv"], steps=params["steps"], learning_rate=params["learning_rate"],
-                            batch_size=params["batch_size"], num_vectors=params["num_vectors"],
-                            resolution=params["resolution"], seed=params["seed"], report=ctx.report)
+    concept = train_concept(
+        rt.sd,
+        photos,
+        record["identifier"],
+        record["class_word"],
+        masks=masks,
+        train_kv=params["train_kv"],
+        steps=params["steps"],
+        learning_rate=params["learning_rate"],
+        batch_size=params["batch_size"],
+        num_vectors=params["num_vectors"],
+        resolution=params["resolution"],
+        seed=params["seed"],
+        report=ctx.report,
+    )
     save_concept(ctx, concept_id, concept, metrics=concept.metrics)
-    return {"concept_id": concept_id, "identifier": record["identifier"], "metrics": concept.metrics,
-            "random_weights": rt.sd.random_weights}
+    return {
+        "concept_id": concept_id,
+        "identifier": record["identifier"],
+        "metrics": concept.metrics,
+        "random_weights": rt.sd.random_weights,
+    }
 
 
 @job_function("concept_import", on_error=mark_concept_failed)
@@ -63,7 +87,9 @@ def concept_import(ctx: JobContext, payload: dict) -> dict:
     if record is None:
         raise JobFailure("concept_deleted", f"concept {concept_id} was deleted before its import")
     ctx.update_params(sd_model=rt.sd.model_id)
-    files = {name: store.get_file(ctx.connection, concept_id, UPLOAD_PREFIX + name) for name in (EMBEDDINGS_FILE, KV_FILE)}
+    files = {
+        name: store.get_file(ctx.connection, concept_id, UPLOAD_PREFIX + name) for name in (EMBEDDINGS_FILE, KV_FILE)
+    }
     try:
         concept = Concept.from_files(files, record["identifier"], record["class_word"])
         check_concept(rt.sd, concept)
@@ -72,8 +98,12 @@ def concept_import(ctx: JobContext, payload: dict) -> dict:
     save_concept(ctx, concept_id, concept, method="custom_diffusion" if concept.kv else "textual_inversion")
     for name in (EMBEDDINGS_FILE, KV_FILE):
         store.drop_file(ctx.connection, concept_id, UPLOAD_PREFIX + name)
-    return {"concept_id": concept_id, "identifier": record["identifier"], "vectors": int(concept.vectors.shape[0]),
-            "random_weights": rt.sd.random_weights}
+    return {
+        "concept_id": concept_id,
+        "identifier": record["identifier"],
+        "vectors": int(concept.vectors.shape[0]),
+        "random_weights": rt.sd.random_weights,
+    }
 
 
 @job_function("referring")
@@ -85,8 +115,9 @@ def segment_referring(ctx: JobContext, payload: dict) -> dict:
     ctx.update_params(sd_model=rt.sd.model_id)
     image = fetch_image(ctx, payload["image"])
     try:
-        out = run_referring(rt.sd, image, params.pop("class_word"), queries, concepts=concepts, report=ctx.report,
-                            **params)
+        out = run_referring(
+            rt.sd, image, params.pop("class_word"), queries, concepts=concepts, report=ctx.report, **params
+        )
     except PromptTooLongError as exc:
         raise JobFailure("prompt_too_long", str(exc)) from None
     started = time.perf_counter()
@@ -97,5 +128,12 @@ def segment_referring(ctx: JobContext, payload: dict) -> dict:
     for label, score in out.scores.items():
         scores[label] = score
     segments = segments_from_labels(out.labels.astype(np.int64), names, ids, scores)
-    return finish(ctx, payload["image"], segments, timings(out.timings_ms, started), labels=["background", *queries],
-                  instances=out.instances, instance_scores=out.instance_scores)
+    return finish(
+        ctx,
+        payload["image"],
+        segments,
+        timings(out.timings_ms, started),
+        labels=["background", *queries],
+        instances=out.instances,
+        instance_scores=out.instance_scores,
+    )

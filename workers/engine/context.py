@@ -5,9 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable
 
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
@@ -103,9 +102,13 @@ def report_progress(contexts: list[JobContext], stage: str, fraction: float, **e
 
 
 @contextmanager
-def job_outcome(ctx: JobContext, kind: str, payload: dict,
-                on_error: Callable[[JobContext, dict, dict], None] | None = None,
-                started: float | None = None) -> Iterator[None]:
+def job_outcome(
+    ctx: JobContext,
+    kind: str,
+    payload: dict,
+    on_error: Callable[[JobContext, dict, dict], None] | None = None,
+    started: float | None = None,
+) -> Iterator[None]:
     """Around a job's body: errors become a clear message (re-raised for RQ), durations a metric.
 
     `on_error(ctx, payload, error)` runs for every outcome but success (failure, cancel, timeout), so
@@ -133,8 +136,10 @@ def job_outcome(ctx: JobContext, kind: str, payload: dict,
         raise
     except Exception as exc:
         log.exception("%s job failed", kind)
-        error = {"code": "internal_error", "message": f"the worker failed: {type(exc).__name__}: {exc}; "
-                                                      "this is a bug, please report it"}
+        error = {
+            "code": "internal_error",
+            "message": f"the worker failed: {type(exc).__name__}: {exc}; this is a bug, please report it",
+        }
         raise
     finally:
         if outcome != "succeeded":

@@ -29,8 +29,17 @@ def segments_from_labels(labels: np.ndarray, names: list, label_ids: list, score
     """One API segment per label present; `names`, `label_ids`, `scores` are indexed by label."""
     segments = []
     for label, mask_rle, area, box in rle.label_map_to_segments(labels):
-        segments.append({"id": len(segments) + 1, "label": names[label], "label_id": label_ids[label],
-                         "score": scores[label], "area": area, "bbox": box, "segmentation": mask_rle})
+        segments.append(
+            {
+                "id": len(segments) + 1,
+                "label": names[label],
+                "label_id": label_ids[label],
+                "score": scores[label],
+                "area": area,
+                "bbox": box,
+                "segmentation": mask_rle,
+            }
+        )
     return segments
 
 
@@ -38,15 +47,24 @@ def finish(ctx: JobContext, image_entry: dict, segments: list[dict], timings_ms:
     """The API result; keeps the image as long as the result so the overlay can be drawn."""
     rt = runtime.current()
     ctx.connection.expire(image_entry["key"], rt.settings.result_ttl_s)
-    return {"image": {"width": image_entry["width"], "height": image_entry["height"]},
-            "mask_format": "coco_rle", "bbox_format": "xywh", "segments": segments, **extra,
-            "random_weights": rt.sd.random_weights, "timings_ms": {**timings_ms, **ctx.stages_ms}}
+    return {
+        "image": {"width": image_entry["width"], "height": image_entry["height"]},
+        "mask_format": "coco_rle",
+        "bbox_format": "xywh",
+        "segments": segments,
+        **extra,
+        "random_weights": rt.sd.random_weights,
+        "timings_ms": {**timings_ms, **ctx.stages_ms},
+    }
 
 
 def timings(stages_ms: dict, encode_started: float) -> dict:
     """api.md timings: `inference` (all model and method stages), `encode` (masks to RLE), and the stages."""
-    return {"inference": round(sum(stages_ms.values()), 1),
-            "encode": round((time.perf_counter() - encode_started) * 1000, 1), **stages_ms}
+    return {
+        "inference": round(sum(stages_ms.values()), 1),
+        "encode": round((time.perf_counter() - encode_started) * 1000, 1),
+        **stages_ms,
+    }
 
 
 @job_function("unsupervised")
@@ -87,8 +105,13 @@ def segment_unsupervised_batch(members: list[Member], done) -> None:
         return
     params = running[0].payload["params"]
     try:
-        shared = attention_pass(rt.sd, [m.image for m in running], timestep=params["timestep"],
-                                resolution=params["resolution"], report=shared_report(running))
+        shared = attention_pass(
+            rt.sd,
+            [m.image for m in running],
+            timestep=params["timestep"],
+            resolution=params["resolution"],
+            report=shared_report(running),
+        )
     except Exception as exc:  # noqa: BLE001 - the pass is every member's
         fail_live(running, exc)
         return
@@ -96,13 +119,20 @@ def segment_unsupervised_batch(members: list[Member], done) -> None:
     def label(member: Member, row: int) -> None:
         own = member.payload["params"]
         member.image = None
-        out = segment_row(shared, row, original_size(member.payload["image"]), kl_threshold=own["kl_threshold"],
-                          grid=own["grid"], iterations=own["iterations"], refine=own["refine"],
-                          report=member.ctx.report)
+        out = segment_row(
+            shared,
+            row,
+            original_size(member.payload["image"]),
+            kl_threshold=own["kl_threshold"],
+            grid=own["grid"],
+            iterations=own["iterations"],
+            refine=own["refine"],
+            report=member.ctx.report,
+        )
         member.encode = lambda: unsupervised_result(member.ctx, member.payload, out)
 
     for row, member in enumerate(running):
-        attempt([member], lambda m: label(m, row))
+        attempt([member], lambda m, row=row: label(m, row))
         done(member)
 
 
@@ -112,14 +142,24 @@ def segment_text(ctx: JobContext, payload: dict) -> dict:
     params = dict(payload["params"])
     classes = params.pop("classes")
     if params["method"] != "selfcross" and rt.clip is None:
-        raise JobFailure("clip_unavailable", f"method {params['method']} needs a CLIP model and this worker runs "
-                                             "without one (ATTNSEG_CLIP_MODEL=none)")
+        raise JobFailure(
+            "clip_unavailable",
+            f"method {params['method']} needs a CLIP model and this worker runs without one (ATTNSEG_CLIP_MODEL=none)",
+        )
     ctx.update_params(sd_model=rt.sd.model_id, clip_model=rt.clip.name if rt.clip else None)
     concepts = load_concepts(ctx, payload.get("concepts", {}))
     image = fetch_image(ctx, payload["image"], min_side=text_side(payload["params"]))
     try:
-        out = run_text(rt.sd, rt.clip, image, classes, report=ctx.report, output_size=original_size(payload["image"]),
-                       concepts=concepts, **params)
+        out = run_text(
+            rt.sd,
+            rt.clip,
+            image,
+            classes,
+            report=ctx.report,
+            output_size=original_size(payload["image"]),
+            concepts=concepts,
+            **params,
+        )
     except PromptTooLongError as exc:
         raise JobFailure("prompt_too_long", str(exc)) from None
     return text_result(ctx, payload, out)
@@ -130,8 +170,7 @@ def text_result(ctx: JobContext, payload: dict, out: TextSegmentation) -> dict:
     names = ["background", *payload["params"]["classes"]]
     ids = list(range(len(names)))
     segments = segments_from_labels(out.labels, names, ids, [out.scores.get(i) for i in ids])
-    return finish(ctx, payload["image"], segments, timings(out.timings_ms, started), labels=names,
-                  passes=out.passes)
+    return finish(ctx, payload["image"], segments, timings(out.timings_ms, started), labels=names, passes=out.passes)
 
 
 def text_share_key(params: dict) -> tuple | None:
@@ -142,28 +181,44 @@ def text_share_key(params: dict) -> tuple | None:
         return None
     if any(identifiers_in(name) for name in params["classes"]):
         return None
-    return (tuple(params["classes"]), params["background"], tuple(params.get("background_words") or ()),
-            params["samples"], params["timestep"], params["resolution"], params["gate_threshold"],
-            params["background_threshold"])
+    return (
+        tuple(params["classes"]),
+        params["background"],
+        tuple(params.get("background_words") or ()),
+        params["samples"],
+        params["timestep"],
+        params["resolution"],
+        params["gate_threshold"],
+        params["background_threshold"],
+    )
 
 
 def segment_text_batch(members: list[Member], done) -> None:
     """`segment_text` (selfcross) for jobs of one share key (pictures decoded): VAE once, one UNet call
     per draw for all; labels and scores per job, RLE left to `encode`."""
     rt = runtime.current()
-    attempt(members, lambda m: m.ctx.update_params(sd_model=rt.sd.model_id,
-                                                   clip_model=rt.clip.name if rt.clip else None))
+    attempt(
+        members, lambda m: m.ctx.update_params(sd_model=rt.sd.model_id, clip_model=rt.clip.name if rt.clip else None)
+    )
     running = [m for m in members if m.live]
     if not running:
         return
     params = running[0].payload["params"]
     try:
         channels, passes, shared_ms = selfcross_batch(
-            rt.sd, [m.image for m in running], params["classes"],
-            seeds=[m.payload["params"]["seed"] for m in running], background=params["background"],
-            background_words=params.get("background_words"), samples=params["samples"],
-            timestep=params["timestep"], resolution=params["resolution"], gate_threshold=params["gate_threshold"],
-            background_threshold=params["background_threshold"], report=shared_report(running))
+            rt.sd,
+            [m.image for m in running],
+            params["classes"],
+            seeds=[m.payload["params"]["seed"] for m in running],
+            background=params["background"],
+            background_words=params.get("background_words"),
+            samples=params["samples"],
+            timestep=params["timestep"],
+            resolution=params["resolution"],
+            gate_threshold=params["gate_threshold"],
+            background_threshold=params["background_threshold"],
+            report=shared_report(running),
+        )
     except PromptTooLongError as exc:
         fail_live(running, JobFailure("prompt_too_long", str(exc)))
         return
@@ -176,12 +231,14 @@ def segment_text_batch(members: list[Member], done) -> None:
         timer = Timer()
         timer.ms = dict(shared_ms)
         member.image = None
-        labels, scores = channel_labels(own, original_size(member.payload["image"]), 0 if params["background"] else 1, timer)
+        labels, scores = channel_labels(
+            own, original_size(member.payload["image"]), 0 if params["background"] else 1, timer
+        )
         out = TextSegmentation(labels.cpu().numpy(), scores, passes, timer.ms)
         member.encode = lambda: text_result(member.ctx, member.payload, out)
 
     for member, own in zip(running, channels):
-        attempt([member], lambda m: label(m, own))
+        attempt([member], lambda m, own=own: label(m, own))
         done(member)
 
 
@@ -200,15 +257,29 @@ def oneshot_train(ctx: JobContext, payload: dict) -> dict:
         raise JobFailure("model_deleted", f"model {model_id} was deleted before its training started")
     ctx.update_params(sd_model=rt.sd.model_id)
     examples = [(fetch_image(ctx, e["image"]), fetch_image(ctx, e["mask"], load_mask)) for e in payload["examples"]]
-    model = train_oneshot(rt.sd, [image for image, _ in examples], [mask.astype(np.int64) for _, mask in examples],
-                          record["labels"], epochs=params["epochs"], learning_rate=params["learning_rate"],
-                          seed=params["seed"], resolution=params["resolution"], min_crop=params["min_crop"],
-                          report=ctx.report)
-    if oneshot_store.update(ctx.connection, model_id, status="ready", artefact=model.to_json(),
-                            metrics=model.metrics) is None:
+    model = train_oneshot(
+        rt.sd,
+        [image for image, _ in examples],
+        [mask.astype(np.int64) for _, mask in examples],
+        record["labels"],
+        epochs=params["epochs"],
+        learning_rate=params["learning_rate"],
+        seed=params["seed"],
+        resolution=params["resolution"],
+        min_crop=params["min_crop"],
+        report=ctx.report,
+    )
+    if (
+        oneshot_store.update(ctx.connection, model_id, status="ready", artefact=model.to_json(), metrics=model.metrics)
+        is None
+    ):
         raise JobFailure("model_deleted", f"model {model_id} was deleted during its training")
-    return {"model_id": model_id, "labels": ["background", *record["labels"]], "metrics": model.metrics,
-            "random_weights": rt.sd.random_weights}
+    return {
+        "model_id": model_id,
+        "labels": ["background", *record["labels"]],
+        "metrics": model.metrics,
+        "random_weights": rt.sd.random_weights,
+    }
 
 
 def ready_model(connection, model_id: str) -> OneshotModel:
@@ -229,9 +300,16 @@ def oneshot_segment(ctx: JobContext, payload: dict) -> dict:
     ctx.update_params(sd_model=rt.sd.model_id)
     image = fetch_image(ctx, payload["image"], min_side=resolution_side(params))
     try:
-        out = segment_oneshot(rt.sd, model, image, crops_per_side=params["crops_per_side"], seed=params["seed"],
-                              resolution=params["resolution"], report=ctx.report,
-                              output_size=original_size(payload["image"]))
+        out = segment_oneshot(
+            rt.sd,
+            model,
+            image,
+            crops_per_side=params["crops_per_side"],
+            seed=params["seed"],
+            resolution=params["resolution"],
+            report=ctx.report,
+            output_size=original_size(payload["image"]),
+        )
     except ModelMismatchError as exc:
         raise JobFailure("model_mismatch", str(exc)) from None
     started = time.perf_counter()
@@ -268,7 +346,8 @@ def picture_side(function: str, params: dict) -> int | None:
 
 # Job functions (by dotted path) whose queued jobs a worker may run together (workers/engine/batch.py).
 BATCHES = {
-    "workers.engine.jobs.segment_unsupervised": Batch("unsupervised", unsupervised_share_key,
-                                                      segment_unsupervised_batch),
+    "workers.engine.jobs.segment_unsupervised": Batch(
+        "unsupervised", unsupervised_share_key, segment_unsupervised_batch
+    ),
     "workers.engine.jobs.segment_text": Batch("text", text_share_key, segment_text_batch),
 }

@@ -65,12 +65,14 @@ class Prefetcher(threading.Thread):
 
     It claims nothing: a job that another worker takes, or that is canceled, costs one decode, and
     its picture is dropped as newer ones need the room. At most 2 x `depth` pictures (those of the
-    jobs starting now, not all taken yet, and those of the next ones) and `max_bytes` of pixels are held. `side_of(function, params)` is the working size a queued job's picture is
+    jobs starting now, not all taken yet, and those of the next ones) and `max_bytes` of pixels are held.
+    `side_of(function, params)` is the working size a queued job's picture is
     decoded at (`min_side` of `load_image`), None for a job whose picture is fetched as it starts.
     """
 
-    def __init__(self, connection, queue_keys: list[str], side_of: Callable[[str, dict], int | None], depth: int,
-                 max_bytes: int):
+    def __init__(
+        self, connection, queue_keys: list[str], side_of: Callable[[str, dict], int | None], depth: int, max_bytes: int
+    ):
         super().__init__(name="attnseg-prefetch", daemon=True)
         self.connection, self.queue_keys, self.side_of = connection, queue_keys, side_of
         self.depth, self.max_bytes = depth, max_bytes
@@ -113,14 +115,14 @@ class Prefetcher(threading.Thread):
                 self.decode_front()
             except redis.RedisError as exc:  # the jobs fetch their own pictures then
                 log.warning("prefetch: redis unavailable: %s", exc)
-            except Exception:  # noqa: BLE001 - a bug here must not end the look-ahead, nor any job
+            except Exception:
                 log.exception("prefetch failed")
 
     def decode_front(self) -> None:
         with self.connection.pipeline(transaction=False) as pipe:
             for key in self.queue_keys:
                 pipe.lrange(key, 0, self.depth - 1)
-            queued = [raw.decode() for ids in pipe.execute() for raw in ids][:self.depth]
+            queued = [raw.decode() for ids in pipe.execute() for raw in ids][: self.depth]
         new = [job_id for job_id in queued if job_id not in self._looked_at]
         for job_id in new:
             self._looked_at[job_id] = None

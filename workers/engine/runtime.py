@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
-from dataclasses import dataclass
 
 from attnseg.settings import Settings
 from workers.models.clip import Clip, load_clip
@@ -24,8 +24,11 @@ class Runtime:
 
     def describe(self) -> dict:
         clip = self.clip.describe() if self.clip else {"clip_model": None}
-        return {**self.sd.describe(), **clip,
-                "random_weights": self.sd.random_weights or bool(self.clip and self.clip.random_weights)}
+        return {
+            **self.sd.describe(),
+            **clip,
+            "random_weights": self.sd.random_weights or bool(self.clip and self.clip.random_weights),
+        }
 
 
 _runtime: Runtime | None = None
@@ -34,13 +37,19 @@ _runtime: Runtime | None = None
 def load_runtime(settings: Settings) -> Runtime:
     torch.set_num_threads(settings.torch_threads)
     log.info("loading %s on %s (%s)", settings.sd_model, settings.device, settings.dtype)
-    sd = load_stable_diffusion(settings.sd_model, device=settings.device, dtype=settings.dtype,
-                               cache_dir=settings.cache_dir)
+    sd = load_stable_diffusion(
+        settings.sd_model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir
+    )
     clip = None
     if settings.clip_model != NO_CLIP:
         log.info("loading CLIP %s (%s)", settings.clip_model, settings.clip_pretrained)
-        clip = load_clip(settings.clip_model, settings.clip_pretrained, device=sd.device, dtype=sd.dtype,
-                         cache_dir=settings.cache_dir)
+        clip = load_clip(
+            settings.clip_model,
+            settings.clip_pretrained,
+            device=sd.device,
+            dtype=sd.dtype,
+            cache_dir=settings.cache_dir,
+        )
     return Runtime(settings=settings, sd=sd, clip=clip)
 
 

@@ -70,7 +70,7 @@ class Finisher(threading.Thread):
                 return
             try:
                 task()
-            except Exception:  # noqa: BLE001 - the job's heartbeat stops: it is failed as worker_lost
+            except Exception:
                 log.exception("finishing a job failed")
 
 
@@ -110,8 +110,13 @@ class ModelWorker(SimpleWorker):
         self.finisher.start()
         with_pictures = {kind.queue for kind in KINDS.values() if kind.func in PICTURE_SIDES}
         if self.prefetch_bytes:
-            self.prefetcher = Prefetcher(self.connection, [q.key for q in self.queues if q.name in with_pictures],
-                                         picture_side, depth=max(1, self.max_batch), max_bytes=self.prefetch_bytes)
+            self.prefetcher = Prefetcher(
+                self.connection,
+                [q.key for q in self.queues if q.name in with_pictures],
+                picture_side,
+                depth=max(1, self.max_batch),
+                max_bytes=self.prefetch_bytes,
+            )
             self.prefetcher.start()
             install_prefetcher(self.prefetcher)
 
@@ -140,9 +145,12 @@ class ModelWorker(SimpleWorker):
         """For the announcement: the model thread's busy seconds so far (their rate between two
         announcements is its utilisation) and how often a job's picture was already decoded."""
         prefetcher = self.prefetcher
-        return {"model_busy_s": round(self.model_busy_s, 3), "announced_at": datetime.now(timezone.utc).isoformat(),
-                "prefetch_hits": prefetcher.hits if prefetcher else 0,
-                "prefetch_misses": prefetcher.misses if prefetcher else 0}
+        return {
+            "model_busy_s": round(self.model_busy_s, 3),
+            "announced_at": datetime.now(timezone.utc).isoformat(),
+            "prefetch_hits": prefetcher.hits if prefetcher else 0,
+            "prefetch_misses": prefetcher.misses if prefetcher else 0,
+        }
 
     def execute_job(self, job: Job, queue):
         batch = BATCHES.get(job.func_name)
@@ -231,8 +239,11 @@ class Pulse(threading.Thread):
     def beat(self) -> None:
         connection = self.worker.connection
         running = self.worker.running()
-        announce(connection, {**self.info, **self.worker.activity(), "state": "busy" if running else "idle"},
-                 ttl_s=3 * self.settings.worker_heartbeat_s)
+        announce(
+            connection,
+            {**self.info, **self.worker.activity(), "state": "busy" if running else "idle"},
+            ttl_s=3 * self.settings.worker_heartbeat_s,
+        )
         for job, execution in running:
             self.worker.maintain_heartbeats(job, execution)
         for name in QUEUES:
@@ -261,8 +272,9 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
 
 
-def run_worker(settings: Settings, *, queues: tuple[str, ...] = QUEUES, name: str | None = None,
-               burst: bool = False) -> None:
+def run_worker(
+    settings: Settings, *, queues: tuple[str, ...] = QUEUES, name: str | None = None, burst: bool = False
+) -> None:
     runtime = runtime_module.load_runtime(settings)
     runtime_module.install(runtime)
     if settings.warmup:
@@ -273,11 +285,18 @@ def run_worker(settings: Settings, *, queues: tuple[str, ...] = QUEUES, name: st
     ModelWorker.lost_after_s = settings.worker_lost_after_s
     ModelWorker.max_batch = settings.max_batch or (8 if runtime.sd.device.type == "cuda" else 1)
     ModelWorker.prefetch_bytes = settings.prefetch_mb * 2**20
-    worker = ModelWorker([get_queue(connection, q) for q in queues], connection=connection, name=name,
-                         serializer=JSONSerializer)
-    info = {"name": name, "host": socket.gethostname(), "pid": os.getpid(), "queues": list(queues),
-            "ready_at": datetime.now(timezone.utc).isoformat(), **runtime.describe(),
-            "concept_shapes": concept_shapes(runtime.sd)}  # the API checks concept uploads against them
+    worker = ModelWorker(
+        [get_queue(connection, q) for q in queues], connection=connection, name=name, serializer=JSONSerializer
+    )
+    info = {
+        "name": name,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "queues": list(queues),
+        "ready_at": datetime.now(timezone.utc).isoformat(),
+        **runtime.describe(),
+        "concept_shapes": concept_shapes(runtime.sd),
+    }  # the API checks concept uploads against them
     pulse = Pulse(worker, info, settings)
     pulse.beat()
     pulse.start()

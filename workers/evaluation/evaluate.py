@@ -84,18 +84,26 @@ def evaluate(args, sd, clip_loader) -> dict:
     if args.protocol == "unsupervised":
         from workers.methods.unsupervised import segment_unsupervised
 
-        result = score_dataset(pairs, args.resolution, UnsupervisedScore(args.num_classes),
-                               lambda rgb: segment_unsupervised(sd, rgb, kl_threshold=args.kl_threshold,
-                                                                resolution=args.resolution).labels)
+        result = score_dataset(
+            pairs,
+            args.resolution,
+            UnsupervisedScore(args.num_classes),
+            lambda rgb: (
+                segment_unsupervised(sd, rgb, kl_threshold=args.kl_threshold, resolution=args.resolution).labels
+            ),
+        )
         return {"protocol": "unsupervised", "kl_threshold": args.kl_threshold, **result}
     if args.protocol == "text":
         from workers.methods.textseg import segment_text
 
         classes = [c.strip() for c in args.classes.split(",")]
         clip = clip_loader() if args.method != "selfcross" else None
-        result = score_dataset(pairs, args.resolution, ConfusionScore(len(classes) + 1),
-                               lambda rgb: segment_text(sd, clip, rgb, classes, method=args.method,
-                                                        resolution=args.resolution).labels)
+        result = score_dataset(
+            pairs,
+            args.resolution,
+            ConfusionScore(len(classes) + 1),
+            lambda rgb: segment_text(sd, clip, rgb, classes, method=args.method, resolution=args.resolution).labels,
+        )
         return {"protocol": "text", "method": args.method, "classes": ["background", *classes], **result}
     if args.protocol == "referring":
         return evaluate_referring(args, sd, pairs)
@@ -103,13 +111,28 @@ def evaluate(args, sd, clip_loader) -> dict:
 
     parts = [p.strip() for p in args.parts.split(",")]
     examples = [load_pair(i, m, args.resolution) for i, m in zip(args.train_images, args.train_masks, strict=True)]
-    model = train_oneshot(sd, [rgb for rgb, _ in examples], [mask for _, mask in examples], parts,
-                          epochs=args.epochs, resolution=args.resolution)
-    result = score_dataset(pairs, args.resolution, PartIoUScore(len(parts) + 1),
-                           lambda rgb: segment_oneshot(sd, model, rgb, crops_per_side=args.crops_per_side,
-                                                       resolution=args.resolution).labels)
-    return {"protocol": "oneshot", "parts": ["background", *parts], "train_iou": model.metrics.get("train_iou"),
-            **result}
+    model = train_oneshot(
+        sd,
+        [rgb for rgb, _ in examples],
+        [mask for _, mask in examples],
+        parts,
+        epochs=args.epochs,
+        resolution=args.resolution,
+    )
+    result = score_dataset(
+        pairs,
+        args.resolution,
+        PartIoUScore(len(parts) + 1),
+        lambda rgb: (
+            segment_oneshot(sd, model, rgb, crops_per_side=args.crops_per_side, resolution=args.resolution).labels
+        ),
+    )
+    return {
+        "protocol": "oneshot",
+        "parts": ["background", *parts],
+        "train_iou": model.metrics.get("train_iou"),
+        **result,
+    }
 
 
 def load_concept_folder(folder: Path | None, class_word: str) -> dict:
@@ -143,26 +166,39 @@ def evaluate_referring(args, sd, pairs) -> dict:
     for index, (image_path, label_path) in enumerate(pairs):
         rgb, gt = load_pair(image_path, label_path, args.resolution)
         entries = json.loads((args.queries / f"{image_path.stem}.json").read_text())
-        out = segment_referring(sd, rgb, args.class_word, [e["query"] for e in entries], concepts=concepts,
-                                resolution=args.resolution)
+        out = segment_referring(
+            sd, rgb, args.class_word, [e["query"] for e in entries], concepts=concepts, resolution=args.resolution
+        )
         best = [int(np.argmax(row)) if row else None for row in out.instance_scores]
         score.add(out.instance_map, best, out.assignment, gt, [int(e["instance"]) for e in entries])
         log.info("%d/%d %s", index + 1, len(pairs), image_path.name)
     result = {key: plain(value) for key, value in score.result().items()}
-    return {"protocol": "referring", "class_word": args.class_word, "concepts": sorted(concepts), **result,
-            "images": len(pairs), "seconds_per_image": (time.perf_counter() - started) / len(pairs)}
+    return {
+        "protocol": "referring",
+        "class_word": args.class_word,
+        "concepts": sorted(concepts),
+        **result,
+        "images": len(pairs),
+        "seconds_per_image": (time.perf_counter() - started) / len(pairs),
+    }
 
 
 def main(args) -> dict:
     settings = get_settings()
-    sd = load_stable_diffusion(settings.sd_model, device=settings.device, dtype=settings.dtype,
-                               cache_dir=settings.cache_dir)
+    sd = load_stable_diffusion(
+        settings.sd_model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir
+    )
 
     def clip_loader():
         from workers.models.clip import load_clip
 
-        return load_clip(settings.clip_model, settings.clip_pretrained, device=sd.device, dtype=sd.dtype,
-                         cache_dir=settings.cache_dir)
+        return load_clip(
+            settings.clip_model,
+            settings.clip_pretrained,
+            device=sd.device,
+            dtype=sd.dtype,
+            cache_dir=settings.cache_dir,
+        )
 
     result = evaluate(args, sd, clip_loader)
     result.update(sd_model=sd.model_id, random_weights=sd.random_weights, resolution=args.resolution)

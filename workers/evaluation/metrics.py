@@ -37,9 +37,7 @@ def _nanmean(values: np.ndarray) -> float:
     return float(kept.mean()) if kept.size else float("nan")
 
 
-def hungarian_match(
-    pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255
-) -> dict[int, int]:
+def hungarian_match(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> dict[int, int]:
     """Matches an image's predicted segments one-to-one to its ground-truth classes.
 
     The assignment maximises the total overlap (pixels, ignored ones excluded), solved with
@@ -57,9 +55,9 @@ def hungarian_match(
     pred, gt = _valid_pixels(pred, gt, num_classes, ignore_index)
     segments, segment_index = np.unique(pred, return_inverse=True)
     classes, class_index = np.unique(gt, return_inverse=True)
-    overlap = np.bincount(
-        segment_index * len(classes) + class_index, minlength=len(segments) * len(classes)
-    ).reshape(len(segments), len(classes))
+    overlap = np.bincount(segment_index * len(classes) + class_index, minlength=len(segments) * len(classes)).reshape(
+        len(segments), len(classes)
+    )
     rows, cols = linear_sum_assignment(overlap, maximize=True)
     return {int(segments[r]): int(classes[c]) for r, c in zip(rows, cols) if overlap[r, c] > 0}
 
@@ -102,8 +100,7 @@ class UnsupervisedScore:
         """
         per_class = _iou(self.tp, self.fp, self.fn)
         accuracy = self.tp.sum() / self.valid_pixels if self.valid_pixels else float("nan")
-        return {"pixel_accuracy": float(accuracy), "miou": _nanmean(per_class),
-                "per_class_iou": per_class}
+        return {"pixel_accuracy": float(accuracy), "miou": _nanmean(per_class), "per_class_iou": per_class}
 
 
 class ConfusionScore:
@@ -119,9 +116,9 @@ class ConfusionScore:
         pred, gt = _valid_pixels(pred, gt, self.num_classes, self.ignore_index)
         if pred.size and (pred.min() < 0 or pred.max() >= self.num_classes):
             raise ValueError(f"predicted labels outside [0, {self.num_classes})")
-        self.confusion += np.bincount(
-            gt * self.num_classes + pred, minlength=self.num_classes**2
-        ).reshape(self.num_classes, self.num_classes)
+        self.confusion += np.bincount(gt * self.num_classes + pred, minlength=self.num_classes**2).reshape(
+            self.num_classes, self.num_classes
+        )
 
     def result(self) -> dict:
         """{"confusion": (C, C) rows = ground truth, columns = prediction, "per_class_iou": (C,),
@@ -130,9 +127,12 @@ class ConfusionScore:
         tp = np.diag(self.confusion)
         per_class = _iou(tp, self.confusion.sum(0) - tp, self.confusion.sum(1) - tp)
         total = self.confusion.sum()
-        return {"confusion": self.confusion.copy(), "per_class_iou": per_class,
-                "miou": _nanmean(per_class),
-                "pixel_accuracy": float(tp.sum() / total) if total else float("nan")}
+        return {
+            "confusion": self.confusion.copy(),
+            "per_class_iou": per_class,
+            "miou": _nanmean(per_class),
+            "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
+        }
 
 
 class PartIoUScore:
@@ -160,8 +160,7 @@ class PartIoUScore:
         """{"per_part_iou": (P,) NaN for parts that never occur, "miou": their mean,
         "images_per_part": (P,) counts}."""
         per_part = np.where(self.images > 0, self.iou_sum / np.maximum(self.images, 1), np.nan)
-        return {"per_part_iou": per_part, "miou": _nanmean(per_part),
-                "images_per_part": self.images.copy()}
+        return {"per_part_iou": per_part, "miou": _nanmean(per_part), "images_per_part": self.images.copy()}
 
 
 def instance_centres(instance_map: np.ndarray, ids) -> dict[int, np.ndarray]:
@@ -190,16 +189,20 @@ class ReferringScore:
         self.right = {"bf": 0, "af": 0}
         self.ious: dict[str, list[float]] = {"bf": [], "af": []}
 
-    def add(self, instance_map: np.ndarray, best: list[int], assigned: list[int | None], gt: np.ndarray,
-            targets: list[int]) -> None:
+    def add(
+        self, instance_map: np.ndarray, best: list[int], assigned: list[int | None], gt: np.ndarray, targets: list[int]
+    ) -> None:
         """instance_map: (H, W) -1 background, 0..K-1; best, assigned: per query, an instance or None;
         gt: (H, W) 0 background, 1..N; targets: per query, its ground-truth instance id."""
         if instance_map.shape != gt.shape:
             raise ValueError(f"prediction {instance_map.shape} and ground truth {gt.shape} differ in shape")
         predicted = instance_centres(instance_map, np.unique(instance_map[instance_map >= 0]))
         truth = instance_centres(gt, np.unique(gt[gt > 0]))
-        stands_for = {k: min(truth, key=lambda t: np.linalg.norm(truth[t] - centre)) for k, centre in predicted.items()
-                      } if truth else {}
+        stands_for = (
+            {k: min(truth, key=lambda t: np.linalg.norm(truth[t] - centre)) for k, centre in predicted.items()}
+            if truth
+            else {}
+        )
         for setting, choice in (("bf", best), ("af", assigned)):
             for instance, target in zip(choice, targets, strict=True):
                 self.right[setting] += int(instance is not None and stands_for.get(instance) == target)
@@ -209,6 +212,10 @@ class ReferringScore:
 
     def result(self) -> dict:
         queries = len(self.ious["af"])
-        return {"miou": _nanmean(np.array(self.ious["af"])), "bf_miou": _nanmean(np.array(self.ious["bf"])),
-                "bf_acc": self.right["bf"] / queries if queries else float("nan"),
-                "af_acc": self.right["af"] / queries if queries else float("nan"), "queries": queries}
+        return {
+            "miou": _nanmean(np.array(self.ious["af"])),
+            "bf_miou": _nanmean(np.array(self.ious["bf"])),
+            "bf_acc": self.right["bf"] / queries if queries else float("nan"),
+            "af_acc": self.right["af"] / queries if queries else float("nan"),
+            "queries": queries,
+        }

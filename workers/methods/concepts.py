@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -45,13 +45,22 @@ from workers.models.stable_diffusion import StableDiffusion
 # Prompts of the training photos ("{}" is "<identifier> class_word", or "<identifier>" for Textual
 # Inversion): a few of textual_inversion.py's object templates; Custom Diffusion's instance prompt
 # "photo of a <new1> <class>" is the first.
-TEMPLATES = ("photo of a {}", "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}",
-             "a close-up photo of a {}", "a bright photo of the {}", "a good photo of a {}")
+TEMPLATES = (
+    "photo of a {}",
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a good photo of a {}",
+)
 # Defaults from the public recipes (diffusers' READMEs, learning rates after --scale_lr):
 # Custom Diffusion 250 steps, lr 1e-5 x batch 2; Textual Inversion 3000 steps, lr 5e-4 x 4 (batch 1,
 # gradient accumulation 4). Both use AdamW (weight decay 1e-2) and clip gradients at norm 1.
-RECIPES = {True: {"steps": 250, "learning_rate": 2e-5, "batch_size": 2},
-           False: {"steps": 3000, "learning_rate": 2e-3, "batch_size": 4}}
+RECIPES = {
+    True: {"steps": 250, "learning_rate": 2e-5, "batch_size": 2},
+    False: {"steps": 3000, "learning_rate": 2e-3, "batch_size": 4},
+}
 WEIGHT_DECAY = 1e-2
 MAX_GRAD_NORM = 1.0
 
@@ -84,8 +93,15 @@ class Concept:
         return files
 
     @classmethod
-    def from_files(cls, files: dict[str, bytes], identifier: str, class_word: str, *, sd_model: str | None = None,
-                   metrics: dict | None = None) -> Concept:
+    def from_files(
+        cls,
+        files: dict[str, bytes],
+        identifier: str,
+        class_word: str,
+        *,
+        sd_model: str | None = None,
+        metrics: dict | None = None,
+    ) -> Concept:
         """Inverse of `files`; also reads what the diffusers scripts write (`.bin` too, never unpickling
         anything but tensors). files: EMBEDDINGS_FILE -> bytes, optionally KV_FILE -> bytes."""
         embeddings = read_tensors(files[EMBEDDINGS_FILE])
@@ -94,8 +110,9 @@ class Concept:
         if files.get(KV_FILE):
             tensors = read_tensors(files[KV_FILE])
             layers = kv_layers({name: list(t.shape) for name, t in tensors.items()})
-            kv = {layer: (tensors[layer + KV_SUFFIXES["to_k"]], tensors[layer + KV_SUFFIXES["to_v"]])
-                  for layer in layers}
+            kv = {
+                layer: (tensors[layer + KV_SUFFIXES["to_k"]], tensors[layer + KV_SUFFIXES["to_v"]]) for layer in layers
+            }
         return cls(identifier, class_word, vectors.reshape(-1, vectors.shape[-1]), kv, sd_model, dict(metrics or {}))
 
 
@@ -106,11 +123,11 @@ def read_tensors(data: bytes) -> dict[str, torch.Tensor]:
     flattened to their tensors with dotted names."""
     try:
         return dict(load_safetensors(data))
-    except Exception:  # not a safetensors file: try a torch checkpoint
+    except Exception:  # noqa: BLE001 - not a safetensors file: try a torch checkpoint
         pass
     try:
         loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever torch raises, the file is not one it reads
         raise ValueError(f"not a safetensors file nor a torch tensor file: {type(exc).__name__}") from None
     found: dict[str, torch.Tensor] = {}
 
@@ -129,9 +146,12 @@ def read_tensors(data: bytes) -> dict[str, torch.Tensor]:
 
 def concept_shapes(sd: StableDiffusion) -> dict:
     """What a concept must fit: {"text_width": D, "cross_attention": {attn2 path: [inner, D]}}."""
-    return {"text_width": int(sd.text_encoder.get_input_embeddings().weight.shape[1]),
-            "cross_attention": {name: list(layer.to_k.weight.shape)
-                                for name, layer in cross_attention_layers(sd.unet).items()}}
+    return {
+        "text_width": int(sd.text_encoder.get_input_embeddings().weight.shape[1]),
+        "cross_attention": {
+            name: list(layer.to_k.weight.shape) for name, layer in cross_attention_layers(sd.unet).items()
+        },
+    }
 
 
 def check_concept(sd: StableDiffusion, concept: Concept) -> None:
@@ -154,8 +174,9 @@ def vector_counts(concepts: dict[str, Concept] | None) -> dict[str, int]:
     return {identifier: concept.vectors.shape[0] for identifier, concept in (concepts or {}).items()}
 
 
-def placed_vectors(prompts: list[Prompt], vectors: dict[str, torch.Tensor], width: int, length: int
-                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def placed_vectors(
+    prompts: list[Prompt], vectors: dict[str, torch.Tensor], width: int, length: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(B, T) positions and (B, T, D) values of the concepts' vectors in prompts padded to T = length
     (77); (None, None) without concepts. vectors: identifier -> (n, D), in the graph when trained."""
     if not any(prompt.concept_positions for prompt in prompts):
@@ -186,8 +207,10 @@ def combined_kv(concepts: list[Concept]) -> KV | None:
     with_kv = [concept for concept in concepts if concept.kv]
     if len(with_kv) > 1:
         names = ", ".join(f"<{concept.identifier}>" for concept in with_kv)
-        raise ValueError(f"{names} each carry Custom Diffusion attention weights; one prompt can use only one "
-                         "of them (Textual Inversion concepts combine freely)")
+        raise ValueError(
+            f"{names} each carry Custom Diffusion attention weights; one prompt can use only one "
+            "of them (Textual Inversion concepts combine freely)"
+        )
     return with_kv[0].kv if with_kv else None
 
 
@@ -205,15 +228,17 @@ def class_word_embedding(sd: StableDiffusion, class_word: str, count: int) -> to
     return table[torch.tensor(ids, device=table.device)].float().mean(0).expand(count, -1).clone().cpu()
 
 
-def training_prompts(sd: StableDiffusion, identifier: str, class_word: str, train_kv: bool, count: int
-                     ) -> list[Prompt]:
+def training_prompts(sd: StableDiffusion, identifier: str, class_word: str, train_kv: bool, count: int) -> list[Prompt]:
     subject = f"<{identifier}> {class_word}" if train_kv else f"<{identifier}>"
-    return [prompt_from_pieces(sd.tokenizer, [(template.format(subject), None)], [], 0, {identifier: count})
-            for template in TEMPLATES]
+    return [
+        prompt_from_pieces(sd.tokenizer, [(template.format(subject), None)], [], 0, {identifier: count})
+        for template in TEMPLATES
+    ]
 
 
-def prepare_photos(sd: StableDiffusion, images: list[np.ndarray], masks: list[np.ndarray | None] | None,
-                   resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prepare_photos(
+    sd: StableDiffusion, images: list[np.ndarray], masks: list[np.ndarray | None] | None, resolution: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The photos' VAE posteriors and loss weights: means (N, 4, R, R), stds (N, 4, R, R) and weights
     (N, 1, R, R) in fp32 on the device (1 everywhere without a mask; the mask, nearest, with one)."""
     grid = resolution // sd.vae_scale_factor
@@ -229,8 +254,9 @@ def prepare_photos(sd: StableDiffusion, images: list[np.ndarray], masks: list[np
         if mask is None:
             weights.append(torch.ones(1, 1, grid, grid, device=sd.device))
         else:
-            resized = F.interpolate(torch.from_numpy(np.asarray(mask) > 0).float()[None, None], size=(grid, grid),
-                                    mode="nearest")
+            resized = F.interpolate(
+                torch.from_numpy(np.asarray(mask) > 0).float()[None, None], size=(grid, grid), mode="nearest"
+            )
             weights.append(resized.to(sd.device))
     return torch.cat(means), torch.cat(stds), torch.cat(weights)
 
@@ -294,9 +320,13 @@ def train_concept(
     vectors = class_word_embedding(sd, class_word, num_vectors).to(sd.device).requires_grad_(True)
     kv = None
     if train_kv:
-        kv = {name: (layer.to_k.weight.detach().float().clone().requires_grad_(True),
-                     layer.to_v.weight.detach().float().clone().requires_grad_(True))
-              for name, layer in cross_attention_layers(sd.unet).items()}
+        kv = {
+            name: (
+                layer.to_k.weight.detach().float().clone().requires_grad_(True),
+                layer.to_v.weight.detach().float().clone().requires_grad_(True),
+            )
+            for name, layer in cross_attention_layers(sd.unet).items()
+        }
     parameters = [vectors, *(w for pair in (kv or {}).values() for w in pair)]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=WEIGHT_DECAY)
     scaler = grad_scaler(sd)
@@ -335,7 +365,13 @@ def train_concept(
         if sd.device.type == "cuda":
             torch.cuda.empty_cache()
     tail = losses[-10:]
-    metrics = {"steps": steps, "loss": round(sum(tail) / len(tail), 6), "learning_rate": learning_rate,
-               "batch_size": batch_size, "train_kv": train_kv, "timings_ms": timer.ms}
+    metrics = {
+        "steps": steps,
+        "loss": round(sum(tail) / len(tail), 6),
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "train_kv": train_kv,
+        "timings_ms": timer.ms,
+    }
     trained_kv = None if kv is None else {name: (k.detach().cpu(), v.detach().cpu()) for name, (k, v) in kv.items()}
     return Concept(identifier, class_word, vectors.detach().cpu(), trained_kv, sd.model_id, metrics)

@@ -39,9 +39,7 @@ def _side(num_pixels: int) -> int:
     return side
 
 
-def aggregate(
-    maps: dict[int, torch.Tensor], weights: dict[int, float] | None = None
-) -> torch.Tensor:
+def aggregate(maps: dict[int, torch.Tensor], weights: dict[int, float] | None = None) -> torch.Tensor:
     """Aggregates self-attention maps of several grids into one map at the largest grid (step 3).
 
     Args:
@@ -125,9 +123,7 @@ def anchor_indices(side: int, grid: int) -> torch.Tensor:
     return (axis[:, None] * side + axis[None, :]).flatten()
 
 
-def anchor_proposals(
-    attn: torch.Tensor, anchors: torch.Tensor, kl_threshold: float
-) -> torch.Tensor:
+def anchor_proposals(attn: torch.Tensor, anchors: torch.Tensor, kl_threshold: float) -> torch.Tensor:
     """First merging iteration (step 6): per anchor, the mean of all pixel maps near it.
 
     Args:
@@ -178,9 +174,7 @@ def merge_proposals(proposals: torch.Tensor, kl_threshold: float) -> torch.Tenso
     return averaging.to(proposals.device) @ proposals
 
 
-def proposals(
-    attn: torch.Tensor, *, grid: int = 16, iterations: int = 3, kl_threshold: float = 1.0
-) -> torch.Tensor:
+def proposals(attn: torch.Tensor, *, grid: int = 16, iterations: int = 3, kl_threshold: float = 1.0) -> torch.Tensor:
     """Iterative attention merging (steps 5-7): the object proposals of an aggregated map.
 
     Args:
@@ -201,9 +195,7 @@ def proposals(
     return merged
 
 
-def refine_proposals(
-    attn: torch.Tensor, proposals: torch.Tensor, *, max_iterations: int = 30
-) -> torch.Tensor:
+def refine_proposals(attn: torch.Tensor, proposals: torch.Tensor, *, max_iterations: int = 30) -> torch.Tensor:
     """Optional k-means refinement (step 9): Lloyd iterations on the R*R pixel maps.
 
     Squared L2 distance, as the reference (scikit-learn KMeans initialised with the proposals),
@@ -223,8 +215,7 @@ def refine_proposals(
         # argmin_k |p - c_k|^2 = argmin_k (|c_k|^2 - 2 p.c_k): one (P, K) matmul
         scores = (points @ centres.T).mul_(-2.0).add_((centres * centres).sum(1))
         assignment = scores.argmin(1)
-        members = torch.zeros(centres.shape[0], points.shape[0], dtype=points.dtype,
-                              device=points.device)
+        members = torch.zeros(centres.shape[0], points.shape[0], dtype=points.dtype, device=points.device)
         members[assignment, torch.arange(points.shape[0], device=points.device)] = 1.0
         members = members[members.sum(1) > 0]
         updated = (members @ points).div_(members.sum(1, keepdim=True))
@@ -240,7 +231,7 @@ def bilinear_taps(in_size: int, out_size: int, device=None) -> tuple[torch.Tenso
     Returns (i0, i1, w1), each (out_size,): output index o reads (1 - w1) * x[i0] + w1 * x[i1]
     (i1 = i0 + 1 except at the last source index, where both taps coincide).
     """
-    src = ((torch.arange(out_size, dtype=torch.float32, device=device) + 0.5) * (in_size / out_size) - 0.5)
+    src = (torch.arange(out_size, dtype=torch.float32, device=device) + 0.5) * (in_size / out_size) - 0.5
     src = src.clamp_min_(0.0)
     i0 = src.long().clamp_max_(in_size - 1)
     i1 = (i0 + 1).clamp_max_(in_size - 1)
@@ -342,7 +333,7 @@ def proposals_to_labels(
         return bilinear_argmax(maps[0], size)
     best_value = best_index = None
     for start in range(0, maps.shape[1], UPSAMPLE_CHUNK):
-        chunk = F.interpolate(maps[:, start:start + UPSAMPLE_CHUNK], size=size, mode=mode, align_corners=False)
+        chunk = F.interpolate(maps[:, start : start + UPSAMPLE_CHUNK], size=size, mode=mode, align_corners=False)
         value, index = chunk[0].max(0)
         index += start
         if best_value is None:
@@ -439,8 +430,9 @@ def segment_word_scores(labels: torch.Tensor, word_maps: torch.Tensor) -> torch.
     columns = []
     for word_map in _float(word_maps):
         if word_map.shape != labels.shape:
-            word_map = F.interpolate(word_map[None, None], size=tuple(labels.shape), mode="bilinear",
-                                     align_corners=False)[0, 0]
+            word_map = F.interpolate(
+                word_map[None, None], size=tuple(labels.shape), mode="bilinear", align_corners=False
+            )[0, 0]
         columns.append(torch.bincount(flat, weights=word_map.flatten().double(), minlength=count) / pixels)
     return torch.stack(columns, dim=1).float()
 

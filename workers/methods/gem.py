@@ -47,9 +47,7 @@ def preprocess(clip: Clip, image: np.ndarray, size: int = GEM_IMAGE_SIZE) -> Ten
     return ((pixels - mean) / std).to(clip.device, clip.dtype)
 
 
-def resample_position_embedding(
-    position: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
-) -> Tensor:
+def resample_position_embedding(position: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
     """(1 + old_h*old_w, C) -> (1 + new_h*new_w, C); the class token's row is kept as is.
 
     Bicubic with antialias on the (C, h, w) grid, in at least fp32 (half bicubic is not available

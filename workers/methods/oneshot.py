@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.methods import diffseg
-
-from workers.methods import slime
+from workers.methods import diffseg, slime
+from workers.methods.timing import Timer
 from workers.models.attention import AttentionStore, capture_attention
-from workers.models.stable_diffusion import StableDiffusion
 from workers.models.sd_ops import (
     add_noise,
     encode_latents,
@@ -36,7 +34,7 @@ from workers.models.sd_ops import (
     sample_noise,
     unet_noise,
 )
-from workers.methods.timing import Timer
+from workers.models.stable_diffusion import StableDiffusion
 
 CROSS_BLOCKS = (8, 9, 10, 11, 12)  # attn2 at grids R/4 and R/2 (methods 3.2)
 SELF_BLOCKS = (14, 15, 16)  # attn1 at grid R
@@ -105,8 +103,9 @@ def check_training_inputs(images: list[np.ndarray], masks: list[np.ndarray], lab
     if not labels:
         raise ValueError("at least one part name is needed")
     if not images or len(images) != len(masks):
-        raise ValueError(f"need at least one image and one mask per image, got {len(images)} images, "
-                         f"{len(masks)} masks")
+        raise ValueError(
+            f"need at least one image and one mask per image, got {len(images)} images, {len(masks)} masks"
+        )
     num_classes = len(labels) + 1
     present = set()
     for index, (image, mask) in enumerate(zip(images, masks)):
@@ -266,8 +265,17 @@ def segment_oneshot(
     base, uncond = part_prompt_outputs(sd, num_classes)
     text = text_batch(base, uncond, model.vectors.to(sd.device))
     timer("text", started)
-    scores = score_maps(sd, text, num_classes, image, crops_per_side=crops_per_side, seed=seed,
-                        resolution=resolution, report=report, timer=timer)
+    scores = score_maps(
+        sd,
+        text,
+        num_classes,
+        image,
+        crops_per_side=crops_per_side,
+        seed=seed,
+        resolution=resolution,
+        report=report,
+        timer=timer,
+    )
     started = time.perf_counter()
     labels, mean_scores = labels_and_scores(scores, tuple(output_size or image.shape[:2]))
     timer("label", started)
@@ -291,20 +299,32 @@ def grad_scaler(sd: StableDiffusion) -> torch.amp.GradScaler:
 
 
 def training_example(
-    image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, *, step: int, resolution: int,
-    grid: int, min_crop: float,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    step: int,
+    resolution: int,
+    grid: int,
+    min_crop: float,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One augmented example from image (3, S, S) in [0, 1] and mask (S, S): pixels (1, 3, S, S) in
     [-1, 1], mask (R, R) and the timestep, all drawn from the CPU `generator`."""
-    image, mask = slime.augment(image, mask, generator=generator, size=resolution, min_crop=min_crop,
-                                part_cycle=step, latent_size=grid)
+    image, mask = slime.augment(
+        image, mask, generator=generator, size=resolution, min_crop=min_crop, part_cycle=step, latent_size=grid
+    )
     timestep = int(torch.randint(TRAIN_TIMESTEPS[0], TRAIN_TIMESTEPS[1] + 1, (), generator=generator))
     return (image * 2 - 1)[None], mask, timestep
 
 
 def training_loss(
-    sd: StableDiffusion, text: torch.Tensor, pixels: torch.Tensor, mask: torch.Tensor, timestep: int,
-    generator: torch.Generator, num_classes: int,
+    sd: StableDiffusion,
+    text: torch.Tensor,
+    pixels: torch.Tensor,
+    mask: torch.Tensor,
+    timestep: int,
+    generator: torch.Generator,
+    num_classes: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SLiMe's loss of one example (3.3 steps 2-6): pixels (1, 3, S, S), mask (R, R), text
     (2, 77, D) [uncond, learned] with the learned vectors in the graph. Returns (total, parts)."""
@@ -321,8 +341,15 @@ def training_loss(
 
 
 def training_iou(
-    sd: StableDiffusion, text: torch.Tensor, num_classes: int, images: list[np.ndarray], masks: list[np.ndarray],
-    *, seed: int, resolution: int, between: Callable[[], None] = lambda: None,
+    sd: StableDiffusion,
+    text: torch.Tensor,
+    num_classes: int,
+    images: list[np.ndarray],
+    masks: list[np.ndarray],
+    *,
+    seed: int,
+    resolution: int,
+    between: Callable[[], None] = lambda: None,
 ) -> float:
     """Mean over the training images of slime.mean_iou between the segment path (1 crop, labels
     at the image's size) and the image's mask. text: (2, 77, D) [uncond, learned].
@@ -331,8 +358,17 @@ def training_iou(
     for index, (image, mask) in enumerate(zip(images, masks)):
         if index:
             between()
-        scores = score_maps(sd, text, num_classes, image, crops_per_side=1, seed=seed, resolution=resolution,
-                            report=lambda **progress: None, timer=Timer())
+        scores = score_maps(
+            sd,
+            text,
+            num_classes,
+            image,
+            crops_per_side=1,
+            seed=seed,
+            resolution=resolution,
+            report=lambda **progress: None,
+            timer=Timer(),
+        )
         labels, _ = labels_and_scores(scores, mask.shape)
         ious.append(slime.mean_iou(labels, torch.from_numpy(mask.astype(np.int64)).to(labels.device), num_classes))
     return sum(ious) / len(ious)
@@ -347,8 +383,13 @@ def prepare_example(image: np.ndarray, mask: np.ndarray, resolution: int) -> tup
 
 
 def train_step(
-    sd: StableDiffusion, text: torch.Tensor, example: tuple[torch.Tensor, torch.Tensor, int],
-    generator: torch.Generator, num_classes: int, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    sd: StableDiffusion,
+    text: torch.Tensor,
+    example: tuple[torch.Tensor, torch.Tensor, int],
+    generator: torch.Generator,
+    num_classes: int,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
 ) -> dict[str, float]:
     """One optimiser step on one augmented example; returns the loss and its parts as floats, so
     no graph outlives the step (the caller's report may raise and keep the caller's frame)."""
@@ -414,27 +455,48 @@ def train_oneshot(
             totals = {}
             for index, (image, mask) in enumerate(examples):
                 step = (epoch - 1) * len(examples) + index
-                example = training_example(image, mask, augmentation, step=step, resolution=resolution, grid=grid,
-                                           min_crop=min_crop)
-                result = train_step(sd, text_batch(base, uncond, vectors), example, generator, num_classes,
-                                    optimizer, scaler)
+                example = training_example(
+                    image, mask, augmentation, step=step, resolution=resolution, grid=grid, min_crop=min_crop
+                )
+                result = train_step(
+                    sd, text_batch(base, uncond, vectors), example, generator, num_classes, optimizer, scaler
+                )
                 skipped_steps += result.pop("skipped")
                 totals = {name: totals.get(name, 0.0) + value for name, value in result.items()}
-                progress = {"stage": "training", "fraction": (epoch - 1 + (index + 1) / len(examples)) / epochs,
-                            "epoch": epoch, "epochs": epochs, "loss": totals["loss"] / (index + 1),
-                            "best_iou": best["train_iou"]}
+                progress = {
+                    "stage": "training",
+                    "fraction": (epoch - 1 + (index + 1) / len(examples)) / epochs,
+                    "epoch": epoch,
+                    "epochs": epochs,
+                    "loss": totals["loss"] / (index + 1),
+                    "best_iou": best["train_iou"],
+                }
                 if index + 1 < len(examples):  # within an epoch of many pictures: a cancel stops here
                     report(**progress)
             started = timer("training", started)
             if epoch % every == 0 or epoch == epochs:
                 text = text_batch(base, uncond, vectors.detach())
-                iou = training_iou(sd, text, num_classes, images, masks, seed=seed, resolution=resolution,
-                                   between=lambda: report(**progress))
+                iou = training_iou(
+                    sd,
+                    text,
+                    num_classes,
+                    images,
+                    masks,
+                    seed=seed,
+                    resolution=resolution,
+                    between=lambda progress=progress: report(**progress),
+                )
                 if best["train_iou"] is None or iou > best["train_iou"]:
                     best = {"train_iou": iou, "best_epoch": epoch, "vectors": vectors.detach().clone()}
                 started = timer("evaluation", started)
-            report(stage="training", fraction=epoch / epochs, epoch=epoch, epochs=epochs,
-                   loss=totals["loss"] / len(examples), best_iou=best["train_iou"])
+            report(
+                stage="training",
+                fraction=epoch / epochs,
+                epoch=epoch,
+                epochs=epochs,
+                loss=totals["loss"] / len(examples),
+                best_iou=best["train_iou"],
+            )
     finally:
         if sd.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -448,6 +510,12 @@ def train_oneshot(
         "skipped_steps": int(skipped_steps),
         "timings_ms": timer.ms,
     }
-    params = {"epochs": epochs, "learning_rate": learning_rate, "seed": seed, "resolution": resolution,
-              "min_crop": min_crop, "images": len(images)}
+    params = {
+        "epochs": epochs,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "resolution": resolution,
+        "min_crop": min_crop,
+        "images": len(images),
+    }
     return OneshotModel(list(labels), best["vectors"].cpu(), sd.model_id, params, metrics)

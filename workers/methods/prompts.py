@@ -166,8 +166,7 @@ def build_prompt(
         raise ValueError("at least one class is needed")
     background_words = list(background_words)
     names = [*classes, *background_words]
-    return prompt_from_pieces(tokenizer, prompt_pieces(classes, background_words), names, len(classes),
-                              vector_counts)
+    return prompt_from_pieces(tokenizer, prompt_pieces(classes, background_words), names, len(classes), vector_counts)
 
 
 def word_spans(tokenizer, words: list[str]) -> Prompt:

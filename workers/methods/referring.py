@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,9 +25,9 @@ from scipy.linalg import eigh
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import SpectralClustering
 
+from attnseg.concept_files import IDENTIFIER
 from workers.methods import diffseg
 from workers.methods.concepts import Concept, vector_counts
-from attnseg.concept_files import IDENTIFIER
 from workers.methods.prompts import Prompt, build_prompt, prompt_from_pieces
 from workers.methods.selfcross import background_score
 from workers.methods.textseg import (
@@ -83,8 +83,9 @@ def eigengap_count(affinity: np.ndarray, max_count: int = MAX_INSTANCES) -> int:
     return int(np.argmax(np.diff(values))) + 1
 
 
-def spectral_instances(self_attn: torch.Tensor, area: torch.Tensor, *, max_instances: int = MAX_INSTANCES,
-                       seed: int = 0) -> torch.Tensor:
+def spectral_instances(
+    self_attn: torch.Tensor, area: torch.Tensor, *, max_instances: int = MAX_INSTANCES, seed: int = 0
+) -> torch.Tensor:
     """Instances inside the object area: spectral clustering of its self-attention.
 
     self_attn: (Q, Q); area: bool (Q,). Returns long (Q,): -1 outside the area, 0..k-1 inside, the
@@ -99,8 +100,9 @@ def spectral_instances(self_attn: torch.Tensor, area: torch.Tensor, *, max_insta
     if count == 1:
         instances[positions] = 0
         return instances
-    clustering = SpectralClustering(n_clusters=count, affinity="precomputed", assign_labels="cluster_qr",
-                                    random_state=seed)
+    clustering = SpectralClustering(
+        n_clusters=count, affinity="precomputed", assign_labels="cluster_qr", random_state=seed
+    )
     with warnings.catch_warnings():
         # Instances that never attend to each other make a disconnected graph: the ideal case.
         warnings.filterwarnings("ignore", message="Graph is not fully connected")
@@ -157,7 +159,7 @@ def query_span(query: str, class_word: str) -> tuple[int, int]:
     else the identifier alone, else the class word (first whole-word match, any case), else all."""
     identifier = IDENTIFIER.search(query)
     if identifier:
-        after = re.match(rf"\s+{re.escape(class_word)}\b", query[identifier.end():], re.IGNORECASE)
+        after = re.match(rf"\s+{re.escape(class_word)}\b", query[identifier.end() :], re.IGNORECASE)
         return identifier.start(), identifier.end() + (after.end() if after else 0)
     word = re.search(rf"\b{re.escape(class_word)}\b", query, re.IGNORECASE)
     return (word.start(), word.end()) if word else (0, len(query))
@@ -243,7 +245,7 @@ def segment_referring(
 
     attributions = [None] * len(prompts)
     groups = concept_groups(prompts, concepts)
-    for done, (name, members) in enumerate(groups.items()):
+    for done, members in enumerate(groups.values()):
         report("queries", 0.3 + 0.5 * done / len(groups))
         group = [prompts[i] for i in members]
         used = {identifier: concepts[identifier] for prompt in group for identifier in prompt.concept_positions}
@@ -259,8 +261,10 @@ def segment_referring(
     channels = torch.nn.functional.one_hot(instances + 1, count + 1).T.float().to(sc_class.device)
     instance_map = diffseg.proposals_to_labels(channels, tuple(image.shape[:2])) - 1
     labels = instance_labels(instance_map.cpu(), chosen, count)
-    query_scores = {query + 1: float(scores[query, instance]) for query, instance in enumerate(chosen)
-                    if instance is not None}
+    query_scores = {
+        query + 1: float(scores[query, instance]) for query, instance in enumerate(chosen) if instance is not None
+    }
     timer("label", started)
-    return ReferringSegmentation(labels.numpy(), query_scores, scores.tolist(), count,
-                                 instance_map.cpu().numpy(), chosen, timer.ms)
+    return ReferringSegmentation(
+        labels.numpy(), query_scores, scores.tolist(), count, instance_map.cpu().numpy(), chosen, timer.ms
+    )

@@ -111,9 +111,7 @@ def segment(scores: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
     scores: (1 + C, g, g); output_size: (H, W). Bilinear upsampling, then argmax.
     Returns LongTensor (H, W), 0 = background, c = class c.
     """
-    upsampled = F.interpolate(
-        scores[None].float(), size=tuple(output_size), mode="bilinear", align_corners=False
-    )
+    upsampled = F.interpolate(scores[None].float(), size=tuple(output_size), mode="bilinear", align_corners=False)
     return upsampled[0].argmax(0)
 
 

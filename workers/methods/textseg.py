@@ -16,22 +16,22 @@ without it 1. Usable without the service::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.methods import diffseg
-
-from workers.methods import gem
+from workers.methods import diffseg, gem
 from workers.methods.concepts import Concept, combined_kv, encode_with_concepts, vector_counts
-from workers.models.attention import AttentionStore, capture_attention
-from workers.models.concept_hooks import concept_attention
-from workers.models.clip import Clip
-from workers.models.stable_diffusion import StableDiffusion
 from workers.methods.prompts import Prompt, PromptTooLongError, build_prompt
+from workers.methods.selfcross import background_score, selfcross_scores
+from workers.methods.timing import Timer
+from workers.methods.unsupervised import ALL_BLOCKS, self_attention_by_grid
+from workers.models.attention import AttentionStore, capture_attention
+from workers.models.clip import Clip
+from workers.models.concept_hooks import concept_attention
 from workers.models.sd_ops import (
     add_noise,
     encode_latents,
@@ -40,9 +40,7 @@ from workers.models.sd_ops import (
     make_generator,
     unet_noise,
 )
-from workers.methods.selfcross import background_score, selfcross_scores
-from workers.methods.timing import Timer
-from workers.methods.unsupervised import ALL_BLOCKS, self_attention_by_grid
+from workers.models.stable_diffusion import StableDiffusion
 
 METHODS = ("selfcross", "gem", "gem_refined", "cluster")
 DEFAULT_TIMESTEPS = {"selfcross": 150, "gem": None, "gem_refined": 100, "cluster": 100}
@@ -66,8 +64,9 @@ class TextSegmentation:
 # --- selfcross ----------------------------------------------------------------------------
 
 
-def split_classes(tokenizer, classes: list[str], background_words: list[str] = (),
-                  counts: dict[str, int] | None = None) -> list[Prompt]:
+def split_classes(
+    tokenizer, classes: list[str], background_words: list[str] = (), counts: dict[str, int] | None = None
+) -> list[Prompt]:
     """Greedy split of the classes, in order, over as few prompts as fit the text encoder.
 
     Each prompt takes the next classes while they fit; the background words go into every prompt.
@@ -90,7 +89,9 @@ def split_classes(tokenizer, classes: list[str], background_words: list[str] = (
 
 
 def selfcross_draw(
-    store: AttentionStore, prompts: list[Prompt], gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD,
+    store: AttentionStore,
+    prompts: list[Prompt],
+    gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD,
     first_row: int = 0,
 ) -> torch.Tensor:
     """SelfCross maps of all classes from one noise draw: (C, g, g) in [0, 1], classes in prompt order.
@@ -164,12 +165,17 @@ def clean_latents(sd: StableDiffusion, images: np.ndarray | list[np.ndarray], re
     image (H, W, 3) or a list of them, encoded in one VAE call."""
     images = [images] if isinstance(images, np.ndarray) else images
     with torch.inference_mode():
-        return encode_latents(sd, torch.cat([image_to_pixels(image, resolution, sd.device, sd.dtype)
-                                             for image in images]))
+        return encode_latents(
+            sd, torch.cat([image_to_pixels(image, resolution, sd.device, sd.dtype) for image in images])
+        )
 
 
 def selfcross_pass(
-    sd: StableDiffusion, latents: torch.Tensor, prompts: list[Prompt], timestep: int, seeds: int | list[int],
+    sd: StableDiffusion,
+    latents: torch.Tensor,
+    prompts: list[Prompt],
+    timestep: int,
+    seeds: int | list[int],
     concepts: dict[str, Concept] | None = None,
 ) -> AttentionStore:
     """One conditional UNet call on latents (B, 4, R, R), image b noised with seeds[b]: batch row
@@ -183,21 +189,33 @@ def selfcross_pass(
     store = AttentionStore()
     with torch.inference_mode():
         text = encode_with_concepts(sd, prompts, {name: concept.vectors for name, concept in concepts.items()})
-        noisy = torch.cat([add_noise(sd, latents[b : b + 1], timestep, make_generator(sd, seed))
-                           for b, seed in enumerate(seeds)])
+        noisy = torch.cat(
+            [add_noise(sd, latents[b : b + 1], timestep, make_generator(sd, seed)) for b, seed in enumerate(seeds)]
+        )
         if len(seeds) > 1:
             noisy, text = noisy.repeat_interleave(len(prompts), dim=0), text.repeat(len(seeds), 1, 1)
         # The concept's processors wrap the capturing ones: enter them inside capture_attention.
-        with capture_attention(sd.unet, store, self_blocks=(SELFCROSS_SELF_BLOCK,),
-                               cross_blocks=SELFCROSS_CROSS_BLOCKS), \
-                concept_attention(sd.unet, combined_kv(list(concepts.values()))):
+        with (
+            capture_attention(sd.unet, store, self_blocks=(SELFCROSS_SELF_BLOCK,), cross_blocks=SELFCROSS_CROSS_BLOCKS),
+            concept_attention(sd.unet, combined_kv(list(concepts.values()))),
+        ):
             unet_noise(sd, noisy, timestep, text)
     return store
 
 
-def selfcross_maps(sd: StableDiffusion, latents: torch.Tensor, prompts: list[Prompt], *, samples: int,
-                   timestep: int, seeds: list[int], gate_threshold: float | None, concepts: dict[str, Concept] | None,
-                   timer: Timer, report: Callable[[str, float], None]) -> list[torch.Tensor]:
+def selfcross_maps(
+    sd: StableDiffusion,
+    latents: torch.Tensor,
+    prompts: list[Prompt],
+    *,
+    samples: int,
+    timestep: int,
+    seeds: list[int],
+    gate_threshold: float | None,
+    concepts: dict[str, Concept] | None,
+    timer: Timer,
+    report: Callable[[str, float], None],
+) -> list[torch.Tensor]:
     """Per image of latents (B, 4, R, R): its SelfCross maps (C, g, g) averaged over `samples` noise
     draws (draw i of image b uses seeds[b] + i); each draw is one UNet call for all images."""
     totals: list[torch.Tensor | None] = [None] * len(seeds)
@@ -213,8 +231,9 @@ def selfcross_maps(sd: StableDiffusion, latents: torch.Tensor, prompts: list[Pro
     return [total / samples for total in totals]
 
 
-def channel_labels(channels: torch.Tensor, output_size: tuple[int, int], first_label: int,
-                   timer: Timer) -> tuple[torch.Tensor, dict[int, float]]:
+def channel_labels(
+    channels: torch.Tensor, output_size: tuple[int, int], first_label: int, timer: Timer
+) -> tuple[torch.Tensor, dict[int, float]]:
     """Channels (K, h, w) -> the (H, W) argmax labels (+ first_label) and each present label's score."""
     started = time.perf_counter()
     labels = diffseg.proposals_to_labels(channels.flatten(1), output_size) + first_label
@@ -224,13 +243,22 @@ def channel_labels(channels: torch.Tensor, output_size: tuple[int, int], first_l
     return labels, scores
 
 
-def selfcross_batch(sd: StableDiffusion, images: list[np.ndarray], classes: list[str], *, seeds: list[int],
-                    background: bool = True, background_words: list[str] | None = (), samples: int = 1,
-                    timestep: int | None = None, resolution: int = 512,
-                    gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD,
-                    background_threshold: float = SELFCROSS_BACKGROUND_THRESHOLD,
-                    concepts: dict[str, Concept] | None = None,
-                    report: Callable[[str, float], None] | None = None) -> tuple[list[torch.Tensor], int, dict]:
+def selfcross_batch(
+    sd: StableDiffusion,
+    images: list[np.ndarray],
+    classes: list[str],
+    *,
+    seeds: list[int],
+    background: bool = True,
+    background_words: list[str] | None = (),
+    samples: int = 1,
+    timestep: int | None = None,
+    resolution: int = 512,
+    gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD,
+    background_threshold: float = SELFCROSS_BACKGROUND_THRESHOLD,
+    concepts: dict[str, Concept] | None = None,
+    report: Callable[[str, float], None] | None = None,
+) -> tuple[list[torch.Tensor], int, dict]:
     """The shared part of selfcross for several images with the same classes and options: one VAE
     call, one UNet call per draw. Returns (channels (K, g, g) per image, passes, timings_ms); finish
     each image with `channel_labels`. Raises PromptTooLongError as `segment_text`."""
@@ -242,8 +270,18 @@ def selfcross_batch(sd: StableDiffusion, images: list[np.ndarray], classes: list
     report("encoding", 0.05)
     latents = clean_latents(sd, images, resolution)
     timer("latent", started)
-    maps = selfcross_maps(sd, latents, prompts, samples=samples, timestep=timestep, seeds=seeds,
-                          gate_threshold=gate_threshold, concepts=concepts, timer=timer, report=report)
+    maps = selfcross_maps(
+        sd,
+        latents,
+        prompts,
+        samples=samples,
+        timestep=timestep,
+        seeds=seeds,
+        gate_threshold=gate_threshold,
+        concepts=concepts,
+        timer=timer,
+        report=report,
+    )
     return [selfcross_channels(sc, background, background_threshold) for sc in maps], len(prompts), timer.ms
 
 
@@ -317,9 +355,20 @@ def segment_text(
 
     if method == "selfcross":
         (channels,), passes, timer.ms = selfcross_batch(
-            sd, [image], classes, seeds=[seed], background=background, background_words=background_words,
-            samples=samples, timestep=timestep, resolution=resolution, gate_threshold=gate_threshold,
-            background_threshold=background_threshold, concepts=concepts, report=report)
+            sd,
+            [image],
+            classes,
+            seeds=[seed],
+            background=background,
+            background_words=background_words,
+            samples=samples,
+            timestep=timestep,
+            resolution=resolution,
+            gate_threshold=gate_threshold,
+            background_threshold=background_threshold,
+            concepts=concepts,
+            report=report,
+        )
     else:
         report("clip", 0.05)
         channels = gem_channels(gem.class_logits(clip, image, list(classes)), background)

@@ -10,19 +10,25 @@ Usable without the service::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from workers.methods import diffseg
-from workers.models.attention import AttentionStore, capture_attention
-from workers.models.stable_diffusion import StableDiffusion
 from workers.methods.prompts import Prompt, mean_over_spans, pad_ids, word_spans
-from workers.models.sd_ops import encode_latents, encode_prompt_ids, fixed_prompt_embeddings, image_to_pixels, unet_noise
 from workers.methods.timing import Timer
+from workers.models.attention import AttentionStore, capture_attention
+from workers.models.sd_ops import (
+    encode_latents,
+    encode_prompt_ids,
+    fixed_prompt_embeddings,
+    image_to_pixels,
+    unet_noise,
+)
+from workers.models.stable_diffusion import StableDiffusion
 
 ALL_BLOCKS = tuple(range(1, 17))
 
@@ -67,9 +73,15 @@ class SharedPass:
     timings_ms: dict[str, float]
 
 
-def attention_pass(sd: StableDiffusion, images: list[np.ndarray], *, timestep: int = 300, resolution: int = 512,
-                   vocabulary: list[str] | None = None,
-                   report: Callable[[str, float], None] | None = None) -> SharedPass:
+def attention_pass(
+    sd: StableDiffusion,
+    images: list[np.ndarray],
+    *,
+    timestep: int = 300,
+    resolution: int = 512,
+    vocabulary: list[str] | None = None,
+    report: Callable[[str, float], None] | None = None,
+) -> SharedPass:
     """VAE, text encoder and UNet with capture once for all `images` (each RGB uint8 (H, W, 3), any
     size): the work a batch of DiffSeg jobs with the same resolution, timestep and vocabulary shares."""
     report = report or (lambda stage, fraction: None)
@@ -85,16 +97,26 @@ def attention_pass(sd: StableDiffusion, images: list[np.ndarray], *, timestep: i
 
     report("attention", 0.2)
     store = AttentionStore()
-    with torch.inference_mode(), capture_attention(sd.unet, store, self_blocks=ALL_BLOCKS,
-                                                   cross_blocks=ALL_BLOCKS if prompt else ()):
+    with (
+        torch.inference_mode(),
+        capture_attention(sd.unet, store, self_blocks=ALL_BLOCKS, cross_blocks=ALL_BLOCKS if prompt else ()),
+    ):
         unet_noise(sd, latents, timestep, text.expand(len(images), -1, -1))
     timer("unet", started)
     return SharedPass(store, resolution, prompt, vocabulary, timer.ms)
 
 
-def segment_row(shared: SharedPass, row: int, size: tuple[int, int], *, kl_threshold: float = 1.0, grid: int = 16,
-                iterations: int = 3, refine: bool = False,
-                report: Callable[[str, float], None] | None = None) -> UnsupervisedSegmentation:
+def segment_row(
+    shared: SharedPass,
+    row: int,
+    size: tuple[int, int],
+    *,
+    kl_threshold: float = 1.0,
+    grid: int = 16,
+    iterations: int = 3,
+    refine: bool = False,
+    report: Callable[[str, float], None] | None = None,
+) -> UnsupervisedSegmentation:
     """DiffSeg's steps after the pass for image `row` of `shared`; labels come back at size (H, W)."""
     report = report or (lambda stage, fraction: None)
     timer = Timer()
@@ -146,7 +168,14 @@ def segment_unsupervised(
     adds noise, and is kept so every method takes one). With a `vocabulary`, the pass uses the
     prompt built from the words and each segment is named by its best word (paper appendix).
     """
-    shared = attention_pass(sd, [image], timestep=timestep, resolution=resolution, vocabulary=vocabulary,
-                            report=report)
-    return segment_row(shared, 0, output_size or image.shape[:2], kl_threshold=kl_threshold, grid=grid, iterations=iterations,
-                       refine=refine, report=report)
+    shared = attention_pass(sd, [image], timestep=timestep, resolution=resolution, vocabulary=vocabulary, report=report)
+    return segment_row(
+        shared,
+        0,
+        output_size or image.shape[:2],
+        kl_threshold=kl_threshold,
+        grid=grid,
+        iterations=iterations,
+        refine=refine,
+        report=report,
+    )

@@ -93,8 +93,11 @@ def head_mean_attention(
     with torch.autocast(query.device.type, enabled=False):
         scaled_query = query.float() * scale
         key_t = key.float().transpose(-1, -2)
-        sums = {name: torch.zeros(batch, queries, key.shape[2], device=query.device)
-                for name, wanted in (("probabilities", probabilities), ("logits", logits)) if wanted}
+        sums = {
+            name: torch.zeros(batch, queries, key.shape[2], device=query.device)
+            for name, wanted in (("probabilities", probabilities), ("logits", logits))
+            if wanted
+        }
         for first in range(0, heads, step):
             chunk = slice(first, first + step)
             scores = scaled_query[:, chunk] @ key_t[:, chunk]  # (B, h, Q, K)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import open_clip
 import torch
@@ -109,9 +109,7 @@ def _marked_random(model_id: str) -> bool:
     return bool(config.get("attnseg", {}).get("random_weights"))
 
 
-def _resolve_weights(
-    name: str, pretrained: str, cache_dir: Path | None
-) -> tuple[str, str | None, dict]:
+def _resolve_weights(name: str, pretrained: str, cache_dir: Path | None) -> tuple[str, str | None, dict]:
     """(open_clip model id, checkpoint file or None, the tag's pretrained cfg or {})."""
     path = Path(pretrained).expanduser()
     if path.is_dir():

@@ -84,8 +84,9 @@ def concept_attention(unet: torch.nn.Module, kv: dict[str, tuple[torch.Tensor, t
 
 
 @contextmanager
-def token_embeddings(text_encoder: torch.nn.Module, positions: torch.Tensor | None, values: torch.Tensor | None
-                     ) -> Iterator[None]:
+def token_embeddings(
+    text_encoder: torch.nn.Module, positions: torch.Tensor | None, values: torch.Tensor | None
+) -> Iterator[None]:
     """Within the block, the text encoder's input embeddings at `positions` are `values`.
 
     positions: (B, T) bool, True where a concept's vector goes; values: (B, T, D) (only the rows at

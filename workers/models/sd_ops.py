@@ -22,9 +22,7 @@ def image_to_pixels(image: np.ndarray, resolution: int, device, dtype) -> torch.
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 RGB image of shape (H, W, 3), got {image.dtype} {image.shape}")
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float()  # a writable copy
-    pixels = F.interpolate(
-        pixels, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False
-    )
+    pixels = F.interpolate(pixels, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
     return (pixels / 127.5 - 1.0).to(device=device, dtype=dtype)
 
 

@@ -56,7 +56,7 @@ class StableDiffusion:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; any other name is passed to torch.device."""
+    """ "auto" -> cuda when available, else cpu; any other name is passed to torch.device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -74,7 +74,7 @@ _DTYPES = {
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" -> float16 on cuda, float32 elsewhere; otherwise one of the names in _DTYPES."""
+    """ "auto" -> float16 on cuda, float32 elsewhere; otherwise one of the names in _DTYPES."""
     if name == "auto":
         return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     if name not in _DTYPES:
@@ -178,6 +178,4 @@ def load_stable_diffusion(
     for name in ("unet", "vae", "text_encoder"):  # already in dtype: loaded with it
         components[name].to(device).eval().requires_grad_(False)
     random_weights = source is not None and (source / RANDOM_WEIGHTS_MARKER).exists()
-    return StableDiffusion(
-        **components, model_id=model_id, device=device, dtype=dtype, random_weights=random_weights
-    )
+    return StableDiffusion(**components, model_id=model_id, device=device, dtype=dtype, random_weights=random_weights)

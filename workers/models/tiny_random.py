@@ -79,23 +79,42 @@ SD2_PAD_TOKEN = "!"  # SD 2.x pads with "!" (id 0), not EOS
 # use_linear_projection; "tiny-sd2" keeps those traits at tiny widths (heads 2, 2, 4, 4: 16 wide).
 ARCHITECTURES = {
     "tiny": {
-        "text": {"hidden_size": TEXT_WIDTH, "intermediate_size": 2 * TEXT_WIDTH, "num_hidden_layers": 2,
-                 "num_attention_heads": 2, "hidden_act": "quick_gelu"},
+        "text": {
+            "hidden_size": TEXT_WIDTH,
+            "intermediate_size": 2 * TEXT_WIDTH,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "hidden_act": "quick_gelu",
+        },
         "unet": {"block_out_channels": (32, 32, 64, 64), "norm_num_groups": 8, "attention_head_dim": 2},
         "vae": {"block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
         "pad_token": EOS_TOKEN,
     },
     "tiny-sd2": {
-        "text": {"hidden_size": SD2_TEXT_WIDTH, "intermediate_size": 4 * SD2_TEXT_WIDTH, "num_hidden_layers": 2,
-                 "num_attention_heads": 3, "hidden_act": "gelu"},
-        "unet": {"block_out_channels": (32, 32, 64, 64), "norm_num_groups": 8, "attention_head_dim": (2, 2, 4, 4),
-                 "use_linear_projection": True},
+        "text": {
+            "hidden_size": SD2_TEXT_WIDTH,
+            "intermediate_size": 4 * SD2_TEXT_WIDTH,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 3,
+            "hidden_act": "gelu",
+        },
+        "unet": {
+            "block_out_channels": (32, 32, 64, 64),
+            "norm_num_groups": 8,
+            "attention_head_dim": (2, 2, 4, 4),
+            "use_linear_projection": True,
+        },
         "vae": {"block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
         "pad_token": SD2_PAD_TOKEN,
     },
     "sd15": {
-        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                 "hidden_act": "quick_gelu"},
+        "text": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "hidden_act": "quick_gelu",
+        },
         "unet": {"block_out_channels": (320, 640, 1280, 1280), "norm_num_groups": 32, "attention_head_dim": 8},
         "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32},
         "pad_token": EOS_TOKEN,
@@ -214,8 +233,12 @@ def _write_pipeline(directory: Path, architecture: str, seed: int) -> None:
     for subfolder, component in random_components(architecture, seed).items():
         component.save_pretrained(directory / subfolder)
     (directory / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
-    marker = {"random_weights": True, "architecture": architecture, "seed": seed,
-              "note": f"attnseg {architecture} random-weights model, not trained"}
+    marker = {
+        "random_weights": True,
+        "architecture": architecture,
+        "seed": seed,
+        "note": f"attnseg {architecture} random-weights model, not trained",
+    }
     (directory / RANDOM_WEIGHTS_MARKER).write_text(json.dumps(marker, indent=2))
 
 
