@@ -1,4 +1,4 @@
-"""Concepts (learned or imported identifiers, methods.md 2.4), stored durably in Redis.
+"""Concepts (learned or imported identifiers, docs/methods.md 2.4), stored durably in Redis.
 
 A record (attnseg.record_store) holds: id, owner, identifier, class_word, method
 (custom_diffusion | textual_inversion), status (training | importing | ready | failed), the SD model,

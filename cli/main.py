@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "protocol",
         choices=["unsupervised", "text", "oneshot", "referring"],
-        help="methods.md section 4 (referring: 2.4)",
+        help="docs/methods.md section 4 (referring: 4.5)",
     )
     evaluate.add_argument("--images", type=Path, required=True, help="folder of images (jpg/png/webp)")
     evaluate.add_argument(

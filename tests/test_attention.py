@@ -15,7 +15,7 @@ from workers.models.attention import (
 from workers.models.sd_ops import encode_prompts, unet_noise
 
 ALL = tuple(range(1, 17))
-TABLE = (  # methods.md 0.2
+TABLE = (  # docs/methods.md 0.2
     [
         "down_blocks.0.attentions.0",
         "down_blocks.0.attentions.1",

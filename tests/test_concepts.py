@@ -1,4 +1,4 @@
-"""Concepts on the tiny random SD models (methods.md 2.4): the hook points change nothing they
+"""Concepts on the tiny random SD models (docs/methods.md 2.4): the hook points change nothing they
 should not, training moves only the concept's own tensors, files round-trip in diffusers' formats,
 and shapes are checked against the model."""
 

@@ -1,4 +1,4 @@
-"""SLiMe end to end on the tiny random SD model (methods.md section 3), at resolution 256 (R = 32).
+"""SLiMe end to end on the tiny random SD model (docs/methods.md section 3), at resolution 256 (R = 32).
 
 The fitting tests use a copy of the tiny model given the three properties SLiMe relies on in real
 SD, which random weights lack (see `like_sd`); the mechanics tests (seeding, gradients, progress,

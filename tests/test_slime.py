@@ -1,4 +1,4 @@
-"""SLiMe's tensor steps against hand-computed values and planted signals (methods page, section 3)."""
+"""SLiMe's tensor steps against hand-computed values and planted signals (docs/methods.md section 3)."""
 
 import math
 

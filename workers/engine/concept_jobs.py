@@ -1,4 +1,4 @@
-"""Job functions for concepts (methods.md 2.4): training, import, referring segmentation."""
+"""Job functions for concepts (docs/methods.md 2.4): training, import, referring segmentation."""
 
 from __future__ import annotations
 

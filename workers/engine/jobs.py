@@ -59,7 +59,7 @@ def finish(ctx: JobContext, image_entry: dict, segments: list[dict], timings_ms:
 
 
 def timings(stages_ms: dict, encode_started: float) -> dict:
-    """api.md timings: `inference` (all model and method stages), `encode` (masks to RLE), and the stages."""
+    """docs/api.md 6.3: `inference` (all model and method stages), `encode` (masks to RLE), and the stages."""
     return {
         "inference": round(sum(stages_ms.values()), 1),
         "encode": round((time.perf_counter() - encode_started) * 1000, 1),

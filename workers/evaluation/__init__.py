@@ -1,1 +1,1 @@
-"""Evaluation protocols (methods.md section 4) and `attnseg evaluate`."""
+"""Evaluation protocols (docs/methods.md section 4) and `attnseg evaluate`."""

@@ -1,4 +1,4 @@
-"""`attnseg evaluate`: score a method over a folder of images and label PNGs (methods.md section 4).
+"""`attnseg evaluate`: score a method over a folder of images and label PNGs (docs/methods.md section 4).
 
 Images and labels are paired by file stem. Both are centre-cropped square and resized to the
 working resolution (labels nearest), as the COCO-Stuff-27 protocol does; 255 in a label is ignored.

@@ -1,4 +1,4 @@
-"""Segmentation scores of the evaluation protocols (methods.md section 4).
+"""Segmentation scores of the evaluation protocols (docs/methods.md section 4).
 
 numpy + scipy only. Label maps are integer arrays of shape (H, W); ground-truth pixels equal to
 `ignore_index` are left out everywhere. Accuracies and IoUs are fractions in [0, 1]; a class

@@ -1,4 +1,4 @@
-"""Concepts: an identifier learned from a few photos of one object (methods.md 2.4).
+"""Concepts: an identifier learned from a few photos of one object (docs/methods.md 2.4).
 
 Custom Diffusion (Kumari et al. 2023; diffusers' `train_custom_diffusion.py`): the identifier's input
 token embedding, initialised from the class word, plus the `to_k`/`to_v` weights of every

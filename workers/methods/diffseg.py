@@ -1,6 +1,6 @@
 """DiffSeg post-processing: self-attention maps in, integer label map out.
 
-Pure tensor functions (methods.md section 1, steps 3-10), one per step of the paper
+Pure tensor functions (docs/methods.md section 1, steps 3-10), one per step of the paper
 "Diffuse, Attend, and Segment" (Tian et al.). No model is loaded here: the caller captures
 the self-attention of the UNet and passes one head- and layer-averaged map per grid.
 

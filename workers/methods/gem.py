@@ -1,4 +1,4 @@
-"""GEM: dense CLIP image-text similarities (methods.md 2.3), written for open_clip 3.x.
+"""GEM: dense CLIP image-text similarities (docs/methods.md 2.3), written for open_clip 3.x.
 
 The public GEM code (Bousselham et al., "Grounding Everything") targets open_clip <= 2.23, whose
 residual blocks take sequence-first (N, B, C) tensors; it transposes at the start of its attention.
@@ -7,7 +7,7 @@ batch axis and the features come out wrong without any error. Here every tensor 
 and GEM is computed in our own forward that reads the block weights; the CLIP model is not
 modified and stays usable as is.
 
-Where the streams meet (our reading of methods.md 2.3 and the GEM code's GEMResidualBlock): at
+Where the streams meet (our reading of docs/methods.md 2.3 and the GEM code's GEMResidualBlock): at
 each of the last GEM_DEPTH - 1 blocks, the self-self attention reads ln_1 of the NORMAL stream's
 input to that block (the same tensor the block's own attention reads), and its residual is added
 to the GEM stream only. The GEM stream never feeds any attention and gets no MLP, so

@@ -1,4 +1,4 @@
-"""SLiMe end to end (methods.md section 3): learn one text-encoder output vector per part from a few
+"""SLiMe end to end (docs/methods.md section 3): learn one text-encoder output vector per part from a few
 annotated images, then segment new images with them.
 
 Usable without the service::

@@ -1,4 +1,4 @@
-"""Personalized referring segmentation (From Text to Mask, section 5.3; methods.md 2.4).
+"""Personalized referring segmentation (From Text to Mask, section 5.3; docs/methods.md 2.4).
 
 Find *my* mug among mugs: (1) SelfCross with "a photo including <class>." gives the object area;
 (2) spectral clustering of the self-attention inside that area separates the instances; (3)

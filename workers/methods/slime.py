@@ -1,6 +1,6 @@
 """SLiMe's pure tensor steps: augmentation, losses, learned embeddings and crop composition.
 
-Methods page section 3. No model code here: the UNet wrapper captures the attention maps and
+docs/methods.md section 3. No model code here: the UNet wrapper captures the attention maps and
 calls these functions.
 
 Conventions used throughout:

@@ -1,4 +1,4 @@
-"""Open-vocabulary segmentation from a list of class names (methods.md 2.2, 2.3), four methods.
+"""Open-vocabulary segmentation from a list of class names (docs/methods.md 2.2, 2.3), four methods.
 
 - `selfcross` (From Text to Mask): SD cross-attention of the classes propagated by SD self-attention.
 - `gem`: dense CLIP (GEM) class probabilities; no SD pass.

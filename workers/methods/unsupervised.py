@@ -1,4 +1,4 @@
-"""DiffSeg end to end on one image (methods.md section 1): one UNet pass, aggregate, merge, name.
+"""DiffSeg end to end on one image (docs/methods.md section 1): one UNet pass, aggregate, merge, name.
 
 Usable without the service::
 
@@ -47,7 +47,7 @@ def self_attention_by_grid(store: AttentionStore, row: int = 0) -> dict[int, tor
 
 
 def vocabulary_word_maps(store: AttentionStore, prompt: Prompt, size: int, row: int = 0) -> torch.Tensor:
-    """methods.md 1.10: (V, size, size) word maps from the cross-attention of every grid.
+    """docs/methods.md 1.10: (V, size, size) word maps from the cross-attention of every grid.
 
     Per grid: span mean per word, bilinear upsample, renormalise over the words at each pixel;
     then the grids are summed and each word map L2-normalised over the pixels.

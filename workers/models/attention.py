@@ -1,6 +1,6 @@
 """Finding the 16 transformer blocks of the SD UNet and recording their attention maps.
 
-methods.md 0.2 (which blocks, in which order) and 0.3 (how maps are captured). A capturing
+docs/methods.md 0.2 (which blocks, in which order) and 0.3 (how maps are captured). A capturing
 processor replaces diffusers' stock `AttnProcessor2_0` on the layers a method asks for only; it
 computes exactly the stock output and, on the side, the head-averaged attention probabilities
 (or pre-softmax logits) in fp32, summed into an `AttentionStore` per (kind, grid).
@@ -22,7 +22,7 @@ KINDS = ("self", "cross", "cross_logits")
 
 @dataclass(frozen=True)
 class TransformerBlock:
-    number: int  # 1..16, the row of the table in methods.md 0.2
+    number: int  # 1..16, the row of the table in docs/methods.md 0.2
     name: str  # module path in the UNet, e.g. "down_blocks.0.attentions.1"
     self_attention: torch.nn.Module  # attn1: queries and keys are pixels
     cross_attention: torch.nn.Module  # attn2: keys are the text tokens
@@ -270,7 +270,7 @@ def capture_attention(
     cross_blocks: Iterable[int] = (),
     cross_logit_blocks: Iterable[int] = (),
 ) -> Iterator[AttentionStore]:
-    """Record attention of the given blocks (numbers 1..16, methods.md 0.2) into `store`.
+    """Record attention of the given blocks (numbers 1..16, docs/methods.md 0.2) into `store`.
 
     self_blocks: attn1 probabilities as "self"; cross_blocks: attn2 probabilities as "cross";
     cross_logit_blocks: attn2 pre-softmax logits as "cross_logits". Only those layers get the

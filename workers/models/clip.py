@@ -1,4 +1,4 @@
-"""The open_clip model behind GEM (methods.md 0.1, 2.3), loaded once per worker.
+"""The open_clip model behind GEM (docs/methods.md 0.1, 2.3), loaded once per worker.
 
 `pretrained` is one of:
 - an open_clip pretrained tag (`metaclip_400m`): the file a previous download left in the

@@ -1,6 +1,6 @@
 """Applying a concept to the resident models for one call, without changing their weights.
 
-Two hook points (methods.md 2.4):
+Two hook points (docs/methods.md 2.4):
 - text: a forward hook on the text encoder's token-embedding layer replaces the input embeddings at
   given positions (the identifier's placeholder tokens) by the concept's vectors; nothing is added to
   the vocabulary and the embedding matrix is never written.

@@ -1,4 +1,4 @@
-"""Image -> latent, prompt -> text embeddings, seeded noise and one UNet call (methods.md 0.4)."""
+"""Image -> latent, prompt -> text embeddings, seeded noise and one UNet call (docs/methods.md 0.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loading the Stable Diffusion components a worker needs (methods.md 0.1).
+"""Loading the Stable Diffusion components a worker needs (docs/methods.md 0.1).
 
 Each component is loaded with its own class's `from_pretrained`; there is no pipeline object and no
 safety checker. `model_id` is a hub id, a local directory in diffusers layout, or "tiny-random" ("tiny-random-sd2"):

@@ -1,6 +1,6 @@
 """Randomly initialised Stable Diffusion pipelines at tiny widths, for tests and offline runs.
 
-The topology is the real one (methods.md 0.2: 16 transformer blocks at grids R, R/2, R/4, R/8; a
+The topology is the real one (docs/methods.md 0.2: 16 transformer blocks at grids R, R/2, R/4, R/8; a
 VAE that downsamples by 8; a 77-token CLIP text encoder with the real BPE vocabulary), only the
 widths are small, so every code path that works here works on the real weights. The pipeline is
 written in diffusers layout and loaded through the same `from_pretrained` calls as real weights.
@@ -152,7 +152,7 @@ def _unet(widths: dict, cross_attention_dim: int):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         layers_per_block=2,
         cross_attention_dim=cross_attention_dim,
-        **widths,  # attention_head_dim: SD 1.x/2.x configs use it as the head count (methods.md 0.3)
+        **widths,  # attention_head_dim: SD 1.x/2.x configs use it as the head count (docs/methods.md 0.3)
     )
 
 
