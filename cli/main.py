@@ -100,7 +100,7 @@ def cmd_up(args) -> None:
     env = {**os.environ, "ATTNSEG_REDIS_URL": settings.redis_url}
     if args.model:
         env["ATTNSEG_SD_MODEL"] = args.model
-        if args.model.startswith("tiny-random"):
+        if args.model.startswith("tiny-"):  # tiny-random, tiny-random-sd2, tiny-colour: no CLIP download
             env.setdefault("ATTNSEG_CLIP_MODEL", "tiny-random")
     attnseg = [sys.executable, "-m", "cli"]
     port = ["--port", str(args.port)] if args.port else []
