@@ -17,7 +17,7 @@ from rq.job import Job
 
 from attnseg.images import mask_png, store_bytes
 from attnseg.ownership import stamp
-from attnseg.queue import KINDS, WAITING, enqueue, get_queue, tenant_jobs_key
+from attnseg.queue import WAITING, enqueue, get_queue, job_kind, tenant_jobs_key
 from attnseg.settings import Settings
 from service.errors import ApiError
 from service.job_view import job_view
@@ -151,7 +151,7 @@ def submit_job(
     enqueue_options: job_id, after, extra_meta (see attnseg.queue.enqueue).
     """
     extra_meta = stamp(enqueue_options.pop("extra_meta", {}), tenant)
-    queue, token = KINDS[kind].queue, uuid.uuid4().hex
+    queue, token = job_kind(kind).queue, uuid.uuid4().hex
     ended = reserve_slot(connection, settings, tenant, queue, token)
     try:
         job = enqueue(connection, settings, kind, build_payload(), extra_meta=extra_meta, **enqueue_options)
