@@ -56,6 +56,7 @@ from bench import emulated_gpu
 from bench.common import machine_info, print_header, print_table, summary, write_json
 from service.routers.jobs import FINAL
 from tests.support import Stack, image_bytes, start_worker, wait_for
+from workers.models.stable_diffusion import DEFAULT_CACHE_DIR
 from workers.models.tiny_random import build_tiny_random
 
 JOB_TIMEOUT_S = 120
@@ -437,6 +438,8 @@ def worker_options(args, max_batch: int | None) -> dict:
         else {"OMP_NUM_THREADS": str(args.worker_threads), "ATTNSEG_TORCH_THREADS": str(args.worker_threads)}
     )
     extra.update(ATTNSEG_DEVICE=args.worker_device, ATTNSEG_SD_MODEL=args.model)
+    if args.model != "tiny-random":  # built once in the usual cache (sd15-random: 4 GB), not per run
+        extra["ATTNSEG_CACHE_DIR"] = os.environ.get("ATTNSEG_CACHE_DIR", str(DEFAULT_CACHE_DIR.expanduser()))
     if max_batch is not None:
         extra["ATTNSEG_MAX_BATCH"] = str(max_batch)
     if args.emulated_gpu:
