@@ -212,36 +212,8 @@ def picture_size(text: str) -> tuple[int, int]:
     return height, width
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnseg", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    api = sub.add_parser("api", help="run the HTTP API (no models, no torch)")
-    api.add_argument("--host")
-    api.add_argument("--port", type=int)
-    api.set_defaults(func=cmd_api)
-
-    worker = sub.add_parser("worker", help="run a GPU worker: load the models, then serve the queues")
-    worker.add_argument("--queues", nargs="+", choices=QUEUES, help="default: all, segmentation first")
-    worker.add_argument("--name", help="worker name (default host.pid)")
-    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
-    worker.set_defaults(func=cmd_worker)
-
-    up = sub.add_parser("up", help="Redis + API + one worker in the foreground (Ctrl-C stops all)")
-    up.add_argument(
-        "--model", help="SD model id or directory; 'tiny-random' (SD 1.x) or 'tiny-random-sd2' for an offline demo"
-    )
-    up.add_argument("--port", type=int)
-    up.set_defaults(func=cmd_up)
-
-    health = sub.add_parser("health", help="exit 0 when this host's worker is ready")
-    health.add_argument("role", choices=["worker"])
-    health.set_defaults(func=cmd_health)
-
-    openapi = sub.add_parser("openapi", help="print (or write) the OpenAPI document")
-    openapi.add_argument("--output", "-o")
-    openapi.set_defaults(func=cmd_openapi)
-
+def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
+    """`attnseg evaluate`: the folder protocols (docs/methods.md 4.2-4.5) and the synthetic table (4.6)."""
     evaluate = sub.add_parser(
         "evaluate", help="score a method on a folder of images and label PNGs, or every method on synthetic scenes"
     )
@@ -276,6 +248,39 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--url", help=f"synthetic: the API (default: $ATTNSEG_URL or {DEFAULT_URL})")
     evaluate.add_argument("--api-key", help="synthetic: bearer key (default: $ATTNSEG_API_KEY)")
     evaluate.set_defaults(func=cmd_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnseg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    api = sub.add_parser("api", help="run the HTTP API (no models, no torch)")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="run a GPU worker: load the models, then serve the queues")
+    worker.add_argument("--queues", nargs="+", choices=QUEUES, help="default: all, segmentation first")
+    worker.add_argument("--name", help="worker name (default host.pid)")
+    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    worker.set_defaults(func=cmd_worker)
+
+    up = sub.add_parser("up", help="Redis + API + one worker in the foreground (Ctrl-C stops all)")
+    up.add_argument(
+        "--model", help="SD model id or directory; 'tiny-random' (SD 1.x) or 'tiny-random-sd2' for an offline demo"
+    )
+    up.add_argument("--port", type=int)
+    up.set_defaults(func=cmd_up)
+
+    health = sub.add_parser("health", help="exit 0 when this host's worker is ready")
+    health.add_argument("role", choices=["worker"])
+    health.set_defaults(func=cmd_health)
+
+    openapi = sub.add_parser("openapi", help="print (or write) the OpenAPI document")
+    openapi.add_argument("--output", "-o")
+    openapi.set_defaults(func=cmd_openapi)
+
+    add_evaluate_command(sub)
 
     add_client_commands(sub)
     return parser
