@@ -152,9 +152,9 @@ def background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC))
 
 
-def _candidate(rng: np.random.Generator, colour: str, width: int, height: int, short: int) -> SceneObject:
+def _candidate(rng: np.random.Generator, colour: str, width: int, height: int, short: int, sizes) -> SceneObject:
     shape = SHAPES[rng.integers(len(SHAPES))]
-    size = rng.uniform(*SIZE_RANGE)
+    size = rng.uniform(*sizes)
     radius = size * short / 2
     centre = (rng.uniform(radius, width - radius), rng.uniform(radius, height - radius))
     aspect = rng.uniform(0.6, 1.0) if shape == "rectangle" else 1.0
@@ -243,13 +243,13 @@ def _choose_colour(rng: np.random.Generator, used: list[str], palette: tuple[str
     return fresh[rng.integers(len(fresh))]
 
 
-def _place_objects(rng, canvas: _Canvas, count: int, palette, repeat: float, touching: float) -> None:
+def _place_objects(rng, canvas: _Canvas, count: int, palette, sizes, repeat: float, touching: float) -> None:
     height, width = canvas.ids.shape
     used: list[str] = []
     for _ in range(count):
         colour = _choose_colour(rng, used, palette, repeat)
         for _ in range(PLACEMENT_TRIES):
-            obj = _candidate(rng, colour, width, height, canvas.short)
+            obj = _candidate(rng, colour, width, height, canvas.short, sizes)
             partners = [i for i, o in enumerate(canvas.objects, start=1) if o.colour != colour]
             if partners and rng.random() < touching:
                 placed = _touching(canvas, obj, partners[rng.integers(len(partners))], rng)
@@ -281,13 +281,15 @@ def make_scene(
     *,
     objects: tuple[int, int] = (2, 5),
     palette: tuple[str, ...] = CLASS_NAMES,
+    sizes: tuple[float, float] = SIZE_RANGE,
     repeat: float = 0.35,
     touching: float = 0.4,
 ) -> Scene:
     """One scene of size (height, width) from its seed.
 
     objects: (fewest, most) objects tried; fewer are placed when the picture is full. palette: the
-    colours to draw from. repeat: the chance that an object takes a colour already used (another
+    colours to draw from. sizes: the range of object sizes (bounding-circle diameter / shorter
+    side). repeat: the chance that an object takes a colour already used (another
     instance of that class). touching: the chance that an object is placed overlapping one of
     another colour.
     """
@@ -295,7 +297,8 @@ def make_scene(
         raise ValueError(f"a scene needs at least 16 x 16 pixels, got {height} x {width}")
     rng = np.random.default_rng(seed)
     canvas = _Canvas(height, width)
-    _place_objects(rng, canvas, int(rng.integers(objects[0], objects[1] + 1)), palette, repeat, touching)
+    count = int(rng.integers(objects[0], objects[1] + 1))
+    _place_objects(rng, canvas, count, palette, sizes, repeat, touching)
     image = _paint(rng, canvas)
     lookup = np.array([0] + [CLASS_NAMES.index(o.colour) + 1 for o in canvas.objects], np.uint8)
     return Scene(image, lookup[canvas.ids], canvas.ids, tuple(canvas.objects), seed)

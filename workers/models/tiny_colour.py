@@ -21,8 +21,14 @@ path as real weights. What it computes, in words (docs/tiny-colour.md gives the 
   Before attention, GroupNorm + proj_in + LayerNorm turn the chroma into the unit vector
   u = (a, b, G0) / |(a, b, G0)|: the hue direction, tilted towards a "grey pole" (0, 0, 1) by the
   constant G0, so neutral pixels all point at the pole and saturated ones near the chroma plane.
-  Self-attention: q = k = u scaled so that the logit is SELF_SCALE * cos(u_p, u_q): a position
-  attends to the positions of its own colour (grey included) and hardly to any other.
+  Self-attention in blocks 1, 2, 12, 14, 15, 16 (grid R, and selfcross's block 12 at R/2):
+  q = k = u scaled so that the logit is SELF_SCALE * cos(u_p, u_q): a position attends to the
+  positions of its own colour (grey included) and hardly to any other. In the other blocks (the
+  rest of R/2, all of R/4 and R/8) the query is a constant, so every position attends alike, to
+  the greyest positions (an attention sink): coarse cells straddle borders, and their maps,
+  upsampled, would smear a small object's DiffSeg proposal over its surroundings (proposals are
+  densities: a small object's is high, so any spill wins pixels); a part shared by every row
+  changes neither DiffSeg's argmax nor, much, its KL distances.
   Cross-attention: q = (u, 1) (the 1 from a LayerNorm bias); the key of a text token is its
   text-encoder output, read as a 4-vector w, and the logit is (u, 1) . w. Each colour word's w is
   its colour's u minus a threshold halfway between 1 and the closest other colour's (or grey's)
@@ -82,6 +88,10 @@ GENERIC_WORDS = ("shape",)  # words whose cross-attention covers every coloured 
 LATENT_GAIN = 8.0  # latent units per unit of chroma (pixels in [-1, 1]): saturated colours at ~8-10
 GREY_POLE = 3.0  # G0, in latent units: how far the "grey" axis tilts u for unsaturated positions
 SELF_SCALE = 80.0  # self-attention logit per unit cosine
+# Blocks (docs/methods.md 0.2) whose self-attention is the same for every query: attention to the
+# greyest positions (logit SINK_SCALE * u_g). Coarse cells straddle borders; see the docstring.
+SINK_SELF_BLOCKS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 13)
+SINK_SCALE = 20.0
 COLOUR_MARGIN = 12.0  # a colour word's cross-attention logit on its own colour
 BOS_LOGIT = 4.0  # the start token's constant logit (the attention sink of real SD)
 GROUP_CONSTANT = 100.0  # K: dominates every GroupNorm group, so the norm is a fixed scale
@@ -216,7 +226,7 @@ def _up_skip_offsets(unet) -> list[list[int]]:
     return offsets
 
 
-def _construct_transformer(transformer, text_width: int, key_norm: float) -> None:
+def _construct_transformer(transformer, text_width: int, key_norm: float, sink: bool) -> None:
     """q/k of both attentions from u (see the module docstring); the block adds nothing.
     Text embeddings hold the keys divided by key_norm (to fit a unit norm); to_k multiplies back."""
     inner = transformer.proj_in.out_channels
@@ -239,9 +249,13 @@ def _construct_transformer(transformer, text_width: int, key_norm: float) -> Non
     self_gain = math.sqrt(SELF_SCALE * math.sqrt(head_dim)) * unit
     for h in range(heads):
         for j, source in enumerate((I_A, I_B, I_G)):
-            for linear in (self_attention.to_q, self_attention.to_k):
-                linear.weight.data[h * head_dim + j, source] = self_gain
+            if not sink:
+                for linear in (self_attention.to_q, self_attention.to_k):
+                    linear.weight.data[h * head_dim + j, source] = self_gain
             cross_attention.to_q.weight.data[h * head_dim + j, source] = unit
+        if sink:  # q = 1 everywhere, k = u_g: every row is the same distribution over greyness
+            self_attention.to_q.weight.data[h * head_dim, I_ONE] = 1.0
+            self_attention.to_k.weight.data[h * head_dim, I_G] = SINK_SCALE * math.sqrt(head_dim) * unit
         cross_attention.to_q.weight.data[h * head_dim + 3, I_ONE] = 1.0
         for j in range(4):
             cross_attention.to_k.weight.data[h * head_dim + j, 2 * j] = math.sqrt(head_dim) * text_unit * key_norm
@@ -266,9 +280,13 @@ def _construct_unet(unet, key_norm: float) -> None:
         for upsampler in block.upsamplers or ():
             for c in features:
                 _centre(upsampler.conv, c, c, 1.0)
-    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
-        for transformer in getattr(block, "attentions", None) or ():
-            _construct_transformer(transformer, text_width, key_norm)
+    transformers = [
+        transformer
+        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        for transformer in getattr(block, "attentions", None) or ()
+    ]
+    for number, transformer in enumerate(transformers, start=1):  # docs/methods.md 0.2's numbers
+        _construct_transformer(transformer, text_width, key_norm, sink=number in SINK_SELF_BLOCKS)
 
 
 def colour_embedding(word: str, width: int) -> torch.Tensor:
