@@ -86,6 +86,27 @@ def start_local_redis(url: str, data_dir: Path) -> subprocess.Popen:
     sys.exit(f"started redis-server for {url} but it does not answer")
 
 
+def up_model(model: str | None, settings, port: int) -> dict[str, str]:
+    """The model settings `up` gives its worker: --model, else the configured ATTNSEG_SD_MODEL, else the
+    demo model tiny-colour, said plainly (its masks follow colour, not objects)."""
+    if model is None and "sd_model" not in settings.model_fields_set:
+        from workers.models import tiny_colour
+
+        model = tiny_colour.MODEL_NAME
+        print(
+            f"attnseg up: no weights configured, so the demo model {model}: {tiny_colour.NOTE} "
+            "(attnseg up --model stable-diffusion-v1-5/stable-diffusion-v1-5, or ATTNSEG_SD_MODEL). "
+            f"Playground: http://{settings.api_host}:{port}/ui",
+            flush=True,
+        )
+    if model is None:
+        return {}
+    env = {"ATTNSEG_SD_MODEL": model}
+    if model.startswith("tiny-") and "clip_model" not in settings.model_fields_set:
+        env["ATTNSEG_CLIP_MODEL"] = "tiny-random"  # tiny-random, tiny-random-sd2, tiny-colour: no CLIP download
+    return env
+
+
 def cmd_up(args) -> None:
     """Redis (existing or a local one), the API and one worker; Ctrl-C stops them all."""
     settings = get_settings()
@@ -97,11 +118,8 @@ def cmd_up(args) -> None:
             settings.cache_dir / "redis",
         )
         children.append(start_local_redis(settings.redis_url, settings.cache_dir / "redis"))
-    env = {**os.environ, "ATTNSEG_REDIS_URL": settings.redis_url}
-    if args.model:
-        env["ATTNSEG_SD_MODEL"] = args.model
-        if args.model.startswith("tiny-"):  # tiny-random, tiny-random-sd2, tiny-colour: no CLIP download
-            env.setdefault("ATTNSEG_CLIP_MODEL", "tiny-random")
+    model = up_model(args.model, settings, args.port or settings.api_port)
+    env = {**os.environ, "ATTNSEG_REDIS_URL": settings.redis_url, **model}
     attnseg = [sys.executable, "-m", "cli"]
     port = ["--port", str(args.port)] if args.port else []
     # Own sessions: Ctrl-C reaches only this process, which then stops the children in order.
@@ -267,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="Redis + API + one worker in the foreground (Ctrl-C stops all)")
     up.add_argument(
-        "--model", help="SD model id or directory; 'tiny-random' (SD 1.x) or 'tiny-random-sd2' for an offline demo"
+        "--model",
+        help="SD model id or directory (default: ATTNSEG_SD_MODEL, else the demo model 'tiny-colour', whose "
+        "masks follow colour); 'tiny-random' (SD 1.x) and 'tiny-random-sd2' have random weights",
     )
     up.add_argument("--port", type=int)
     up.set_defaults(func=cmd_up)

@@ -409,6 +409,9 @@ class WorkerInfo(BaseModel):
     clip_pretrained: str | None = None
     queues: list[str] = Field(default_factory=list, description="The queues it serves, in priority order.")
     random_weights: bool
+    weights_note: str | None = Field(
+        None, description="What a locally built model's weights are (tiny-random, tiny-colour), in words."
+    )
     state: str = Field(description="idle or busy")
     ready_at: datetime
     announced_at: datetime | None = Field(None, description="When this announcement was written.")

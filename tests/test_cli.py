@@ -59,3 +59,21 @@ def test_worker_with_missing_weights_exits_with_a_clear_message(tmp_path):
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("attnseg worker:") and "no-such-model" in last and "ATTNSEG_SD_MODEL" in last
+
+
+def test_up_runs_the_demo_model_when_no_weights_are_configured_and_says_what_it_is(monkeypatch, tmp_path, capsys):
+    from attnseg.settings import Settings
+    from cli.main import up_model
+    from workers.models.tiny_colour import NOTE
+
+    monkeypatch.chdir(tmp_path)  # no .env here
+    for name in ("ATTNSEG_SD_MODEL", "ATTNSEG_CLIP_MODEL", "ATTNSEG_API_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    demo = {"ATTNSEG_SD_MODEL": "tiny-colour", "ATTNSEG_CLIP_MODEL": "tiny-random"}
+    assert up_model(None, Settings(), 8123) == demo
+    said = capsys.readouterr().out
+    assert "tiny-colour" in said and NOTE in said and "http://127.0.0.1:8123/ui" in said
+    assert up_model("tiny-random", Settings(), 8123)["ATTNSEG_SD_MODEL"] == "tiny-random"
+    monkeypatch.setenv("ATTNSEG_SD_MODEL", "/models/sd-1-5")  # configured: used as it is, nothing said
+    assert up_model(None, Settings(), 8123) == {}
+    assert capsys.readouterr().out == ""

@@ -24,10 +24,15 @@ class Runtime:
 
     def describe(self) -> dict:
         clip = self.clip.describe() if self.clip else {"clip_model": None}
+        clip_random = bool(self.clip and self.clip.random_weights)
+        note = self.sd.weights_note
+        if note and clip_random and not self.sd.random_weights:
+            note += "; the GEM methods' CLIP has random weights (their masks mean nothing)"
         return {
             **self.sd.describe(),
             **clip,
-            "random_weights": self.sd.random_weights or bool(self.clip and self.clip.random_weights),
+            "random_weights": self.sd.random_weights or clip_random,
+            "weights_note": note,
         }
 
 

@@ -13,8 +13,10 @@ together and then read back; its seconds per scene are the wall time over the sc
   with 1 and 2x2 crops; colours it was not trained on are background there.
 - referring: concepts whose vector is a colour word's embedding (`tiny_colour.colour_embedding`,
   so only a tiny-colour worker can read them), imported through /concepts/import under names that
-  say nothing of the colour; each scene's queries `a <identifier> shape` name two of its objects,
-  all of class "shape" and each of its own colour (Mug19 protocol, docs/methods.md 4.5).
+  say nothing of the colour; each scene's queries `a <identifier>` name two of its objects, all of
+  class "shape" and each of its own colour (Mug19 protocol, docs/methods.md 4.5). The queries leave
+  the class word out: the span of `<identifier> shape` would add "shape"'s attention, which in
+  tiny-colour covers every colour alike, to the concept's (docs/methods.md 2.4.5 step 3).
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ def part_truth(scene: Scene, parts: Sequence[str]) -> np.ndarray:
     return lookup[scene.classes]
 
 
+def training_scene(seed: int, height: int, width: int) -> Scene:
+    """The one-shot training scene: one object of each colour (as many as fit), away from the held-out seeds."""
+    return make_scene(seed + TRAIN_SEED_OFFSET, height, width, objects=(len(CLASS_NAMES),) * 2, repeat=0.0)
+
+
 def train_parts(client: Client, scene: Scene, resolution: int, epochs: int):
     """A one-shot model of the scene's colours (parts named by their colour words), trained."""
     parts = scene.present
@@ -136,7 +143,7 @@ def referring_queries(scene: Scene, identifiers: dict[str, str]) -> list[tuple[s
     """Up to QUERIES_PER_SCENE (query, ground-truth instance id) pairs: objects drawn by the scene's seed,
     each named by its colour's concept. The scene's colours must be distinct (make_scene repeat=0)."""
     picks = np.random.default_rng(scene.seed).permutation(len(scene.objects))[:QUERIES_PER_SCENE]
-    return [(f"a <{identifiers[scene.objects[i].colour]}> {CLASS_WORD}", int(i) + 1) for i in picks]
+    return [(f"a <{identifiers[scene.objects[i].colour]}>", int(i) + 1) for i in picks]
 
 
 def read_referring(result: Result, queries: int) -> tuple[np.ndarray, list[int | None], list[int | None]]:
@@ -207,7 +214,7 @@ def evaluate_synthetic(
         scores["selfcross"] = timed(lambda: score_text(client, world, resolution), count)
     if {"oneshot", "oneshot_2x2"} & set(methods):
         started = time.perf_counter()
-        model = train_parts(client, make_scene(seed + TRAIN_SEED_OFFSET, height, width), resolution, epochs)
+        model = train_parts(client, training_scene(seed, height, width), resolution, epochs)
         training = {"epochs": epochs, "train_iou": model.metrics.get("train_iou"), "train_seconds": 0.0}
         training["train_seconds"] = time.perf_counter() - started
         for name, crops in (("oneshot", 1), ("oneshot_2x2", 2)):

@@ -10,6 +10,7 @@ through the same code path as real weights.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ class StableDiffusion:
     device: torch.device
     dtype: torch.dtype
     random_weights: bool
+    # What a locally built model's weights are (the note of its marker file), for people to read.
+    weights_note: str | None = None
     # Text-encoder outputs of the prompts that recur (sd_ops.fixed_prompt_embeddings): the weights
     # are resident and frozen, so an entry never goes stale.
     prompt_cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -55,6 +58,7 @@ class StableDiffusion:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "random_weights": self.random_weights,
+            "weights_note": self.weights_note,
         }
 
 
@@ -184,4 +188,19 @@ def load_stable_diffusion(
     for name in ("unet", "vae", "text_encoder"):  # already in dtype: loaded with it
         components[name].to(device).eval().requires_grad_(False)
     random_weights = source is not None and (source / RANDOM_WEIGHTS_MARKER).exists()
-    return StableDiffusion(**components, model_id=model_id, device=device, dtype=dtype, random_weights=random_weights)
+    return StableDiffusion(
+        **components,
+        model_id=model_id,
+        device=device,
+        dtype=dtype,
+        random_weights=random_weights,
+        weights_note=marker_note(source),
+    )
+
+
+def marker_note(source: Path | None) -> str | None:
+    """The note of a locally built model's marker file (random or constructed weights), else None."""
+    for name in (RANDOM_WEIGHTS_MARKER, tiny_colour.CONSTRUCTED_MARKER):
+        if source is not None and (source / name).exists():
+            return json.loads((source / name).read_text()).get("note")
+    return None

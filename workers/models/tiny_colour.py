@@ -70,6 +70,8 @@ from workers.models.tiny_random import build_once, random_components, write_comp
 MODEL_NAME = "tiny-colour"
 VERSION = 1  # part of the cache folder's name: a changed construction is built afresh
 CONSTRUCTED_MARKER = "attnseg_constructed_weights.json"
+# What the model is, in the words the playground and `attnseg up` show (read from the marker file).
+NOTE = "weights constructed, not trained: masks follow colour; real segmentation needs Stable Diffusion weights"
 
 # The colour vocabulary (word -> sRGB), one BPE token each, hues at least ~30 degrees apart on the
 # chroma plane. The synthetic world (workers/evaluation/synthetic.py) paints with these.
@@ -338,7 +340,7 @@ def _write(directory: Path) -> None:
         "constructed_weights": True,
         "model": MODEL_NAME,
         "version": VERSION,
-        "note": "weights constructed, not trained: masks follow colour (workers/models/tiny_colour.py)",
+        "note": NOTE,
     }
     (directory / CONSTRUCTED_MARKER).write_text(json.dumps(marker, indent=2))
 

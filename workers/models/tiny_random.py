@@ -253,7 +253,7 @@ def _write_pipeline(directory: Path, architecture: str, seed: int) -> None:
         "random_weights": True,
         "architecture": architecture,
         "seed": seed,
-        "note": f"attnseg {architecture} random-weights model, not trained",
+        "note": "random weights, not trained: the masks mean nothing",
     }
     (directory / RANDOM_WEIGHTS_MARKER).write_text(json.dumps(marker, indent=2))
 

@@ -341,10 +341,24 @@ function describeReadiness(ready) {
   } else {
     const random = workers.some((w) => w.random_weights);
     pill.dataset.state = random ? "random" : "ready";
+    // A model with a note (tiny-colour, tiny-random) is described by it in the banner below.
     pill.textContent = `${workers.length} worker${workers.length > 1 ? "s" : ""} ready · ${workers[0].sd_model}` +
-      (random ? " (random weights)" : "");
+      (random && !workers.some((w) => w.weights_note) ? " (random weights)" : "");
   }
+  describeWeights(workers);
   $("#footer-workers").textContent = workers.map((w) => `${w.name}: ${w.device}`).join(", ");
+}
+
+/** Says plainly what a local test or demo model is (its weights_note), so its masks are read for what they are. */
+function describeWeights(workers) {
+  const note = $("#model-note");
+  const noted = workers.find((w) => w.weights_note);
+  note.hidden = !noted;
+  note.replaceChildren();
+  if (!noted) return;
+  const name = document.createElement("strong");
+  name.textContent = `${noted.sd_model}: `;
+  note.append(name, noted.weights_note);
 }
 
 const RESULT_TITLES = { unsupervised: "DiffSeg", oneshot_segment: "one-shot", referring: "referring" };
