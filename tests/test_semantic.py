@@ -245,7 +245,7 @@ def test_quality_floors_on_held_out_scenes(client):
 def test_the_playground_says_what_tiny_colour_is_and_draws_its_masks(stack, tmp_path):
     """The first thing a new user sees: what the model is, then a scene's colour words drawn in place.
     The screenshot lands in /tmp/ui-screens/ui-tiny-colour.png (and docs/playground-tiny-colour.png)."""
-    scene = make_scene(41, 360, 540)
+    scene = make_scene(41, 360, 540)  # at resolution 512: finer masks for the eye
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=["--no-sandbox"]
@@ -256,8 +256,6 @@ def test_the_playground_says_what_tiny_colour_is_and_draws_its_masks(stack, tmp_
         page.click("label[for=method-text]")
         page.set_input_files("#picture", files=[ui.png(png_bytes(scene.image), "shapes.png")])
         page.fill("#classes", ", ".join(scene.present))
-        page.click("#segment-form summary")
-        page.select_option("#resolution", "256")
         job = ui.segment(page, "#segment-submit")
         names = page.locator("#legend li .name").all_text_contents()
         ui.screenshot(page, tmp_path, "ui-tiny-colour")
