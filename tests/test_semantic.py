@@ -265,3 +265,18 @@ def test_the_playground_says_what_tiny_colour_is_and_draws_its_masks(stack, tmp_
     for segment in job["result"]["segments"]:
         labels[rle.decode(segment["segmentation"])] = segment["label_id"]
     check_classes(labels, scene.classes, scene.present)
+
+
+def test_attnseg_evaluate_synthetic_prints_the_table_and_writes_json(stack, capsys, tmp_path):
+    from cli.main import main
+
+    output = tmp_path / "quality.json"
+    main(
+        ["evaluate", "synthetic", "--url", stack.base_url, "--scenes", "2", "--size", "192x256"]
+        + ["--resolution", "256", "--methods", "unsupervised", "selfcross", "--output", str(output)]
+    )
+    printed = capsys.readouterr().out
+    assert "unsupervised" in printed and "selfcross" in printed and "objects:" in printed
+    scores = json.loads(output.read_text())
+    assert scores["size"] == [192, 256] and set(scores["methods"]) == {"unsupervised", "selfcross"}
+    assert all(s["scenes"] == 2 and 0 <= s["miou"] <= 1 for s in scores["methods"].values())

@@ -25,11 +25,16 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
+from safetensors.torch import save
 
 from attnseg.client import Client, Result
 from workers.evaluation.evaluate import plain as json_value
 from workers.evaluation.metrics import ConfusionScore, PartIoUScore, ReferringScore, UnsupervisedScore
 from workers.evaluation.synthetic import CLASS_NAMES, Scene, make_scene
+from workers.methods.referring import assign_queries, instance_labels
+from workers.models.tiny_colour import colour_embedding
+from workers.models.tiny_random import ARCHITECTURES
 
 METHODS = ("unsupervised", "selfcross", "oneshot", "oneshot_2x2", "referring")
 CLASS_WORD = "shape"  # tiny-colour's generic word: its cross-attention covers every coloured object
@@ -116,11 +121,6 @@ def score_oneshot(client: Client, model, world: list[Scene], crops_per_side: int
 
 def concept_file(identifier: str, word: str) -> bytes:
     """diffusers' learned_embeds.safetensors: `<identifier>` -> (1, D) tiny-colour's embedding of `word`."""
-    from safetensors.torch import save
-
-    from workers.models.tiny_colour import colour_embedding
-    from workers.models.tiny_random import ARCHITECTURES
-
     width = ARCHITECTURES["tiny-colour"]["text"]["hidden_size"]
     return save({f"<{identifier}>": colour_embedding(word, width)[None].contiguous()})
 
@@ -150,10 +150,6 @@ def read_referring(result: Result, queries: int) -> tuple[np.ndarray, list[int |
     """A referring result as the protocol reads it: the instance map ((H, W) -1 background, 0..K-1), each
     query's best instance alone and the joint assignment, recomputed from the reported instance_scores
     by the worker's own functions (the labels number the chosen instances first)."""
-    import torch
-
-    from workers.methods.referring import assign_queries, instance_labels
-
     scores = torch.tensor(result.raw["instance_scores"], dtype=torch.float64).reshape(queries, -1)
     count = scores.shape[1]
     chosen = assign_queries(scores)
