@@ -58,6 +58,7 @@ def test_tiny_model_has_sd_shapes_and_a_working_forward(tiny_sd):
         "device": "cpu",
         "dtype": "float32",
         "random_weights": True,
+        "weights_note": "random weights, not trained: the masks mean nothing",
     }
     assert tiny_sd.vae_scale_factor == 8
     assert not any(p.requires_grad for p in tiny_sd.unet.parameters())
