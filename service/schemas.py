@@ -7,7 +7,16 @@ import secrets
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from attnseg.concept_files import identifiers_in
 
@@ -25,7 +34,16 @@ def shown_id(value: str) -> str:
     return value if len(value) <= 64 else value[:61] + "..."
 
 
-Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+def no_separators(word: str) -> str:
+    if "," in word or "." in word:
+        raise ValueError(f"{word!r} contains ',' or '.', which separate words in the prompt")
+    return word
+
+
+# Checked one by one, so that every bad entry of a list is reported, not the first alone.
+Word = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), AfterValidator(no_separators)
+]
 
 
 # The API has no tokenizer (it never loads the text model): it refuses prompts that surely cannot fit
@@ -61,8 +79,6 @@ def new_seed() -> int:
 def unique_words(words: list[str], field: str) -> list[str]:
     seen: set[str] = set()
     for word in words:
-        if "," in word or "." in word:
-            raise ValueError(f"{field}: {word!r} contains ',' or '.', which separate words in the prompt")
         if word.lower() in seen:
             raise ValueError(f"{field}: {word!r} is given twice")
         seen.add(word.lower())
@@ -116,6 +132,7 @@ class UnsupervisedParams(Params):
 
 
 TEXT_METHOD_TIMESTEP = {"selfcross": 150, "gem": None, "gem_refined": 100, "cluster": 100}
+SELFCROSS_ONLY = ("background_words", "samples", "gate_threshold", "background_threshold")
 MAX_CLASSES = 32
 
 
@@ -182,6 +199,28 @@ class TextParams(Params):
         if self.timestep is None:
             self.timestep = TEXT_METHOD_TIMESTEP[self.method]
         return self
+
+    def foreign_fields(self) -> tuple[str, ...]:
+        """The fields the chosen method does not read (gem has no SD pass, so no timestep either)."""
+        if self.method == "selfcross":
+            return ()
+        return (*SELFCROSS_ONLY, "timestep") if self.method == "gem" else SELFCROSS_ONLY
+
+    @model_validator(mode="after")
+    def _only_own_fields(self):
+        # A value the method would ignore is refused rather than silently dropped.
+        given = [
+            name for name in self.foreign_fields() if name in self.model_fields_set and getattr(self, name) is not None
+        ]
+        if given:
+            only = " (selfcross only)" if given[0] in SELFCROSS_ONLY else ""
+            raise ValueError(f"{given[0]}: not used by method {self.method!r}{only}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _echo_own_fields(self, handler):
+        """The job echoes the parameters its method reads, no others."""
+        return {name: value for name, value in handler(self).items() if name not in self.foreign_fields()}
 
 
 MAX_PARTS = 31  # one prompt token per class ("part " * K) leaves room in 77 positions; 31 is plenty

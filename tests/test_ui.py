@@ -500,7 +500,7 @@ def test_find_my_object_errors_are_shown_next_to_the_field(page):
     page.fill("#concept-class-word", "mug")
     page.click("#concept-train-submit")
     expect_error_at(
-        page, "#concept-train-form", "#concept-photos", "422 invalid_field", "give 3 to 20 photos in `images`, got 2"
+        page, "#concept-train-form", "#concept-photos", "422 invalid_field", "give 3 to 20 photos of the object, got 2"
     )
 
     page.set_input_files("#concept-photos", files=object_photos(3))

@@ -3,7 +3,6 @@ from the files the diffusers training scripts write; used as `<identifier>` in t
 
 from __future__ import annotations
 
-import uuid
 from contextlib import contextmanager
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -22,6 +21,7 @@ from attnseg.concept_files import (
     safetensors_shapes,
 )
 from attnseg.concept_store import UPLOAD_PREFIX, IdentifierTakenError, store
+from attnseg.record_store import new_id
 from attnseg.settings import Settings
 from attnseg.workers_registry import ready_workers
 from service.deps import current_tenant, get_redis, get_settings
@@ -37,7 +37,7 @@ from service.schemas import (
     shown_id,
     valid_id,
 )
-from service.submissions import openapi_body, read_submission, validate_params
+from service.submissions import openapi_body, part_name, read_submission, validate_params
 from service.submit import checked_mask, image_entry, submit_job
 from service.uploads import check_image, decode_mask
 
@@ -186,7 +186,7 @@ async def train(
         raise ApiError(
             422,
             "invalid_field",
-            f"give {MIN_PHOTOS} to {MAX_PHOTOS} photos in `images`, got {len(images)}",
+            f"give {MIN_PHOTOS} to {MAX_PHOTOS} photos of the object, got {len(images)}",
             field="images",
         )
     if masks and len(masks) != len(images):
@@ -199,12 +199,12 @@ async def train(
 
     def check_and_submit():
         photos = [
-            check_image(data, max_pixels=settings.max_image_pixels, field=f"images[{i}] ({name})")
+            check_image(data, max_pixels=settings.max_image_pixels, field=part_name("images", i, name))
             for i, (name, data) in enumerate(images)
         ]
         object_masks = []
         for index, ((name, data), photo) in enumerate(zip(masks, photos)):  # one decoded mask at a time
-            field = f"masks[{index}] ({name})"
+            field = part_name("masks", index, name)
             mask = decode_mask(data, max_pixels=settings.max_image_pixels, field=field) > 0
             if mask.shape != (photo.height, photo.width) or not mask.any():
                 raise ApiError(
@@ -215,7 +215,7 @@ async def train(
                     field=field,
                 )
             object_masks.append(checked_mask(mask.view("uint8") * 255))
-        concept_id, job_id = concept_store.new_concept_id(), uuid.uuid4().hex
+        concept_id, job_id = concept_store.new_concept_id(), new_id()
         method = "custom_diffusion" if params.train_kv else "textual_inversion"
 
         def store_record_and_pictures():
@@ -280,7 +280,7 @@ async def import_concept(
 
     def check_and_submit():
         precheck_files(connection, params.identifier, embeddings, weights)
-        concept_id, job_id = concept_store.new_concept_id(), uuid.uuid4().hex
+        concept_id, job_id = concept_store.new_concept_id(), new_id()
 
         def store_record_and_files():
             create_record(

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
-
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from attnseg import oneshot_store
 from attnseg.ownership import owned_by
+from attnseg.record_store import new_id
 from attnseg.settings import Settings
 from service.deps import current_tenant, get_redis, get_settings
 from service.errors import ApiError, error_responses
@@ -24,7 +23,7 @@ from service.schemas import (
     shown_id,
     valid_id,
 )
-from service.submissions import openapi_body, read_submission, validate_params
+from service.submissions import openapi_body, part_name, read_submission, validate_params
 from service.submit import checked_mask, image_entry, submit_job
 from service.uploads import CheckedImage, check_image, decode_mask
 
@@ -111,7 +110,7 @@ async def train(
 
     def check_pair(index: int, image_file: tuple[str, bytes], mask_file: tuple[str, bytes]):
         """One pair decoded and checked at a time: memory stays that of the largest picture."""
-        image_field, mask_field = f"images[{index}] ({image_file[0]})", f"masks[{index}] ({mask_file[0]})"
+        image_field, mask_field = part_name("images", index, image_file[0]), part_name("masks", index, mask_file[0])
         image = check_image(image_file[1], max_pixels=settings.max_image_pixels, field=image_field)
         mask = decode_mask(mask_file[1], max_pixels=settings.max_image_pixels, field=mask_field)
         classes = check_mask(mask, image, len(params.labels) + 1, mask_field)
@@ -132,7 +131,7 @@ async def train(
                 "`labels` needs pixels in at least one mask to be learned",
                 field="labels",
             )
-        model_id, job_id = oneshot_store.new_model_id(), uuid.uuid4().hex
+        model_id, job_id = oneshot_store.new_model_id(), new_id()
 
         def store():
             entries = [

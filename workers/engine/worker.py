@@ -36,7 +36,7 @@ from attnseg.settings import Settings
 from attnseg.workers_registry import announce, withdraw
 from workers.engine import runtime as runtime_module
 from workers.engine.batch import Batch, Member, attempt, claim_companions, fail_live, settle, share_key_of
-from workers.engine.context import JobContext
+from workers.engine.context import JobCanceled, JobContext
 from workers.engine.jobs import BATCHES, PICTURE_SIDES, picture_side
 from workers.engine.pictures import Prefetcher, fetch_image, install_prefetcher
 from workers.methods.concepts import concept_shapes
@@ -89,6 +89,7 @@ class ModelWorker(SimpleWorker):
         self._running: dict[str, tuple[Job, object]] = {}  # job id -> (job, execution) not yet finalised
         self._running_lock = threading.Lock()
         self.model_busy_s = 0.0  # seconds the main thread spent running jobs: the model's busy time
+        self.on_state_change: Callable[[], None] | None = None  # called when it turns busy or idle
         self.finisher: Finisher | None = None
         self.prefetcher: Prefetcher | None = None
 
@@ -98,11 +99,31 @@ class ModelWorker(SimpleWorker):
 
     def _track(self, job: Job, execution) -> None:
         with self._running_lock:
+            turned_busy = not self._running
             self._running[job.id] = (job, execution)
+        if turned_busy:
+            self._state_changed()
 
     def _untrack(self, job: Job) -> None:
         with self._running_lock:
-            self._running.pop(job.id, None)
+            turned_idle = self._running.pop(job.id, None) is not None and not self._running
+        if turned_idle:
+            self._state_changed()
+
+    def _state_changed(self) -> None:
+        if self.on_state_change is None:
+            return
+        try:
+            self.on_state_change()
+        except redis.RedisError as exc:  # the next pulse says it anyway
+            log.warning("could not announce the worker's state: %s", exc)
+
+    def handle_exception(self, job: Job, *exc_info):
+        """A cancel is the user's request, not an error: one INFO line instead of RQ's ERROR and traceback."""
+        if exc_info[0] is not None and issubclass(exc_info[0], JobCanceled):
+            log.info("job %s canceled by request", job.id)
+            return
+        super().handle_exception(job, *exc_info)
 
     def bootstrap(self, *args, **kwargs):
         super().bootstrap(*args, **kwargs)
@@ -235,15 +256,22 @@ class Pulse(threading.Thread):
         super().__init__(name="attnseg-pulse", daemon=True)
         self.worker, self.info, self.settings = worker, info, settings
         self.stopped = threading.Event()
+        self._announcing = threading.Lock()  # the state read and its write together: never a stale one last
+
+    def announce(self) -> list:
+        """Write the announcement (busy while a job runs); the running jobs."""
+        with self._announcing:
+            running = self.worker.running()
+            announce(
+                self.worker.connection,
+                {**self.info, **self.worker.activity(), "state": "busy" if running else "idle"},
+                ttl_s=3 * self.settings.worker_heartbeat_s,
+            )
+        return running
 
     def beat(self) -> None:
         connection = self.worker.connection
-        running = self.worker.running()
-        announce(
-            connection,
-            {**self.info, **self.worker.activity(), "state": "busy" if running else "idle"},
-            ttl_s=3 * self.settings.worker_heartbeat_s,
-        )
+        running = self.announce()
         for job, execution in running:
             self.worker.maintain_heartbeats(job, execution)
         for name in QUEUES:
@@ -298,6 +326,7 @@ def run_worker(
         "concept_shapes": concept_shapes(runtime.sd),
     }  # the API checks concept uploads against them
     pulse = Pulse(worker, info, settings)
+    worker.on_state_change = pulse.announce  # /readyz says busy from a job's start to its end
     pulse.beat()
     pulse.start()
     log.info("worker %s ready (batches of up to %d jobs): %s", name, ModelWorker.max_batch, runtime.describe())
