@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from attnseg.client import AsyncClient, AsyncJob, AttnsegError, Client, JobFailed, Progress, Result, WaitTimeout
+from attnseg.wording import count
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -79,13 +80,27 @@ def label_png(label_map: np.ndarray) -> Image.Image:
     return Image.fromarray(label_map.astype(np.uint8 if label_map.max(initial=0) < 256 else np.uint16))
 
 
-def coco_document(done: list[tuple[Path, str, Result]], failed: list[dict]) -> dict:
-    """COCO-style results: `images` (with the job id), `annotations` (RLE, bbox xywh, area, score), `categories`.
+def failure(path: Path, error: BaseException) -> dict:
+    return {
+        "file_name": str(path),
+        "code": getattr(error, "code", type(error).__name__),
+        "message": describe(error),
+        "job_id": getattr(error, "job_id", None),
+    }
+
+
+def coco_document(paths: list[Path], ended: dict, *, partial: bool = False) -> dict:
+    """COCO-style results of the pictures that `ended` (path -> (path, job id, Result) or the error),
+    in the order of `paths`: `images` (with the job id), `annotations` (RLE, bbox xywh, area, score),
+    `categories`, `failed`; `partial` (interrupted) with the `unfinished` pictures.
 
     Category ids are label_ids when the result has `labels` (text, one-shot, referring: 0 is background);
     segments without one (unsupervised; a referring result's other instances) get one category per name
     (`segment` when unnamed), numbered after those.
     """
+    outcomes = [ended[path] for path in paths if path in ended]
+    done = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
+    failed = [failure(path, ended[path]) for path in paths if isinstance(ended.get(path), BaseException)]
     categories: dict[str, int] = {}
     images: list[dict] = []
     annotations: list[dict] = []
@@ -117,6 +132,8 @@ def coco_document(done: list[tuple[Path, str, Result]], failed: list[dict]) -> d
         "annotations": annotations,
         "categories": [{"id": i, "name": name} for name, i in sorted(categories.items(), key=lambda c: c[1])],
         "failed": failed,
+        "partial": partial,
+        "unfinished": [str(path) for path in paths if path not in ended],
     }
 
 
@@ -159,7 +176,8 @@ def describe(error: BaseException) -> str:
 
 
 async def segment_pictures(args, submit: Submit) -> int:
-    """Submit every picture (at most --concurrency at a time), wait, write the outputs; 1 if any failed."""
+    """Submit every picture (at most --concurrency at a time), wait, write the outputs; 1 if any failed.
+    Ctrl-C cancels the jobs not finished and writes the pictures that were, marked partial."""
     paths = pictures(args.images)
     if args.masks_dir or args.overlay_dir:
         check_output_names(paths)
@@ -168,9 +186,10 @@ async def segment_pictures(args, submit: Submit) -> int:
             folder.mkdir(parents=True, exist_ok=True)
     limit = asyncio.Semaphore(args.concurrency)
     submitted = Submitted()
+    ended: dict[Path, tuple[Path, str, Result] | BaseException] = {}  # a picture's result or error, once it has one
     bar = tqdm(total=len(paths), unit="picture", file=sys.stderr)
 
-    async def one(client: AsyncClient, path: Path) -> tuple[Path, str, Result]:
+    async def one(client: AsyncClient, path: Path) -> None:
         async with limit:
             try:
                 job = await submitted.submit(submit(client, path))
@@ -180,12 +199,11 @@ async def segment_pictures(args, submit: Submit) -> int:
                     (args.overlay_dir / f"{path.stem}.png").write_bytes(await job.overlay())
                 if args.masks_dir:
                     label_png(result.label_map()).save(args.masks_dir / f"{path.stem}.png")
+                ended[path] = (path, job.id, result)
             except PICTURE_ERRORS as exc:
                 bar.write(f"attnseg: {path}: {describe(exc)}", file=sys.stderr)
-                raise
-            finally:
-                bar.update()
-            return path, job.id, result
+                ended[path] = exc
+            bar.update()  # only a picture that ended counts: one canceled by Ctrl-C does not
 
     async with AsyncClient(*connection(args)) as client:
         try:
@@ -193,26 +211,19 @@ async def segment_pictures(args, submit: Submit) -> int:
         except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels us, then raises KeyboardInterrupt
             bar.close()
             canceled = await submitted.cancel_all(client)
-            print(f"attnseg: interrupted; canceled {canceled} unfinished job(s) of this run", file=sys.stderr)
+            write_json(coco_document(paths, ended, partial=True), args.output)
+            print(
+                f"attnseg: interrupted; wrote {count(len(ended), 'picture')} that ended (marked partial); "
+                f"canceled {count(canceled, 'unfinished job')} of this run (a running one stops at its next step)",
+                file=sys.stderr,
+            )
             raise
     bar.close()
-    done, failed = [], []
-    for path, outcome in zip(paths, outcomes):
-        if isinstance(outcome, PICTURE_ERRORS):
-            failed.append(
-                {
-                    "file_name": str(path),
-                    "code": getattr(outcome, "code", type(outcome).__name__),
-                    "message": describe(outcome),
-                    "job_id": getattr(outcome, "job_id", None),
-                }
-            )
-        elif isinstance(outcome, BaseException):
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):  # not a picture's error: a bug, said as such
             raise outcome
-        else:
-            done.append(outcome)
-    write_json(coco_document(done, failed), args.output)
-    return 1 if failed else 0
+    write_json(coco_document(paths, ended), args.output)
+    return 1 if any(isinstance(outcome, BaseException) for outcome in ended.values()) else 0
 
 
 def write_json(document: dict, output: Path | None) -> None:
@@ -237,7 +248,16 @@ def params(args, names: tuple[str, ...]) -> dict:
 
 
 UNSUPERVISED = ("kl_threshold", "grid", "iterations", "timestep", "resolution", "refine", "vocabulary", "seed")
-TEXT = ("background", "background_words", "samples", "timestep", "resolution", "seed")
+TEXT = (
+    "background",
+    "background_words",
+    "samples",
+    "timestep",
+    "resolution",
+    "seed",
+    "gate_threshold",
+    "background_threshold",
+)
 TRAIN = ("epochs", "learning_rate", "crops_per_side", "min_crop", "resolution", "seed")
 ONESHOT_SEGMENT = ("crops_per_side", "resolution", "seed")
 REFERRING = ("max_instances", "resolution", "seed")
@@ -462,6 +482,14 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     text.add_argument("--background-words", nargs="+", help="selfcross: extra words that absorb attention")
     text.add_argument("--samples", type=int, help="selfcross: noise draws averaged (1)")
     text.add_argument("--timestep", type=int, help="default per method")
+    text.add_argument(
+        "--gate-threshold", type=float, help="selfcross: box gate level on the class maps (0.2 as VOC; COCO 0.5)"
+    )
+    text.add_argument(
+        "--background-threshold",
+        type=float,
+        help="selfcross: thr of the background (2 * thr - max)^2 (0.5 as VOC; COCO 0.35); lower, less background",
+    )
     text.set_defaults(func=partial(run, cmd_segment_text))
 
     referring = segment.add_parser(

@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from attnseg.wording import count
+
 log = logging.getLogger("attnseg.api")
 
 
@@ -66,11 +68,6 @@ def field_path(loc: tuple) -> str:
             continue
         path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
     return path or "body"
-
-
-def count(number: int, noun: str) -> str:
-    """`1 character`, `64 characters`."""
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 # pydantic's wording for the constraints our fields use, in the user's terms (ctx names the limit).
