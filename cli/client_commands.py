@@ -3,7 +3,8 @@
 Pictures (files, or folders of .jpg/.jpeg/.png/.webp) run concurrently, at most `--concurrency`
 at a time, with a progress bar on stderr. Outputs: a COCO-style results JSON (`-o`, else stdout),
 `--masks-dir` (one PNG label map per picture: label_id, or the segment id when unsupervised) and
-`--overlay-dir` (the API's overlay). Ctrl-C cancels every job this run submitted.
+`--overlay-dir` (the API's overlay). Ctrl-C cancels the jobs of this run that have not ended and
+writes the results of those that have, marked partial.
 """
 
 from __future__ import annotations
