@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -259,10 +260,11 @@ TEXT = (
     "gate_threshold",
     "background_threshold",
 )
-TRAIN = ("epochs", "learning_rate", "crops_per_side", "min_crop", "resolution", "seed")
+NAMING = ("name", "description")
+TRAIN = (*NAMING, "epochs", "learning_rate", "crops_per_side", "min_crop", "resolution", "seed")
 ONESHOT_SEGMENT = ("crops_per_side", "resolution", "seed")
 REFERRING = ("max_instances", "resolution", "seed")
-CONCEPT_TRAIN = ("train_kv", "steps", "learning_rate", "batch_size", "num_vectors", "resolution", "seed")
+CONCEPT_TRAIN = (*NAMING, "train_kv", "steps", "learning_rate", "batch_size", "num_vectors", "resolution", "seed")
 
 
 def cmd_segment_unsupervised(args) -> int:
@@ -374,21 +376,56 @@ def cmd_concept_train(args) -> int:
 def cmd_concept_import(args) -> int:
     existing_files(args.embeddings, *([args.weights] if args.weights else []))
     with Client(*connection(args)) as client:
-        concept = client.import_concept(args.identifier, args.class_word, args.embeddings, args.weights)
+        concept = client.import_concept(
+            args.identifier, args.class_word, args.embeddings, args.weights, **params(args, NAMING)
+        )
         write_json(concept.wait().state.raw, None)
     return 0
 
 
-def cmd_concept_list(args) -> int:
+@dataclass(frozen=True)
+class Records:
+    """A kind of stored record (one-shot models, concepts) and the client methods that reach it."""
+
+    key: str  # the listing's key: {"models": [...]}
+    noun: str
+    list: str  # Client method names
+    get: str
+
+
+MODELS = Records("models", "model", "oneshot_models", "oneshot_model")
+CONCEPTS = Records("concepts", "concept", "concepts", "concept")
+
+
+def cmd_record_list(records: Records, args) -> int:
     with Client(*connection(args)) as client:
-        write_json({"concepts": [concept.state.raw for concept in client.concepts(limit=500)]}, None)
+        write_json({records.key: [one.state.raw for one in getattr(client, records.list)(limit=500)]}, None)
     return 0
 
 
-def cmd_concept_get(args) -> int:
+def cmd_record_get(records: Records, args) -> int:
     with Client(*connection(args)) as client:
-        write_json(client.concept(args.concept_id).state.raw, None)
+        write_json(getattr(client, records.get)(args.record_id).state.raw, None)
     return 0
+
+
+def cmd_record_delete(records: Records, args) -> int:
+    with Client(*connection(args)) as client:
+        getattr(client, records.get)(args.record_id).delete()
+    return 0
+
+
+def add_record_commands(group: argparse._SubParsersAction, records: Records, api: argparse.ArgumentParser) -> None:
+    """`list`, `get <id>` and `delete <id>` of one kind of record."""
+    listing = group.add_parser("list", parents=[api], help=f"print your {records.noun}s' JSON (id, name, status, ...)")
+    listing.set_defaults(func=partial(run, partial(cmd_record_list, records)))
+    for name, command, text in (
+        ("get", cmd_record_get, f"print a {records.noun}'s JSON"),
+        ("delete", cmd_record_delete, f"delete a {records.noun} (its training is canceled)"),
+    ):
+        one = group.add_parser(name, parents=[api], help=text)
+        one.add_argument("record_id", metavar=f"{records.noun}_id")
+        one.set_defaults(func=partial(run, partial(command, records)))
 
 
 def cmd_concept_export(args) -> int:
@@ -401,12 +438,6 @@ def cmd_concept_export(args) -> int:
         for name in concept.state.files:
             (args.directory / name).write_bytes(concept.file(name))
             print(args.directory / name)
-    return 0
-
-
-def cmd_concept_delete(args) -> int:
-    with Client(*connection(args)) as client:
-        client.concept(args.concept_id).delete()
     return 0
 
 
@@ -449,6 +480,11 @@ def add_outputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks-dir", type=Path, help="one PNG label map per picture, named after it")
     parser.add_argument("--overlay-dir", type=Path, help="the API's overlay PNG per picture")
     parser.add_argument("--concurrency", type=positive, default=4, help="jobs in flight at once (default 4)")
+
+
+def add_naming(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--name", help=f"what listings call it (default: {default})")
+    parser.add_argument("--description", help="a longer note, up to 500 characters")
 
 
 def add_client_commands(sub: argparse._SubParsersAction) -> None:
@@ -517,6 +553,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
         help="its mask: a PNG of class ids, 0 background (repeatable, same order)",
     )
     train.add_argument("--labels", nargs="+", required=True, help="names of mask values 1..K-1")
+    add_naming(train, "the part names")
     train.add_argument("--epochs", type=int, help="(200)")
     train.add_argument("--learning-rate", type=float, help="(0.1)")
     train.add_argument("--crops-per-side", type=int, choices=[1, 2], help="1 whole objects, 2 fine parts (1)")
@@ -529,6 +566,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     add_outputs(oneshot_segment)
     oneshot_segment.add_argument("--crops-per-side", type=int, choices=[1, 2], help="default: the model's")
     oneshot_segment.set_defaults(func=partial(run, cmd_oneshot_segment))
+    add_record_commands(oneshot, MODELS, api)
 
     concept = sub.add_parser(
         "concept", help="teach the model your object, then refer to it as <identifier>"
@@ -540,6 +578,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     )
     learn.add_argument("--identifier", required=True, help="letters, digits and '-': queries write <identifier>")
     learn.add_argument("--class-word", required=True, help="the object's category ('mug')")
+    add_naming(learn, "the identifier")
     learn.add_argument(
         "--textual-inversion",
         dest="train_kv",
@@ -561,16 +600,9 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     bring.add_argument("--weights", type=Path, help="pytorch_custom_diffusion_weights (.safetensors or .bin)")
     bring.add_argument("--identifier", required=True)
     bring.add_argument("--class-word", required=True)
+    add_naming(bring, "the identifier")
     bring.set_defaults(func=partial(run, cmd_concept_import))
-    listing = concept.add_parser("list", parents=[api], help="print your concepts' JSON")
-    listing.set_defaults(func=partial(run, cmd_concept_list))
-    for name, command, text in (
-        ("get", cmd_concept_get, "print a concept's JSON"),
-        ("delete", cmd_concept_delete, "delete a concept (its training is canceled)"),
-    ):
-        one = concept.add_parser(name, parents=[api], help=text)
-        one.add_argument("concept_id")
-        one.set_defaults(func=partial(run, command))
+    add_record_commands(concept, CONCEPTS, api)
     export = concept.add_parser("export", parents=[api], help="write a ready concept's diffusers files to a folder")
     export.add_argument("concept_id")
     export.add_argument("directory", type=Path)

@@ -33,6 +33,8 @@ IN_THE_MAKING = ("training", "importing")
 
 def concept_view(connection, record: dict, settings: Settings) -> dict:
     view = {**record, "progress": None, "files": [f for f in record["files"] if not f.startswith(UPLOAD_PREFIX)]}
+    view["name"] = record.get("name") or record["identifier"]  # unnamed (and older) concepts
+    view.setdefault("description", None)
     if record["status"] in IN_THE_MAKING:
         with_job_state(connection, view, record["job_id"], settings)
     return view

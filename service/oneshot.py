@@ -21,6 +21,8 @@ Upload = tuple[str, bytes]  # (file name, content)
 def model_view(connection, record: dict, settings: Settings) -> dict:
     """The stored record, with a training that ended without the worker saying so shown as failed."""
     view = {**record, "labels": ["background", *record["labels"]], "progress": None}
+    view["name"] = record.get("name") or ", ".join(record["labels"])  # unnamed (and older) models
+    view.setdefault("description", None)
     view.pop("artefact", None)  # the vectors stay in Redis; workers read them
     if record["status"] == "training":
         with_job_state(connection, view, record["train_job_id"], settings)

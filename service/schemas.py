@@ -223,10 +223,23 @@ class TextParams(Params):
         return {name: value for name, value in handler(self).items() if name not in self.foreign_fields()}
 
 
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+Description = Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)]
+
+
+class Naming(BaseModel):
+    """What people call a trained model or concept in listings (never in prompts: any text goes)."""
+
+    name: Name | None = Field(
+        None, description="Shown wherever it is listed; default: the part names (one-shot), the identifier (concepts)."
+    )
+    description: Description | None = Field(None, description="A longer note, up to 500 characters.")
+
+
 MAX_PARTS = 31  # one prompt token per class ("part " * K) leaves room in 77 positions; 31 is plenty
 
 
-class TrainParams(Params):
+class TrainParams(Params, Naming):
     labels: list[Word] = Field(
         min_length=1, max_length=MAX_PARTS, description="Part names for mask values 1..K-1 (0 is background)."
     )
@@ -254,6 +267,8 @@ class OneshotSegmentParams(Params):
 
 class OneshotModel(BaseModel):
     id: str
+    name: str = Field(description="As given at training, else the part names.")
+    description: str | None = None
     status: Literal["training", "ready", "failed"]
     labels: list[str] = Field(description="label_id -> name; 0 is background.")
     sd_model: str | None = Field(description="The SD model the vectors belong to (set when training starts).")
@@ -276,7 +291,7 @@ ClassWord = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1
 Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 
-class ConceptTrainParams(Params):
+class ConceptTrainParams(Params, Naming):
     identifier: Identifier = Field(description="Letters, digits and '-'; written <identifier> in queries.")
     class_word: ClassWord = Field(description="The object's category ('mug'); the embedding starts from it.")
     train_kv: bool = Field(
@@ -299,7 +314,7 @@ class ConceptTrainParams(Params):
     num_vectors: int = Field(1, ge=1, le=16, description="Vectors of the identifier.")
 
 
-class ConceptImportParams(BaseModel):
+class ConceptImportParams(Naming):
     model_config = ConfigDict(extra="forbid")
 
     identifier: Identifier
@@ -327,6 +342,8 @@ class ReferringParams(Params):
 
 class Concept(BaseModel):
     id: str
+    name: str = Field(description="As given at training or import, else the identifier.")
+    description: str | None = None
     identifier: str
     class_word: str
     method: Literal["custom_diffusion", "textual_inversion"] | None = Field(

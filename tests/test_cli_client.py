@@ -111,18 +111,29 @@ def test_oneshot_train_then_segment(api_env, tmp_path, capsys):
             "256",
             "--seed",
             "0",
+            "--name",
+            "toy car",
         )
         == 0
     )
     out, err = capsys.readouterr()
     model = json.loads(out)
     assert model["status"] == "ready" and model["labels"] == ["background", "left", "right"]
+    assert model["name"] == "toy car"
     assert "2/2" in err and "loss=" in err and "iou=" in err  # the progress bar: epoch, loss and IoU
 
     assert attnseg("oneshot", "segment", model["id"], tmp_path / "car.png", "--masks-dir", tmp_path / "parts") == 0
     document = json.loads(capsys.readouterr().out)
     assert [c["name"] for c in document["categories"]] == ["background", "left", "right"]
     assert set(np.unique(np.asarray(Image.open(tmp_path / "parts" / "car.png")))) <= {0, 1, 2}
+
+    assert attnseg("oneshot", "list") == 0
+    assert (model["id"], "toy car") in [(m["id"], m["name"]) for m in json.loads(capsys.readouterr().out)["models"]]
+    assert attnseg("oneshot", "get", model["id"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "toy car"
+    assert attnseg("oneshot", "delete", model["id"]) == 0
+    assert attnseg("oneshot", "get", model["id"]) == 1
+    assert f"no one-shot model with id '{model['id']}'" in capsys.readouterr().err
 
 
 def test_concept_train_refer_export_list_and_delete(api_env, tmp_path, capsys):

@@ -72,6 +72,8 @@ async def train(
                 status="training",
                 params=params.model_dump(),
                 job_id=job_id,
+                name=params.name,
+                description=params.description,
             )
             return {
                 "concept_id": concept_id,
@@ -136,6 +138,8 @@ async def import_concept(
                 status="importing",
                 params=params.model_dump(),
                 job_id=job_id,
+                name=params.name,
+                description=params.description,
             )
             store.put_file(connection, concept_id, UPLOAD_PREFIX + EMBEDDINGS_FILE, embeddings)
             if weights:

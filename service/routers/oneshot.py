@@ -71,6 +71,8 @@ async def train(
                 labels=params.labels,
                 params=params.model_dump(),
                 train_job_id=job_id,
+                name=params.name,
+                description=params.description,
             )
             return {"model_id": model_id, "examples": entries, "params": {**params.model_dump(), "model_id": model_id}}
 
