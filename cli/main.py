@@ -177,6 +177,21 @@ def cmd_evaluate(args) -> None:
     evaluate_main(args)
 
 
+def add_up(sub: argparse._SubParsersAction) -> None:
+    """`up`: the whole stack in the foreground."""
+    up = sub.add_parser("up", help="Redis + API + one worker in the foreground (Ctrl-C stops all)")
+    up.add_argument(
+        "--model", help="SD model id or directory; 'tiny-random' (SD 1.x) or 'tiny-random-sd2' for an offline demo"
+    )
+    up.add_argument("--port", type=int, help="the API's port (default 8000, or ATTNSEG_API_PORT)")
+    up.add_argument(
+        "--redis-url",
+        help="use this Redis (left running on exit); default: ATTNSEG_REDIS_URL if set, "
+        "else a redis-server of its own on a free port, stopped on exit",
+    )
+    up.set_defaults(func=cmd_up)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,17 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     worker.set_defaults(func=cmd_worker)
 
-    up = sub.add_parser("up", help="Redis + API + one worker in the foreground (Ctrl-C stops all)")
-    up.add_argument(
-        "--model", help="SD model id or directory; 'tiny-random' (SD 1.x) or 'tiny-random-sd2' for an offline demo"
-    )
-    up.add_argument("--port", type=int, help="the API's port (default 8000, or ATTNSEG_API_PORT)")
-    up.add_argument(
-        "--redis-url",
-        help="use this Redis (left running on exit); default: ATTNSEG_REDIS_URL if set, "
-        "else a redis-server of its own on a free port, stopped on exit",
-    )
-    up.set_defaults(func=cmd_up)
+    add_up(sub)
 
     health = sub.add_parser("health", help="exit 0 when this host's worker is ready")
     health.add_argument("role", choices=["worker"])
