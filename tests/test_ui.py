@@ -452,6 +452,24 @@ def test_find_my_object_teach_a_concept_then_find_it(page, tmp_path):
     expect(page.locator("#concept option:checked")).to_have_text("No object yet")
 
 
+def answer_referring(page, queries: list[str], result: dict) -> None:
+    """The page's next referring job is answered here: queued, then succeeded with `result`."""
+    queued = {
+        "id": "made-up",
+        "kind": "referring",
+        "status": "queued",
+        "progress": {"stage": "queued", "fraction": 0},
+        "params": {"class_word": "mug", "queries": queries, "seed": 1, "resolution": 256},
+    }
+    page.route("**/segment/referring", lambda route: route.fulfill(status=202, json=queued))
+    page.route(
+        re.compile(r"/jobs/made-up\?"),
+        lambda route: route.fulfill(
+            json={**queued, "status": "succeeded", "progress": {"stage": "done", "fraction": 1}, "result": result}
+        ),
+    )
+
+
 def test_find_my_object_names_and_colours_every_instance(page, tmp_path):
     """Several instances (random weights only ever find one): the API's answers are replaced by a result
     made the way the worker makes it, to see the queries and the other instances in the legend and drawn."""
@@ -473,14 +491,6 @@ def test_find_my_object_names_and_colours_every_instance(page, tmp_path):
         }
         for i, (label, mask, area, box) in enumerate(rle.label_map_to_segments(labels))
     ]
-    params = {"class_word": "mug", "queries": queries, "seed": 1, "resolution": 256}
-    queued = {
-        "id": "made-up",
-        "kind": "referring",
-        "status": "queued",
-        "progress": {"stage": "queued", "fraction": 0},
-        "params": params,
-    }
     result = {
         "image": {"width": 120, "height": 90},
         "segments": segments,
@@ -490,14 +500,7 @@ def test_find_my_object_names_and_colours_every_instance(page, tmp_path):
         "random_weights": False,
         "timings_ms": {"inference": 1200.0},
     }
-    page.route("**/segment/referring", lambda route: route.fulfill(status=202, json=queued))
-    page.route(
-        re.compile(r"/jobs/made-up\?"),
-        lambda route: route.fulfill(
-            json={**queued, "status": "succeeded", "progress": {"stage": "done", "fraction": 1}, "result": result}
-        ),
-    )
-
+    answer_referring(page, queries, result)
     use_key(page)
     page.click("label[for=method-referring]")
     page.set_input_files("#referring-picture", files=[png(scene, "table.png")])
@@ -570,13 +573,6 @@ def test_one_segment_and_one_instance_are_singular(page, tmp_path):
     scene = image_bytes(80, 60, seed=3)
     mask = rle.label_map_to_segments(np.ones((60, 80), np.int64))[0][1]
     segment = {"id": 1, "label": "a mug", "label_id": 1, "score": 0.5, "area": 4800, "bbox": [0, 0, 80, 60]}
-    queued = {
-        "id": "one-of-each",
-        "kind": "referring",
-        "status": "queued",
-        "progress": {"stage": "queued", "fraction": 0},
-        "params": {"class_word": "mug", "queries": ["a mug"], "seed": 1, "resolution": 256},
-    }
     result = {
         "image": {"width": 80, "height": 60},
         "segments": [{**segment, "segmentation": mask}],
@@ -585,13 +581,7 @@ def test_one_segment_and_one_instance_are_singular(page, tmp_path):
         "random_weights": False,
         "timings_ms": {"inference": 900.0},
     }
-    page.route("**/segment/referring", lambda route: route.fulfill(status=202, json=queued))
-    page.route(
-        re.compile(r"/jobs/one-of-each\?"),
-        lambda route: route.fulfill(
-            json={**queued, "status": "succeeded", "progress": {"stage": "done", "fraction": 1}, "result": result}
-        ),
-    )
+    answer_referring(page, ["a mug"], result)
     use_key(page)
     page.click("label[for=method-referring]")
     page.set_input_files("#referring-picture", files=[png(scene, "one.png")])
