@@ -20,6 +20,7 @@ from service.limits import BodySizeLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.routers import concepts, jobs, oneshot, ops, segment
 from service.routers.ui import mount_ui
+from service.url_secrets import UrlSecretsMiddleware, scrub_access_log
 
 log = logging.getLogger("attnseg.api")
 
@@ -66,6 +67,8 @@ def create_app(settings: Settings | None = None, connection=None) -> FastAPI:
     mount_ui(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(UrlSecretsMiddleware)
     install_edges(app, settings.cors_origins)
+    scrub_access_log()
     logging.getLogger("attnseg").setLevel(logging.INFO)
     return app
