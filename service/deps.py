@@ -53,9 +53,27 @@ def current_tenant(request: Request, credentials: HTTPAuthorizationCredentials |
     return tenant
 
 
-def optional_tenant(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str | None:
-    """Like current_tenant, but None instead of 401 (for answers that have a public, reduced form)."""
-    return tenant_from(request, credentials)
+def is_operator(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> bool:
+    """FastAPI dependency: whether the caller may see operations details (everyone while no key is
+    configured; then only holders of an `ATTNSEG_ADMIN_KEYS` key, never a tenant's key)."""
+    keyring: KeyRing = request.app.state.keyring
+    if not keyring.operators_only:
+        return True
+    bearer_token = credentials is not None and credentials.scheme.lower() == "bearer"
+    return bearer_token and keyring.is_admin(credentials.credentials)
+
+
+def require_operator(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    """FastAPI dependency: 401 without a valid key, 403 for a tenant's key, unless is_operator."""
+    if is_operator(request, credentials):
+        return
+    if credentials is not None and request.app.state.keyring.enabled and tenant_from(request, credentials):
+        raise ApiError(
+            403,
+            "forbidden",
+            "this is an operator endpoint: tenants' keys do not open it (operators' keys are ATTNSEG_ADMIN_KEYS)",
+        )
+    raise unauthorized()
 
 
 def get_job_events(request: Request):

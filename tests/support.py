@@ -291,7 +291,7 @@ class Stack:
     def ready_workers(self) -> int:
         import httpx
 
-        key = self.api_env.get("ATTNSEG_API_KEY")
+        key = self.api_env.get("ATTNSEG_ADMIN_KEYS", "").split(",")[0] or self.api_env.get("ATTNSEG_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
             return len(httpx.get(f"{self.base_url}/readyz", headers=headers, timeout=2).json()["workers"])

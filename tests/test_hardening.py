@@ -443,16 +443,6 @@ def test_cors_allows_exactly_the_configured_origins(make_client):
     assert "access-control-allow-origin" not in make_client().get("/healthz", headers=preflight).headers
 
 
-def test_metrics_and_detailed_readiness_need_a_key(make_client):
-    client = make_client(api_key="k")
-    assert client.get("/metrics").status_code == 401
-    assert client.get("/metrics", headers=bearer("k")).status_code == 200
-    bare = client.get("/readyz")
-    assert bare.status_code == 503 and set(bare.json()) == {"ready", "redis"}
-    detailed = client.get("/readyz", headers=bearer("k")).json()
-    assert "workers" in detailed and "queues" in detailed
-
-
 # --- operations --------------------------------------------------------------------------------
 
 
