@@ -4,10 +4,13 @@ from the files the diffusers training scripts write; used as `<identifier>` in t
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
+import service.paths  # noqa: F401 - registers the `id` path convertor
 from attnseg import concept_store
 from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE
 from attnseg.concept_store import UPLOAD_PREFIX, store
@@ -25,7 +28,16 @@ from service.concepts import (
 from service.deps import current_tenant, get_redis, get_settings
 from service.errors import ApiError, error_responses
 from service.records import cancel_job
-from service.schemas import MAX_OFFSET, Concept, ConceptImportParams, ConceptList, ConceptTrainParams, Job, shown_id
+from service.schemas import (
+    DIGITS_ONLY,
+    MAX_OFFSET,
+    Concept,
+    ConceptImportParams,
+    ConceptList,
+    ConceptTrainParams,
+    Job,
+    shown_id,
+)
 from service.submissions import openapi_body, read_submission, validate_params
 from service.submit import image_entry, submit_job
 
@@ -39,7 +51,7 @@ RECORD_ERRORS = error_responses(401, 404, 422, 503)
     status_code=202,
     response_model=Job,
     responses=SUBMIT_ERRORS,
-    openapi_extra=openapi_body(ConceptTrainParams, {"images": True, "masks": True}),
+    openapi_extra=openapi_body(ConceptTrainParams, {"images": True, "masks": True}, optional=("masks",)),
     summary="Learn a concept from 3 to 20 photos of one object",
 )
 async def train(
@@ -100,7 +112,7 @@ async def train(
     status_code=202,
     response_model=Job,
     responses=SUBMIT_ERRORS,
-    openapi_extra=openapi_body(ConceptImportParams, {"embeddings": False, "weights": False}),
+    openapi_extra=openapi_body(ConceptImportParams, {"embeddings": False, "weights": False}, optional=("weights",)),
     summary="Import a concept trained elsewhere (diffusers Textual Inversion / Custom Diffusion files)",
 )
 async def import_concept(
@@ -159,8 +171,8 @@ async def import_concept(
 
 @router.get("", response_model=ConceptList, responses=error_responses(401, 422, 503))
 def list_concepts(
-    offset: int = Query(0, ge=0, le=MAX_OFFSET),
-    limit: int = Query(50, ge=1, le=500),
+    offset: Annotated[int, Query(), Field(ge=0, le=MAX_OFFSET), DIGITS_ONLY] = 0,
+    limit: Annotated[int, Query(), Field(ge=1, le=500), DIGITS_ONLY] = 50,
     tenant: str = Depends(current_tenant),
     settings: Settings = Depends(get_settings),
     connection=Depends(get_redis),
@@ -174,7 +186,7 @@ def list_concepts(
     }
 
 
-@router.get("/{concept_id}", response_model=Concept, responses=RECORD_ERRORS)
+@router.get("/{concept_id:id}", response_model=Concept, responses=RECORD_ERRORS)
 def get_concept(
     concept_id: str,
     tenant: str = Depends(current_tenant),
@@ -185,7 +197,7 @@ def get_concept(
 
 
 @router.get(
-    "/{concept_id}/files/{name}",
+    "/{concept_id:id}/files/{name}",
     response_class=Response,
     responses={**RECORD_ERRORS, 200: {"content": {"application/octet-stream": {}}}},
     summary="Export a ready concept's diffusers file",
@@ -209,7 +221,7 @@ def export_file(concept_id: str, name: str, tenant: str = Depends(current_tenant
     )
 
 
-@router.delete("/{concept_id}", status_code=204, response_class=Response, responses=RECORD_ERRORS)
+@router.delete("/{concept_id:id}", status_code=204, response_class=Response, responses=RECORD_ERRORS)
 def delete_concept(
     concept_id: str,
     tenant: str = Depends(current_tenant),

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
+import service.paths  # noqa: F401 - registers the `id` path convertor
 from attnseg import oneshot_store
 from attnseg.ownership import owned_by
 from attnseg.settings import Settings
@@ -15,6 +18,7 @@ from service.errors import ApiError, error_responses
 from service.oneshot import check_example_count, check_examples, get_record, model_view
 from service.records import cancel_job
 from service.schemas import (
+    DIGITS_ONLY,
     MAX_OFFSET,
     Job,
     OneshotModel,
@@ -91,8 +95,8 @@ async def train(
 
 @router.get("", response_model=OneshotModelList, responses=error_responses(401, 422, 503))
 def list_models(
-    offset: int = Query(0, ge=0, le=MAX_OFFSET),
-    limit: int = Query(50, ge=1, le=500),
+    offset: Annotated[int, Query(), Field(ge=0, le=MAX_OFFSET), DIGITS_ONLY] = 0,
+    limit: Annotated[int, Query(), Field(ge=1, le=500), DIGITS_ONLY] = 50,
     tenant: str = Depends(current_tenant),
     settings: Settings = Depends(get_settings),
     connection=Depends(get_redis),
@@ -106,7 +110,7 @@ def list_models(
     }
 
 
-@router.get("/{model_id}", response_model=OneshotModel, responses=error_responses(401, 404, 422, 503))
+@router.get("/{model_id:id}", response_model=OneshotModel, responses=error_responses(401, 404, 422, 503))
 def get_model(
     model_id: str,
     tenant: str = Depends(current_tenant),
@@ -116,7 +120,9 @@ def get_model(
     return model_view(connection, get_record(connection, model_id, tenant), settings)
 
 
-@router.delete("/{model_id}", status_code=204, response_class=Response, responses=error_responses(401, 404, 422, 503))
+@router.delete(
+    "/{model_id:id}", status_code=204, response_class=Response, responses=error_responses(401, 404, 422, 503)
+)
 def delete_model(
     model_id: str,
     tenant: str = Depends(current_tenant),
