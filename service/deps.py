@@ -1,4 +1,5 @@
-"""FastAPI dependencies: settings, the Redis connection, and the caller's tenant.
+"""FastAPI dependencies: settings, the Redis connection, the job-event listener and the caller's
+tenant, each with a typed alias (`SettingsDep`, `RedisDep`, ...) that every router uses.
 
 `current_tenant` is the one place a request's API key becomes a tenant: every route that creates
 or reads owned things (jobs, one-shot models, concepts) depends on it (attnseg.ownership stamps and
@@ -7,22 +8,31 @@ checks the owner).
 
 from __future__ import annotations
 
-from fastapi import Depends, Request
+from typing import Annotated
+
+import redis
+from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import Field
 
 from attnseg.ownership import DEFAULT_TENANT
 from attnseg.settings import Settings
 from service.auth import KeyRing
 from service.errors import ApiError
+from service.job_events import JobEvents
+from service.schemas import DIGITS_ONLY, MAX_OFFSET
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
+
+
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_redis(request: Request):
+def get_redis(request: Request) -> redis.Redis:
     return request.app.state.redis
 
 
@@ -45,7 +55,7 @@ def tenant_from(request: Request, credentials: HTTPAuthorizationCredentials | No
     return keyring.tenant_of(credentials.credentials)
 
 
-def current_tenant(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+def current_tenant(request: Request, credentials: BearerDep) -> str:
     """FastAPI dependency: the tenant owning what this request creates and sees; 401 without a valid key."""
     tenant = tenant_from(request, credentials)
     if tenant is None:
@@ -53,7 +63,7 @@ def current_tenant(request: Request, credentials: HTTPAuthorizationCredentials |
     return tenant
 
 
-def is_operator(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> bool:
+def is_operator(request: Request, credentials: BearerDep) -> bool:
     """FastAPI dependency: whether the caller may see operations details (everyone while no key is
     configured; then only holders of an `ATTNSEG_ADMIN_KEYS` key, never a tenant's key)."""
     keyring: KeyRing = request.app.state.keyring
@@ -63,7 +73,7 @@ def is_operator(request: Request, credentials: HTTPAuthorizationCredentials | No
     return bearer_token and keyring.is_admin(credentials.credentials)
 
 
-def require_operator(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+def require_operator(request: Request, credentials: BearerDep) -> None:
     """FastAPI dependency: 401 without a valid key, 403 for a tenant's key, unless is_operator."""
     if is_operator(request, credentials):
         return
@@ -76,5 +86,17 @@ def require_operator(request: Request, credentials: HTTPAuthorizationCredentials
     raise unauthorized()
 
 
-def get_job_events(request: Request):
+def get_job_events(request: Request) -> JobEvents:
     return request.app.state.job_events
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RedisDep = Annotated[redis.Redis, Depends(get_redis)]
+JobEventsDep = Annotated[JobEvents, Depends(get_job_events)]
+TenantDep = Annotated[str, Depends(current_tenant)]
+OperatorDep = Annotated[bool, Depends(is_operator)]
+
+# A page of a listing (newest first): its defaults are written where the route declares them.
+# Digits only: pydantic alone would read "+0.0" or "1_0" as integers, which the contract does not.
+OffsetQuery = Annotated[int, Query(), Field(ge=0, le=MAX_OFFSET), DIGITS_ONLY]
+LimitQuery = Annotated[int, Query(), Field(ge=1, le=500), DIGITS_ONLY]

@@ -202,10 +202,13 @@ def worker_env(redis_url: str, cache_dir: Path, **extra: str) -> dict:
     return env
 
 
-def start_worker(redis_url: str, cache_dir: Path, log_path: Path, **extra: str) -> subprocess.Popen:
+def start_worker(
+    redis_url: str, cache_dir: Path, log_path: Path, command: tuple[str, ...] = ("cli", "worker"), **extra: str
+) -> subprocess.Popen:
+    """`python -m <command>` as a worker (the benchmark passes its own entry, bench.worker)."""
     log = open(log_path, "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "cli", "worker"],
+        [sys.executable, "-m", *command],
         cwd=ROOT,
         env=worker_env(redis_url, cache_dir, **extra),
         stdout=log,

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from attnseg.queue import QUEUES, get_queue
 from attnseg.workers_registry import ready_workers
-from service.deps import get_redis, is_operator, require_operator
+from service.deps import OperatorDep, RedisDep, require_operator
 from service.errors import error_responses
 from service.schemas import Readiness
 
@@ -30,7 +30,7 @@ def healthz():
 @router.get(
     "/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, openapi_extra={"security": [{}]}
 )  # added to the bearer scheme: a key is optional here
-def readyz(operator: bool = Depends(is_operator), connection=Depends(get_redis)):
+def readyz(operator: OperatorDep, connection: RedisDep):
     """Ready when Redis answers and at least one worker has loaded its models (200, else 503).
 
     With keys configured, only an operator's key gets `workers` and `queues`; others get `ready` and `redis`.
