@@ -76,8 +76,8 @@ async def train(
             )
             return {
                 "concept_id": concept_id,
-                "photos": [image_entry(connection, p, settings) for p in photos],
-                "masks": [image_entry(connection, m, settings) for m in object_masks] or None,
+                "photos": [image_entry(connection, p, settings, tenant) for p in photos],
+                "masks": [image_entry(connection, m, settings, tenant) for m in object_masks] or None,
                 "params": {**params.model_dump(), "concept_id": concept_id},
             }
 

@@ -61,7 +61,10 @@ async def train(
 
         def store():
             entries = [
-                {"image": image_entry(connection, image, settings), "mask": image_entry(connection, mask, settings)}
+                {
+                    "image": image_entry(connection, image, settings, tenant),
+                    "mask": image_entry(connection, mask, settings, tenant),
+                }
                 for image, mask in pairs
             ]
             oneshot_store.create(
@@ -175,7 +178,7 @@ async def segment(
             response,
             tenant,
             "oneshot_segment",
-            lambda: {"model_id": model_id, "image": image_entry(connection, image, settings), "params": filled},
+            lambda: {"model_id": model_id, "image": image_entry(connection, image, settings, tenant), "params": filled},
             after=after,
             extra_meta={"model_id": model_id},
         )
