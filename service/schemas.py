@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -24,10 +25,21 @@ from attnseg.queue import KINDS
 MAX_WORDS = 32
 MAX_OFFSET = 1_000_000  # paging: beyond any real listing, far below what Redis indexes overflow at
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # job and model ids (RQ's alphabet); anything else is unknown
+QUERY_INTEGER = re.compile(r"-?[0-9]{1,20}")
 
 
 def valid_id(value: str) -> bool:
     return ID_PATTERN.fullmatch(value) is not None
+
+
+def digits_only(value: Any) -> Any:
+    """A query integer as written: digits only (pydantic alone would read "+0.0" or "1_0" as numbers)."""
+    if isinstance(value, str) and not QUERY_INTEGER.fullmatch(value):
+        raise ValueError("must be an integer written in digits")
+    return value
+
+
+DIGITS_ONLY = BeforeValidator(digits_only)  # in a query integer's Annotated[int, Query(), Field(...), DIGITS_ONLY]
 
 
 def shown_id(value: str) -> str:
@@ -87,8 +99,9 @@ def unique_words(words: list[str], field: str) -> list[str]:
 
 
 class Params(BaseModel):
-    # Unknown fields are an error: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are an error: a typo must not silently fall back to a default. Strict types: an
+    # integer field takes integers only (not true, not 16.0), as the OpenAPI document says.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     seed: int = Field(
         default_factory=new_seed,
@@ -316,7 +329,7 @@ class ConceptTrainParams(Params, Naming):
 
 
 class ConceptImportParams(Naming):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     identifier: Identifier
     class_word: ClassWord
@@ -480,6 +493,9 @@ class WorkerInfo(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     redis: bool
+    key: Literal["not_needed", "missing", "refused", "accepted"] = Field(
+        description="This request's API key: not needed (no keys configured), missing, refused or accepted."
+    )
     workers: list[WorkerInfo] = Field(
         default_factory=list, description="Absent for callers without a key when keys are configured."
     )

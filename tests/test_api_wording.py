@@ -70,3 +70,18 @@ def test_a_multipart_mask_is_named_with_its_file(client):
 def test_too_few_concept_photos_are_counted_in_the_users_words(client):
     error = train_concept(client, count=1).json()["error"]
     assert error["message"] == "give 3 to 20 photos of the object, got 1"
+
+
+def test_readyz_says_what_the_key_sent_is_worth(make_client):
+    client = make_client(api_keys="alice:k-alice", admin_keys="op-1")
+    said = {
+        name: client.get("/readyz", headers=headers).json()["key"]
+        for name, headers in {
+            "none": {},
+            "wrong": {"Authorization": "Bearer nope"},
+            "tenant": {"Authorization": "Bearer k-alice"},
+            "operator": {"Authorization": "Bearer op-1"},
+        }.items()
+    }
+    assert said == {"none": "missing", "wrong": "refused", "tenant": "accepted", "operator": "accepted"}
+    assert make_client().get("/readyz").json()["key"] == "not_needed"

@@ -4,7 +4,7 @@ apart by: accepted at training and import, stored, and shown wherever they are l
 import pytest
 
 from attnseg.concept_files import EMBEDDINGS_FILE
-from tests.support import image_bytes
+from tests.support import image_bytes, safetensors_file
 from tests.test_api_concepts import photos
 from tests.test_api_text_oneshot import mask_png, post_train, two_part_mask
 
@@ -36,7 +36,7 @@ def test_concepts_trained_or_imported_keep_their_names(client):
     ).json()["concept_id"]
     imported = client.post(
         "/concepts/import",
-        files=[("embeddings", (EMBEDDINGS_FILE, b"\0" * 16, "application/octet-stream"))],
+        files=[("embeddings", (EMBEDDINGS_FILE, safetensors_file({"<her-mug>": [1, 32]}), "application/octet-stream"))],
         data={"identifier": "her-mug", "class_word": "mug"},
     ).json()["concept_id"]
     listed = {c["id"]: (c["name"], c["description"]) for c in client.get("/concepts").json()["concepts"]}

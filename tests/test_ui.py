@@ -33,7 +33,10 @@ JOB_TIMEOUT_MS = 180_000
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("ui-stack"), ATTNSEG_API_KEY=API_KEY).start_ready()
+    # The page holds a tenant's key; the operator's key is the test's, to see the worker come up.
+    stack = Stack(
+        tmp_path_factory.mktemp("ui-stack"), ATTNSEG_API_KEY=API_KEY, ATTNSEG_ADMIN_KEYS="ui-operator-key"
+    ).start_ready()
     yield stack
     stack.stop()
 
@@ -217,7 +220,7 @@ def test_every_control_is_labelled_and_reachable_by_keyboard(page):
 
 def test_unsupervised_overlay_legend_toggle_and_download(page, stack, tmp_path):
     use_key(page)
-    expect(page.locator("#service-status")).to_contain_text("1 worker ready")
+    expect(page.locator("#service-status")).to_contain_text("Service ready")  # a tenant: no worker details
     picture = image_bytes(300, 200, seed=1)
     page.set_input_files("#picture", files=[png(picture, "regions.png")])
     expect(page.locator("#segment-form .drop-text")).to_have_text("regions.png")
@@ -561,12 +564,17 @@ def test_the_key_states_are_said_by_the_key_field(page, tmp_path):
     expect(pill).to_have_text("The API key was not accepted: check it")
     screenshot(page, tmp_path, "ui-key-wrong")
 
-    use_key(page)
+    use_key(page)  # a tenant's key: the bare verdict
     expect(status).to_have_text("Key accepted")
     expect(page.locator("#api-key")).not_to_have_attribute("aria-invalid", "true")
+    expect(pill).to_have_text("Service ready")
+    expect(page.locator("footer")).to_have_text(re.compile(r"decoded in this page\s*$"))
+    screenshot(page, tmp_path, "ui-key-accepted")
+
+    use_key(page, "ui-operator-key")  # an operator's: the workers too
+    expect(status).to_have_text("Key accepted")
     expect(pill).to_contain_text("1 worker ready")
     expect(page.locator("footer")).to_have_text(re.compile(r"decoded in this page · \S+: cpu\s*$"))
-    screenshot(page, tmp_path, "ui-key-accepted")
 
 
 def test_one_segment_and_one_instance_are_singular(page, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -9,7 +10,7 @@ from attnseg.settings import Settings
 from service.concepts import require_selfcross, resolve_concepts
 from service.deps import RedisDep, SettingsDep, TenantDep
 from service.errors import error_responses
-from service.schemas import Job, ReferringParams, TextParams, UnsupervisedParams
+from service.schemas import Job, Params, ReferringParams, TextParams, UnsupervisedParams
 from service.submissions import openapi_body, read_submission, validate_params
 from service.submit import image_entry, submit_job
 from service.uploads import check_image
@@ -63,7 +64,7 @@ async def segment_text(
     (`"<my-mug> mug"`, selfcross only). Answers 202 with the job.
     """
     return await submit_one_image(
-        request, response, tenant, settings, connection, TextParams, "text", concept_texts=lambda params: params.classes
+        request, response, tenant, settings, connection, TextParams, "text", concept_field="classes"
     )
 
 
@@ -93,7 +94,7 @@ async def segment_referring(
         connection,
         ReferringParams,
         "referring",
-        concept_texts=lambda params: params.queries,
+        concept_field="queries",
     )
 
 
@@ -102,23 +103,24 @@ async def submit_one_image(
     response: Response,
     tenant: str,
     settings: Settings,
-    connection,
-    model,
+    connection: redis.Redis,
+    model: type[Params],
     kind: str,
     *,
-    concept_texts=None,
+    concept_field: str | None = None,
 ):
-    """concept_texts(params): the texts that may name concepts, resolved to the caller's concepts."""
+    """concept_field: the parameter whose texts may name concepts, resolved to the caller's concepts."""
     submission = await read_submission(request, model, ("image",))
     params = validate_params(model, submission.fields)
     data = submission.one_file("image")
 
     def check_and_submit():
-        field = "queries" if kind == "referring" else "classes"
         concepts, after = (
             ({}, None)
-            if concept_texts is None
-            else resolve_concepts(connection, tenant, concept_texts(params), settings, field, one_pass=kind == "text")
+            if concept_field is None
+            else resolve_concepts(
+                connection, tenant, getattr(params, concept_field), settings, concept_field, one_pass=kind == "text"
+            )
         )
         require_selfcross(concepts, params)
         image = check_image(data, max_pixels=settings.max_image_pixels)
@@ -129,7 +131,7 @@ async def submit_one_image(
             tenant,
             kind,
             lambda: {
-                "image": image_entry(connection, image, settings),
+                "image": image_entry(connection, image, settings, tenant),
                 "params": params.model_dump(),
                 "concepts": concepts,
             },

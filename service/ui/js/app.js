@@ -339,29 +339,31 @@ async function refreshStatus() {
   }
 }
 
-/** With keys on, /readyz gives its details (workers, queues) to key holders only: their absence means
- * the key is missing or refused, not that no worker is ready. */
+/** /readyz says what the key sent is worth (`ready.key`): said beside the key field. */
 function describeKey(ready) {
   const status = $("#key-status");
-  const key = getApiKey();
-  const accepted = "workers" in ready;
-  status.dataset.state = !key ? "" : accepted ? "accepted" : "refused";
-  status.textContent = !key ? "" : accepted ? "Key accepted" : "Key not accepted";
-  if (key && !accepted) $("#api-key").setAttribute("aria-invalid", "true");
+  const said = { accepted: "Key accepted", refused: "Key not accepted" }[ready.key] || "";
+  status.dataset.state = said ? ready.key : "";
+  status.textContent = said;
+  if (ready.key === "refused") $("#api-key").setAttribute("aria-invalid", "true");
   else $("#api-key").removeAttribute("aria-invalid");
-  return accepted;
 }
 
 function describeReadiness(ready) {
   const pill = $("#service-status");
   const workers = ready.workers || [];
-  const detailed = describeKey(ready);
+  describeKey(ready);
   if (!ready.redis) {
     pill.dataset.state = "down";
     pill.textContent = "The job store (Redis) is down";
-  } else if (!detailed) {
+  } else if (["missing", "refused"].includes(ready.key)) {
     pill.dataset.state = "key";
-    pill.textContent = getApiKey() ? "The API key was not accepted: check it" : "Keys are on: enter your API key";
+    pill.textContent = ready.key === "refused" ? "The API key was not accepted: check it"
+      : "Keys are on: enter your API key";
+  } else if (!("workers" in ready)) {
+    // A tenant's key gets the bare verdict: worker details are for operators.
+    pill.dataset.state = ready.ready ? "ready" : "waiting";
+    pill.textContent = ready.ready ? "Service ready" : "No worker ready: jobs wait in the queue";
   } else if (!workers.length) {
     pill.dataset.state = "waiting";
     pill.textContent = "No worker ready: jobs wait in the queue";
