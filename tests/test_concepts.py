@@ -20,9 +20,9 @@ from workers.methods.concepts import (
     check_concept,
     class_word_embedding,
     concept_shapes,
-    encode_with_concepts,
     train_concept,
 )
+from workers.methods.passes import encode_with_concepts
 from workers.methods.prompts import build_prompt
 from workers.methods.textseg import segment_text
 from workers.models.attention import AttentionStore, CapturingAttnProcessor, capture_attention

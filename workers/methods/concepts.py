@@ -35,10 +35,10 @@ from attnseg.concept_files import (
     embedding_key,
     kv_layers,
 )
-from workers.methods.oneshot import autocast, grad_scaler
-from workers.methods.prompts import Prompt, pad_ids, prompt_from_pieces
+from workers.methods.passes import KV, autocast, encode_with_concepts, grad_scaler, unet_pass
+from workers.methods.prompts import Prompt, prompt_from_pieces
 from workers.methods.timing import Timer
-from workers.models.concept_hooks import concept_attention, cross_attention_layers, token_embeddings
+from workers.models.concept_hooks import cross_attention_layers
 from workers.models.sd_ops import image_to_pixels, make_generator, sample_noise
 from workers.models.stable_diffusion import StableDiffusion
 
@@ -65,7 +65,6 @@ WEIGHT_DECAY = 1e-2
 MAX_GRAD_NORM = 1.0
 
 Report = Callable[..., None]
-KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 class ConceptMismatchError(ValueError):
@@ -163,55 +162,6 @@ def check_concept(sd: StableDiffusion, concept: Concept) -> None:
         check_shapes(list(concept.vectors.shape), kv, concept_shapes(sd), sd.model_id)
     except ValueError as exc:
         raise ConceptMismatchError(f"concept <{concept.identifier}>: {exc}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Text with concepts
-# ---------------------------------------------------------------------------------------------
-
-
-def vector_counts(concepts: dict[str, Concept] | None) -> dict[str, int]:
-    return {identifier: concept.vectors.shape[0] for identifier, concept in (concepts or {}).items()}
-
-
-def placed_vectors(
-    prompts: list[Prompt], vectors: dict[str, torch.Tensor], width: int, length: int
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(B, T) positions and (B, T, D) values of the concepts' vectors in prompts padded to T = length
-    (77); (None, None) without concepts. vectors: identifier -> (n, D), in the graph when trained."""
-    if not any(prompt.concept_positions for prompt in prompts):
-        return None, None
-    first = next(iter(vectors.values()))
-    mask = torch.zeros(len(prompts), length, dtype=torch.bool)
-    values = torch.zeros(len(prompts), length, width, dtype=first.dtype, device=first.device)
-    for row, prompt in enumerate(prompts):
-        for identifier, positions in prompt.concept_positions.items():
-            values[row, positions] = vectors[identifier][: len(positions)].to(values)  # autograd: CopySlices
-            mask[row, positions] = True
-    return mask, values
-
-
-def encode_with_concepts(sd: StableDiffusion, prompts: list[Prompt], vectors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Text encoder outputs (B, 77, D) of the prompts with each identifier's vectors at its positions.
-    No grad context of its own: gradients reach trained vectors."""
-    ids = torch.cat([pad_ids(prompt, sd.tokenizer) for prompt in prompts]).to(sd.device)
-    width = sd.text_encoder.get_input_embeddings().weight.shape[1]
-    positions, values = placed_vectors(prompts, vectors, width, ids.shape[1])
-    with token_embeddings(sd.text_encoder, positions, values):
-        return sd.text_encoder(ids)[0]
-
-
-def combined_kv(concepts: list[Concept]) -> KV | None:
-    """The attention weights for one pass: those of the one Custom Diffusion concept among `concepts`.
-    Raises ValueError for two: their weights replace the same projections."""
-    with_kv = [concept for concept in concepts if concept.kv]
-    if len(with_kv) > 1:
-        names = ", ".join(f"<{concept.identifier}>" for concept in with_kv)
-        raise ValueError(
-            f"{names} each carry Custom Diffusion attention weights; one prompt can use only one "
-            "of them (Textual Inversion concepts combine freely)"
-        )
-    return with_kv[0].kv if with_kv else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,9 +297,9 @@ def train_concept(
             noise = sample_noise(latents, generator)
             timesteps = timesteps.to(sd.device)
             noisy = sd.scheduler.add_noise(latents, noise, timesteps)
-            with autocast(sd), concept_attention(sd.unet, kv):
+            with autocast(sd):
                 text = encode_with_concepts(sd, [prompts[i] for i in prompt_picks], {identifier: vectors})
-                prediction = sd.unet(noisy.to(sd.dtype), timesteps, encoder_hidden_states=text).sample
+                prediction = unet_pass(sd, noisy.to(sd.dtype), timesteps, text, kv=kv)
             error = (prediction.float() - diffusion_target(sd, latents, noise, timesteps)) ** 2
             loss = (error * weight).sum() / (weight.sum() * error.shape[1])
             optimizer.zero_grad(set_to_none=True)

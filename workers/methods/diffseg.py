@@ -446,6 +446,3 @@ def label_scores(labels: torch.Tensor, channels: torch.Tensor, first_label: int)
     present = torch.unique(labels).tolist()
     table = segment_word_scores(labels, channels[[label - first_label for label in present]])
     return {label: round(float(table[label, column]), 6) for column, label in enumerate(present)}
-
-
-# --- the SD passes ------------------------------------------------------------------------

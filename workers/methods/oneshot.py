@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from workers.methods import diffseg, slime
+from workers.methods.passes import autocast, grad_scaler, unet_pass
 from workers.methods.timing import Timer
-from workers.models.attention import AttentionStore, capture_attention
+from workers.models.attention import AttentionStore
 from workers.models.sd_ops import (
     add_noise,
     encode_latents,
@@ -32,7 +33,6 @@ from workers.models.sd_ops import (
     image_to_pixels,
     make_generator,
     sample_noise,
-    unet_noise,
 )
 from workers.models.stable_diffusion import StableDiffusion
 
@@ -192,8 +192,9 @@ def crop_attention(
     store = AttentionStore(rows=COND_ROW)
     with torch.no_grad():
         latents = add_noise(sd, encode_latents(sd, pixels), SEGMENT_TIMESTEP, generator)
-        with capture_attention(sd.unet, store, self_blocks=SELF_BLOCKS, cross_blocks=CROSS_BLOCKS):
-            unet_noise(sd, latents, SEGMENT_TIMESTEP, text.to(sd.dtype))
+        unet_pass(
+            sd, latents, SEGMENT_TIMESTEP, text.to(sd.dtype), store, self_blocks=SELF_BLOCKS, cross_blocks=CROSS_BLOCKS
+        )
     return token_maps(store, "cross", num_classes, grid), self_attention(store, grid)
 
 
@@ -287,17 +288,6 @@ def segment_oneshot(
 # ---------------------------------------------------------------------------------------------
 
 
-def autocast(sd: StableDiffusion) -> torch.autocast:
-    """Autocast to the resident UNet's dtype when it is fp16 or bf16, off for fp32. The fp32
-    vectors meet the UNet's weights inside it: no fp32 copy of the UNet is made."""
-    return torch.autocast(sd.device.type, dtype=sd.dtype, enabled=sd.dtype in (torch.float16, torch.bfloat16))
-
-
-def grad_scaler(sd: StableDiffusion) -> torch.amp.GradScaler:
-    """Loss scaling for fp16 (its gradients underflow without it); a pass-through otherwise."""
-    return torch.amp.GradScaler(sd.device.type, enabled=sd.dtype == torch.float16)
-
-
 def training_example(
     image: torch.Tensor,
     mask: torch.Tensor,
@@ -334,8 +324,8 @@ def training_loss(
     noisy = add_noise(sd, latents, timestep, noise=noise)
     store = AttentionStore(rows=COND_ROW, keep_grad=True)
     # Autocast for the UNet only: the losses' matmuls (WAS over an R^2 x R^2 map) stay fp32.
-    with autocast(sd), capture_attention(sd.unet, store, self_blocks=SELF_BLOCKS, cross_logit_blocks=CROSS_BLOCKS):
-        eps = unet_noise(sd, noisy, timestep, text)
+    with autocast(sd):
+        eps = unet_pass(sd, noisy, timestep, text, store, self_blocks=SELF_BLOCKS, cross_logit_blocks=CROSS_BLOCKS)
     ca_logits = token_maps(store, "cross_logits", num_classes, grid)
     return slime.slime_loss(ca_logits, self_attention(store, grid), mask.to(sd.device), eps[0], eps[1], noise[0])
 

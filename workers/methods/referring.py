@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,19 +28,21 @@ from sklearn.cluster import SpectralClustering
 
 from attnseg.concept_files import IDENTIFIER
 from workers.methods import diffseg
-from workers.methods.concepts import Concept, vector_counts
+from workers.methods.passes import clean_latents, vector_counts
 from workers.methods.prompts import Prompt, build_prompt, prompt_from_pieces
-from workers.methods.selfcross import background_score
-from workers.methods.textseg import (
-    DEFAULT_TIMESTEPS,
+from workers.methods.selfcross import (
     SELFCROSS_BACKGROUND_THRESHOLD,
     SELFCROSS_GATE_THRESHOLD,
-    clean_latents,
+    SELFCROSS_TIMESTEP,
+    background_score,
     selfcross_draw,
     selfcross_pass,
 )
 from workers.methods.timing import Timer
 from workers.models.stable_diffusion import StableDiffusion
+
+if TYPE_CHECKING:
+    from workers.methods.concepts import Concept
 
 MAX_INSTANCES = 8  # the eigengap picks 1..MAX_INSTANCES instances
 MAX_QUERIES = 8
@@ -205,7 +208,7 @@ def segment_referring(
     *,
     concepts: dict[str, Concept] | None = None,
     max_instances: int = MAX_INSTANCES,
-    timestep: int = DEFAULT_TIMESTEPS["selfcross"],
+    timestep: int = SELFCROSS_TIMESTEP,
     resolution: int = 512,
     seed: int = 0,
     report: Callable[[str, float], None] | None = None,

@@ -18,37 +18,32 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from workers.methods import diffseg, gem
-from workers.methods.concepts import Concept, combined_kv, encode_with_concepts, vector_counts
+from workers.methods.passes import aggregated_self_attention, clean_latents, vector_counts
 from workers.methods.prompts import Prompt, PromptTooLongError, build_prompt
-from workers.methods.selfcross import background_score, selfcross_scores
-from workers.methods.timing import Timer
-from workers.methods.unsupervised import ALL_BLOCKS, self_attention_by_grid
-from workers.models.attention import AttentionStore, capture_attention
-from workers.models.clip import Clip
-from workers.models.concept_hooks import concept_attention
-from workers.models.sd_ops import (
-    add_noise,
-    encode_latents,
-    fixed_prompt_embeddings,
-    image_to_pixels,
-    make_generator,
-    unet_noise,
+from workers.methods.selfcross import (
+    SELFCROSS_BACKGROUND_THRESHOLD,
+    SELFCROSS_GATE_THRESHOLD,
+    SELFCROSS_TIMESTEP,
+    background_score,
+    selfcross_draw,
+    selfcross_pass,
 )
+from workers.methods.timing import Timer
+from workers.models.clip import Clip
 from workers.models.stable_diffusion import StableDiffusion
 
+if TYPE_CHECKING:
+    from workers.methods.concepts import Concept
+
 METHODS = ("selfcross", "gem", "gem_refined", "cluster")
-DEFAULT_TIMESTEPS = {"selfcross": 150, "gem": None, "gem_refined": 100, "cluster": 100}
-SELFCROSS_CROSS_BLOCKS = (5, 6, 7, 8, 9)  # grids R/4 and R/8
-SELFCROSS_SELF_BLOCK = 12  # up_blocks.2.attentions.1, grid R/2
-# The reference's VOC settings (box gate, background threshold); COCO uses 0.5 and 0.35.
-SELFCROSS_GATE_THRESHOLD = 0.2
-SELFCROSS_BACKGROUND_THRESHOLD = 0.5  # the paper's bg = (1 - max_c SC_c)^2
+DEFAULT_TIMESTEPS = {"selfcross": SELFCROSS_TIMESTEP, "gem": None, "gem_refined": 100, "cluster": 100}
 VOC_BACKGROUND_TEMPERATURE = 0.1  # langseg's VOC recipe: CA at s = 0.1 when a background channel is added
 CLUSTER_KL_THRESHOLD = 0.8
 
@@ -86,30 +81,6 @@ def split_classes(
         prompts.append(prompt)
         start = end
     return prompts
-
-
-def selfcross_draw(
-    store: AttentionStore,
-    prompts: list[Prompt],
-    gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD,
-    first_row: int = 0,
-) -> torch.Tensor:
-    """SelfCross maps of all classes from one noise draw: (C, g, g) in [0, 1], classes in prompt order.
-
-    store: cross-attention of SELFCROSS_CROSS_BLOCKS and self-attention of SELFCROSS_SELF_BLOCK,
-    recorded from one UNet call whose batch row first_row + i is prompts[i]. Each prompt's class
-    spans select its classes' tokens; min-max normalisation stays per class, so prompts do not interact.
-    gate_threshold: the box gate's level (None: no gate).
-    """
-    (self_grid,) = store.grids("self")
-    cross_grids = store.grids("cross")
-    layers_by_grid = {grid: store.count("cross", grid) for grid in cross_grids}
-    maps = []
-    for row, prompt in enumerate(prompts, start=first_row):
-        cross_by_grid = {grid: store.mean("cross", grid)[row] for grid in cross_grids}
-        self_attn = store.mean("self", self_grid)[row]
-        maps.append(selfcross_scores(cross_by_grid, layers_by_grid, self_attn, prompt.class_spans, gate_threshold))
-    return torch.cat(maps)
 
 
 def selfcross_channels(
@@ -158,49 +129,6 @@ def name_segments(segments: torch.Tensor, channels: torch.Tensor) -> torch.Tenso
 
 
 # --- labels and scores --------------------------------------------------------------------
-
-
-def clean_latents(sd: StableDiffusion, images: np.ndarray | list[np.ndarray], resolution: int) -> torch.Tensor:
-    """The VAE posterior means of the images resized to resolution x resolution, (B, 4, R, R); one
-    image (H, W, 3) or a list of them, encoded in one VAE call."""
-    images = [images] if isinstance(images, np.ndarray) else images
-    with torch.inference_mode():
-        return encode_latents(
-            sd, torch.cat([image_to_pixels(image, resolution, sd.device, sd.dtype) for image in images])
-        )
-
-
-def selfcross_pass(
-    sd: StableDiffusion,
-    latents: torch.Tensor,
-    prompts: list[Prompt],
-    timestep: int,
-    seeds: int | list[int],
-    concepts: dict[str, Concept] | None = None,
-) -> AttentionStore:
-    """One conditional UNet call on latents (B, 4, R, R), image b noised with seeds[b]: batch row
-    b * len(prompts) + i is image b with prompts[i].
-
-    concepts: those the prompts name; their vectors go to the text encoder and the attention weights
-    of the (at most one) Custom Diffusion concept among them to the UNet, for this call only.
-    """
-    seeds = [seeds] if isinstance(seeds, int) else seeds
-    concepts = concepts or {}
-    store = AttentionStore()
-    with torch.inference_mode():
-        text = encode_with_concepts(sd, prompts, {name: concept.vectors for name, concept in concepts.items()})
-        noisy = torch.cat(
-            [add_noise(sd, latents[b : b + 1], timestep, make_generator(sd, seed)) for b, seed in enumerate(seeds)]
-        )
-        if len(seeds) > 1:
-            noisy, text = noisy.repeat_interleave(len(prompts), dim=0), text.repeat(len(seeds), 1, 1)
-        # The concept's processors wrap the capturing ones: enter them inside capture_attention.
-        with (
-            capture_attention(sd.unet, store, self_blocks=(SELFCROSS_SELF_BLOCK,), cross_blocks=SELFCROSS_CROSS_BLOCKS),
-            concept_attention(sd.unet, combined_kv(list(concepts.values()))),
-        ):
-            unet_noise(sd, noisy, timestep, text)
-    return store
 
 
 def selfcross_maps(
@@ -283,16 +211,6 @@ def selfcross_batch(
         report=report,
     )
     return [selfcross_channels(sc, background, background_threshold) for sc in maps], len(prompts), timer.ms
-
-
-def aggregated_self_attention(sd: StableDiffusion, latents: torch.Tensor, timestep: int, seed: int) -> torch.Tensor:
-    """Empty-prompt UNet pass on latents noised with `seed`: all 16 self layers, DiffSeg step 3, (R^2, R^2)."""
-    store = AttentionStore()
-    with torch.inference_mode():
-        noisy = add_noise(sd, latents, timestep, make_generator(sd, seed))
-        with capture_attention(sd.unet, store, self_blocks=ALL_BLOCKS):
-            unet_noise(sd, noisy, timestep, fixed_prompt_embeddings(sd, [""]))
-        return diffseg.aggregate(self_attention_by_grid(store))
 
 
 # --- the API ------------------------------------------------------------------------------

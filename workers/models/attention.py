@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 NUM_BLOCKS = 16
+ALL_BLOCKS = tuple(range(1, NUM_BLOCKS + 1))  # block numbers, the rows of docs/methods.md 0.2
 KINDS = ("self", "cross", "cross_logits")
 
 
