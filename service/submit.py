@@ -17,7 +17,15 @@ from fastapi import Response
 
 from attnseg.images import mask_png, store_bytes
 from attnseg.ownership import stamp
-from attnseg.queue import ADMISSION_LOCK_KEY, KINDS, WAITING, enqueue, job_statuses, live_queued_count, tenant_jobs_key
+from attnseg.queue import (
+    ADMISSION_LOCK_KEY,
+    WAITING,
+    enqueue,
+    job_kind,
+    job_statuses,
+    live_queued_count,
+    tenant_jobs_key,
+)
 from attnseg.settings import Settings
 from service.errors import ApiError
 from service.job_view import job_view
@@ -112,7 +120,7 @@ def submit_job(
     """
     extra_meta = stamp(enqueue_options.pop("extra_meta", {}), tenant)
     with admission_lock(connection):
-        ended = check_caps(connection, settings, tenant, KINDS[kind].queue)
+        ended = check_caps(connection, settings, tenant, job_kind(kind).queue)
         job = enqueue(connection, settings, kind, build_payload(), extra_meta=extra_meta, **enqueue_options)
         if settings.max_queued_per_tenant is not None:
             track_tenant_job(connection, settings, tenant, job.id, ended)
