@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from attnseg.defaults import TEXT
 from workers.methods.passes import combined_kv, encode_with_concepts, noised_latents, unet_pass
 from workers.methods.prompts import Prompt, mean_over_spans
 from workers.models.attention import AttentionStore
@@ -27,10 +28,8 @@ if TYPE_CHECKING:
 
 SELFCROSS_CROSS_BLOCKS = (5, 6, 7, 8, 9)  # grids R/4 and R/8
 SELFCROSS_SELF_BLOCK = 12  # up_blocks.2.attentions.1, grid R/2
-# The reference's VOC settings (box gate, background threshold); COCO uses 0.5 and 0.35.
-SELFCROSS_GATE_THRESHOLD = 0.2
-SELFCROSS_BACKGROUND_THRESHOLD = 0.5  # the paper's bg = (1 - max_c SC_c)^2
-SELFCROSS_TIMESTEP = 150
+# The thresholds default to the reference's VOC settings, TEXT.gate_threshold 0.2 (box gate) and
+# TEXT.background_threshold 0.5 (the paper's bg = (1 - max_c SC_c)^2); COCO uses 0.5 and 0.35.
 
 
 def minmax_per_class(maps: torch.Tensor) -> torch.Tensor:
@@ -72,7 +71,7 @@ def class_cross_maps(
     return minmax_per_class(total / sum(layers_by_grid[grid] for grid in cross_by_grid))
 
 
-def box_gate(cross: torch.Tensor, fraction: float = 0.2) -> torch.Tensor:
+def box_gate(cross: torch.Tensor, fraction: float = TEXT.gate_threshold) -> torch.Tensor:
     """Per class, the union of the bounding boxes of the regions above the gate, as the reference.
 
     cross: (C, g, g). Each map is min-max normalised and quantised like the reference,
@@ -115,7 +114,7 @@ def propagate(
     return minmax_per_class(values.T)
 
 
-def background_score(sc: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+def background_score(sc: torch.Tensor, threshold: float = TEXT.background_threshold) -> torch.Tensor:
     """bg = (2 * threshold - max_c SC_c)^2; threshold 0.5 is the paper's (1 - max)^2.
 
     sc: (C, ...) class scores in [0, 1]. Returns (1, ...).
@@ -138,7 +137,7 @@ def selfcross_scores(
     layers_by_grid: dict[int, int],
     self_attn: torch.Tensor,
     spans: list[tuple[int, int]],
-    gate_fraction: float | None = 0.2,
+    gate_fraction: float | None = TEXT.gate_threshold,
     power: int = 2,
 ) -> torch.Tensor:
     """SelfCross maps of one noise draw.
@@ -198,7 +197,7 @@ def selfcross_pass(
 def selfcross_draw(
     store: AttentionStore,
     prompts: list[Prompt],
-    gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD,
+    gate_threshold: float | None = TEXT.gate_threshold,
     first_row: int = 0,
 ) -> torch.Tensor:
     """SelfCross maps of all classes from one noise draw: (C, g, g) in [0, 1], classes in prompt order.

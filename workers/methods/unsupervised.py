@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attnseg.defaults import DIFFSEG, RESOLUTION, SEED
 from workers.methods import diffseg
 from workers.methods.passes import clean_latents, self_attention_by_grid, unet_pass
 from workers.methods.prompts import Prompt, mean_over_spans, pad_ids, word_spans
@@ -65,8 +66,8 @@ def attention_pass(
     sd: StableDiffusion,
     images: list[np.ndarray],
     *,
-    timestep: int = 300,
-    resolution: int = 512,
+    timestep: int = DIFFSEG.timestep,
+    resolution: int = RESOLUTION,
     vocabulary: list[str] | None = None,
     report: Callable[[str, float], None] | None = None,
 ) -> SharedPass:
@@ -104,10 +105,10 @@ def segment_row(
     row: int,
     size: tuple[int, int],
     *,
-    kl_threshold: float = 1.0,
-    grid: int = 16,
-    iterations: int = 3,
-    refine: bool = False,
+    kl_threshold: float = DIFFSEG.kl_threshold,
+    grid: int = DIFFSEG.grid,
+    iterations: int = DIFFSEG.iterations,
+    refine: bool = DIFFSEG.refine,
     report: Callable[[str, float], None] | None = None,
 ) -> UnsupervisedSegmentation:
     """DiffSeg's steps after the pass for image `row` of `shared`; labels come back at size (H, W)."""
@@ -143,14 +144,14 @@ def segment_unsupervised(
     sd: StableDiffusion,
     image: np.ndarray,
     *,
-    kl_threshold: float = 1.0,
-    grid: int = 16,
-    iterations: int = 3,
-    timestep: int = 300,
-    resolution: int = 512,
-    refine: bool = False,
+    kl_threshold: float = DIFFSEG.kl_threshold,
+    grid: int = DIFFSEG.grid,
+    iterations: int = DIFFSEG.iterations,
+    timestep: int = DIFFSEG.timestep,
+    resolution: int = RESOLUTION,
+    refine: bool = DIFFSEG.refine,
     vocabulary: list[str] | None = None,
-    seed: int = 0,
+    seed: int = SEED,
     report: Callable[[str, float], None] | None = None,
     output_size: tuple[int, int] | None = None,
 ) -> UnsupervisedSegmentation:
