@@ -106,12 +106,6 @@ def job_statuses(connection: redis.Redis, job_ids: list[str]) -> list[str | None
         return [status.decode() if status else None for status in pipe.execute()]
 
 
-def live_queued_count(connection: redis.Redis, name: str) -> int:
-    """Jobs waiting in queue `name` that still exist (the list keeps ids of jobs that expired queued)."""
-    ids = [job_id.decode() for job_id in connection.lrange(get_queue(connection, name).key, 0, -1)]
-    return sum(status in WAITING for status in job_statuses(connection, ids))
-
-
 def clean_canceled(connection: redis.Redis, name: str) -> int:
     """Drop entries of queue `name`'s canceled registry whose job is gone (RQ never prunes it)."""
     key = CanceledJobRegistry(name, connection=connection, serializer=JSONSerializer).key
@@ -190,7 +184,6 @@ def tenant_jobs_key(tenant: str) -> str:
     return f"attnseg:tenant-jobs:{tenant}"
 
 
-ADMISSION_LOCK_KEY = "attnseg:admission-lock"
 # Durable records (attnseg.record_store): <prefix>:<id>, and an index per owner <index>:<tenant>.
 ONESHOT_PREFIX = "attnseg:oneshot"
 ONESHOT_INDEX_KEY = "attnseg:oneshot-index"

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from attnseg.concept_files import identifiers_in
 from attnseg.defaults import CONCEPT, DIFFSEG, ONESHOT, REFERRING, RESOLUTION, TEXT, TEXT_TIMESTEPS
+from attnseg.queue import KINDS
 
 MAX_WORDS = 32
 MAX_OFFSET = 1_000_000  # paging: beyond any real listing, far below what Redis indexes overflow at
@@ -374,9 +375,7 @@ class SegmentationResult(BaseModel):
 
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "canceled"]
-JobKindName = Literal[
-    "unsupervised", "text", "oneshot_train", "oneshot_segment", "concept_train", "concept_import", "referring"
-]
+JobKindName = Literal[tuple(KINDS)]  # the one table of job kinds (attnseg.queue)
 
 
 class Job(BaseModel):

@@ -110,6 +110,43 @@ def two_part_arrays(width: int = 96, height: int = 64) -> tuple[np.ndarray, np.n
     return pixels, mask
 
 
+AT_WORK: dict = {}  # job id -> what to do while a stand-in job runs (in this process's worker)
+
+
+def stand_in(payload: dict):
+    """A job function without a model: runs what a test put in AT_WORK while the job is started, then
+    fails (`payload["fail"]`) or returns `payload["result"]`."""
+    from rq import get_current_job
+
+    action = AT_WORK.pop(get_current_job().id, None)
+    if action is not None:
+        action(get_current_job())
+    if payload.get("fail"):
+        raise RuntimeError("the stand-in job failed, as asked")
+    return payload.get("result", {"segments": []})
+
+
+def enqueue_stand_in(connection: redis.Redis, kind: str = "unsupervised", **payload):
+    """A job of `kind` (as the API shows it, owned by tenant default) that runs `stand_in`."""
+    from attnseg.queue import KINDS, get_queue
+
+    meta = {"kind": kind, "params": {}, "owner": "default"}
+    return get_queue(connection, KINDS[kind].queue).enqueue_call(
+        f"{__name__}.stand_in", args=(payload,), meta=meta, result_ttl=600, failure_ttl=600
+    )
+
+
+def work_burst(connection: redis.Redis) -> None:
+    """RQ's SimpleWorker runs every queued job, then returns (needs the main thread: signals)."""
+    from rq import SimpleWorker
+    from rq.serializers import JSONSerializer
+
+    from attnseg.queue import QUEUES, get_queue
+
+    queues = [get_queue(connection, name) for name in QUEUES]
+    SimpleWorker(queues, connection=connection, serializer=JSONSerializer).work(burst=True, with_scheduler=False)
+
+
 def worker_env(redis_url: str, cache_dir: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSEG_")}
     env.update(
@@ -129,10 +166,13 @@ def worker_env(redis_url: str, cache_dir: Path, **extra: str) -> dict:
     return env
 
 
-def start_worker(redis_url: str, cache_dir: Path, log_path: Path, **extra: str) -> subprocess.Popen:
+def start_worker(
+    redis_url: str, cache_dir: Path, log_path: Path, command: tuple[str, ...] = ("cli", "worker"), **extra: str
+) -> subprocess.Popen:
+    """`python -m <command>` as a worker (the benchmark passes its own entry, bench.worker)."""
     log = open(log_path, "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "cli", "worker"],
+        [sys.executable, "-m", *command],
         cwd=ROOT,
         env=worker_env(redis_url, cache_dir, **extra),
         stdout=log,
