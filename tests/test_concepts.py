@@ -14,18 +14,12 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE, ConceptFileError, check_shapes, safetensors_shapes
-from workers.methods.concepts import (
-    Concept,
-    ConceptMismatchError,
-    check_concept,
-    class_word_embedding,
-    concept_shapes,
-    train_concept,
-)
+from workers.methods.concepts import class_word_embedding, train_concept
 from workers.methods.passes import encode_with_concepts
 from workers.methods.prompts import build_prompt
 from workers.methods.textseg import segment_text
 from workers.models.attention import AttentionStore, CapturingAttnProcessor, capture_attention
+from workers.models.concept import Concept, ConceptMismatchError, check_concept, concept_shapes
 from workers.models.concept_hooks import concept_attention, cross_attention_layers, token_embeddings
 from workers.models.sd_ops import encode_prompts, unet_noise
 

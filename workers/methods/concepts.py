@@ -7,7 +7,7 @@ trained (Textual Inversion, Gal et al. 2023; diffusers' `textual_inversion.py`).
 resident models, which never change: the vectors enter through the token-embedding hook and the
 weights through attention processors (workers.models.concept_hooks), for the call only.
 
-Usable without the service::
+Usable without the service (the `Concept` it returns is workers.models.concept's)::
 
     concept = train_concept(sd, photos, "my-mug", "mug")
     files = concept.files()           # {"learned_embeds.safetensors": ..., "pytorch_custom_...": ...}
@@ -16,7 +16,6 @@ Usable without the service::
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,21 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
-from attnseg.concept_files import (
-    EMBEDDINGS_FILE,
-    KV_FILE,
-    KV_SUFFIXES,
-    check_shapes,
-    embedding_key,
-    kv_layers,
-)
 from attnseg.defaults import CONCEPT, RESOLUTION, SEED
-from workers.methods.passes import KV, autocast, encode_with_concepts, grad_scaler, unet_pass
+from workers.methods.passes import autocast, encode_with_concepts, grad_scaler, unet_pass
 from workers.methods.prompts import Prompt, prompt_from_pieces
 from workers.methods.timing import Timer
+from workers.models.concept import KV, Concept
 from workers.models.concept_hooks import cross_attention_layers
 from workers.models.sd_ops import image_to_pixels, make_generator, sample_noise
 from workers.models.stable_diffusion import StableDiffusion
@@ -66,103 +56,6 @@ WEIGHT_DECAY = 1e-2
 MAX_GRAD_NORM = 1.0
 
 Report = Callable[..., None]
-
-
-class ConceptMismatchError(ValueError):
-    """A concept used with a Stable Diffusion model whose shapes it does not fit."""
-
-
-@dataclass
-class Concept:
-    identifier: str  # written <identifier> in text
-    class_word: str
-    vectors: torch.Tensor  # (n, D) input token embeddings of the identifier, CPU
-    kv: KV | None  # attn2 path -> (to_k, to_v) weights (inner, D), CPU; None: Textual Inversion
-    sd_model: str | None = None  # the model it was trained on, when known
-    metrics: dict = field(default_factory=dict)
-
-    def files(self) -> dict[str, bytes]:
-        """The diffusers files: the embedding, and the Custom Diffusion weights when there are any."""
-        files = {EMBEDDINGS_FILE: save_safetensors({f"<{self.identifier}>": self.vectors.contiguous()})}
-        if self.kv:
-            tensors = {}
-            for layer, (to_k, to_v) in self.kv.items():
-                tensors[layer + KV_SUFFIXES["to_k"]] = to_k.contiguous()
-                tensors[layer + KV_SUFFIXES["to_v"]] = to_v.contiguous()
-            files[KV_FILE] = save_safetensors(tensors)
-        return files
-
-    @classmethod
-    def from_files(
-        cls,
-        files: dict[str, bytes],
-        identifier: str,
-        class_word: str,
-        *,
-        sd_model: str | None = None,
-        metrics: dict | None = None,
-    ) -> Concept:
-        """Inverse of `files`; also reads what the diffusers scripts write (`.bin` too, never unpickling
-        anything but tensors). files: EMBEDDINGS_FILE -> bytes, optionally KV_FILE -> bytes."""
-        embeddings = read_tensors(files[EMBEDDINGS_FILE])
-        vectors = embeddings[embedding_key({k: list(v.shape) for k, v in embeddings.items()}, identifier)]
-        kv = None
-        if files.get(KV_FILE):
-            tensors = read_tensors(files[KV_FILE])
-            layers = kv_layers({name: list(t.shape) for name, t in tensors.items()})
-            kv = {
-                layer: (tensors[layer + KV_SUFFIXES["to_k"]], tensors[layer + KV_SUFFIXES["to_v"]]) for layer in layers
-            }
-        return cls(identifier, class_word, vectors.reshape(-1, vectors.shape[-1]), kv, sd_model, dict(metrics or {}))
-
-
-def read_tensors(data: bytes) -> dict[str, torch.Tensor]:
-    """name -> tensor from safetensors bytes or a torch `.bin` (weights_only: no code runs).
-
-    Nested dicts (`{"string_to_param": {"*": t}}`, Custom Diffusion's empty processor entries) are
-    flattened to their tensors with dotted names."""
-    try:
-        return dict(load_safetensors(data))
-    except Exception:  # noqa: BLE001 - not a safetensors file: try a torch checkpoint
-        pass
-    try:
-        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - whatever torch raises, the file is not one it reads
-        raise ValueError(f"not a safetensors file nor a torch tensor file: {type(exc).__name__}") from None
-    found: dict[str, torch.Tensor] = {}
-
-    def walk(value, prefix: str) -> None:
-        if isinstance(value, torch.Tensor):
-            found[prefix or "tensor"] = value
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, f"{prefix}.{key}" if prefix else str(key))
-
-    walk(loaded, "")
-    if not found:
-        raise ValueError("the file holds no tensors")
-    return found
-
-
-def concept_shapes(sd: StableDiffusion) -> dict:
-    """What a concept must fit: {"text_width": D, "cross_attention": {attn2 path: [inner, D]}}."""
-    return {
-        "text_width": int(sd.text_encoder.get_input_embeddings().weight.shape[1]),
-        "cross_attention": {
-            name: list(layer.to_k.weight.shape) for name, layer in cross_attention_layers(sd.unet).items()
-        },
-    }
-
-
-def check_concept(sd: StableDiffusion, concept: Concept) -> None:
-    """ConceptMismatchError naming the mismatch unless the concept fits this SD model's shapes."""
-    kv = None
-    if concept.kv:
-        kv = {layer: {"to_k": list(k.shape), "to_v": list(v.shape)} for layer, (k, v) in concept.kv.items()}
-    try:
-        check_shapes(list(concept.vectors.shape), kv, concept_shapes(sd), sd.model_id)
-    except ValueError as exc:
-        raise ConceptMismatchError(f"concept <{concept.identifier}>: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------

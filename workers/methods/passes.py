@@ -9,7 +9,6 @@ loops. The methods import these and nothing of each other's.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ import torch
 from workers.methods import diffseg
 from workers.methods.prompts import Prompt, pad_ids
 from workers.models.attention import ALL_BLOCKS, AttentionStore, capture_attention
+from workers.models.concept import KV, Concept
 from workers.models.concept_hooks import concept_attention, token_embeddings
 from workers.models.sd_ops import (
     add_noise,
@@ -27,12 +27,6 @@ from workers.models.sd_ops import (
     unet_noise,
 )
 from workers.models.stable_diffusion import StableDiffusion
-
-if TYPE_CHECKING:
-    from workers.methods.concepts import Concept
-
-KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
 
 # --- latents ------------------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,10 +32,8 @@ from workers.methods.passes import clean_latents, vector_counts
 from workers.methods.prompts import Prompt, build_prompt, prompt_from_pieces
 from workers.methods.selfcross import background_score, selfcross_draw, selfcross_pass
 from workers.methods.timing import Timer
+from workers.models.concept import Concept
 from workers.models.stable_diffusion import StableDiffusion
-
-if TYPE_CHECKING:
-    from workers.methods.concepts import Concept
 
 Report = Callable[[str, float], None]
 

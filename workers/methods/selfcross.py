@@ -10,7 +10,6 @@ Grids are square: a (Q, ...) map has Q = g * g positions in row-major order.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,10 +20,8 @@ from attnseg.defaults import TEXT
 from workers.methods.passes import combined_kv, encode_with_concepts, noised_latents, unet_pass
 from workers.methods.prompts import Prompt, mean_over_spans
 from workers.models.attention import AttentionStore
+from workers.models.concept import Concept
 from workers.models.stable_diffusion import StableDiffusion
-
-if TYPE_CHECKING:
-    from workers.methods.concepts import Concept
 
 SELFCROSS_CROSS_BLOCKS = (5, 6, 7, 8, 9)  # grids R/4 and R/8
 SELFCROSS_SELF_BLOCK = 12  # up_blocks.2.attentions.1, grid R/2

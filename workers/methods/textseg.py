@@ -19,7 +19,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,10 +31,8 @@ from workers.methods.prompts import Prompt, PromptTooLongError, build_prompt
 from workers.methods.selfcross import background_score, selfcross_draw, selfcross_pass
 from workers.methods.timing import Timer
 from workers.models.clip import Clip
+from workers.models.concept import Concept
 from workers.models.stable_diffusion import StableDiffusion
-
-if TYPE_CHECKING:
-    from workers.methods.concepts import Concept
 
 VOC_BACKGROUND_TEMPERATURE = 0.1  # langseg's VOC recipe: CA at s = 0.1 when a background channel is added
 CLUSTER_KL_THRESHOLD = 0.8
