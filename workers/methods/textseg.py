@@ -10,7 +10,7 @@ label `first_label + k`: with a background channel first_label is 0 (channel 0 =
 without it 1. Usable without the service::
 
     out = segment_text(sd, clip, rgb_uint8, ["cat", "dog"], method="selfcross")
-    out.labels  # (H, W) int64: 0 = background, 1 + index in classes
+    out.labels  # (H, W) narrowest int: 0 = background, 1 + index in classes
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from attnseg.defaults import RESOLUTION, SEED, TEXT, TEXT_TIMESTEPS
-from workers.methods import diffseg, gem
+from workers.methods import diffseg, gem, label_maps
 from workers.methods.passes import aggregated_self_attention, clean_latents, vector_counts
 from workers.methods.prompts import Prompt, PromptTooLongError, build_prompt
 from workers.methods.selfcross import background_score, selfcross_draw, selfcross_pass
@@ -42,7 +42,7 @@ Report = Callable[[str, float], None]
 
 @dataclass
 class TextSegmentation:
-    labels: np.ndarray  # (H, W) int64 at the image's size: 0 = background, c = 1 + index in `classes`
+    labels: np.ndarray  # (H, W) narrowest int type, at the image's size: 0 = background, c = 1 + index in `classes`
     scores: dict[int, float]  # label id -> mean of its channel over its pixels (present labels only)
     passes: int  # prompts per noise draw (selfcross splits long class lists); 1 for an SD pass, 0 for gem
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -213,7 +213,7 @@ def scored(labels: torch.Tensor, channels: torch.Tensor, request: TextRequest, p
     started = time.perf_counter()
     scores = diffseg.label_scores(labels, channels, request.first_label)
     timer("scores", started)
-    return TextSegmentation(labels.cpu().numpy(), scores, passes, timer.ms)
+    return TextSegmentation(label_maps.to_numpy(labels), scores, passes, timer.ms)
 
 
 # --- one function per method --------------------------------------------------------------
@@ -294,7 +294,7 @@ def selfcross_text(sd: StableDiffusion, clip: Clip | None, request: TextRequest,
     timer.ms = timings_ms
     report("labelling", 0.85)
     labels, scores = channel_labels(channels, request.output_size, request.first_label, timer)
-    return TextSegmentation(labels.cpu().numpy(), scores, passes, timer.ms)
+    return TextSegmentation(label_maps.to_numpy(labels), scores, passes, timer.ms)
 
 
 def gem_text(sd: StableDiffusion | None, clip: Clip, request: TextRequest, report: Report) -> TextSegmentation:
@@ -303,7 +303,7 @@ def gem_text(sd: StableDiffusion | None, clip: Clip, request: TextRequest, repor
     channels = clip_channels(clip, request, report, timer)
     report("labelling", 0.85)
     labels, scores = channel_labels(channels, request.output_size, request.first_label, timer)
-    return TextSegmentation(labels.cpu().numpy(), scores, 0, timer.ms)
+    return TextSegmentation(label_maps.to_numpy(labels), scores, 0, timer.ms)
 
 
 def gem_refined_text(sd: StableDiffusion, clip: Clip, request: TextRequest, report: Report) -> TextSegmentation:
