@@ -7,7 +7,8 @@
 
 Every method builds "channels", score maps (K, h, w) of one square grid, where channel k stands for
 label `first_label + k`: with a background channel first_label is 0 (channel 0 = background),
-without it 1. Usable without the service::
+without it 1. Each method is one function of (sd, clip, TextRequest, report) in the `TEXT_METHODS`
+table; `segment_text` checks the arguments and hands them to it. Usable without the service::
 
     out = segment_text(sd, clip, rgb_uint8, ["cat", "dog"], method="selfcross")
     out.labels  # (H, W) narrowest int: 0 = background, 1 + index in classes
@@ -208,7 +209,9 @@ def channel_labels(
     return labels, scores
 
 
-def scored(labels: torch.Tensor, channels: torch.Tensor, request: TextRequest, passes: int, timer: Timer):
+def scored(
+    labels: torch.Tensor, channels: torch.Tensor, request: TextRequest, passes: int, timer: Timer
+) -> TextSegmentation:
     """The result of labels (H, W) whose label l is channel l - first_label of channels (K, h, w)."""
     started = time.perf_counter()
     scores = diffseg.label_scores(labels, channels, request.first_label)
