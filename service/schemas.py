@@ -7,7 +7,16 @@ import secrets
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from attnseg.concept_files import identifiers_in
 from attnseg.defaults import CONCEPT, DIFFSEG, ONESHOT, REFERRING, RESOLUTION, TEXT, TEXT_TIMESTEPS
@@ -16,10 +25,21 @@ from attnseg.queue import KINDS
 MAX_WORDS = 32
 MAX_OFFSET = 1_000_000  # paging: beyond any real listing, far below what Redis indexes overflow at
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # job and model ids (RQ's alphabet); anything else is unknown
+QUERY_INTEGER = re.compile(r"-?[0-9]{1,20}")
 
 
 def valid_id(value: str) -> bool:
     return ID_PATTERN.fullmatch(value) is not None
+
+
+def digits_only(value: Any) -> Any:
+    """A query integer as written: digits only (pydantic alone would read "+0.0" or "1_0" as numbers)."""
+    if isinstance(value, str) and not QUERY_INTEGER.fullmatch(value):
+        raise ValueError("must be an integer written in digits")
+    return value
+
+
+DIGITS_ONLY = BeforeValidator(digits_only)  # in a query integer's Annotated[int, Query(), Field(...), DIGITS_ONLY]
 
 
 def shown_id(value: str) -> str:
@@ -72,8 +92,9 @@ def unique_words(words: list[str], field: str) -> list[str]:
 
 
 class Params(BaseModel):
-    # Unknown fields are an error: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are an error: a typo must not silently fall back to a default. Strict types: an
+    # integer field takes integers only (not true, not 16.0), as the OpenAPI document says.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     seed: int = Field(
         default_factory=new_seed,
@@ -266,7 +287,7 @@ class ConceptTrainParams(Params):
 
 
 class ConceptImportParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     identifier: Identifier
     class_word: ClassWord

@@ -23,6 +23,7 @@ from attnseg.concept_files import (
     embedding_key,
     kv_layers,
 )
+from attnseg.tensor_files import MAX_TENSOR_BYTES, TensorFileError, declared_shapes
 from workers.models.concept_hooks import cross_attention_layers
 from workers.models.stable_diffusion import StableDiffusion
 
@@ -77,19 +78,48 @@ class Concept:
         return cls(identifier, class_word, vectors.reshape(-1, vectors.shape[-1]), kv, sd_model, dict(metrics or {}))
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def read_tensors(data: bytes) -> dict[str, torch.Tensor]:
-    """name -> tensor from safetensors bytes or a torch `.bin` (weights_only: no code runs).
+    """name -> tensor from safetensors bytes or a torch `.bin` zip (weights_only: no code runs),
+    checked before the data is read (attnseg.tensor_files; for a zip, the tensors the pickle
+    declares, read on the meta device first) and after: floating point, finite. TensorFileError
+    naming the defect otherwise.
 
     Nested dicts (`{"string_to_param": {"*": t}}`, Custom Diffusion's empty processor entries) are
     flattened to their tensors with dotted names."""
+    if declared_shapes(data) is not None:
+        tensors = dict(load_safetensors(data))
+    else:
+        check_declared(flat_tensors(load_torch(data, "meta")))
+        tensors = flat_tensors(load_torch(data, "cpu"))
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise TensorFileError(f"tensor {name!r} holds NaN or infinite values")
+    return tensors
+
+
+def load_torch(data: bytes, device: str):
+    """torch.load with weights_only (no code runs); on the meta device nothing but the pickle is read."""
     try:
-        return dict(load_safetensors(data))
-    except Exception:  # noqa: BLE001 - not a safetensors file: try a torch checkpoint
-        pass
-    try:
-        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever torch raises, the file is not one it reads
-        raise ValueError(f"not a safetensors file nor a torch tensor file: {type(exc).__name__}") from None
+        raise TensorFileError(f"not a torch tensor file: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def check_declared(tensors: dict[str, torch.Tensor]) -> None:
+    """The tensors a torch file declares (meta): floating point, and their data within the bound."""
+    for name, tensor in tensors.items():
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise TensorFileError(f"tensor {name!r} has dtype {tensor.dtype}; concepts are floating point")
+    total = sum(tensor.untyped_storage().nbytes() for tensor in tensors.values())
+    if total > MAX_TENSOR_BYTES:
+        raise TensorFileError(f"the tensors declare {total} bytes; a concept file may hold at most {MAX_TENSOR_BYTES}")
+
+
+def flat_tensors(loaded) -> dict[str, torch.Tensor]:
+    """Dotted name -> tensor of every tensor in nested dicts; TensorFileError when there is none."""
     found: dict[str, torch.Tensor] = {}
 
     def walk(value, prefix: str) -> None:
@@ -101,7 +131,7 @@ def read_tensors(data: bytes) -> dict[str, torch.Tensor]:
 
     walk(loaded, "")
     if not found:
-        raise ValueError("the file holds no tensors")
+        raise TensorFileError("the file holds no tensors")
     return found
 
 
