@@ -60,3 +60,8 @@ def optional_tenant(request: Request, credentials: HTTPAuthorizationCredentials 
 
 def get_job_events(request: Request):
     return request.app.state.job_events
+
+
+def get_overlay_slots(request: Request):
+    """The overlays this process may draw at once (ATTNSEG_OVERLAY_CONCURRENCY): a BoundedSemaphore."""
+    return request.app.state.overlay_slots
