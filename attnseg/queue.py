@@ -25,27 +25,57 @@ QUEUES = (SEGMENT_QUEUE, TRAIN_QUEUE)  # a worker serves them in this order: qui
 
 @dataclass(frozen=True)
 class JobKind:
+    """One kind of job, the single table both sides read: the API enqueues `func`, the worker builds
+    its dispatch (workers.engine.dispatch) from `func`, `picture_side` and `batch`. Worker code is named
+    by dotted path, so the API never imports it (tests/test_job_kinds.py checks every path resolves)."""
+
     name: str
     queue: str
     func: str  # dotted path of the job function in the worker
     long: bool = False  # training: the long timeout applies
+    picture_side: str | None = None  # dotted path of `side(params) -> int`: decode its picture ahead at that size
+    batch: str | None = None  # dotted path of a workers.engine.batch.Batch: queued jobs may share a model pass
 
     def timeout(self, settings: Settings) -> int:
         return settings.train_timeout_s if self.long else settings.segment_timeout_s
 
 
+_JOBS = "workers.engine.jobs"
+_CONCEPT_JOBS = "workers.engine.concept_jobs"
+_RESOLUTION_SIDE = f"{_JOBS}.resolution_side"
+
 KINDS = {
     kind.name: kind
     for kind in (
-        JobKind("unsupervised", SEGMENT_QUEUE, "workers.engine.jobs.segment_unsupervised"),
-        JobKind("text", SEGMENT_QUEUE, "workers.engine.jobs.segment_text"),
-        JobKind("oneshot_train", TRAIN_QUEUE, "workers.engine.jobs.oneshot_train", long=True),
-        JobKind("oneshot_segment", SEGMENT_QUEUE, "workers.engine.jobs.oneshot_segment"),
-        JobKind("concept_train", TRAIN_QUEUE, "workers.engine.concept_jobs.concept_train", long=True),
-        JobKind("concept_import", SEGMENT_QUEUE, "workers.engine.concept_jobs.concept_import"),
-        JobKind("referring", SEGMENT_QUEUE, "workers.engine.concept_jobs.segment_referring"),
+        JobKind(
+            "unsupervised",
+            SEGMENT_QUEUE,
+            f"{_JOBS}.segment_unsupervised",
+            picture_side=_RESOLUTION_SIDE,
+            batch=f"{_JOBS}.UNSUPERVISED_BATCH",
+        ),
+        JobKind(
+            "text",
+            SEGMENT_QUEUE,
+            f"{_JOBS}.segment_text",
+            picture_side=f"{_JOBS}.text_side",
+            batch=f"{_JOBS}.TEXT_BATCH",
+        ),
+        JobKind("oneshot_train", TRAIN_QUEUE, f"{_JOBS}.oneshot_train", long=True),
+        JobKind("oneshot_segment", SEGMENT_QUEUE, f"{_JOBS}.oneshot_segment", picture_side=_RESOLUTION_SIDE),
+        JobKind("concept_train", TRAIN_QUEUE, f"{_CONCEPT_JOBS}.concept_train", long=True),
+        JobKind("concept_import", SEGMENT_QUEUE, f"{_CONCEPT_JOBS}.concept_import"),
+        JobKind("referring", SEGMENT_QUEUE, f"{_CONCEPT_JOBS}.segment_referring"),
     )
 }
+
+
+def job_kind(name: str) -> JobKind:
+    """The registered kind `name`; ValueError for any other (a typo in a router or a job function)."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown job kind {name!r}; known: {', '.join(KINDS)}") from None
 
 
 def connect(url: str) -> redis.Redis:
@@ -76,12 +106,6 @@ def job_statuses(connection: redis.Redis, job_ids: list[str]) -> list[str | None
         return [status.decode() if status else None for status in pipe.execute()]
 
 
-def live_queued_count(connection: redis.Redis, name: str) -> int:
-    """Jobs waiting in queue `name` that still exist (the list keeps ids of jobs that expired queued)."""
-    ids = [job_id.decode() for job_id in connection.lrange(get_queue(connection, name).key, 0, -1)]
-    return sum(status in WAITING for status in job_statuses(connection, ids))
-
-
 def clean_canceled(connection: redis.Redis, name: str) -> int:
     """Drop entries of queue `name`'s canceled registry whose job is gone (RQ never prunes it)."""
     key = CanceledJobRegistry(name, connection=connection, serializer=JSONSerializer).key
@@ -105,16 +129,16 @@ def enqueue(
     `payload["params"]` is echoed in the job object; the rest (image keys) is for the worker.
     `after`: a job id this one waits for (it runs whether that job succeeds or fails, and says so).
     """
-    job_kind = KINDS[kind]
-    queue = get_queue(connection, job_kind.queue)
+    kind_entry = job_kind(kind)
+    queue = get_queue(connection, kind_entry.queue)
     meta = {"kind": kind, "params": payload["params"], "progress": {"stage": "queued", "fraction": 0.0}}
     meta.update(extra_meta or {})
     waiting = Dependency(jobs=[after], allow_failure=True) if after else None
-    queued_ttl = settings.queued_ttl_s + (KINDS["oneshot_train"].timeout(settings) if after else 0)
+    queued_ttl = settings.queued_ttl_s + (job_kind("oneshot_train").timeout(settings) if after else 0)
     return queue.enqueue_call(
-        job_kind.func,
+        kind_entry.func,
         args=(payload,),
-        timeout=job_kind.timeout(settings),
+        timeout=kind_entry.timeout(settings),
         ttl=queued_ttl,
         depends_on=waiting,
         result_ttl=settings.result_ttl_s,
@@ -160,7 +184,6 @@ def tenant_jobs_key(tenant: str) -> str:
     return f"attnseg:tenant-jobs:{tenant}"
 
 
-ADMISSION_LOCK_KEY = "attnseg:admission-lock"
 # Durable records (attnseg.record_store): <prefix>:<id>, and an index per owner <index>:<tenant>.
 ONESHOT_PREFIX = "attnseg:oneshot"
 ONESHOT_INDEX_KEY = "attnseg:oneshot-index"

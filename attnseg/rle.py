@@ -111,78 +111,161 @@ def bbox(mask: np.ndarray) -> list[int]:
     return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
 
 
-def counts_to_strings(counts: np.ndarray, offsets: np.ndarray) -> list[str]:
-    """Many count lists at once -> their compressed strings, as `counts_to_string` on each.
+CHUNK_PIXELS = 1 << 18  # pixels per encoding step: bounds its arrays to a few MB, whatever the map
 
-    counts: (N,) int64, the lists laid end to end; offsets: (M + 1,) where list m is
-    counts[offsets[m]:offsets[m + 1]]. Every count becomes its 5-bit groups in one pass over a
-    (N, groups) table, so the cost does not depend on how many lists there are.
+
+def compress_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) int64 counts, already as deltas -> (bytes as uint8, (N,) bytes per value).
+
+    A value takes the fewest 5-bit groups that hold it as a signed number (pycocotools stops when
+    what is left is the sign extension of the last group's top bit), all but the last with 0x20.
     """
-    counts = np.asarray(counts, dtype=np.int64)
-    index = np.arange(counts.size) - np.repeat(offsets[:-1], np.diff(offsets))  # position in its list
-    deltas = counts.copy()
-    later = index > 2
-    deltas[later] -= counts[np.flatnonzero(later) - 2]
-    shifts = 5 * np.arange(14, dtype=np.int64)  # 14 groups hold any int64 delta
-    groups = (deltas[:, None] >> shifts) & 0x1F
-    rest = deltas[:, None] >> (shifts + 5)
-    more = np.where(groups & 0x10, rest != -1, rest != 0)
-    used = np.argmin(more, axis=1) + 1  # groups up to and including the first with no continuation
-    keep = np.arange(shifts.size) < used[:, None]
-    data = ((groups | np.where(more, 0x20, 0)) + 48)[keep].astype(np.uint8).tobytes()
-    ends = np.concatenate(([0], np.cumsum(used)))[offsets]
-    return [data[a:b].decode("ascii") for a, b in zip(ends[:-1].tolist(), ends[1:].tolist())]
+    magnitude = values ^ (values >> 63)  # ~value for negative values, the value otherwise
+    used = np.ones(values.size, dtype=np.int64)
+    limit, largest = 16, int(magnitude.max(initial=0))
+    while limit <= largest:  # one more group per 5 bits beyond the first group's 4 and sign
+        used += magnitude >= limit
+        limit <<= 5
+    first = np.cumsum(used) - used
+    data = np.empty(int(first[-1] + used[-1]) if values.size else 0, dtype=np.uint8)
+    data[first] = (values & 0x1F) + (used > 1) * 0x20 + 48
+    for group in range(1, int(used.max(initial=0))):
+        sel = np.flatnonzero(used > group)
+        bits5 = (values[sel] >> (5 * group)) & 0x1F
+        data[first[sel] + group] = bits5 + (used[sel] > group + 1) * 0x20 + 48
+    return data, used
+
+
+class _LabelEncoder:
+    """Per-label state while the runs of a label map arrive in column-major order, chunk by chunk.
+
+    Each label's counts are [gap, run, gap, run, ...] (gap: pixels since its previous run), turned
+    into pycocotools' delta form as they come, so only the compressed bytes are kept.
+    """
+
+    def __init__(self, h: int, w: int):
+        self.h, self.size = h, h * w
+        self.slots: dict[int, int] = {}
+        self.parts: list[list[bytes]] = []
+        # per slot: end of its last run, its last two counts, counts written, area, box
+        self.state = np.zeros((0, 9), dtype=np.int64)
+
+    def _slots_of(self, present: np.ndarray) -> np.ndarray:
+        for value in present.tolist():
+            if value not in self.slots:
+                self.slots[value] = len(self.parts)
+                self.parts.append([])
+                fresh = [0, 0, 0, 0, 0, self.size, -1, self.h, -1]  # box starts empty
+                self.state = np.vstack((self.state, np.array([fresh], dtype=np.int64)))
+        return np.array([self.slots[v] for v in present.tolist()], dtype=np.int64)
+
+    def add(self, starts: np.ndarray, ends: np.ndarray, values: np.ndarray) -> None:
+        """(R,) complete runs in pixel order: their start, end (exclusive) and label."""
+        order = np.argsort(values, kind="stable")  # runs grouped by label, in pixel order within one
+        starts, ends, values = starts[order], ends[order], values[order]
+        first = np.concatenate(([0], np.flatnonzero(values[1:] != values[:-1]) + 1))
+        present = values[first].astype(np.int64)
+        slots = self._slots_of(present)
+        runs = np.diff(np.append(first, values.size))
+        group = np.repeat(np.arange(present.size), runs)
+        state = self.state[slots]
+        opens = np.arange(values.size) == first[group]
+        gaps = starts - np.where(opens, state[group, 0], np.roll(ends, 1))
+
+        # Each label's counts behind its two previous ones, so deltas need no special case here.
+        offsets = np.concatenate(([0], np.cumsum(2 * runs + 2)))
+        counts = np.empty(offsets[-1], dtype=np.int64)
+        counts[offsets[:-1]], counts[offsets[:-1] + 1] = state[:, 2], state[:, 1]
+        at = offsets[:-1][group] + 2 + 2 * (np.arange(values.size) - first[group])
+        counts[at], counts[at + 1] = gaps, ends - starts
+        deltas = counts - np.roll(counts, 2)
+        for i in np.flatnonzero(state[:, 3] <= 2).tolist():  # a list's first three counts stay whole
+            head = offsets[i] + 2 + np.arange(min(3 - state[i, 3], 2 * runs[i]))
+            deltas[head] = counts[head]
+        real = np.ones(counts.size, dtype=bool)
+        real[offsets[:-1]] = real[offsets[:-1] + 1] = False
+        deltas = deltas[real]
+        self._append(slots, deltas, 2 * runs)
+
+        # A run inside one column spans its rows; one crossing columns touches the first and last row.
+        col_start, row_low = np.divmod(starts, self.h)
+        col_end, row_high = np.divmod(ends - 1, self.h)
+        crossing = col_start != col_end
+        row_low[crossing], row_high[crossing] = 0, self.h - 1
+        state[:, 0] = ends[first + runs - 1]
+        state[:, 1], state[:, 2] = counts[offsets[1:] - 1], counts[offsets[1:] - 2]
+        state[:, 3] += 2 * runs
+        state[:, 4] += np.add.reduceat(ends - starts, first)
+        state[:, 5] = np.minimum(state[:, 5], col_start[first])  # runs of a label come in pixel order
+        state[:, 6] = col_end[first + runs - 1]
+        state[:, 7] = np.minimum(state[:, 7], np.minimum.reduceat(row_low, first))
+        state[:, 8] = np.maximum(state[:, 8], np.maximum.reduceat(row_high, first))
+        self.state[slots] = state
+
+    def _append(self, slots: np.ndarray, deltas: np.ndarray, lengths: np.ndarray) -> None:
+        data, used = compress_counts(deltas)
+        ends = np.cumsum(used)[np.cumsum(lengths) - 1]
+        for slot, a, b in zip(slots.tolist(), np.append(0, ends[:-1]).tolist(), ends.tolist()):
+            self.parts[slot].append(data[a:b].tobytes())
+
+    def finish(self) -> list[tuple[int, dict, int, list[int]]]:
+        """Close every label with its gap to the end (none when zero, as pycocotools)."""
+        state = self.state
+        tail = self.size - state[:, 0]
+        closing = np.flatnonzero(tail > 0)
+        deltas = np.where(state[closing, 3] > 2, tail[closing] - state[closing, 2], tail[closing])
+        if closing.size:
+            self._append(closing, deltas, np.ones(closing.size, dtype=np.int64))
+        h, w = self.h, self.size // self.h
+        return [
+            (
+                value,
+                {"size": [h, w], "counts": b"".join(self.parts[slot]).decode("ascii")},
+                int(state[slot, 4]),
+                [
+                    int(state[slot, 5]),
+                    int(state[slot, 7]),
+                    int(state[slot, 6] - state[slot, 5] + 1),
+                    int(state[slot, 8] - state[slot, 7] + 1),
+                ],
+            )
+            for value, slot in sorted(self.slots.items())
+        ]
+
+
+def column_chunks(labels: np.ndarray):
+    """(H, W) int -> its values in column-major order, (<= CHUNK_PIXELS,) narrow-int arrays."""
+    h, w = labels.shape
+    low, high = int(labels.min()), int(labels.max())
+    narrow = np.result_type(np.min_scalar_type(low), np.min_scalar_type(high))  # fewer bytes to scan
+    step = max(1, CHUNK_PIXELS // h)
+    for c in range(0, w, step):
+        yield labels[:, c : c + step].T.astype(narrow, order="C").ravel()
 
 
 def label_map_to_segments(labels: np.ndarray) -> list[tuple[int, dict, int, list[int]]]:
     """(H, W) int label map -> [(label, rle, area, bbox)] for each label present, ascending.
 
-    One pass over the map in column-major order finds its runs of equal labels; each label's
-    mask RLE is its runs with the gaps between them, so no per-label mask is ever built.
+    Runs of equal labels are found chunk by chunk in column-major order; each label's mask RLE is
+    its runs with the gaps between them, so no per-label mask is built and memory stays bounded
+    by the chunk size plus the compressed output.
     """
     h, w = labels.shape
     if labels.size == 0:
         return []
-    low, high = int(labels.min()), int(labels.max())
-    narrow = np.min_scalar_type(high) if low >= 0 else np.int64  # fewer bytes to scan
-    flat = labels.T.astype(narrow, order="C").ravel()  # column-major order
-    starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
-    ends = np.concatenate((starts[1:], [flat.size]))
-    values = flat[starts]
-    order = np.argsort(values, kind="stable")  # runs grouped by label, in pixel order within one
-    starts, ends, values = starts[order], ends[order], values[order]
-    present, first = np.unique(values, return_index=True)
-    group_ends = np.concatenate((first[1:], [values.size]))
-    runs = group_ends - first
-
-    # Per label: [gap before its first run, run, gap, run, ..., run, gap to the end]; a zero gap
-    # at the end is dropped, as pycocotools never writes a trailing zero run.
-    previous_end = np.where(np.arange(values.size) == np.repeat(first, runs), 0, np.roll(ends, 1))
-    gaps = starts - previous_end
-    tail = h * w - ends[group_ends - 1]
-    sizes = 2 * runs + (tail > 0)
-    offsets = np.concatenate(([0], np.cumsum(sizes)))
-    counts = np.empty(offsets[-1], dtype=np.int64)
-    slot = offsets[:-1].repeat(runs) + 2 * (np.arange(values.size) - np.repeat(first, runs))
-    counts[slot] = gaps
-    counts[slot + 1] = ends - starts
-    counts[offsets[1:][tail > 0] - 1] = tail[tail > 0]
-    strings = counts_to_strings(counts, offsets)
-
-    areas = np.add.reduceat(ends - starts, first)
-    # A run inside one column spans its rows; one crossing columns touches the first and last row.
-    col_start, col_end = starts // h, (ends - 1) // h
-    one_column = col_start == col_end
-    row_low = np.where(one_column, starts % h, 0)
-    row_high = np.where(one_column, (ends - 1) % h, h - 1)
-    x0, x1 = np.minimum.reduceat(col_start, first), np.maximum.reduceat(col_end, first)
-    y0, y1 = np.minimum.reduceat(row_low, first), np.maximum.reduceat(row_high, first)
-    return [
-        (
-            int(value),
-            {"size": [int(h), int(w)], "counts": string},
-            int(area),
-            [int(a), int(b), int(c - a + 1), int(d - b + 1)],
-        )
-        for value, string, area, a, b, c, d in zip(present, strings, areas, x0, y0, x1, y1)
-    ]
+    encoder = _LabelEncoder(h, w)
+    offset, pending_start, pending_value = 0, 0, None  # the run still open at the chunk's end
+    for chunk in column_chunks(labels):
+        local = np.flatnonzero(chunk[1:] != chunk[:-1]) + 1
+        if pending_value is not None and chunk[0] != pending_value:
+            local = np.concatenate(([0], local))
+        if pending_value is None:
+            pending_value = chunk[0]
+        if local.size:
+            starts = np.concatenate(([pending_start], offset + local[:-1]))
+            values = np.concatenate(([pending_value], chunk[local[:-1]]))
+            encoder.add(starts, offset + local, values)
+            pending_start, pending_value = offset + int(local[-1]), chunk[local[-1]]
+        offset += chunk.size
+    encoder.add(np.array([pending_start]), np.array([offset]), np.array([pending_value]))
+    return encoder.finish()

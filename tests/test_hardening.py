@@ -276,6 +276,51 @@ def test_the_queue_cap_holds_under_concurrency(redis_server):
     assert len(redis_server.client().keys("attnseg:image:*")) == 5  # refused pictures never stored
 
 
+def test_storage_holds_no_lock_and_a_reserved_slot_counts(make_client, redis_server, monkeypatch):
+    """While one upload is being stored, another is admitted; its reserved slot counts at the cap."""
+    import service.submit
+
+    client = make_client(max_queued_jobs=2)
+    storing, release = threading.Event(), threading.Event()
+    store = service.submit.store_bytes
+
+    def slow_store(connection, data, ttl):
+        if not storing.is_set():
+            storing.set()
+            assert release.wait(10)
+        return store(connection, data, ttl)
+
+    monkeypatch.setattr(service.submit, "store_bytes", slow_store)
+    first: list = []
+    thread = threading.Thread(target=lambda: first.append(post_image(client, image_bytes(seed=1))))
+    thread.start()
+    assert storing.wait(10)
+    assert post_image(client, image_bytes(seed=2)).status_code == 202  # not held behind the first store
+    before = redis_state(redis_server)
+    assert post_image(client, image_bytes(seed=3)).status_code == 429  # the first's slot is reserved
+    assert redis_state(redis_server) == before
+    release.set()
+    thread.join()
+    assert first[0].status_code == 202 and queued_jobs(redis_server) == 2
+    assert not redis_server.client().keys("attnseg:reserved*")  # reservations end with the enqueue
+
+
+def test_a_failed_store_gives_its_slot_back(make_client, redis_server, monkeypatch):
+    import service.submit
+
+    client = make_client(max_queued_jobs=1)
+
+    def failing_store(connection, data, ttl):
+        raise ConnectionError("redis went away mid-upload")
+
+    monkeypatch.setattr(service.submit, "store_bytes", failing_store)
+    with pytest.raises(ConnectionError):  # the test client re-raises what the app did not handle
+        post_image(client, image_bytes())
+    monkeypatch.undo()
+    assert not redis_server.client().keys("attnseg:reserved*")
+    assert post_image(client, image_bytes()).status_code == 202
+
+
 # --- tenants ---------------------------------------------------------------------------------
 
 

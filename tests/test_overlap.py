@@ -7,7 +7,7 @@ import pytest
 from attnseg.images import ImageMissingError, load_image
 from attnseg.queue import SEGMENT_QUEUE, enqueue, get_queue
 from tests.test_batch import pictures, stored_entry, submit
-from workers.engine.jobs import picture_side
+from workers.engine.dispatch import picture_side
 from workers.engine.pictures import Prefetcher
 
 

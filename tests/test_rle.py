@@ -98,3 +98,43 @@ def test_label_map_segments_of_a_12_megapixel_map():
 def test_decode_rejects_inconsistent_size():
     with pytest.raises(ValueError):
         rle.decode({"size": [3, 3], "counts": [2, 2]})
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32, np.int64])
+def test_label_map_segments_across_chunks(monkeypatch, chunk, dtype):
+    """Runs that cross the encoder's chunk boundaries, labels first seen in a later chunk."""
+    monkeypatch.setattr(rle, "CHUNK_PIXELS", chunk)
+    rng = np.random.default_rng(chunk)
+    maps = [
+        rng.integers(0, 3, size=(9, 13)),
+        np.repeat(rng.integers(0, 4, size=(1, 17)), 6, axis=0),  # runs spanning columns and chunks
+        np.indices((8, 11)).sum(axis=0) % 2,  # one-pixel checkerboard
+        np.zeros((5, 7), int),
+        np.pad(np.ones((1, 1), int), ((3, 2), (5, 1))) * 7,
+    ]
+    maps[0][:, 9:] = 5  # a label that appears only late
+    for labels in maps:
+        labels = labels.astype(dtype)
+        expected = []
+        for value in np.unique(labels):
+            mask_rle = coco_encode(labels == value)
+            coded = {"size": mask_rle["size"], "counts": mask_rle["counts"].encode()}
+            box = coco.toBbox(coded).astype(int).tolist()
+            expected.append((int(value), mask_rle, int((labels == value).sum()), box))
+        assert rle.label_map_to_segments(labels) == expected
+
+
+def test_negative_labels():
+    labels = np.array([[-3, 0], [2, -3]])
+    assert [s[0] for s in rle.label_map_to_segments(labels)] == [-3, 0, 2]
+
+
+def test_compress_counts_matches_counts_to_string():
+    """Every delta size, negative ones too, as the one-by-one reference writes them."""
+    rng = np.random.default_rng(7)
+    values = np.concatenate(([0, 1, -1, 15, 16, -16, -17, 511, 512], rng.integers(-(2**40), 2**40, 200)))
+    data, used = rle.compress_counts(values.astype(np.int64))
+    pieces = np.split(data, np.cumsum(used)[:-1])
+    for value, piece in zip(values.tolist(), pieces):
+        assert piece.tobytes().decode() == rle.counts_to_string([value])

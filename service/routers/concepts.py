@@ -4,162 +4,34 @@ from the files the diffusers training scripts write; used as `<identifier>` in t
 from __future__ import annotations
 
 import uuid
-from contextlib import contextmanager
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from attnseg import concept_store
-from attnseg.concept_files import (
-    EMBEDDINGS_FILE,
-    KV_FILE,
-    ConceptFileError,
-    check_embedding_shape,
-    check_kv_shapes,
-    embedding_key,
-    identifiers_in,
-    kv_layers,
-    safetensors_shapes,
-)
-from attnseg.concept_store import UPLOAD_PREFIX, IdentifierTakenError, store
+from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE
+from attnseg.concept_store import UPLOAD_PREFIX, store
 from attnseg.settings import Settings
-from attnseg.workers_registry import ready_workers
+from service.concepts import (
+    IN_THE_MAKING,
+    check_object_masks,
+    check_photo_count,
+    check_photos,
+    concept_view,
+    create_record,
+    get_record,
+    precheck_files,
+)
 from service.deps import current_tenant, get_redis, get_settings
 from service.errors import ApiError, error_responses
-from service.records import cancel_job, with_job_state
-from service.schemas import (
-    MAX_OFFSET,
-    Concept,
-    ConceptImportParams,
-    ConceptList,
-    ConceptTrainParams,
-    Job,
-    shown_id,
-    valid_id,
-)
+from service.records import cancel_job
+from service.schemas import MAX_OFFSET, Concept, ConceptImportParams, ConceptList, ConceptTrainParams, Job, shown_id
 from service.submissions import openapi_body, read_submission, validate_params
-from service.submit import checked_mask, image_entry, submit_job
-from service.uploads import check_image, decode_mask
+from service.submit import image_entry, submit_job
 
 router = APIRouter(prefix="/concepts", tags=["concepts"])
 SUBMIT_ERRORS = error_responses(400, 401, 409, 413, 415, 422, 429, 503)
 RECORD_ERRORS = error_responses(401, 404, 422, 503)
-MIN_PHOTOS, MAX_PHOTOS = 3, 20
-IN_THE_MAKING = ("training", "importing")
-
-
-def concept_view(connection, record: dict, settings: Settings) -> dict:
-    view = {**record, "progress": None, "files": [f for f in record["files"] if not f.startswith(UPLOAD_PREFIX)]}
-    if record["status"] in IN_THE_MAKING:
-        with_job_state(connection, view, record["job_id"], settings)
-    return view
-
-
-def get_record(connection, concept_id: str, tenant: str) -> dict:
-    """The tenant's concept; 404 for an unknown id and for another tenant's (existence is not revealed)."""
-    record = store.get(connection, concept_id, owner=tenant) if valid_id(concept_id) else None
-    if record is None:
-        raise ApiError(404, "not_found", f"no concept with id '{shown_id(concept_id)}'", field="concept_id")
-    return record
-
-
-def create_record(connection, concept_id: str, owner: str, identifier: str, class_word: str, **fields) -> dict:
-    try:
-        return concept_store.create(
-            connection, concept_id, owner=owner, identifier=identifier, class_word=class_word, **fields
-        )
-    except IdentifierTakenError as exc:
-        raise ApiError(
-            409, "identifier_taken", f"{exc}; delete it or choose another identifier", field="identifier"
-        ) from None
-
-
-def resolve_concepts(
-    connection, owner: str, texts: list[str], settings: Settings, field: str, *, one_pass: bool = False
-) -> tuple[dict[str, str], str | None]:
-    """identifier -> concept id for every `<identifier>` in texts, and the training job to wait for
-    (a concept still training may be used: the job then waits for it). 422 for an unknown
-    identifier, or with one_pass (all texts in one UNet pass) for two Custom Diffusion concepts, whose
-    attention weights would replace the same projections; 409 for a failed concept or for two
-    concepts still in the making."""
-    found: dict[str, str] = {}
-    waiting: list[str] = []
-    weighted: list[str] = []
-    for identifier in dict.fromkeys(name for text in texts for name in identifiers_in(text)):
-        record = concept_store.by_identifier(connection, owner, identifier)
-        if record is None:
-            raise ApiError(
-                422,
-                "unknown_concept",
-                f"<{identifier}> is not a concept of yours: train or import it "
-                "first (POST /concepts/train, /concepts/import)",
-                field=field,
-            )
-        view = concept_view(connection, record, settings)
-        if view["status"] == "failed":
-            raise ApiError(
-                409,
-                "concept_failed",
-                f"concept <{identifier}> failed: {(view['error'] or {}).get('message', 'unknown error')}",
-                field=field,
-            )
-        if view["status"] in IN_THE_MAKING:
-            waiting.append(record["job_id"])
-        if record["method"] == "custom_diffusion":
-            weighted.append(f"<{identifier}>")
-        found[identifier] = record["id"]
-    if one_pass and len(weighted) > 1:
-        raise ApiError(
-            422,
-            "invalid_field",
-            f"{', '.join(weighted)} are Custom Diffusion concepts: one request can "
-            "use only one of them (Textual Inversion concepts combine freely)",
-            field=field,
-        )
-    if len(waiting) > 1:
-        raise ApiError(
-            409,
-            "concepts_not_ready",
-            "more than one of these concepts is still being made; wait for them (GET /concepts/{id})",
-            field=field,
-        )
-    return found, (waiting[0] if waiting else None)
-
-
-def announced_shapes(connection) -> tuple[dict, str] | None:
-    """The concept shapes (and model) a ready worker announced, or None when no worker is up."""
-    for worker in ready_workers(connection):
-        if worker.get("concept_shapes"):
-            return worker["concept_shapes"], worker["sd_model"]
-    return None
-
-
-def precheck_files(connection, identifier: str, embeddings: bytes, weights: bytes | None) -> None:
-    """Check safetensors uploads from their headers, here, before anything is queued: what they
-    hold, and their shapes against a ready worker's model. Torch `.bin` files are checked by the
-    worker (reading them needs torch)."""
-    expected = announced_shapes(connection)
-    embedding_shapes = safetensors_shapes(embeddings)
-    if embedding_shapes is not None:
-        with refused_as("embeddings"):
-            shape = embedding_shapes[embedding_key(embedding_shapes, identifier)]
-            if expected is not None:
-                check_embedding_shape(shape, *expected)
-    weight_shapes = safetensors_shapes(weights) if weights else None
-    if weight_shapes is not None:
-        with refused_as("weights"):
-            kv = kv_layers(weight_shapes)
-            if expected is not None:
-                check_kv_shapes(kv, *expected)
-
-
-@contextmanager
-def refused_as(field: str):
-    """A ConceptFileError inside becomes a 422 naming the file's field."""
-    try:
-        yield
-    except ConceptFileError as exc:
-        raise ApiError(422, "invalid_concept", str(exc), field=field) from None
 
 
 @router.post(
@@ -182,39 +54,11 @@ async def train(
     submission = await read_submission(request, ConceptTrainParams, ("images", "masks"))
     params = validate_params(ConceptTrainParams, submission.fields)
     images, masks = submission.files.get("images", []), submission.files.get("masks", [])
-    if not MIN_PHOTOS <= len(images) <= MAX_PHOTOS:
-        raise ApiError(
-            422,
-            "invalid_field",
-            f"give {MIN_PHOTOS} to {MAX_PHOTOS} photos in `images`, got {len(images)}",
-            field="images",
-        )
-    if masks and len(masks) != len(images):
-        raise ApiError(
-            422,
-            "invalid_field",
-            f"{len(images)} images but {len(masks)} masks: give one mask per image, in the same order, or none",
-            field="masks",
-        )
+    check_photo_count(images, masks)
 
     def check_and_submit():
-        photos = [
-            check_image(data, max_pixels=settings.max_image_pixels, field=f"images[{i}] ({name})")
-            for i, (name, data) in enumerate(images)
-        ]
-        object_masks = []
-        for index, ((name, data), photo) in enumerate(zip(masks, photos)):  # one decoded mask at a time
-            field = f"masks[{index}] ({name})"
-            mask = decode_mask(data, max_pixels=settings.max_image_pixels, field=field) > 0
-            if mask.shape != (photo.height, photo.width) or not mask.any():
-                raise ApiError(
-                    422,
-                    "invalid_mask",
-                    f"{field} must have its photo's size {photo.width}x{photo.height} "
-                    "and some object pixels (non-zero)",
-                    field=field,
-                )
-            object_masks.append(checked_mask(mask.view("uint8") * 255))
+        photos = check_photos(images, settings)
+        object_masks = check_object_masks(masks, photos, settings)
         concept_id, job_id = concept_store.new_concept_id(), uuid.uuid4().hex
         method = "custom_diffusion" if params.train_kv else "textual_inversion"
 

@@ -6,9 +6,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from attnseg.settings import Settings
+from service.concepts import require_selfcross, resolve_concepts
 from service.deps import current_tenant, get_redis, get_settings
-from service.errors import ApiError, error_responses
-from service.routers.concepts import resolve_concepts
+from service.errors import error_responses
 from service.schemas import Job, ReferringParams, TextParams, UnsupervisedParams
 from service.submissions import openapi_body, read_submission, validate_params
 from service.submit import image_entry, submit_job
@@ -120,13 +120,7 @@ async def submit_one_image(
             if concept_texts is None
             else resolve_concepts(connection, tenant, concept_texts(params), settings, field, one_pass=kind == "text")
         )
-        if concepts and getattr(params, "method", "selfcross") != "selfcross":
-            raise ApiError(
-                422,
-                "invalid_field",
-                f"concepts work with method 'selfcross' only, not '{params.method}'",
-                field="method",
-            )
+        require_selfcross(concepts, params)
         image = check_image(data, max_pixels=settings.max_image_pixels)
         return submit_job(
             connection,

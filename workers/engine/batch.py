@@ -1,6 +1,6 @@
 """Cross-request batching: queued jobs that can share one model pass run it once.
 
-A worker that dequeues a batchable job (one registered in `jobs.BATCHES`) also takes up to
+A worker that dequeues a batchable job (its kind names a `Batch` in attnseg.queue.KINDS) also takes up to
 `max_batch - 1` compatible jobs from the front of the same queue. Each is claimed with LREM, which
 removes an id only once, so exactly one worker ever gets a job. The batch runs the shared pass
 once; every job keeps its own progress, cancellation, result and failure (a `Member` carries them).
@@ -49,7 +49,7 @@ class Member:
 class Batch:
     """How jobs of one function share a pass: `share_key(params)` equal (None: never shared), and
     `run(members, done)`, which calls `done(member)` as each member gets its result (or `encode`).
-    The worker decodes each member's picture (at `jobs.picture_side`) before `run`."""
+    The worker decodes each member's picture (at `dispatch.picture_side`) before `run`."""
 
     kind: str
     share_key: Callable[[dict], tuple | None]

@@ -12,7 +12,7 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from attnseg.job_metrics import record_job_duration
-from attnseg.queue import cancel_key, publish_job_event
+from attnseg.queue import cancel_key, job_kind, publish_job_event
 
 log = logging.getLogger("attnseg.worker")
 
@@ -151,7 +151,9 @@ def job_outcome(
 
 
 def job_function(kind: str, on_error: Callable[[JobContext, dict, dict], None] | None = None) -> Callable:
-    """Wrap a job body `fn(ctx, payload)` for RQ, under `job_outcome`."""
+    """Wrap a job body `fn(ctx, payload)` for RQ, under `job_outcome`; `kind` must be registered in
+    attnseg.queue.KINDS (ValueError at import otherwise), and is kept as the function's `job_kind`."""
+    job_kind(kind)
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -160,6 +162,7 @@ def job_function(kind: str, on_error: Callable[[JobContext, dict, dict], None] |
             with job_outcome(ctx, kind, payload, on_error):
                 return fn(ctx, payload)
 
+        run.job_kind = kind
         return run
 
     return decorate

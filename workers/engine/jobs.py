@@ -1,4 +1,4 @@
-"""Job functions, enqueued by dotted path: payload (JSON) in, API result (JSON) out."""
+"""Job functions, enqueued by dotted path (attnseg.queue.KINDS): payload (JSON) in, API result (JSON) out."""
 
 from __future__ import annotations
 
@@ -329,25 +329,6 @@ def text_side(params: dict) -> int:
     return params["resolution"] if params["method"] == "selfcross" else max(params["resolution"], GEM_IMAGE_SIZE)
 
 
-# The working size (`load_image`'s min_side) each job function decodes its picture at, from its params:
-# the job functions, the batch path and the worker's look-ahead all decode at this size.
-PICTURE_SIDES = {
-    "workers.engine.jobs.segment_unsupervised": resolution_side,
-    "workers.engine.jobs.segment_text": text_side,
-    "workers.engine.jobs.oneshot_segment": resolution_side,
-}
-
-
-def picture_side(function: str, params: dict) -> int | None:
-    """The working size of a job of `function` (dotted path); None for one without a picture to decode ahead."""
-    side = PICTURE_SIDES.get(function)
-    return side(params) if side is not None else None
-
-
-# Job functions (by dotted path) whose queued jobs a worker may run together (workers/engine/batch.py).
-BATCHES = {
-    "workers.engine.jobs.segment_unsupervised": Batch(
-        "unsupervised", unsupervised_share_key, segment_unsupervised_batch
-    ),
-    "workers.engine.jobs.segment_text": Batch("text", text_share_key, segment_text_batch),
-}
+# Queued jobs of these kinds may share one pass (workers/engine/batch.py; attnseg.queue.KINDS names them).
+UNSUPERVISED_BATCH = Batch("unsupervised", unsupervised_share_key, segment_unsupervised_batch)
+TEXT_BATCH = Batch("text", text_share_key, segment_text_batch)

@@ -31,13 +31,13 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from attnseg.queue import KINDS, QUEUES, clean_canceled, connect, get_queue, publish_job_event
+from attnseg.queue import QUEUES, clean_canceled, connect, get_queue, publish_job_event
 from attnseg.settings import Settings
 from attnseg.workers_registry import announce, withdraw
 from workers.engine import runtime as runtime_module
 from workers.engine.batch import Batch, Member, attempt, claim_companions, fail_live, settle, share_key_of
 from workers.engine.context import JobContext
-from workers.engine.jobs import BATCHES, PICTURE_SIDES, picture_side
+from workers.engine.dispatch import batch_of, picture_side, queues_with_pictures
 from workers.engine.pictures import Prefetcher, fetch_image, install_prefetcher
 from workers.methods.concepts import concept_shapes
 from workers.methods.unsupervised import segment_unsupervised
@@ -108,7 +108,7 @@ class ModelWorker(SimpleWorker):
         super().bootstrap(*args, **kwargs)
         self.finisher = Finisher(depth=max(1, self.max_batch))
         self.finisher.start()
-        with_pictures = {kind.queue for kind in KINDS.values() if kind.func in PICTURE_SIDES}
+        with_pictures = queues_with_pictures()
         if self.prefetch_bytes:
             self.prefetcher = Prefetcher(
                 self.connection,
@@ -153,7 +153,7 @@ class ModelWorker(SimpleWorker):
         }
 
     def execute_job(self, job: Job, queue):
-        batch = BATCHES.get(job.func_name)
+        batch = batch_of(job.func_name)
         key = share_key_of(job, batch) if batch is not None else None
         if key is not None:
             companions = claim_companions(self.connection, queue, key, batch, self.max_batch - 1)
