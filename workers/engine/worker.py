@@ -38,6 +38,7 @@ from workers.engine import runtime as runtime_module
 from workers.engine.batch import Batch, Member, attempt, claim_companions, fail_live, settle, share_key_of
 from workers.engine.context import JobContext
 from workers.engine.dispatch import batch_of, picture_side, queues_with_pictures
+from workers.engine.namesake import free_the_name
 from workers.engine.pictures import Prefetcher, fetch_image, install_prefetcher
 from workers.methods.concepts import concept_shapes
 from workers.methods.unsupervised import segment_unsupervised
@@ -244,6 +245,8 @@ class Pulse(threading.Thread):
             {**self.info, **self.worker.activity(), "state": "busy" if running else "idle"},
             ttl_s=3 * self.settings.worker_heartbeat_s,
         )
+        if self.worker.birth_date is not None:  # registered: RQ's record shows it alive (see namesake.py)
+            self.worker.heartbeat()
         for job, execution in running:
             self.worker.maintain_heartbeats(job, execution)
         for name in QUEUES:
@@ -297,6 +300,9 @@ def run_worker(
         **runtime.describe(),
         "concept_shapes": concept_shapes(runtime.sd),
     }  # the API checks concept uploads against them
+    while not free_the_name(worker, settings.worker_lost_after_s):
+        log.warning("a live worker is named %s already: waiting for it to stop or fall silent", name)
+        time.sleep(settings.worker_heartbeat_s)
     pulse = Pulse(worker, info, settings)
     pulse.beat()
     pulse.start()
