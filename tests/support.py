@@ -166,10 +166,11 @@ def worker_env(redis_url: str, cache_dir: Path, **extra: str) -> dict:
     return env
 
 
-def start_worker(redis_url: str, cache_dir: Path, log_path: Path, **extra: str) -> subprocess.Popen:
+def start_worker(redis_url: str, cache_dir: Path, log_path: Path, *args: str, **extra: str) -> subprocess.Popen:
+    """`attnseg worker *args` with the test settings (worker_env) and `extra` ATTNSEG_* variables."""
     log = open(log_path, "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "cli", "worker"],
+        [sys.executable, "-m", "cli", "worker", *args],
         cwd=ROOT,
         env=worker_env(redis_url, cache_dir, **extra),
         stdout=log,
@@ -227,28 +228,32 @@ class Stack:
             stderr=subprocess.STDOUT,
         )
 
-    def start_ready(self, timeout: float = 240) -> Stack:
+    def start_ready(self, timeout: float = 240, worker_args: tuple[str, ...] = (), **worker_env: str) -> Stack:
         """Redis, the API and one worker; returns once the worker is ready (stopped, with logs, if not)."""
         from workers.models.tiny_random import build_tiny_random
 
         build_tiny_random(self.cache_dir / "tiny-random")  # once, before workers race to build it
         self.redis.start()
         self.start_api()
-        self.start_worker()
+        self.start_worker(*worker_args, **worker_env)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 240, workers: int = 1) -> None:
+        """Until `workers` workers are ready; the stack is stopped, and its logs raised, if not."""
         try:
-            wait_for(lambda: self.ready_workers() >= 1, timeout=timeout, message="a ready worker")
+            wait_for(lambda: self.ready_workers() >= workers, timeout=timeout, message="a ready worker")
         except AssertionError:
             self.stop()
             raise AssertionError(self.logs()) from None
-        return self
 
     def restart_api(self) -> None:
         self.api.terminate()
         self.api.wait(timeout=10)
         self.start_api()
 
-    def start_worker(self) -> subprocess.Popen:
-        worker = start_worker(self.redis.url, self.cache_dir, self.directory / "worker.log")
+    def start_worker(self, *args: str, **env: str) -> subprocess.Popen:
+        worker = start_worker(self.redis.url, self.cache_dir, self.directory / "worker.log", *args, **env)
         self.workers.append(worker)
         return worker
 

@@ -5,11 +5,13 @@ torch): a stale record of that name is cleaned up at once and its running job fa
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 from datetime import timedelta
 
+import httpx
 import pytest
 from rq import SimpleWorker
 from rq.job import Job
@@ -19,7 +21,7 @@ from rq.utils import now, utcformat
 from attnseg.queue import SEGMENT_QUEUE, get_queue
 from attnseg.settings import Settings
 from service.job_view import job_view
-from tests.support import enqueue_stand_in
+from tests.support import Stack, enqueue_stand_in, image_bytes, wait_for
 from workers.engine.namesake import free_the_name
 
 LOST_AFTER_S = 600  # long: the job must fail because its worker is known dead, not by lapsing
@@ -72,7 +74,7 @@ def test_a_stale_namesake_is_cleaned_up_and_its_job_failed_at_once(redis_server,
     with pytest.raises(ValueError, match="active worker named 'W'"):  # what RQ does on its own
         restarted.register_birth()
 
-    assert free_the_name(restarted, LOST_AFTER_S)
+    assert free_the_name(connection, "W", LOST_AFTER_S)
     failed = status_of(connection, job)
     assert failed["status"] == "failed" and failed["error"]["code"] == "worker_lost"
     restarted.register_birth()  # the name is free
@@ -85,7 +87,7 @@ def test_a_live_namesake_keeps_its_name_and_its_job(redis_server, host):
     connection = redis_server.client()
     connection.flushall()
     job = crashed_mid_job(connection, host=host, pid=os.getppid())
-    assert not free_the_name(worker_named(connection), LOST_AFTER_S)
+    assert not free_the_name(connection, "W", LOST_AFTER_S)
     assert status_of(connection, job)["status"] == "running"
     assert not connection.hexists(worker_named(connection).key, "death")
 
@@ -93,8 +95,49 @@ def test_a_live_namesake_keeps_its_name_and_its_job(redis_server, host):
 def test_a_free_name_or_one_whose_worker_withdrew_is_free(redis_server):
     connection = redis_server.client()
     connection.flushall()
-    assert free_the_name(worker_named(connection), LOST_AFTER_S)
+    assert free_the_name(connection, "W", LOST_AFTER_S)
     gone = worker_named(connection)
     gone.register_birth()
     gone.register_death()  # a worker that stopped cleanly
-    assert free_the_name(worker_named(connection), LOST_AFTER_S)
+    assert free_the_name(connection, "W", LOST_AFTER_S)
+
+
+@pytest.mark.slow
+def test_attnseg_worker_restarted_under_its_name_after_sigkill_starts_at_once(tmp_path):
+    """The issue's case end to end: `attnseg worker --name W` SIGKILLed mid-job and started again
+    exited with "There exists an active worker named 'W' already" until the record lapsed."""
+    window = {"ATTNSEG_WORKER_LOST_AFTER_S": str(LOST_AFTER_S)}  # far longer than the test waits
+    stack = Stack(tmp_path).start_ready(worker_args=("--name", "W"), **window)
+    try:
+        with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+            files = {"image": ("i.png", image_bytes(300, 200), "image/png")}
+            job = http.post("/segment/unsupervised", files=files, data={"resolution": "1024"}).json()
+            wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "running", timeout=180, interval=0.05)
+            crashed = stack.workers.pop()
+            crashed.send_signal(signal.SIGKILL)
+            crashed.wait()
+            restarted = stack.start_worker("--name", "W", **window)
+            failed = wait_for(
+                lambda: (seen := http.get(f"/jobs/{job['id']}").json())["status"] == "failed" and seen,
+                timeout=LOST_AFTER_S / 2,
+                interval=0.5,
+                message="the job to be failed when W restarts",
+            )
+            assert failed["error"]["code"] == "worker_lost"
+            stack.wait_ready()
+            assert restarted.poll() is None, stack.logs()
+            files = {"image": ("i.png", image_bytes(64, 64), "image/png")}
+            again = http.post("/segment/unsupervised", files=files, data={"resolution": "256"}).json()
+            assert (
+                wait_for(
+                    lambda: (
+                        (seen := http.get(f"/jobs/{again['id']}", params={"wait": 10}).json())["status"]
+                        in ("succeeded", "failed")
+                        and seen
+                    ),
+                    timeout=180,
+                )["status"]
+                == "succeeded"
+            )
+    finally:
+        stack.stop()

@@ -57,13 +57,13 @@ def fail_running_jobs(namesake: SimpleWorker) -> list[str]:
     return failed
 
 
-def free_the_name(worker: SimpleWorker, lost_after_s: int) -> bool:
-    """Make `worker`'s name free to register: True when no live worker holds it (no record, a record
-    RQ marked dead, or a stale one, now cleaned up), False while a live namesake does."""
-    connection = worker.connection
-    if not connection.exists(worker.key) or connection.hexists(worker.key, "death"):
+def free_the_name(connection, name: str, lost_after_s: int) -> bool:
+    """Make the worker name `name` free to register: True when no live worker holds it (no record, a
+    record RQ marked dead, or a stale one, now cleaned up), False while a live namesake does."""
+    key = SimpleWorker.redis_worker_namespace_prefix + name
+    if not connection.exists(key) or connection.hexists(key, "death"):
         return True
-    namesake = SimpleWorker.find_by_key(worker.key, connection=connection, serializer=JSONSerializer)
+    namesake = SimpleWorker.find_by_key(key, connection=connection, serializer=JSONSerializer)
     if namesake is None:  # its record lapsed meanwhile
         return True
     beat = namesake.last_heartbeat
@@ -74,7 +74,7 @@ def free_the_name(worker: SimpleWorker, lost_after_s: int) -> bool:
     namesake.register_death()
     log.warning(
         "worker %s (host %s, pid %s) was gone: its record cleaned up, its jobs failed as worker_lost: %s",
-        worker.name,
+        name,
         namesake.hostname,
         namesake.pid,
         ", ".join(failed) or "none",
