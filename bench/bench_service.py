@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import signal
 import tempfile
 import threading
@@ -51,9 +52,11 @@ import numpy as np
 import redis
 from PIL import Image
 
+from bench import emulated_gpu
 from bench.common import machine_info, print_header, print_table, summary, write_json
 from service.routers.jobs import FINAL
 from tests.support import Stack, image_bytes, start_worker, wait_for
+from workers.models.stable_diffusion import DEFAULT_CACHE_DIR
 from workers.models.tiny_random import build_tiny_random
 
 JOB_TIMEOUT_S = 120
@@ -114,6 +117,28 @@ class RedisCounter:
     @staticmethod
     def delta(before: dict, after: dict) -> dict[str, int]:
         return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads, from /proc/<pid>/stat (fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ProcessMeter:
+    """CPU seconds of the API, the workers (summed) and Redis, and the emulated GPU's busy seconds."""
+
+    def __init__(self, stack: Stack):
+        self.stack = stack
+        self.client = redis.Redis.from_url(stack.redis.url)
+
+    def snapshot(self) -> dict[str, float]:
+        return {
+            "api": cpu_seconds(self.stack.api.pid),
+            "worker": sum(cpu_seconds(worker.pid) for worker in self.stack.workers),
+            "redis": cpu_seconds(self.stack.redis.process.pid),
+            "gpu": float(self.client.get(emulated_gpu.BUSY_KEY) or 0),
+        }
 
 
 def count_round_trips(url: str, run) -> dict:
@@ -255,6 +280,7 @@ def run_phase(
     fields: dict,
     counter: RedisCounter | None = None,
     activity: Callable[[], dict] | None = None,
+    processes: ProcessMeter | None = None,
 ) -> dict:
     """`concurrency` clients in a closed loop until `jobs` jobs are submitted or time is up."""
     lock = threading.Lock()
@@ -277,11 +303,13 @@ def run_phase(
 
     before_activity = activity() if activity else {}
     before = counter.snapshot() if counter else {}
+    cpu_before = processes.snapshot() if processes else {}
     started = time.perf_counter()
     with ThreadPoolExecutor(phase["concurrency"]) as pool:
         for future in [pool.submit(client_loop) for _ in range(phase["concurrency"])]:
             future.result()
     wall_s = time.perf_counter() - started
+    cpu = {k: v - cpu_before[k] for k, v in processes.snapshot().items()} if processes else {}
     commands = RedisCounter.delta(before, counter.snapshot()) if counter else {}
     workers = activity_delta(before_activity, activity(), wall_s) if activity else {}
     ok = [r for r in records if r["ok"]]
@@ -294,6 +322,8 @@ def run_phase(
         "wall_s": wall_s,
         "jobs_per_s": len(ok) / wall_s,
         "stats": stats,
+        "cpu_ms_per_job": {k: 1000 * v / max(1, len(ok)) for k, v in cpu.items() if k != "gpu"},
+        "gpu_busy": cpu["gpu"] / (wall_s * phase["workers"]) if cpu.get("gpu") else None,
         **workers,
         "redis_commands_per_job": sum(commands.values()) / max(1, len(records)),
         "redis_commands": dict(sorted(commands.items(), key=lambda item: -item[1])),
@@ -337,6 +367,9 @@ def phase_rows(results: list[dict]) -> tuple[list[dict], list[dict]]:
                 "notify p99": s["notify"]["p99"],
             }
         )
+        cpu = result["cpu_ms_per_job"]
+        split[-1].update({f"cpu {name}": cpu[name] for name in ("api", "worker", "redis") if name in cpu})
+        split[-1]["gpu busy"] = percent(result.get("gpu_busy"))
     return headline, split
 
 
@@ -357,6 +390,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="jobs before the first phase, not counted")
     parser.add_argument("--image-size", default="160x120", help="WIDTHxHEIGHT of the PNG sent")
     parser.add_argument("--resolution", type=int, default=256, help="working resolution of the jobs")
+    parser.add_argument("--model", default="tiny-random", help="ATTNSEG_SD_MODEL of the workers (sd15-random...)")
     parser.add_argument(
         "--worker-threads",
         type=int,
@@ -364,6 +398,17 @@ def parse_args(argv=None):
         help="OMP_NUM_THREADS of each worker (default 1; 0: torch's default, all cores)",
     )
     parser.add_argument("--worker-device", default="cpu", help="ATTNSEG_DEVICE of the workers (cpu, cuda)")
+    parser.add_argument(
+        "--emulated-gpu",
+        metavar="MS+MS",
+        help="replace the model pass by bench/emulated_gpu.py: wall ms per batch + per image, e.g. 8+1",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=[None],
+        help="comma-separated ATTNSEG_MAX_BATCH values: every phase runs with each (workers restarted)",
+    )
     parser.add_argument(
         "--round-trips",
         type=int,
@@ -383,126 +428,99 @@ def stop_on_sigterm(signum, frame):
     raise SystemExit(f"signal {signum}")  # unwinds through the finally that stops the stack
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    width, height = (int(v) for v in args.image_size.lower().split("x"))
-    small = image_bytes(width, height)
-    fields = {"resolution": str(args.resolution), "seed": "1"}
+def worker_options(args, max_batch: int | None) -> dict:
+    """start_worker's keyword arguments: entry point and environment."""
     # torch's default (all cores per worker) oversubscribes a small shared box: OpenMP threads
     # that spin for a busy core made the tiny model 5-20x slower here, and that is not the service.
-    worker_extra = (
+    extra = (
         {}
         if args.worker_threads == 0
         else {"OMP_NUM_THREADS": str(args.worker_threads), "ATTNSEG_TORCH_THREADS": str(args.worker_threads)}
     )
-    worker_extra["ATTNSEG_DEVICE"] = args.worker_device
-    info = machine_info()
-    print_header("service benchmark (HTTP + Redis/RQ + tiny-random worker)", info)
-    print(
-        f"run       {args.jobs} jobs per phase (at most {args.max_seconds:.0f} s), {len(small)}-byte PNG "
-        f"{width}x{height}, resolution {args.resolution}, {args.warmup} warm-up jobs, worker threads "
-        f"{args.worker_threads or 'default'}, all on 127.0.0.1\n"
-    )
+    extra.update(ATTNSEG_DEVICE=args.worker_device, ATTNSEG_SD_MODEL=args.model)
+    if args.model != "tiny-random":  # built once in the usual cache (sd15-random: 4 GB), not per run
+        extra["ATTNSEG_CACHE_DIR"] = os.environ.get("ATTNSEG_CACHE_DIR", str(DEFAULT_CACHE_DIR.expanduser()))
+    if max_batch is not None:
+        extra["ATTNSEG_MAX_BATCH"] = str(max_batch)
+    if args.emulated_gpu:
+        extra["ATTNSEG_BENCH_GPU_MS"] = args.emulated_gpu
+    return {"command": ("bench.worker",), **extra}
 
+
+def add_workers(stack: Stack, count: int, options: dict) -> None:
+    while len(stack.workers) < count:
+        stack.workers.append(start_worker(stack.redis.url, stack.cache_dir, stack.directory / "worker.log", **options))
+        wait_for(
+            lambda: stack.ready_workers() >= len(stack.workers),
+            timeout=WORKER_READY_TIMEOUT_S,
+            message=f"{len(stack.workers)} ready workers",
+        )
+
+
+def run_phases(stack: Stack, args, small: bytes, fields: dict) -> list[dict]:
+    """Every phase with each max batch; the workers restart (and warm up) when the batch changes."""
     results = []
-    round_trips = None
-    with tempfile.TemporaryDirectory(prefix="attnseg-bench-") as directory:
-        stack = Stack(Path(directory))
-        build_tiny_random(stack.cache_dir / "tiny-random")  # once, before workers race to build it
-        try:
-            stack.redis.start()
-            stack.start_api()
-            counter = RedisCounter(stack.redis.url)
-            started = time.perf_counter()
-            for phase in args.phases:
-                while len(stack.workers) < phase["workers"]:
-                    stack.workers.append(
-                        start_worker(stack.redis.url, stack.cache_dir, stack.directory / "worker.log", **worker_extra)
-                    )
-                    wait_for(
-                        lambda: stack.ready_workers() >= len(stack.workers),
-                        timeout=WORKER_READY_TIMEOUT_S,
-                        message=f"{len(stack.workers)} ready workers",
-                    )
-                pictures = pictures_for(phase, args.jobs, small)
-                if not results and args.warmup:
-                    print(f"stack ready in {time.perf_counter() - started:.1f} s; warming up")
-                    run_phase(
-                        stack.base_url,
-                        {**phase, "concurrency": 1},
-                        args.warmup,
-                        args.max_seconds,
-                        [pictures_for({"picture": (64, 48)}, 1, small)[0]],
-                        fields,
-                    )
-                result = run_phase(
-                    stack.base_url,
-                    phase,
-                    args.jobs,
-                    args.max_seconds,
-                    pictures,
-                    fields,
-                    counter,
-                    lambda: fresh_activity(stack.redis.url, len(stack.workers)),
-                )
-                results.append(result)
-                print(f"phase {phase['name']}: {result['succeeded']}/{result['jobs']} ok in {result['wall_s']:.1f} s")
-            if args.round_trips:
-                pictures = pictures_for({"picture": (640, 480)}, args.round_trips, small)
-                trips = count_round_trips(
-                    stack.redis.url,
-                    lambda: run_phase(
-                        stack.base_url, parse_phase("1x1"), args.round_trips, args.max_seconds, pictures, fields
-                    ),
-                )
-                round_trips = {"jobs": args.round_trips, **trips}
-        except BaseException:
-            print(stack.logs())
-            raise
-        finally:
-            stack.stop()
-    print()
+    counter, processes = RedisCounter(stack.redis.url), ProcessMeter(stack)
+    for max_batch in args.max_batch:
+        stack.stop_workers()
+        warm = False
+        for phase in args.phases:
+            add_workers(stack, phase["workers"], worker_options(args, max_batch))
+            pictures = pictures_for(phase, args.jobs, small)
+            if not warm and args.warmup:
+                warmup = [pictures_for({"picture": (64, 48)}, 1, small)[0]]
+                run_phase(stack.base_url, {**phase, "concurrency": 1}, args.warmup, args.max_seconds, warmup, fields)
+            warm = True
+            name = phase["name"] + ("" if max_batch is None else f" b{max_batch}")
+            activity = lambda: fresh_activity(stack.redis.url, len(stack.workers))  # noqa: E731
+            result = run_phase(
+                stack.base_url, phase, args.jobs, args.max_seconds, pictures, fields, counter, activity, processes
+            )
+            results.append({**result, "name": name, "max_batch": max_batch})
+            print(f"phase {name}: {result['succeeded']}/{result['jobs']} ok in {result['wall_s']:.1f} s")
+    return results
+
+
+def measure_round_trips(stack: Stack, args, small: bytes, fields: dict) -> dict:
+    pictures = pictures_for({"picture": (640, 480)}, args.round_trips, small)
+    phase = parse_phase("1x1")
+    trips = count_round_trips(
+        stack.redis.url,
+        lambda: run_phase(stack.base_url, phase, args.round_trips, args.max_seconds, pictures, fields),
+    )
+    return {"jobs": args.round_trips, **trips}
+
+
+HEADLINE = [
+    "phase",
+    "workers",
+    "clients",
+    "wait",
+    "ok",
+    "jobs/s",
+    "e2e p50",
+    "e2e p99",
+    "inference p50",
+    "overhead min",
+    "overhead p50",
+    "overhead p99",
+    "redis cmds/job",
+    "model busy",
+    "prefetched",
+]
+SPLIT = ["phase", *(f"{s} p50" for s in ("post", "queue", "fetch", "model", "labels", "rle", "save", "notify"))]
+SPLIT += ["notify p99", "cpu api", "cpu worker", "cpu redis", "gpu busy"]
+
+
+def print_report(results: list[dict], round_trips: dict | None) -> None:
     headline, split = phase_rows(results)
     print("latency per job, ms (overhead = e2e - worker-reported inference)")
-    print_table(
-        headline,
-        [
-            "phase",
-            "workers",
-            "clients",
-            "wait",
-            "ok",
-            "jobs/s",
-            "e2e p50",
-            "e2e p99",
-            "inference p50",
-            "overhead min",
-            "overhead p50",
-            "overhead p99",
-            "redis cmds/job",
-            "model busy",
-            "prefetched",
-        ],
-    )
+    print_table(headline, HEADLINE)
     print("per stage, ms: post = upload + checks + store + enqueue; fetch = image fetch + decode (worker); model =")
     print("inference minus labels; labels = argmax + relabel at picture size; rle; save = the rest of the worker's")
-    print("run (result and status writes); notify = finished -> client has it")
-    print_table(
-        split,
-        [
-            "phase",
-            "post p50",
-            "queue p50",
-            "fetch p50",
-            "model p50",
-            "labels p50",
-            "rle p50",
-            "save p50",
-            "notify p50",
-            "notify p99",
-        ],
-    )
+    print("run (result and status writes); notify = finished -> client has it; cpu = CPU ms per job of the API,")
+    print("the workers (all threads) and Redis (/proc utime + stime); gpu busy = the emulated GPU's share")
+    print_table(split, SPLIT)
     for result in results:
         top = ", ".join(
             f"{name} {calls / max(1, result['jobs']):.1f}"
@@ -510,10 +528,8 @@ def main(argv=None) -> dict:
         )
         print(f"redis commands per job, {result['name']}: {result['redis_commands_per_job']:.1f} ({top})")
     if round_trips:
-        per_job = {
-            c: {k: round(v / round_trips["jobs"], 1) for k, v in n.items()} for c, n in round_trips["by_client"].items()
-        }
         jobs = round_trips["jobs"]
+        per_job = {c: {k: round(v / jobs, 1) for k, v in n.items()} for c, n in round_trips["by_client"].items()}
         print(
             f"under MONITOR, {jobs} jobs one at a time: {round_trips['commands'] / jobs:.1f} "
             f"commands and {round_trips['round_trips'] / jobs:.1f} sequential round trips per job; "
@@ -523,18 +539,49 @@ def main(argv=None) -> dict:
     if failures:
         print(f"{failures} jobs did not succeed: {[r['failures'][:3] for r in results if r['failures']]}")
 
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    width, height = (int(v) for v in args.image_size.lower().split("x"))
+    small = image_bytes(width, height)
+    fields = {"resolution": str(args.resolution), "seed": "1"}
+    info = machine_info()
+    print_header(f"service benchmark (HTTP + Redis/RQ + {args.model} worker)", info)
+    print(
+        f"run       {args.jobs} jobs per phase (at most {args.max_seconds:.0f} s), {len(small)}-byte PNG "
+        f"{width}x{height}, resolution {args.resolution}, {args.warmup} warm-up jobs, worker threads "
+        f"{args.worker_threads or 'default'}, emulated GPU {args.emulated_gpu or 'off'}, all on 127.0.0.1\n"
+    )
+    round_trips = None
+    with tempfile.TemporaryDirectory(prefix="attnseg-bench-") as directory:
+        stack = Stack(Path(directory))
+        if args.model == "tiny-random":
+            build_tiny_random(stack.cache_dir / "tiny-random")  # once, before workers race to build it
+        try:
+            stack.redis.start()
+            stack.start_api()
+            results = run_phases(stack, args, small, fields)
+            if args.round_trips:
+                round_trips = measure_round_trips(stack, args, small, fields)
+        except BaseException:
+            print(stack.logs())
+            raise
+        finally:
+            stack.stop()
+    print()
+    print_report(results, round_trips)
+    settings = {k: getattr(args, k) for k in ("jobs", "max_seconds", "warmup", "image_size", "resolution", "model")}
+    settings.update(
+        image_bytes=len(small),
+        worker_threads=args.worker_threads,
+        emulated_gpu=args.emulated_gpu,
+        max_batch=args.max_batch,
+    )
     report = {
         "benchmark": "service",
         "machine": info,
-        "settings": {
-            "jobs": args.jobs,
-            "max_seconds": args.max_seconds,
-            "warmup": args.warmup,
-            "image_size": args.image_size,
-            "image_bytes": len(small),
-            "resolution": args.resolution,
-            "worker_threads": args.worker_threads,
-        },
+        "settings": settings,
         "phases": results,
         "round_trips": round_trips,
     }

@@ -27,6 +27,7 @@ import torch
 
 from bench.bench_unsupervised import StageClock
 from bench.common import (
+    BATCH_COLUMNS,
     MIB,
     MemoryMeter,
     Stopwatch,
@@ -257,7 +258,7 @@ def main(argv=None) -> dict:
             f"\n-- selfcross batched: B images with the same classes share the VAE and UNet calls, then labels "
             f"and RLE per image ({args.batch_repeats} timed batches per size, after one untimed)"
         )
-        print_table(batches, ["batch", "images/s best", "images/s median", "ms/image best", "ms/image median"])
+        print_table(batches, BATCH_COLUMNS)
         print(f"load average now      {[round(x, 2) for x in os.getloadavg()]}")
 
     report = {

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from bench.common import (
+    BATCH_COLUMNS,
     MIB,
     MemoryMeter,
     Stopwatch,
@@ -292,7 +293,7 @@ def main(argv=None) -> dict:
             f"batched: B images share one VAE + text + UNet pass, then merge and RLE per image "
             f"({args.batch_repeats} timed batches per size, after one untimed)"
         )
-        print_table(batches, ["batch", "images/s best", "images/s median", "ms/image best", "ms/image median"])
+        print_table(batches, BATCH_COLUMNS)
         print(f"load average now      {[round(x, 2) for x in os.getloadavg()]}\n")
 
     sweep = merge_sweep(sd.device, args, width, height) if args.merge_sweep else []

@@ -330,14 +330,19 @@ def add_batch_arguments(parser) -> None:
     parser.add_argument("--batch-repeats", type=int, default=2, help="timed batches per size (default 2)")
 
 
+BATCH_COLUMNS = ["batch", "images/s best", "images/s median", "ms/image best", "ms/image median", "peak MiB"]
+
+
 def batch_throughput(device, pictures: list[np.ndarray], sizes: list[int], repeats: int, run_batch) -> list[dict]:
-    """images/s of `run_batch(images)` (one shared pass + per-image steps) for each batch size.
+    """images/s and peak memory of `run_batch(images)` (one shared pass + per-image steps) per batch size.
 
     One untimed batch per size first (shapes change with B), then `repeats` timed ones, each on
     different pictures; best and median reported (a shared CPU's load moves the median).
     """
     rows = []
+    meter = MemoryMeter(device)
     for size in sizes:
+        meter.reset()
         run_batch([pictures[i % len(pictures)] for i in range(size)])
         seconds = []
         for repeat in range(repeats):
@@ -354,6 +359,7 @@ def batch_throughput(device, pictures: list[np.ndarray], sizes: list[int], repea
                 "ms/image best": 1000 * stats["min"] / size,
                 "ms/image median": 1000 * stats["p50"] / size,
                 "runs": repeats,
+                "peak MiB": meter.peak() / MIB,  # GPU: tensors at this batch size; CPU: the process's RSS
             }
         )
     return rows

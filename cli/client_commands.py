@@ -438,11 +438,25 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--resolution", type=int, help="working resolution (256..1024, multiple of 64)")
     common.add_argument("--seed", type=int, help="the same seed gives the same masks")
+    add_segment_commands(sub, [common, api])
+    add_oneshot_commands(sub, [common, api])
+    add_concept_commands(sub, api, [common, api])
+    add_jobs_commands(sub, [api])
 
+
+def add_segment_commands(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """`segment unsupervised|text|referring`: pictures through one method each."""
     segment = sub.add_parser("segment", help="segment pictures through the API").add_subparsers(
         dest="method_name", required=True
     )
-    unsupervised = segment.add_parser("unsupervised", parents=[common, api], help="DiffSeg, no prompt")
+    add_unsupervised(segment, parents)
+    add_text(segment, parents)
+    add_referring(segment, parents)
+
+
+def add_unsupervised(segment: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """`segment unsupervised`."""
+    unsupervised = segment.add_parser("unsupervised", parents=parents, help="DiffSeg, no prompt")
     add_outputs(unsupervised)
     unsupervised.add_argument("--kl-threshold", type=float, help="tau: larger merges more (default 1.0)")
     unsupervised.add_argument("--grid", type=int, help="anchors per side (16)")
@@ -452,7 +466,10 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     unsupervised.add_argument("--vocabulary", nargs="+", help="words to name the segments")
     unsupervised.set_defaults(func=partial(run, cmd_segment_unsupervised))
 
-    text = segment.add_parser("text", parents=[common, api], help="one segment per class name")
+
+def add_text(segment: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """`segment text`."""
+    text = segment.add_parser("text", parents=parents, help="one segment per class name")
     add_outputs(text)
     text.add_argument("--classes", nargs="+", required=True, help="class names (space- or comma-separated)")
     text.add_argument("--method", default="selfcross", choices=["selfcross", "gem", "gem_refined", "cluster"])
@@ -464,8 +481,11 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     text.add_argument("--timestep", type=int, help="default per method")
     text.set_defaults(func=partial(run, cmd_segment_text))
 
+
+def add_referring(segment: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """`segment referring`."""
     referring = segment.add_parser(
-        "referring", parents=[common, api], help="the instance each query refers to (queries may name concepts)"
+        "referring", parents=parents, help="the instance each query refers to (queries may name concepts)"
     )
     add_outputs(referring)
     referring.add_argument("--class-word", required=True, help="the category of the instances ('mug')")
@@ -475,10 +495,13 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     referring.add_argument("--max-instances", type=int, help="most instances the clustering finds (8)")
     referring.set_defaults(func=partial(run, cmd_segment_referring))
 
+
+def add_oneshot_commands(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """`oneshot train|segment`."""
     oneshot = sub.add_parser("oneshot", help="train and use one-shot part models (SLiMe)").add_subparsers(
         dest="oneshot_command", required=True
     )
-    train = oneshot.add_parser("train", parents=[common, api], help="train from picture(s) and label mask(s)")
+    train = oneshot.add_parser("train", parents=parents, help="train from picture(s) and label mask(s)")
     train.add_argument("--image", type=Path, action="append", required=True, help="a training picture (repeatable)")
     train.add_argument(
         "--mask",
@@ -495,36 +518,21 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--no-wait", action="store_true", help="print the model at once; do not follow training")
     train.add_argument("-o", "--output", type=Path, help="the model's JSON (default: stdout)")
     train.set_defaults(func=partial(run, cmd_oneshot_train))
-    oneshot_segment = oneshot.add_parser("segment", parents=[common, api], help="segment pictures into a model's parts")
+    oneshot_segment = oneshot.add_parser("segment", parents=parents, help="segment pictures into a model's parts")
     oneshot_segment.add_argument("model", help="the model id (from `oneshot train`)")
     add_outputs(oneshot_segment)
     oneshot_segment.add_argument("--crops-per-side", type=int, choices=[1, 2], help="default: the model's")
     oneshot_segment.set_defaults(func=partial(run, cmd_oneshot_segment))
 
+
+def add_concept_commands(
+    sub: argparse._SubParsersAction, api: argparse.ArgumentParser, parents: list[argparse.ArgumentParser]
+) -> None:
+    """`concept train|import|list|get|delete|export`; `parents` (the API and the model options) for training."""
     concept = sub.add_parser(
         "concept", help="teach the model your object, then refer to it as <identifier>"
     ).add_subparsers(dest="concept_command", required=True)
-    learn = concept.add_parser("train", parents=[common, api], help="learn a concept from 3 to 20 photos")
-    learn.add_argument("--image", type=Path, action="append", required=True, help="a photo of the object (repeatable)")
-    learn.add_argument(
-        "--mask", type=Path, action="append", help="its mask, non-zero = the object (repeatable, same order; optional)"
-    )
-    learn.add_argument("--identifier", required=True, help="letters, digits and '-': queries write <identifier>")
-    learn.add_argument("--class-word", required=True, help="the object's category ('mug')")
-    learn.add_argument(
-        "--textual-inversion",
-        dest="train_kv",
-        action="store_const",
-        const=False,
-        help="learn the embedding alone (default: Custom Diffusion, embedding + cross-attention K/V)",
-    )
-    learn.add_argument("--steps", type=int, help="(250 Custom Diffusion, 3000 Textual Inversion)")
-    learn.add_argument("--learning-rate", type=float)
-    learn.add_argument("--batch-size", type=int)
-    learn.add_argument("--num-vectors", type=int, help="vectors of the identifier (1)")
-    learn.add_argument("--no-wait", action="store_true", help="print the concept at once; do not follow training")
-    learn.add_argument("-o", "--output", type=Path, help="the concept's JSON (default: stdout)")
-    learn.set_defaults(func=partial(run, cmd_concept_train))
+    add_concept_train(concept, parents)
     bring = concept.add_parser(
         "import", parents=[api], help="import diffusers Textual Inversion / Custom Diffusion files"
     )
@@ -547,11 +555,39 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("directory", type=Path)
     export.set_defaults(func=partial(run, cmd_concept_export))
 
+
+def add_concept_train(concept: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """`concept train`."""
+    learn = concept.add_parser("train", parents=parents, help="learn a concept from 3 to 20 photos")
+    learn.add_argument("--image", type=Path, action="append", required=True, help="a photo of the object (repeatable)")
+    learn.add_argument(
+        "--mask", type=Path, action="append", help="its mask, non-zero = the object (repeatable, same order; optional)"
+    )
+    learn.add_argument("--identifier", required=True, help="letters, digits and '-': queries write <identifier>")
+    learn.add_argument("--class-word", required=True, help="the object's category ('mug')")
+    learn.add_argument(
+        "--textual-inversion",
+        dest="train_kv",
+        action="store_const",
+        const=False,
+        help="learn the embedding alone (default: Custom Diffusion, embedding + cross-attention K/V)",
+    )
+    learn.add_argument("--steps", type=int, help="(250 Custom Diffusion, 3000 Textual Inversion)")
+    learn.add_argument("--learning-rate", type=float)
+    learn.add_argument("--batch-size", type=int)
+    learn.add_argument("--num-vectors", type=int, help="vectors of the identifier (1)")
+    learn.add_argument("--no-wait", action="store_true", help="print the concept at once; do not follow training")
+    learn.add_argument("-o", "--output", type=Path, help="the concept's JSON (default: stdout)")
+    learn.set_defaults(func=partial(run, cmd_concept_train))
+
+
+def add_jobs_commands(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """`jobs get|cancel`."""
     jobs = sub.add_parser("jobs", help="look at or cancel a job").add_subparsers(dest="jobs_command", required=True)
-    get = jobs.add_parser("get", parents=[api], help="print a job's JSON")
+    get = jobs.add_parser("get", parents=parents, help="print a job's JSON")
     get.add_argument("job_id")
     get.add_argument("--wait", type=float, help="first wait up to this many seconds for it to end")
     get.set_defaults(func=partial(run, cmd_jobs_get))
-    cancel = jobs.add_parser("cancel", parents=[api], help="cancel a job (a running one stops at its next step)")
+    cancel = jobs.add_parser("cancel", parents=parents, help="cancel a job (a running one stops at its next step)")
     cancel.add_argument("job_id")
     cancel.set_defaults(func=partial(run, cmd_jobs_cancel))

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: settings, the Redis connection, and the caller's tenant.
+"""FastAPI dependencies: settings, the Redis connection, the job-event listener and the caller's
+tenant, each with a typed alias (`SettingsDep`, `RedisDep`, ...) that every router uses.
 
 `current_tenant` is the one place a request's API key becomes a tenant: every route that creates
 or reads owned things (jobs, one-shot models, concepts) depends on it (attnseg.ownership stamps and
@@ -7,22 +8,31 @@ checks the owner).
 
 from __future__ import annotations
 
-from fastapi import Depends, Request
+import threading
+from typing import Annotated
+
+import redis
+from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from attnseg.ownership import DEFAULT_TENANT
 from attnseg.settings import Settings
 from service.auth import KeyRing
 from service.errors import ApiError
+from service.job_events import JobEvents
+from service.schemas import MAX_OFFSET
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
+
+
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_redis(request: Request):
+def get_redis(request: Request) -> redis.Redis:
     return request.app.state.redis
 
 
@@ -45,7 +55,7 @@ def tenant_from(request: Request, credentials: HTTPAuthorizationCredentials | No
     return keyring.tenant_of(credentials.credentials)
 
 
-def current_tenant(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+def current_tenant(request: Request, credentials: BearerDep) -> str:
     """FastAPI dependency: the tenant owning what this request creates and sees; 401 without a valid key."""
     tenant = tenant_from(request, credentials)
     if tenant is None:
@@ -53,15 +63,27 @@ def current_tenant(request: Request, credentials: HTTPAuthorizationCredentials |
     return tenant
 
 
-def optional_tenant(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str | None:
+def optional_tenant(request: Request, credentials: BearerDep) -> str | None:
     """Like current_tenant, but None instead of 401 (for answers that have a public, reduced form)."""
     return tenant_from(request, credentials)
 
 
-def get_job_events(request: Request):
+def get_job_events(request: Request) -> JobEvents:
     return request.app.state.job_events
 
 
 def get_overlay_slots(request: Request):
     """The overlays this process may draw at once (ATTNSEG_OVERLAY_CONCURRENCY): a BoundedSemaphore."""
     return request.app.state.overlay_slots
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RedisDep = Annotated[redis.Redis, Depends(get_redis)]
+JobEventsDep = Annotated[JobEvents, Depends(get_job_events)]
+TenantDep = Annotated[str, Depends(current_tenant)]
+OptionalTenantDep = Annotated[str | None, Depends(optional_tenant)]
+OverlaySlotsDep = Annotated[threading.BoundedSemaphore, Depends(get_overlay_slots)]
+
+# A page of a listing (newest first): its defaults are written where the route declares them.
+OffsetQuery = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+LimitQuery = Annotated[int, Query(ge=1, le=500)]

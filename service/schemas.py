@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_serializer, model_validator
 
 from attnseg.concept_files import identifiers_in
+from attnseg.queue import KINDS
 
 MAX_WORDS = 32
 MAX_OFFSET = 1_000_000  # paging: beyond any real listing, far below what Redis indexes overflow at
@@ -368,9 +369,7 @@ class SegmentationResult(BaseModel):
 
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "canceled"]
-JobKindName = Literal[
-    "unsupervised", "text", "oneshot_train", "oneshot_segment", "concept_train", "concept_import", "referring"
-]
+JobKindName = Literal[tuple(KINDS)]  # the one table of job kinds (attnseg.queue)
 
 
 class Job(BaseModel):

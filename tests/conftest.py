@@ -42,13 +42,16 @@ def gpu_mode():
         pytest.skip("ATTNSEG_TEST_DEVICE=cuda but torch sees no CUDA device on this machine")
 
 
-@pytest.fixture(scope="session")
-def device_sd(gpu_mode, tiny_sd_dir):
-    """GPU mode: tiny_sd_dir on CUDA with fp16 weights, as a GPU worker loads it. Compare it with the
-    fp32 CPU `tiny_sd`."""
+@pytest.fixture(scope="session", params=["cpu", "cuda"])
+def half_sd(request, tiny_sd_dir):
+    """tiny_sd_dir with fp16 weights, as a GPU worker loads it: on the CPU always (torch computes
+    fp16 there too, so dtype slips and overflow show up without a GPU), on CUDA in GPU mode.
+    Compare it with the fp32 CPU `tiny_sd`."""
     from workers.models.stable_diffusion import load_stable_diffusion
 
-    return load_stable_diffusion(str(tiny_sd_dir), device="cuda", dtype="float16")
+    if request.param == "cuda":
+        request.getfixturevalue("gpu_mode")
+    return load_stable_diffusion(str(tiny_sd_dir), device=request.param, dtype="float16")
 
 
 @pytest.fixture(scope="session")

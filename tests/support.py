@@ -166,11 +166,14 @@ def worker_env(redis_url: str, cache_dir: Path, **extra: str) -> dict:
     return env
 
 
-def start_worker(redis_url: str, cache_dir: Path, log_path: Path, *args: str, **extra: str) -> subprocess.Popen:
-    """`attnseg worker *args` with the test settings (worker_env) and `extra` ATTNSEG_* variables."""
+def start_worker(
+    redis_url: str, cache_dir: Path, log_path: Path, command: tuple[str, ...] = ("cli", "worker"), **extra: str
+) -> subprocess.Popen:
+    """`python -m <command>` as a worker (the benchmark passes its own entry, bench.worker), with the
+    test settings (worker_env) and `extra` ATTNSEG_* variables."""
     log = open(log_path, "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "cli", "worker", *args],
+        [sys.executable, "-m", *command],
         cwd=ROOT,
         env=worker_env(redis_url, cache_dir, **extra),
         stdout=log,
@@ -253,7 +256,9 @@ class Stack:
         self.start_api()
 
     def start_worker(self, *args: str, **env: str) -> subprocess.Popen:
-        worker = start_worker(self.redis.url, self.cache_dir, self.directory / "worker.log", *args, **env)
+        """`attnseg worker *args` with `env` ATTNSEG_* variables on top of the test settings."""
+        log_path = self.directory / "worker.log"
+        worker = start_worker(self.redis.url, self.cache_dir, log_path, command=("cli", "worker", *args), **env)
         self.workers.append(worker)
         return worker
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +57,9 @@ def test_unknown_kind_is_refused():
     assert job_kind("text") is KINDS["text"]
     with pytest.raises(ValueError, match="unknown job kind 'txet'"):
         job_kind("txet")
+
+
+def test_the_api_names_the_same_kinds():
+    """The job object's `kind` in the committed OpenAPI document lists exactly the registered kinds."""
+    document = json.loads((Path(__file__).resolve().parent.parent / "openapi" / "openapi.json").read_text())
+    assert document["components"]["schemas"]["Job"]["properties"]["kind"]["enum"] == list(KINDS)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from attnseg import concept_store
 from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE
 from attnseg.concept_store import UPLOAD_PREFIX, store
-from attnseg.settings import Settings
 from service.concepts import (
     IN_THE_MAKING,
     check_object_masks,
@@ -22,10 +21,10 @@ from service.concepts import (
     get_record,
     precheck_files,
 )
-from service.deps import current_tenant, get_redis, get_settings
+from service.deps import LimitQuery, OffsetQuery, RedisDep, SettingsDep, TenantDep
 from service.errors import ApiError, error_responses
 from service.records import cancel_job
-from service.schemas import MAX_OFFSET, Concept, ConceptImportParams, ConceptList, ConceptTrainParams, Job, shown_id
+from service.schemas import Concept, ConceptImportParams, ConceptList, ConceptTrainParams, Job, shown_id
 from service.submissions import openapi_body, read_submission, validate_params
 from service.submit import image_entry, submit_job
 
@@ -45,9 +44,9 @@ RECORD_ERRORS = error_responses(401, 404, 422, 503)
 async def train(
     request: Request,
     response: Response,
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
 ):
     """`images`: photos of the object; `masks` (optional, one per photo, non-zero = the object) weight
     the loss to it. Answers 202 with the training job and its `concept_id`."""
@@ -106,9 +105,9 @@ async def train(
 async def import_concept(
     request: Request,
     response: Response,
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
 ):
     """`embeddings`: `learned_embeds.safetensors` (or `.bin`, or Custom Diffusion's `<new1>.bin`);
     `weights` (optional): `pytorch_custom_diffusion_weights.bin` or `.safetensors`. The worker reads
@@ -159,11 +158,11 @@ async def import_concept(
 
 @router.get("", response_model=ConceptList, responses=error_responses(401, 422, 503))
 def list_concepts(
-    offset: int = Query(0, ge=0, le=MAX_OFFSET),
-    limit: int = Query(50, ge=1, le=500),
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
+    offset: OffsetQuery = 0,
+    limit: LimitQuery = 50,
 ):
     """Your concepts, newest first."""
     ids = store.list_ids(connection, owner=tenant, offset=offset, limit=limit)
@@ -177,9 +176,9 @@ def list_concepts(
 @router.get("/{concept_id}", response_model=Concept, responses=RECORD_ERRORS)
 def get_concept(
     concept_id: str,
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
 ):
     return concept_view(connection, get_record(connection, concept_id, tenant), settings)
 
@@ -190,7 +189,7 @@ def get_concept(
     responses={**RECORD_ERRORS, 200: {"content": {"application/octet-stream": {}}}},
     summary="Export a ready concept's diffusers file",
 )
-def export_file(concept_id: str, name: str, tenant: str = Depends(current_tenant), connection=Depends(get_redis)):
+def export_file(concept_id: str, name: str, tenant: TenantDep, connection: RedisDep):
     """`learned_embeds.safetensors` ({"<identifier>": (n, D)}) and, for Custom Diffusion,
     `pytorch_custom_diffusion_weights.safetensors`: load them with diffusers' `load_textual_inversion`
     and `unet.load_attn_procs`, or import them again."""
@@ -212,9 +211,9 @@ def export_file(concept_id: str, name: str, tenant: str = Depends(current_tenant
 @router.delete("/{concept_id}", status_code=204, response_class=Response, responses=RECORD_ERRORS)
 def delete_concept(
     concept_id: str,
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
 ):
     """Deletes the concept and its files; a training still under way is canceled."""
     record = get_record(connection, concept_id, tenant)

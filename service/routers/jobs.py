@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
@@ -14,10 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from attnseg.images import ImageMissingError
 from attnseg.images import fetch as fetch_picture
 from attnseg.ownership import owned_by
-from attnseg.settings import Settings
-from service.deps import current_tenant, get_job_events, get_overlay_slots, get_redis, get_settings
+from service.deps import JobEventsDep, OverlaySlotsDep, RedisDep, SettingsDep, TenantDep
 from service.errors import ApiError, error_responses
-from service.job_events import JobEvents
 from service.job_view import job_view
 from service.lifecycle import wait_unless_shutting_down
 from service.overlay import render_overlay
@@ -25,6 +23,18 @@ from service.records import cancel
 from service.schemas import Job, shown_id, valid_id
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+WaitQuery = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=60,
+        description="Hold up to this many seconds until the job ends (a shutting-down API answers at once).",
+    ),
+]
+ProgressQuery = Annotated[
+    bool,
+    Query(description="With `wait`: also answer as soon as the job's status or progress changes (for progress bars)."),
+]
 
 FINAL = ("succeeded", "failed", "canceled")
 RECHECK_S = 5.0  # a waited-for job is re-read this often anyway (its worker lost, a signal missed)
@@ -54,20 +64,12 @@ def fetch_job(connection, job_id: str, tenant: str) -> RQJob:
 async def get_job(
     job_id: str,
     request: Request,
-    wait: float = Query(
-        0,
-        ge=0,
-        le=60,
-        description="Hold up to this many seconds until the job ends (a shutting-down API answers at once).",
-    ),
-    progress: bool = Query(
-        False,
-        description="With `wait`: also answer as soon as the job's status or progress changes (for progress bars).",
-    ),
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
-    job_events: JobEvents = Depends(get_job_events),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
+    job_events: JobEventsDep,
+    wait: WaitQuery = 0,
+    progress: ProgressQuery = False,
 ):
     deadline = time.monotonic() + wait
     first_seen = None
@@ -96,9 +98,9 @@ def wait_is_over(view: dict, deadline: float) -> bool:
 @router.delete("/{job_id}", response_model=Job, responses=error_responses(401, 404, 422, 503))
 def cancel_job(
     job_id: str,
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
 ):
     """Cancels a queued job at once; asks a running one to stop (the worker checks between steps)."""
     cancel(connection, fetch_job(connection, job_id, tenant), settings)
@@ -112,10 +114,10 @@ def cancel_job(
 )
 def job_overlay(
     job_id: str,
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
-    slots: threading.BoundedSemaphore = Depends(get_overlay_slots),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
+    slots: OverlaySlotsDep,
 ):
     """The image with the job's segments drawn and labelled, for people: at most
     `ATTNSEG_OVERLAY_MAX_SIDE` pixels on its longer side (larger pictures are drawn reduced)."""

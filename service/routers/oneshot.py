@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from attnseg import oneshot_store
 from attnseg.ownership import owned_by
-from attnseg.settings import Settings
-from service.deps import current_tenant, get_redis, get_settings
+from service.deps import LimitQuery, OffsetQuery, RedisDep, SettingsDep, TenantDep
 from service.errors import ApiError, error_responses
 from service.oneshot import check_example_count, check_examples, get_record, model_view
 from service.records import cancel_job
 from service.schemas import (
-    MAX_OFFSET,
     Job,
     OneshotModel,
     OneshotModelList,
@@ -42,9 +40,9 @@ SEGMENT_ERRORS = error_responses(400, 401, 404, 409, 413, 415, 422, 429, 503)
 async def train(
     request: Request,
     response: Response,
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
 ):
     """`images[i]` with `masks[i]` (a PNG of class ids, 0 = background, same size), `labels` naming ids 1..K-1.
 
@@ -91,11 +89,11 @@ async def train(
 
 @router.get("", response_model=OneshotModelList, responses=error_responses(401, 422, 503))
 def list_models(
-    offset: int = Query(0, ge=0, le=MAX_OFFSET),
-    limit: int = Query(50, ge=1, le=500),
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
+    offset: OffsetQuery = 0,
+    limit: LimitQuery = 50,
 ):
     """Your models, newest first."""
     ids = oneshot_store.list_ids(connection, tenant, offset=offset, limit=limit)
@@ -109,9 +107,9 @@ def list_models(
 @router.get("/{model_id}", response_model=OneshotModel, responses=error_responses(401, 404, 422, 503))
 def get_model(
     model_id: str,
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
 ):
     return model_view(connection, get_record(connection, model_id, tenant), settings)
 
@@ -119,9 +117,9 @@ def get_model(
 @router.delete("/{model_id}", status_code=204, response_class=Response, responses=error_responses(401, 404, 422, 503))
 def delete_model(
     model_id: str,
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
 ):
     """Deletes the model; a training still under way is canceled. Segment jobs waiting for it fail."""
     record = get_record(connection, model_id, tenant)
@@ -143,9 +141,9 @@ async def segment(
     model_id: str,
     request: Request,
     response: Response,
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
 ):
     """One segment per part present, named by the model's labels. Allowed while the model trains."""
     submission = await read_submission(request, OneshotSegmentParams, ("image",))

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from attnseg.queue import QUEUES, get_queue
 from attnseg.workers_registry import ready_workers
-from service.deps import current_tenant, get_redis, optional_tenant
+from service.deps import OptionalTenantDep, RedisDep, current_tenant
 from service.errors import error_responses
 from service.schemas import Readiness
 
@@ -29,7 +29,7 @@ def healthz():
 @router.get(
     "/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, openapi_extra={"security": [{}]}
 )  # added to the bearer scheme: a key is optional here
-def readyz(tenant: str | None = Depends(optional_tenant), connection=Depends(get_redis)):
+def readyz(tenant: OptionalTenantDep, connection: RedisDep):
     """Ready when Redis answers and at least one worker has loaded its models (200, else 503).
 
     Without a valid key (when keys are configured) only `ready` and `redis` are given.

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from attnseg.settings import Settings
 from service.concepts import require_selfcross, resolve_concepts
-from service.deps import current_tenant, get_redis, get_settings
+from service.deps import RedisDep, SettingsDep, TenantDep
 from service.errors import error_responses
 from service.schemas import Job, ReferringParams, TextParams, UnsupervisedParams
 from service.submissions import openapi_body, read_submission, validate_params
@@ -31,9 +31,9 @@ CONCEPT_SUBMIT_ERRORS = error_responses(400, 401, 409, 413, 415, 422, 429, 503) 
 async def segment_unsupervised(
     request: Request,
     response: Response,
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
 ):
     """Segments the whole image into regions by merging self-attention maps (KL distance).
 
@@ -53,9 +53,9 @@ async def segment_unsupervised(
 async def segment_text(
     request: Request,
     response: Response,
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
 ):
     """One segment per class found, plus background (`label_id` 0); `labels` lists every class asked for.
 
@@ -78,9 +78,9 @@ async def segment_text(
 async def segment_referring(
     request: Request,
     response: Response,
-    tenant: str = Depends(current_tenant),
-    settings: Settings = Depends(get_settings),
-    connection=Depends(get_redis),
+    tenant: TenantDep,
+    settings: SettingsDep,
+    connection: RedisDep,
 ):
     """Separates the instances of `class_word` and gives each query its instance: one segment per
     query found (`label` the query, `score` its mean attribution), plus the other instances unlabelled.
