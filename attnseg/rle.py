@@ -233,11 +233,17 @@ class _LabelEncoder:
         ]
 
 
+def narrow_dtype(low: int, high: int) -> np.dtype:
+    """The narrowest integer type that holds every value in [low, high] (uint8 for 0..255)."""
+    if low >= 0:
+        return np.min_scalar_type(high)
+    return np.result_type(np.min_scalar_type(low), np.min_scalar_type(-abs(high) - 1))  # signed, holds high
+
+
 def column_chunks(labels: np.ndarray):
     """(H, W) int -> its values in column-major order, (<= CHUNK_PIXELS,) narrow-int arrays."""
     h, w = labels.shape
-    low, high = int(labels.min()), int(labels.max())
-    narrow = np.result_type(np.min_scalar_type(low), np.min_scalar_type(high))  # fewer bytes to scan
+    narrow = narrow_dtype(int(labels.min()), int(labels.max()))  # fewer bytes to scan
     step = max(1, CHUNK_PIXELS // h)
     for c in range(0, w, step):
         yield labels[:, c : c + step].T.astype(narrow, order="C").ravel()

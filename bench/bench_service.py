@@ -119,10 +119,19 @@ class RedisCounter:
         return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads, from /proc/<pid>/stat (fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(stat: Path) -> float:
+    """utime + stime from a /proc .../stat file (fields 14 and 15): a process's (all its threads) or
+    one thread's (/proc/<pid>/task/<tid>/stat)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_cpu_seconds(pid: int) -> tuple[float, float]:
+    """A worker's CPU seconds: its main thread (the model thread: passes, per-image method steps, RQ's
+    own bookkeeping) and all its other threads (prefetch decode, RLE and saving, pulse)."""
+    total = cpu_seconds(Path(f"/proc/{pid}/stat"))
+    main = cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
+    return main, total - main
 
 
 class ProcessMeter:
@@ -133,10 +142,13 @@ class ProcessMeter:
         self.client = redis.Redis.from_url(stack.redis.url)
 
     def snapshot(self) -> dict[str, float]:
+        workers = [worker_cpu_seconds(worker.pid) for worker in self.stack.workers]
         return {
-            "api": cpu_seconds(self.stack.api.pid),
-            "worker": sum(cpu_seconds(worker.pid) for worker in self.stack.workers),
-            "redis": cpu_seconds(self.stack.redis.process.pid),
+            "api": cpu_seconds(Path(f"/proc/{self.stack.api.pid}/stat")),
+            "worker": sum(main + other for main, other in workers),
+            "worker model thread": sum(main for main, _ in workers),
+            "worker other threads": sum(other for _, other in workers),
+            "redis": cpu_seconds(Path(f"/proc/{self.stack.redis.process.pid}/stat")),
             "gpu": float(self.client.get(emulated_gpu.BUSY_KEY) or 0),
         }
 
@@ -368,7 +380,7 @@ def phase_rows(results: list[dict]) -> tuple[list[dict], list[dict]]:
             }
         )
         cpu = result["cpu_ms_per_job"]
-        split[-1].update({f"cpu {name}": cpu[name] for name in ("api", "worker", "redis") if name in cpu})
+        split[-1].update({f"cpu {name}": cpu[name] for name in CPU_PARTS if name in cpu})
         split[-1]["gpu busy"] = percent(result.get("gpu_busy"))
     return headline, split
 
@@ -509,7 +521,8 @@ HEADLINE = [
     "prefetched",
 ]
 SPLIT = ["phase", *(f"{s} p50" for s in ("post", "queue", "fetch", "model", "labels", "rle", "save", "notify"))]
-SPLIT += ["notify p99", "cpu api", "cpu worker", "cpu redis", "gpu busy"]
+CPU_PARTS = ("api", "worker", "worker model thread", "worker other threads", "redis")
+SPLIT += ["notify p99", *(f"cpu {name}" for name in CPU_PARTS), "gpu busy"]
 
 
 def print_report(results: list[dict], round_trips: dict | None) -> None:
@@ -519,7 +532,8 @@ def print_report(results: list[dict], round_trips: dict | None) -> None:
     print("per stage, ms: post = upload + checks + store + enqueue; fetch = image fetch + decode (worker); model =")
     print("inference minus labels; labels = argmax + relabel at picture size; rle; save = the rest of the worker's")
     print("run (result and status writes); notify = finished -> client has it; cpu = CPU ms per job of the API,")
-    print("the workers (all threads) and Redis (/proc utime + stime); gpu busy = the emulated GPU's share")
+    print("the workers (all threads, then the model thread and the others) and Redis (/proc utime + stime);")
+    print("gpu busy = the emulated GPU's share of the phase")
     print_table(split, SPLIT)
     for result in results:
         top = ", ".join(

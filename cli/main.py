@@ -19,7 +19,7 @@ import redis
 
 from attnseg.queue import QUEUES, connect
 from attnseg.settings import get_settings
-from cli.client_commands import add_client_commands
+from cli.client_commands import DEFAULT_URL, add_client_commands
 
 log = logging.getLogger("attnseg")
 
@@ -100,7 +100,7 @@ def cmd_up(args) -> None:
     env = {**os.environ, "ATTNSEG_REDIS_URL": settings.redis_url}
     if args.model:
         env["ATTNSEG_SD_MODEL"] = args.model
-        if args.model.startswith("tiny-random"):
+        if args.model.startswith("tiny-"):  # tiny-random, tiny-random-sd2, tiny-colour: no CLIP download
             env.setdefault("ATTNSEG_CLIP_MODEL", "tiny-random")
     attnseg = [sys.executable, "-m", "cli"]
     port = ["--port", str(args.port)] if args.port else []
@@ -158,17 +158,96 @@ def cmd_openapi(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from workers.evaluation.evaluate import main as evaluate_main
-
     required = {
-        "text": ("classes",),
-        "oneshot": ("parts", "train_images", "train_masks"),
-        "referring": ("queries", "class_word"),
+        "unsupervised": ("images", "labels"),
+        "text": ("images", "labels", "classes"),
+        "oneshot": ("images", "labels", "parts", "train_images", "train_masks"),
+        "referring": ("images", "labels", "queries", "class_word"),
     }
     missing = [f"--{name.replace('_', '-')}" for name in required.get(args.protocol, ()) if not getattr(args, name)]
     if missing:
         sys.exit(f"evaluate {args.protocol} needs {', '.join(missing)}")
+    if args.protocol == "synthetic":
+        cmd_evaluate_synthetic(args)
+        return
+    from workers.evaluation.evaluate import main as evaluate_main
+
     evaluate_main(args)
+
+
+def cmd_evaluate_synthetic(args) -> None:
+    """Every method on held-out synthetic scenes through a running API: a table, and JSON with --output."""
+    from attnseg.client import Client
+    from cli.client_commands import connection
+    from workers.evaluation.quality import METHODS, evaluate_synthetic, table
+
+    unknown = sorted(set(args.methods or ()) - set(METHODS))
+    if unknown:
+        sys.exit(f"evaluate synthetic: unknown methods {unknown}; choose from {', '.join(METHODS)}")
+
+    url, key = connection(args)
+    height, width = args.size
+    with Client(url, key, timeout=120) as client:
+        result = evaluate_synthetic(
+            client,
+            args.scenes,
+            seed=args.seed,
+            height=height,
+            width=width,
+            resolution=args.resolution,
+            epochs=args.epochs,
+            methods=args.methods or METHODS,
+        )
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+
+
+def picture_size(text: str) -> tuple[int, int]:
+    """ "HxW" -> (height, width)."""
+    try:
+        height, width = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 384x512, got {text!r}") from None
+    return height, width
+
+
+def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
+    """`attnseg evaluate`: the folder protocols (docs/methods.md 4.2-4.5) and the synthetic table (4.6)."""
+    evaluate = sub.add_parser(
+        "evaluate", help="score a method on a folder of images and label PNGs, or every method on synthetic scenes"
+    )
+    evaluate.add_argument(
+        "protocol",
+        choices=["unsupervised", "text", "oneshot", "referring", "synthetic"],
+        help="docs/methods.md section 4 (referring: 4.5; synthetic: 4.6, through a running API)",
+    )
+    evaluate.add_argument("--images", type=Path, help="folder of images (jpg/png/webp)")
+    evaluate.add_argument("--labels", type=Path, help="folder of label PNGs with the same stems; 255 = ignore")
+    evaluate.add_argument("--resolution", type=int, default=512)
+    evaluate.add_argument("--limit", type=int, help="only the first N images")
+    evaluate.add_argument("--output", type=Path, help="write the scores as JSON here too")
+    evaluate.add_argument("--num-classes", type=int, default=27, help="unsupervised: ground-truth classes")
+    evaluate.add_argument("--kl-threshold", type=float, default=1.1, help="unsupervised: 1.1 for COCO-Stuff-27")
+    evaluate.add_argument("--classes", help="text: comma-separated class names; label i = i-th class, 0 background")
+    evaluate.add_argument("--method", default="selfcross", choices=["selfcross", "gem", "gem_refined", "cluster"])
+    evaluate.add_argument("--parts", help="oneshot: comma-separated part names for mask values 1..K-1")
+    evaluate.add_argument("--train-images", type=Path, nargs="+", help="oneshot: training image(s)")
+    evaluate.add_argument("--train-masks", type=Path, nargs="+", help="oneshot: their label masks")
+    evaluate.add_argument("--epochs", type=int, default=200, help="oneshot: training epochs")
+    evaluate.add_argument("--crops-per-side", type=int, default=1, choices=[1, 2], help="oneshot")
+    evaluate.add_argument("--queries", type=Path, help="referring: folder of <stem>.json query lists")
+    evaluate.add_argument("--concepts", type=Path, help="referring: folder of <identifier>/ diffusers files")
+    evaluate.add_argument("--class-word", help="referring: the instances' category, e.g. mug")
+    evaluate.add_argument("--scenes", type=int, default=100, help="synthetic: held-out scenes")
+    evaluate.add_argument("--seed", type=int, default=1000, help="synthetic: the first scene's seed")
+    evaluate.add_argument("--size", type=picture_size, default=(384, 512), help="synthetic: HEIGHTxWIDTH")
+    evaluate.add_argument(
+        "--methods", nargs="+", help="synthetic: some of unsupervised selfcross oneshot oneshot_2x2 referring (all)"
+    )
+    evaluate.add_argument("--url", help=f"synthetic: the API (default: $ATTNSEG_URL or {DEFAULT_URL})")
+    evaluate.add_argument("--api-key", help="synthetic: bearer key (default: $ATTNSEG_API_KEY)")
+    evaluate.set_defaults(func=cmd_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,32 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     openapi.add_argument("--output", "-o")
     openapi.set_defaults(func=cmd_openapi)
 
-    evaluate = sub.add_parser("evaluate", help="score a method on a folder of images and label PNGs")
-    evaluate.add_argument(
-        "protocol",
-        choices=["unsupervised", "text", "oneshot", "referring"],
-        help="docs/methods.md section 4 (referring: 4.5)",
-    )
-    evaluate.add_argument("--images", type=Path, required=True, help="folder of images (jpg/png/webp)")
-    evaluate.add_argument(
-        "--labels", type=Path, required=True, help="folder of label PNGs with the same stems; 255 = ignore"
-    )
-    evaluate.add_argument("--resolution", type=int, default=512)
-    evaluate.add_argument("--limit", type=int, help="only the first N images")
-    evaluate.add_argument("--output", type=Path, help="write the scores as JSON here too")
-    evaluate.add_argument("--num-classes", type=int, default=27, help="unsupervised: ground-truth classes")
-    evaluate.add_argument("--kl-threshold", type=float, default=1.1, help="unsupervised: 1.1 for COCO-Stuff-27")
-    evaluate.add_argument("--classes", help="text: comma-separated class names; label i = i-th class, 0 background")
-    evaluate.add_argument("--method", default="selfcross", choices=["selfcross", "gem", "gem_refined", "cluster"])
-    evaluate.add_argument("--parts", help="oneshot: comma-separated part names for mask values 1..K-1")
-    evaluate.add_argument("--train-images", type=Path, nargs="+", help="oneshot: training image(s)")
-    evaluate.add_argument("--train-masks", type=Path, nargs="+", help="oneshot: their label masks")
-    evaluate.add_argument("--epochs", type=int, default=200, help="oneshot: training epochs")
-    evaluate.add_argument("--crops-per-side", type=int, default=1, choices=[1, 2], help="oneshot")
-    evaluate.add_argument("--queries", type=Path, help="referring: folder of <stem>.json query lists")
-    evaluate.add_argument("--concepts", type=Path, help="referring: folder of <identifier>/ diffusers files")
-    evaluate.add_argument("--class-word", help="referring: the instances' category, e.g. mug")
-    evaluate.set_defaults(func=cmd_evaluate)
+    add_evaluate_command(sub)
 
     add_client_commands(sub)
     return parser

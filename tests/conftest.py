@@ -28,6 +28,16 @@ def tiny_sd(tiny_sd_dir):
     return load_stable_diffusion(str(tiny_sd_dir), device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def tiny_colour(tmp_path_factory):
+    """tiny-colour (weights constructed so that attention follows colour), built into a fresh cache
+    and loaded by name like real weights, CPU fp32. Shared: do not modify its weights."""
+    from workers.models.stable_diffusion import load_stable_diffusion
+
+    cache = tmp_path_factory.mktemp("models-colour")
+    return load_stable_diffusion("tiny-colour", device="cpu", dtype="float32", cache_dir=cache)
+
+
 TEST_DEVICE = os.environ.get("ATTNSEG_TEST_DEVICE", "cpu")
 
 

@@ -207,8 +207,9 @@ def wait_until_ok(url: str, timeout: float, message: str) -> None:
 class Stack:
     """Redis, the API (uvicorn, real HTTP) and workers as separate processes, like production."""
 
-    def __init__(self, directory: Path, **api_env: str):
+    def __init__(self, directory: Path, model: str = "tiny-random", **api_env: str):
         self.directory = directory
+        self.model = model  # the workers' ATTNSEG_SD_MODEL: a model built locally on first use
         self.api_env = api_env  # extra ATTNSEG_* settings of the API process (e.g. ATTNSEG_API_KEY)
         self.redis = RedisServer(directory / "redis", appendonly=True)
         self.cache_dir = directory / "cache"
@@ -233,9 +234,10 @@ class Stack:
 
     def start_ready(self, timeout: float = 240, worker_args: tuple[str, ...] = (), **worker_env: str) -> Stack:
         """Redis, the API and one worker; returns once the worker is ready (stopped, with logs, if not)."""
-        from workers.models.tiny_random import build_tiny_random
+        from workers.models.stable_diffusion import load_stable_diffusion
 
-        build_tiny_random(self.cache_dir / "tiny-random")  # once, before workers race to build it
+        # Built (and loaded, a second) once here, before workers race to build it.
+        load_stable_diffusion(self.model, device="cpu", dtype="float32", cache_dir=self.cache_dir)
         self.redis.start()
         self.start_api()
         self.start_worker(*worker_args, **worker_env)
@@ -256,9 +258,13 @@ class Stack:
         self.start_api()
 
     def start_worker(self, *args: str, **env: str) -> subprocess.Popen:
-        """`attnseg worker *args` with `env` ATTNSEG_* variables on top of the test settings."""
+        """`attnseg worker *args` with the stack's model and `env` ATTNSEG_* variables on top of the
+        test settings."""
         log_path = self.directory / "worker.log"
-        worker = start_worker(self.redis.url, self.cache_dir, log_path, command=("cli", "worker", *args), **env)
+        command = ("cli", "worker", *args)
+        worker = start_worker(
+            self.redis.url, self.cache_dir, log_path, command=command, **{"ATTNSEG_SD_MODEL": self.model, **env}
+        )
         self.workers.append(worker)
         return worker
 

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -362,3 +363,15 @@ def test_segment_word_scores_upsamples_small_maps():
     word_maps[0, :, 0] = 1.0  # word 0 lives on the left, word 1 on the right
     word_maps[1, :, 1] = 1.0
     assert diffseg.segment_word_scores(labels, word_maps).argmax(1).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "values, dtype",
+    [([0, 3, 255], np.uint8), ([0, 256], np.uint16), ([-1, 5], np.int8), ([0, 70000], np.uint32)],
+)
+def test_label_maps_leave_in_the_narrowest_type(values, dtype):
+    from workers.methods import label_maps
+
+    labels = torch.tensor(values).reshape(1, -1)
+    out = label_maps.to_numpy(labels)
+    assert out.dtype == dtype and out.tolist() == [values]

@@ -236,7 +236,7 @@ def test_referring_runs_on_both_topologies(request, model):
     queries = ["a <my-mug> mug with cola", "a red mug"]
     out = segment_referring(sd, image, "mug", queries, concepts={"my-mug": concept}, resolution=128)
     again = segment_referring(sd, image, "mug", queries, concepts={"my-mug": concept}, resolution=128)
-    assert out.labels.shape == (HEIGHT, WIDTH) and out.labels.dtype == np.int64
+    assert out.labels.shape == (HEIGHT, WIDTH) and out.labels.dtype == np.uint8  # narrowest
     assert 0 <= out.labels.min() and out.labels.max() <= len(queries) + out.instances
     assert np.array_equal(out.labels, again.labels) and out.scores == again.scores
     assert set(out.scores) <= {1, 2} and 1 <= out.instances <= 8

@@ -64,7 +64,7 @@ def runs(tiny_sd, tiny_clip, image):
 @pytest.mark.parametrize("method", textseg.METHODS)
 def test_labels_at_image_size_with_scores_of_present_labels(runs, method):
     out, _, reports = runs[method]
-    assert out.labels.shape == (HEIGHT, WIDTH) and out.labels.dtype == np.int64
+    assert out.labels.shape == (HEIGHT, WIDTH) and out.labels.dtype == np.uint8  # narrowest
     assert 0 <= out.labels.min() and out.labels.max() <= len(CLASSES)
     assert set(out.scores) == set(np.unique(out.labels).tolist())
     assert all(math.isfinite(score) for score in out.scores.values())

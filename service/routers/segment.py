@@ -63,7 +63,7 @@ async def segment_text(
     (`"<my-mug> mug"`, selfcross only). Answers 202 with the job.
     """
     return await submit_one_image(
-        request, response, tenant, settings, connection, TextParams, "text", concept_texts=lambda params: params.classes
+        request, response, tenant, settings, connection, TextParams, "text", concept_field="classes"
     )
 
 
@@ -93,7 +93,7 @@ async def segment_referring(
         connection,
         ReferringParams,
         "referring",
-        concept_texts=lambda params: params.queries,
+        concept_field="queries",
     )
 
 
@@ -106,19 +106,20 @@ async def submit_one_image(
     model,
     kind: str,
     *,
-    concept_texts=None,
+    concept_field: str | None = None,
 ):
-    """concept_texts(params): the texts that may name concepts, resolved to the caller's concepts."""
+    """concept_field: the parameter whose texts may name concepts, resolved to the caller's concepts."""
     submission = await read_submission(request, model, ("image",))
     params = validate_params(model, submission.fields)
     data = submission.one_file("image")
 
     def check_and_submit():
-        field = "queries" if kind == "referring" else "classes"
         concepts, after = (
             ({}, None)
-            if concept_texts is None
-            else resolve_concepts(connection, tenant, concept_texts(params), settings, field, one_pass=kind == "text")
+            if concept_field is None
+            else resolve_concepts(
+                connection, tenant, getattr(params, concept_field), settings, concept_field, one_pass=kind == "text"
+            )
         )
         require_selfcross(concepts, params)
         image = check_image(data, max_pixels=settings.max_image_pixels)

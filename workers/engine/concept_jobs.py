@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE, ConceptFileError
 from attnseg.concept_store import UPLOAD_PREFIX, store
 from attnseg.images import load_mask
@@ -127,7 +125,7 @@ def segment_referring(ctx: JobContext, payload: dict) -> dict:
     scores = [None] * count
     for label, score in out.scores.items():
         scores[label] = score
-    segments = segments_from_labels(out.labels.astype(np.int64), names, ids, scores)
+    segments = segments_from_labels(out.labels, names, ids, scores)
     return finish(
         ctx,
         payload["image"],

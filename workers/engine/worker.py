@@ -37,7 +37,7 @@ from attnseg.workers_registry import announce, withdraw
 from workers.engine import runtime as runtime_module
 from workers.engine.batch import Batch, Member, attempt, claim_companions, fail_live, settle, share_key_of
 from workers.engine.context import REDIS_DOWN, JobContext
-from workers.engine.dispatch import batch_of, picture_side, queues_with_pictures
+from workers.engine.dispatch import batch_of, handlings, picture_side, queues_with_pictures
 from workers.engine.namesake import free_the_name
 from workers.engine.pictures import Prefetcher, fetch_image, install_prefetcher
 from workers.methods.concepts import concept_shapes
@@ -108,6 +108,7 @@ class ModelWorker(SimpleWorker):
 
     def bootstrap(self, *args, **kwargs):
         super().bootstrap(*args, **kwargs)
+        handlings()  # every job kind's code imported now: a wrong path in attnseg.queue.KINDS stops the start
         self.finisher = Finisher(depth=max(1, self.max_batch))
         self.finisher.start()
         with_pictures = queues_with_pictures()

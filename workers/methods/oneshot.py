@@ -6,7 +6,7 @@ Usable without the service::
     sd = load_stable_diffusion("stable-diffusion-v1-5/stable-diffusion-v1-5")
     model = train_oneshot(sd, [rgb_uint8], [label_mask], ["head", "body"])
     out = segment_oneshot(sd, model, other_rgb_uint8)
-    out.labels  # (H, W) int64: 0 background, 1.. the parts in `model.labels` order
+    out.labels  # (H, W) narrowest int: 0 background, 1.. the parts in `model.labels` order
 
 The pure tensor steps live in `workers.methods.slime`; this module runs the UNet and wires them together.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.methods import diffseg, slime
+from workers.methods import diffseg, label_maps, slime
 from workers.methods.timing import Timer
 from workers.models.attention import AttentionStore, capture_attention
 from workers.models.sd_ops import (
@@ -88,7 +88,7 @@ class OneshotModel:
 
 @dataclass
 class OneshotSegmentation:
-    labels: np.ndarray  # (H, W) int64: 0 background, c = part model.labels[c - 1]
+    labels: np.ndarray  # (H, W) narrowest int: 0 background, c = part model.labels[c - 1]
     scores: dict[int, float]  # label id present in `labels` -> mean score over its pixels
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -279,7 +279,7 @@ def segment_oneshot(
     started = time.perf_counter()
     labels, mean_scores = labels_and_scores(scores, tuple(output_size or image.shape[:2]))
     timer("label", started)
-    return OneshotSegmentation(labels.cpu().numpy(), mean_scores, timer.ms)
+    return OneshotSegmentation(label_maps.to_numpy(labels), mean_scores, timer.ms)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import SpectralClustering
 
 from attnseg.concept_files import IDENTIFIER
-from workers.methods import diffseg
+from workers.methods import diffseg, label_maps
 from workers.methods.concepts import Concept, vector_counts
 from workers.methods.prompts import Prompt, build_prompt, prompt_from_pieces
 from workers.methods.selfcross import background_score
@@ -178,7 +178,7 @@ def query_prompt(tokenizer, query: str, class_word: str, counts: dict[str, int])
 
 @dataclass
 class ReferringSegmentation:
-    labels: np.ndarray  # (H, W) int64: 0 background, 1 + query index, then other instances
+    labels: np.ndarray  # (H, W) narrowest int: 0 background, 1 + query index, then other instances
     scores: dict[int, float]  # query label -> its mean attribution over its instance
     instance_scores: list[list[float]]  # (M, K) every query's mean attribution on every instance
     instances: int  # K, instances found in the object area
@@ -266,5 +266,5 @@ def segment_referring(
     }
     timer("label", started)
     return ReferringSegmentation(
-        labels.numpy(), query_scores, scores.tolist(), count, instance_map.cpu().numpy(), chosen, timer.ms
+        label_maps.to_numpy(labels), query_scores, scores.tolist(), count, instance_map.cpu().numpy(), chosen, timer.ms
     )

@@ -10,7 +10,7 @@ label `first_label + k`: with a background channel first_label is 0 (channel 0 =
 without it 1. Usable without the service::
 
     out = segment_text(sd, clip, rgb_uint8, ["cat", "dog"], method="selfcross")
-    out.labels  # (H, W) int64: 0 = background, 1 + index in classes
+    out.labels  # (H, W) narrowest int: 0 = background, 1 + index in classes
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.methods import diffseg, gem
+from workers.methods import diffseg, gem, label_maps
 from workers.methods.concepts import Concept, combined_kv, encode_with_concepts, vector_counts
 from workers.methods.prompts import Prompt, PromptTooLongError, build_prompt
 from workers.methods.selfcross import background_score, selfcross_scores
@@ -55,7 +55,7 @@ CLUSTER_KL_THRESHOLD = 0.8
 
 @dataclass
 class TextSegmentation:
-    labels: np.ndarray  # (H, W) int64 at the image's size: 0 = background, c = 1 + index in `classes`
+    labels: np.ndarray  # (H, W) narrowest int type, at the image's size: 0 = background, c = 1 + index in `classes`
     scores: dict[int, float]  # label id -> mean of its channel over its pixels (present labels only)
     passes: int  # prompts per noise draw (selfcross splits long class lists); 1 for an SD pass, 0 for gem
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -386,7 +386,7 @@ def segment_text(
     report("labelling", 0.85)
     if method in ("selfcross", "gem"):
         labels, scores = channel_labels(channels, output_size, first_label, timer)
-        return TextSegmentation(labels.cpu().numpy(), scores, passes, timer.ms)
+        return TextSegmentation(label_maps.to_numpy(labels), scores, passes, timer.ms)
     if method == "gem_refined":
         side = latents.shape[-1]
         class_maps = F.interpolate(channels[None], size=(side, side), mode="bilinear", align_corners=False)[0]
@@ -402,4 +402,4 @@ def segment_text(
 
     scores = diffseg.label_scores(labels, channels, first_label)
     timer("scores", started)
-    return TextSegmentation(labels.cpu().numpy(), scores, passes, timer.ms)
+    return TextSegmentation(label_maps.to_numpy(labels), scores, passes, timer.ms)

@@ -4,7 +4,7 @@ Usable without the service::
 
     sd = load_stable_diffusion("stable-diffusion-v1-5/stable-diffusion-v1-5")
     out = segment_unsupervised(sd, rgb_uint8, kl_threshold=1.0)
-    out.labels  # (H, W) int64, 0..K-1
+    out.labels  # (H, W) 0..K-1, the narrowest int type (label_maps.to_numpy)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.methods import diffseg
+from workers.methods import diffseg, label_maps
 from workers.methods.prompts import Prompt, mean_over_spans, pad_ids, word_spans
 from workers.methods.timing import Timer
 from workers.models.attention import AttentionStore, capture_attention
@@ -35,7 +35,7 @@ ALL_BLOCKS = tuple(range(1, 17))
 
 @dataclass
 class UnsupervisedSegmentation:
-    labels: np.ndarray  # (H, W) int64, 0..K-1, numbered by first appearance
+    labels: np.ndarray  # (H, W) 0..K-1 in the narrowest int type, numbered by first appearance
     names: list[str | None]  # per label: the vocabulary word naming it, or None
     scores: list[float | None]  # per label: that word's mean score over the segment
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -143,7 +143,7 @@ def segment_row(
         names = [shared.vocabulary[i] for i in word.tolist()]
         scores = [round(v, 6) for v in best.tolist()]
         timer("naming", started)
-    return UnsupervisedSegmentation(labels.cpu().numpy(), names, scores, {**shared.timings_ms, **timer.ms})
+    return UnsupervisedSegmentation(label_maps.to_numpy(labels), names, scores, {**shared.timings_ms, **timer.ms})
 
 
 def segment_unsupervised(

@@ -1,9 +1,11 @@
 """Loading the Stable Diffusion components a worker needs (docs/methods.md 0.1).
 
 Each component is loaded with its own class's `from_pretrained`; there is no pipeline object and no
-safety checker. `model_id` is a hub id, a local directory in diffusers layout, or "tiny-random" ("tiny-random-sd2"):
-a randomly initialised pipeline of the real SD 1.x (2.x) topology that is built once into a cache
-directory and then loaded through the same code path as real weights.
+safety checker. `model_id` is a hub id, a local directory in diffusers layout, "tiny-random"
+("tiny-random-sd2"): a randomly initialised pipeline of the real SD 1.x (2.x) topology, or
+"tiny-colour": the SD 1.x topology with weights constructed so that attention follows colour
+(workers/models/tiny_colour.py). Those are built once into a cache directory and then loaded
+through the same code path as real weights.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from workers.models import tiny_colour
 from workers.models.tiny_random import RANDOM_WEIGHTS_MARKER, build_random
 
 TINY_RANDOM = "tiny-random"
@@ -153,8 +156,11 @@ def load_stable_diffusion(
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
 
+    cache = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
     if model_id in RANDOM_MODELS:
-        source = build_random(Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / model_id, RANDOM_MODELS[model_id])
+        source = build_random(cache / model_id, RANDOM_MODELS[model_id])
+    elif model_id == tiny_colour.MODEL_NAME:
+        source = tiny_colour.build_tiny_colour(cache / f"{model_id}-v{tiny_colour.VERSION}")
     elif _looks_like_path(model_id):
         source = Path(model_id).expanduser()
         if not source.is_dir():

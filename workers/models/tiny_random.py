@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,16 +78,18 @@ SD2_PAD_TOKEN = "!"  # SD 2.x pads with "!" (id 0), not EOS
 # SD 2.x (stabilityai/stable-diffusion-2-1-base): text 1024 wide, 23 layers, 16 heads, gelu, pad
 # "!"; UNet attention_head_dim (5, 10, 20, 20) read as per-block head counts (64-wide heads) and
 # use_linear_projection; "tiny-sd2" keeps those traits at tiny widths (heads 2, 2, 4, 4: 16 wide).
+TINY_TEXT = {
+    "hidden_size": TEXT_WIDTH,
+    "intermediate_size": 2 * TEXT_WIDTH,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "hidden_act": "quick_gelu",
+}
+TINY_UNET = {"block_out_channels": (32, 32, 64, 64), "norm_num_groups": 8, "attention_head_dim": 2}
 ARCHITECTURES = {
     "tiny": {
-        "text": {
-            "hidden_size": TEXT_WIDTH,
-            "intermediate_size": 2 * TEXT_WIDTH,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "hidden_act": "quick_gelu",
-        },
-        "unet": {"block_out_channels": (32, 32, 64, 64), "norm_num_groups": 8, "attention_head_dim": 2},
+        "text": TINY_TEXT,
+        "unet": TINY_UNET,
         "vae": {"block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
         "pad_token": EOS_TOKEN,
     },
@@ -106,6 +109,14 @@ ARCHITECTURES = {
         },
         "vae": {"block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
         "pad_token": SD2_PAD_TOKEN,
+    },
+    # The modules of workers/models/tiny_colour.py before it sets their weights: "tiny" with a VAE
+    # whose groups of 4 channels fit the construction's (x, -x, K, -K) layout.
+    "tiny-colour": {
+        "text": TINY_TEXT,
+        "unet": TINY_UNET,
+        "vae": {"block_out_channels": (16, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 4},
+        "pad_token": EOS_TOKEN,
     },
     "sd15": {
         "text": {
@@ -229,10 +240,15 @@ def tiny_random_components(seed: int = 0) -> dict:
     return random_components("tiny", seed)
 
 
-def _write_pipeline(directory: Path, architecture: str, seed: int) -> None:
-    for subfolder, component in random_components(architecture, seed).items():
+def write_components(directory: Path, components: dict) -> None:
+    """Save the five components into `directory` in diffusers layout, with its model_index.json."""
+    for subfolder, component in components.items():
         component.save_pretrained(directory / subfolder)
     (directory / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+
+
+def _write_pipeline(directory: Path, architecture: str, seed: int) -> None:
+    write_components(directory, random_components(architecture, seed))
     marker = {
         "random_weights": True,
         "architecture": architecture,
@@ -251,21 +267,28 @@ def build_random(path: Path, architecture: str = "tiny", seed: int = 0) -> Path:
     """Write a random SD pipeline (an ARCHITECTURES entry) into `path` unless it is already there.
 
     Diffusers layout, loadable with load_stable_diffusion(path); "sd15" writes 4.3 GB (fp32).
+    """
+    return build_once(path, lambda staging: _write_pipeline(staging, architecture, seed), RANDOM_WEIGHTS_MARKER)
+
+
+def build_once(path: Path, write: Callable[[Path], None], marker: str) -> Path:
+    """Run `write(directory)` to fill `path` unless `path / marker` exists (written last by `write`).
+
     Safe under concurrent builders: each builds in a private directory next to `path` and renames
     it into place; a builder that loses the race discards its copy.
     """
     path = Path(path)
-    if (path / RANDOM_WEIGHTS_MARKER).exists():
+    if (path / marker).exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared between users
     try:
-        _write_pipeline(staging, architecture, seed)
+        write(staging)
         try:
             os.rename(staging, path)
         except OSError:
-            if not (path / RANDOM_WEIGHTS_MARKER).exists():
+            if not (path / marker).exists():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
