@@ -150,8 +150,9 @@ def enqueue(
 
 
 # Redis keys owned by attnseg (RQ's own keys live under "rq:").
-def image_key(digest: str) -> str:
-    return f"attnseg:image:{digest}"
+def image_key(owner: str, digest: str) -> str:
+    """A tenant's picture (tenant names have no ':')."""
+    return f"attnseg:image:{owner}:{digest}"
 
 
 def cancel_key(job_id: str) -> str:

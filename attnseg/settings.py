@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     )
     api_keys: str | None = Field(None, description="Comma-separated `tenant:key` pairs.")
     api_keys_file: Path | None = Field(None, description="One `tenant:key` a line; re-read when it changes.")
+    admin_keys: str | None = Field(
+        None,
+        description="Comma-separated operator keys: they alone open `/metrics` and `/readyz` details once any "
+        "key is configured; they are not tenants' keys (the job and model routes refuse them).",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated exact origins browsers may call the API from."
     )

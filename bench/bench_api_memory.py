@@ -89,7 +89,7 @@ def one_colour_job(redis: RedisServer, side: int) -> tuple[str, bytes]:
     picture = io.BytesIO()
     Image.fromarray(np.full((side, side, 3), (120, 160, 200), np.uint8)).save(picture, format="PNG")
     connection = redis.client()
-    image = {"key": store_bytes(connection, picture.getvalue(), ttl_s=3600), "width": side, "height": side}
+    image = {"key": store_bytes(connection, "default", picture.getvalue(), ttl_s=3600), "width": side, "height": side}
     whole = np.ones((side, side), bool)
     segment = {"id": 1, "label": None, "bbox": rle.bbox(whole), "segmentation": rle.encode(whole)}
     job = enqueue_stand_in(connection, image=image, result={"image": image, "segments": [segment]})

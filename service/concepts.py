@@ -15,10 +15,10 @@ from attnseg.concept_files import (
     embedding_key,
     identifiers_in,
     kv_layers,
-    safetensors_shapes,
 )
 from attnseg.concept_store import UPLOAD_PREFIX, IdentifierTakenError, store
 from attnseg.settings import Settings
+from attnseg.tensor_files import TensorFileError, declared_shapes
 from attnseg.workers_registry import ready_workers
 from service.errors import ApiError
 from service.records import with_job_state
@@ -132,19 +132,21 @@ def announced_shapes(connection) -> tuple[dict, str] | None:
 
 
 def precheck_files(connection, identifier: str, embeddings: bytes, weights: bytes | None) -> None:
-    """Check safetensors uploads from their headers, here, before anything is queued: what they
-    hold, and their shapes against a ready worker's model. Torch `.bin` files are checked by the
-    worker (reading them needs torch)."""
+    """Check the uploads from their headers, here, before anything is queued (attnseg.tensor_files):
+    a malformed or oversized file, and a safetensors file whose contents or shapes do not fit a ready
+    worker's model, are 422s. A torch zip's tensors are in its pickle: the worker checks those."""
     expected = announced_shapes(connection)
-    embedding_shapes = safetensors_shapes(embeddings)
-    if embedding_shapes is not None:
-        with refused_as("embeddings"):
+    with refused_as("embeddings"):
+        embedding_shapes = declared_shapes(embeddings)
+        if embedding_shapes is not None:
             shape = embedding_shapes[embedding_key(embedding_shapes, identifier)]
             if expected is not None:
                 check_embedding_shape(shape, *expected)
-    weight_shapes = safetensors_shapes(weights) if weights else None
-    if weight_shapes is not None:
-        with refused_as("weights"):
+    if weights is None:
+        return
+    with refused_as("weights"):
+        weight_shapes = declared_shapes(weights)
+        if weight_shapes is not None:
             kv = kv_layers(weight_shapes)
             if expected is not None:
                 check_kv_shapes(kv, *expected)
@@ -152,10 +154,10 @@ def precheck_files(connection, identifier: str, embeddings: bytes, weights: byte
 
 @contextmanager
 def refused_as(field: str):
-    """A ConceptFileError inside becomes a 422 naming the file's field."""
+    """A ConceptFileError or TensorFileError inside becomes a 422 naming the file's field."""
     try:
         yield
-    except ConceptFileError as exc:
+    except (ConceptFileError, TensorFileError) as exc:
         raise ApiError(422, "invalid_concept", str(exc), field=field) from None
 
 

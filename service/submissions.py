@@ -197,16 +197,18 @@ def validate_params(model: type[BaseModel], fields: dict[str, Any]) -> BaseModel
         raise ApiError(422, "invalid_field", message, field=name) from None
 
 
-def openapi_body(model: type[BaseModel], file_fields: dict[str, bool]) -> dict:
-    """OpenAPI requestBody for both encodings; `file_fields` maps a file field to "many allowed"."""
+def openapi_body(model: type[BaseModel], file_fields: dict[str, bool], optional: tuple[str, ...] = ()) -> dict:
+    """OpenAPI requestBody for both encodings; `file_fields` maps a file field to "many allowed",
+    and the file fields in `optional` may be left out."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     properties = dict(schema.get("properties", {}))
     required = schema.get("required", [])
-    multipart = {"type": "object", "properties": dict(properties), "required": [*file_fields, *required]}
+    files = [name for name in file_fields if name not in optional]
+    multipart = {"type": "object", "properties": dict(properties), "required": [*files, *required]}
     as_json = {
         "type": "object",
         "properties": dict(properties),
-        "required": [*(f"{name}_base64" for name in file_fields), *required],
+        "required": [*(f"{name}_base64" for name in files), *required],
     }
     for name, many in file_fields.items():
         binary = {"type": "string", "format": "binary"}

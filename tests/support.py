@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import json
+import math
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +99,37 @@ def image_bytes(width: int = 300, height: int = 200, fmt: str = "PNG", seed: int
     pixels = np.clip(pixels + rng.integers(-10, 10, pixels.shape), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def safetensors_file(shapes: dict[str, list[int]], dtype: str = "F32") -> bytes:
+    """A valid safetensors file of zeros (written by hand: the API side has no torch)."""
+    itemsize = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "BOOL": 1, "U8": 1, "I64": 8, "C64": 8}[dtype]
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = itemsize * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    return raw_safetensors(json.dumps(header).encode(), bytes(offset))
+
+
+def raw_safetensors(header: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("<Q", len(header)) + header + data
+
+
+@functools.cache
+def deflate_bomb(members: tuple[tuple[str, bytes], ...] = (), data_bytes: int = 4 * 2**26) -> bytes:
+    """A torch-style zip whose storage member `archive/data/0` is data_bytes of zeros, DEFLATE-compressed
+    (the default: zeros(1, 2**26) in float32, 1.2 MB on disk, 256 MiB inflated), next to `members`
+    (name, bytes) (a torch file's other members; by default a stand-in data.pkl)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for name, data in members or (("archive/data.pkl", b"\x80\x02}q\x00."),):
+            archive.writestr(name, data)
+        with archive.open("archive/data/0", "w", force_zip64=True) as member:
+            chunk = bytes(4 * 2**20)
+            for _ in range(data_bytes // len(chunk)):
+                member.write(chunk)
     return buffer.getvalue()
 
 
@@ -271,7 +307,7 @@ class Stack:
     def ready_workers(self) -> int:
         import httpx
 
-        key = self.api_env.get("ATTNSEG_API_KEY")
+        key = self.api_env.get("ATTNSEG_ADMIN_KEYS", "").split(",")[0] or self.api_env.get("ATTNSEG_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
             return len(httpx.get(f"{self.base_url}/readyz", headers=headers, timeout=2).json()["workers"])

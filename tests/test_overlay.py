@@ -23,7 +23,7 @@ def png(pixels: np.ndarray) -> bytes:
 
 def succeeded_job(connection, width: int, height: int) -> str:
     """A succeeded job over a one-colour picture: segment 1 the left half, segment 2 the rest."""
-    key = store_bytes(connection, png(np.full((height, width, 3), 90, np.uint8)), ttl_s=600)
+    key = store_bytes(connection, "default", png(np.full((height, width, 3), 90, np.uint8)), ttl_s=600)
     left = np.zeros((height, width), bool)
     left[:, : width // 2] = True
     segments = [

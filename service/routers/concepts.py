@@ -8,6 +8,7 @@ import uuid
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+import service.paths  # noqa: F401 - registers the `id` path convertor
 from attnseg import concept_store
 from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE
 from attnseg.concept_store import UPLOAD_PREFIX, store
@@ -38,7 +39,7 @@ RECORD_ERRORS = error_responses(401, 404, 422, 503)
     status_code=202,
     response_model=Job,
     responses=SUBMIT_ERRORS,
-    openapi_extra=openapi_body(ConceptTrainParams, {"images": True, "masks": True}),
+    openapi_extra=openapi_body(ConceptTrainParams, {"images": True, "masks": True}, optional=("masks",)),
     summary="Learn a concept from 3 to 20 photos of one object",
 )
 async def train(
@@ -75,8 +76,8 @@ async def train(
             )
             return {
                 "concept_id": concept_id,
-                "photos": [image_entry(connection, p, settings) for p in photos],
-                "masks": [image_entry(connection, m, settings) for m in object_masks] or None,
+                "photos": [image_entry(connection, p, settings, tenant) for p in photos],
+                "masks": [image_entry(connection, m, settings, tenant) for m in object_masks] or None,
                 "params": {**params.model_dump(), "concept_id": concept_id},
             }
 
@@ -99,7 +100,7 @@ async def train(
     status_code=202,
     response_model=Job,
     responses=SUBMIT_ERRORS,
-    openapi_extra=openapi_body(ConceptImportParams, {"embeddings": False, "weights": False}),
+    openapi_extra=openapi_body(ConceptImportParams, {"embeddings": False, "weights": False}, optional=("weights",)),
     summary="Import a concept trained elsewhere (diffusers Textual Inversion / Custom Diffusion files)",
 )
 async def import_concept(
@@ -173,7 +174,7 @@ def list_concepts(
     }
 
 
-@router.get("/{concept_id}", response_model=Concept, responses=RECORD_ERRORS)
+@router.get("/{concept_id:id}", response_model=Concept, responses=RECORD_ERRORS)
 def get_concept(
     concept_id: str,
     tenant: TenantDep,
@@ -184,7 +185,7 @@ def get_concept(
 
 
 @router.get(
-    "/{concept_id}/files/{name}",
+    "/{concept_id:id}/files/{name}",
     response_class=Response,
     responses={**RECORD_ERRORS, 200: {"content": {"application/octet-stream": {}}}},
     summary="Export a ready concept's diffusers file",
@@ -208,7 +209,7 @@ def export_file(concept_id: str, name: str, tenant: TenantDep, connection: Redis
     )
 
 
-@router.delete("/{concept_id}", status_code=204, response_class=Response, responses=RECORD_ERRORS)
+@router.delete("/{concept_id:id}", status_code=204, response_class=Response, responses=RECORD_ERRORS)
 def delete_concept(
     concept_id: str,
     tenant: TenantDep,

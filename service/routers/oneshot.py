@@ -7,6 +7,7 @@ import uuid
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+import service.paths  # noqa: F401 - registers the `id` path convertor
 from attnseg import oneshot_store
 from attnseg.ownership import owned_by
 from service.deps import LimitQuery, OffsetQuery, RedisDep, SettingsDep, TenantDep
@@ -60,7 +61,10 @@ async def train(
 
         def store():
             entries = [
-                {"image": image_entry(connection, image, settings), "mask": image_entry(connection, mask, settings)}
+                {
+                    "image": image_entry(connection, image, settings, tenant),
+                    "mask": image_entry(connection, mask, settings, tenant),
+                }
                 for image, mask in pairs
             ]
             oneshot_store.create(
@@ -104,7 +108,7 @@ def list_models(
     }
 
 
-@router.get("/{model_id}", response_model=OneshotModel, responses=error_responses(401, 404, 422, 503))
+@router.get("/{model_id:id}", response_model=OneshotModel, responses=error_responses(401, 404, 422, 503))
 def get_model(
     model_id: str,
     tenant: TenantDep,
@@ -114,7 +118,9 @@ def get_model(
     return model_view(connection, get_record(connection, model_id, tenant), settings)
 
 
-@router.delete("/{model_id}", status_code=204, response_class=Response, responses=error_responses(401, 404, 422, 503))
+@router.delete(
+    "/{model_id:id}", status_code=204, response_class=Response, responses=error_responses(401, 404, 422, 503)
+)
 def delete_model(
     model_id: str,
     tenant: TenantDep,
@@ -172,7 +178,7 @@ async def segment(
             response,
             tenant,
             "oneshot_segment",
-            lambda: {"model_id": model_id, "image": image_entry(connection, image, settings), "params": filled},
+            lambda: {"model_id": model_id, "image": image_entry(connection, image, settings, tenant), "params": filled},
             after=after,
             extra_meta={"model_id": model_id},
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -9,7 +10,7 @@ from attnseg.settings import Settings
 from service.concepts import require_selfcross, resolve_concepts
 from service.deps import RedisDep, SettingsDep, TenantDep
 from service.errors import error_responses
-from service.schemas import Job, ReferringParams, TextParams, UnsupervisedParams
+from service.schemas import Job, Params, ReferringParams, TextParams, UnsupervisedParams
 from service.submissions import openapi_body, read_submission, validate_params
 from service.submit import image_entry, submit_job
 from service.uploads import check_image
@@ -102,8 +103,8 @@ async def submit_one_image(
     response: Response,
     tenant: str,
     settings: Settings,
-    connection,
-    model,
+    connection: redis.Redis,
+    model: type[Params],
     kind: str,
     *,
     concept_field: str | None = None,
@@ -130,7 +131,7 @@ async def submit_one_image(
             tenant,
             kind,
             lambda: {
-                "image": image_entry(connection, image, settings),
+                "image": image_entry(connection, image, settings, tenant),
                 "params": params.model_dump(),
                 "concepts": concepts,
             },

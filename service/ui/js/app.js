@@ -335,6 +335,10 @@ function describeReadiness(ready) {
   if (!ready.redis) {
     pill.dataset.state = "down";
     pill.textContent = "The job store (Redis) is down";
+  } else if (!("workers" in ready)) {
+    // A tenant's key gets the bare verdict: worker details are for operators.
+    pill.dataset.state = ready.ready ? "ready" : "waiting";
+    pill.textContent = ready.ready ? "Service ready" : "No worker ready: jobs wait in the queue";
   } else if (!workers.length) {
     pill.dataset.state = "waiting";
     pill.textContent = "No worker ready: jobs wait in the queue";
