@@ -36,8 +36,9 @@ from attnseg.settings import Settings
 from attnseg.workers_registry import announce, withdraw
 from workers.engine import runtime as runtime_module
 from workers.engine.batch import Batch, Member, attempt, claim_companions, fail_live, settle, share_key_of
-from workers.engine.context import JobCanceled, JobContext
+from workers.engine.context import REDIS_DOWN, JobCanceled, JobContext
 from workers.engine.dispatch import batch_of, handlings, picture_side, queues_with_pictures
+from workers.engine.namesake import free_the_name
 from workers.engine.pictures import Prefetcher, fetch_image, install_prefetcher
 from workers.methods.unsupervised import segment_unsupervised
 from workers.models.concept import concept_shapes
@@ -45,6 +46,7 @@ from workers.models.concept import concept_shapes
 log = logging.getLogger("attnseg.worker")
 
 HEARTBEAT_MIN_S = 2.0
+RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.5, 5.0  # waiting for Redis: first pause, longest pause
 
 
 class Finisher(threading.Thread):
@@ -161,7 +163,13 @@ class ModelWorker(SimpleWorker):
         recent = self.last_heartbeat is not None and (now() - self.last_heartbeat).total_seconds() < HEARTBEAT_MIN_S
         if pipeline is None and timeout is None and recent:
             return
-        super().heartbeat(timeout, pipeline)
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        try:
+            super().heartbeat(timeout)
+        except REDIS_DOWN as exc:  # the work loop's own heartbeat: the next one gets through
+            log.warning("heartbeat: redis unreachable: %s", exc)
 
     def activity(self) -> dict:
         """For the announcement: the model thread's busy seconds so far (their rate between two
@@ -174,24 +182,55 @@ class ModelWorker(SimpleWorker):
             "prefetch_misses": prefetcher.misses if prefetcher else 0,
         }
 
+    # A Redis outage of any length is waited out: RQ's work loop quits on any error outside its
+    # dequeue, so each step of it that talks to Redis waits for Redis to come back instead.
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        while True:
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except REDIS_DOWN as exc:  # RQ retries its dequeue, not the state and heartbeat around it
+                wait_for_redis(self.connection, exc)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        try:
+            super().check_for_suspension(burst)
+        except REDIS_DOWN as exc:
+            wait_for_redis(self.connection, exc)
+
+    def run_maintenance_tasks(self) -> None:
+        try:
+            super().run_maintenance_tasks()
+        except REDIS_DOWN as exc:  # the next round does them
+            wait_for_redis(self.connection, exc)
+
     def execute_job(self, job: Job, queue):
+        """A job (or batch) that loses Redis ends where it got to: an outcome RQ could not store leaves
+        the job started without heartbeats, so it is failed as worker_lost once Redis is back."""
+        try:
+            self.run_job_or_batch(job, queue)
+            self.set_state(WorkerStatus.IDLE)
+        except REDIS_DOWN as exc:
+            log.warning("job %s lost redis while it ran", job.id)
+            wait_for_redis(self.connection, exc)
+
+    def run_job_or_batch(self, job: Job, queue) -> None:
         batch = batch_of(job.func_name)
         key = share_key_of(job, batch) if batch is not None else None
         if key is not None:
             companions = claim_companions(self.connection, queue, key, batch, self.max_batch - 1)
             self.perform_batch([job, *companions], queue, batch)
-        else:
-            self.look_ahead()
-            execution = self.prepare_execution(job)
-            self._track(job, execution)
-            started = time.perf_counter()
-            try:
-                self.perform_job(job, queue, execution)
-            finally:
-                self.model_busy_s += time.perf_counter() - started  # with its fetch, encode and save
-                self._untrack(job)
-                announce_end(self.connection, job.id)
-        self.set_state(WorkerStatus.IDLE)
+            return
+        self.look_ahead()
+        execution = self.prepare_execution(job)
+        self._track(job, execution)
+        started = time.perf_counter()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            self.model_busy_s += time.perf_counter() - started  # with its fetch, encode and save
+            self._untrack(job)
+            announce_end(self.connection, job.id)
 
     def look_ahead(self) -> None:
         if self.prefetcher is not None:
@@ -252,6 +291,35 @@ def announce_end(connection, job_id: str) -> None:
         log.warning("could not announce the end of job %s: %s", job_id, exc)
 
 
+def wait_for_redis(connection, error: Exception) -> None:
+    """Until Redis answers again: pings with exponential backoff (each ping is itself retried for a
+    few seconds by the connection), up to RECONNECT_MAX_S between them."""
+    log.warning("redis unreachable (%s): waiting for it", error)
+    pause = RECONNECT_FIRST_S
+    while True:
+        time.sleep(pause)
+        try:
+            connection.ping()
+        except REDIS_DOWN:
+            pause = min(2 * pause, RECONNECT_MAX_S)
+            continue
+        log.info("redis is back")
+        return
+
+
+def claim_name(connection, name: str, settings: Settings) -> None:
+    """Before loading the models: wait for Redis (a worker may start during an outage) and for `name`
+    to be free; a crashed namesake's record is cleaned up and its jobs failed now (namesake.py)."""
+    while True:
+        try:
+            if free_the_name(connection, name, settings.worker_lost_after_s):
+                return
+            log.warning("a live worker is named %s already: waiting for it to stop or fall silent", name)
+            time.sleep(settings.worker_heartbeat_s)
+        except REDIS_DOWN as exc:
+            wait_for_redis(connection, exc)
+
+
 class Pulse(threading.Thread):
     def __init__(self, worker: ModelWorker, info: dict, settings: Settings):
         super().__init__(name="attnseg-pulse", daemon=True)
@@ -273,6 +341,8 @@ class Pulse(threading.Thread):
     def beat(self) -> None:
         connection = self.worker.connection
         running = self.announce()
+        if self.worker.birth_date is not None:  # registered: RQ's record shows it alive (see namesake.py)
+            self.worker.heartbeat()
         for job, execution in running:
             self.worker.maintain_heartbeats(job, execution)
         for name in QUEUES:
@@ -304,13 +374,14 @@ def default_worker_name() -> str:
 def run_worker(
     settings: Settings, *, queues: tuple[str, ...] = QUEUES, name: str | None = None, burst: bool = False
 ) -> None:
+    connection = connect(settings.redis_url)
+    name = name or default_worker_name()
+    claim_name(connection, name, settings)
     runtime = runtime_module.load_runtime(settings)
     runtime_module.install(runtime)
     if settings.warmup:
         log.info("warm-up pass took %.1f s", warm_up(runtime))
 
-    connection = connect(settings.redis_url)
-    name = name or default_worker_name()
     ModelWorker.lost_after_s = settings.worker_lost_after_s
     ModelWorker.max_batch = settings.max_batch or (8 if runtime.sd.device.type == "cuda" else 1)
     ModelWorker.prefetch_bytes = settings.prefetch_mb * 2**20
