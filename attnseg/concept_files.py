@@ -12,9 +12,7 @@ No torch here: the API checks uploads with it before queueing, the worker after 
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
 KV_FILE = "pytorch_custom_diffusion_weights.safetensors"
@@ -31,27 +29,6 @@ def identifiers_in(text: str) -> list[str]:
 
 class ConceptFileError(ValueError):
     """A concept file that cannot be used: the message says what is wrong and what fits."""
-
-
-def safetensors_shapes(data: bytes) -> dict[str, list[int]] | None:
-    """Tensor name -> shape from a safetensors file's header (8-byte little-endian length, then JSON),
-    or None when the bytes are not a safetensors file (e.g. a torch `.bin`)."""
-    if len(data) < 8:
-        return None
-    (length,) = struct.unpack("<Q", data[:8])
-    if not 2 <= length <= len(data) - 8:
-        return None
-    try:
-        header = json.loads(data[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(header, dict):
-        return None
-    return {
-        name: list(entry["shape"])
-        for name, entry in header.items()
-        if name != "__metadata__" and isinstance(entry, dict) and "shape" in entry
-    }
 
 
 def embedding_key(shapes: dict[str, list[int]], identifier: str) -> str:

@@ -1,12 +1,14 @@
-"""Pictures in Redis, by content hash: the API checks and stores, workers decode.
+"""Pictures in Redis, by owner and content hash: the API checks and stores, workers decode.
 
 A photo is stored as the bytes it was received in (JPEG, PNG or WebP, already checked by the API:
-format, pixel cap, a full decode), under the SHA-256 of those bytes, so identical uploads share one
-key. Both sides decode it with `decode_rgb`: EXIF orientation applied, any mode Pillow opens turned
-into 8-bit RGB (16-bit grey scaled, not clipped). A worker may decode straight to a smaller working
-size (`min_side`: JPEG draft mode, then `Image.reduce`); the job payload carries the upright
-width/height, so masks still come back at the original size. Label masks are stored normalised:
-single-channel 8-bit PNG of class ids.
+format, pixel cap, a full decode), under its owner (tenant) and the SHA-256 of those bytes, so one
+tenant's identical uploads share one key and another tenant's never do: no tenant extends, shortens
+or learns of another's pictures. A stored copy's TTL is only ever lengthened. Both sides decode it
+with `decode_rgb`: EXIF orientation applied, any mode Pillow opens turned into 8-bit RGB (16-bit
+grey scaled, not clipped). A worker may decode straight to a smaller working size (`min_side`: JPEG
+draft mode, then `Image.reduce`); the job payload carries the upright width/height, so masks still
+come back at the original size. Label masks are stored normalised: single-channel 8-bit PNG of
+class ids.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = grey_to_8bit(image)
     elif image.mode not in PILLOW_TO_RGB:
         raise UnsupportedModeError(image.mode)
+    if image.mode == "RGB":
+        return image  # convert() would return a full copy
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # Pillow's documented path for palette transparency
     return image.convert("RGB")
@@ -91,15 +95,16 @@ def decode_rgb(data: bytes, *, min_side: int | None = None) -> np.ndarray:
         return np.array(ImageOps.exif_transpose(image))
 
 
-def content_key(data: bytes) -> str:
-    return image_key(hashlib.sha256(data).hexdigest())
+def content_key(owner: str, data: bytes) -> str:
+    return image_key(owner, hashlib.sha256(data).hexdigest())
 
 
-def store_bytes(connection, data: bytes, ttl_s: int) -> str:
-    """Store checked picture bytes; returns the Redis key. Refreshes the TTL of an existing copy."""
-    key = content_key(data)
-    if not connection.expire(key, ttl_s):
-        connection.set(key, data, ex=ttl_s)
+def store_bytes(connection, owner: str, data: bytes, ttl_s: int) -> str:
+    """Store checked picture bytes of `owner`; returns the Redis key. An existing copy is kept, its
+    TTL raised to ttl_s if it was shorter (never shortened: a finished job keeps its picture longer)."""
+    key = content_key(owner, data)
+    if not connection.expire(key, ttl_s, gt=True):  # 0: no such key, or it already lives longer
+        connection.set(key, data, ex=ttl_s, nx=True)
     return key
 
 

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         return self
 
     # API.
+    overlay_max_side: int = Field(
+        2048, ge=16, description="Longest side of an overlay drawing; larger pictures are drawn reduced."
+    )
+    overlay_concurrency: int = Field(
+        2, gt=0, description="Overlays drawn at once per API process; beyond it 429 with Retry-After."
+    )
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_key: str | None = Field(
@@ -82,6 +88,11 @@ class Settings(BaseSettings):
     )
     api_keys: str | None = Field(None, description="Comma-separated `tenant:key` pairs.")
     api_keys_file: Path | None = Field(None, description="One `tenant:key` a line; re-read when it changes.")
+    admin_keys: str | None = Field(
+        None,
+        description="Comma-separated operator keys: they alone open `/metrics` and `/readyz` details once any "
+        "key is configured; they are not tenants' keys (the job and model routes refuse them).",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated exact origins browsers may call the API from."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 import redis
@@ -19,7 +20,9 @@ from service.lifecycle import begin_shutdown, open_lifecycle
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.routers import concepts, jobs, oneshot, ops, segment
+from service.routers.docs import mount_docs
 from service.routers.ui import mount_ui
+from service.url_secrets import UrlSecretsMiddleware, scrub_access_log
 
 log = logging.getLogger("attnseg.api")
 
@@ -54,18 +57,25 @@ def create_app(settings: Settings | None = None, connection=None) -> FastAPI:
         await job_events.stop()
         connection.close()
 
-    app = FastAPI(title="attnseg", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # FastAPI's own /docs and /redoc load their scripts from a CDN: ours are served from the package.
+    app = FastAPI(
+        title="attnseg", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.state.settings = settings
     app.state.redis = connection
     app.state.job_events = job_events
+    app.state.overlay_slots = threading.BoundedSemaphore(settings.overlay_concurrency)
     app.state.metrics = Metrics(connection)
     app.state.keyring = KeyRing(settings)
     install_error_handlers(app)
     for router in (segment.router, oneshot.router, concepts.router, jobs.router, ops.router):
         app.include_router(router)
+    mount_docs(app)
     mount_ui(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(UrlSecretsMiddleware)
     install_edges(app, settings.cors_origins)
+    scrub_access_log()
     logging.getLogger("attnseg").setLevel(logging.INFO)
     return app

@@ -3,7 +3,9 @@
 Keys come from `ATTNSEG_API_KEYS` (`tenant:key,tenant:key`), `ATTNSEG_API_KEYS_FILE` (one
 `tenant:key` a line, `#` comments; re-read when its modification time changes) and the single
 `ATTNSEG_API_KEY` (tenant `default`). With no key configured, auth is off and every caller is
-tenant `default`. Keys are compared in constant time and never logged.
+tenant `default`. Operators' keys (`ATTNSEG_ADMIN_KEYS`, comma-separated) are apart from tenants':
+they open `/metrics` and `/readyz` details, and nothing a tenant owns. Keys are compared in constant
+time and never logged.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class KeyRing:
             self.fixed.append((DEFAULT_TENANT, settings.api_key.encode()))
         if settings.api_keys:
             self.fixed += parse_pairs(settings.api_keys, "ATTNSEG_API_KEYS", ",")
+        self.admin = [key.strip().encode() for key in (settings.admin_keys or "").split(",") if key.strip()]
         self.path: Path | None = settings.api_keys_file
         self._file_pairs: list[tuple[str, bytes]] = []
         self._mtime: int | None = None
@@ -80,6 +83,16 @@ class KeyRing:
     @property
     def enabled(self) -> bool:
         return bool(self.fixed) or self.path is not None
+
+    @property
+    def operators_only(self) -> bool:
+        """Whether operations details need an admin key: once any key, a tenant's or an admin's, is set."""
+        return self.enabled or bool(self.admin)
+
+    def is_admin(self, token: str) -> bool:
+        """Whether this is an operator's key (compared with every admin key: constant time)."""
+        given = token.encode()
+        return sum(hmac.compare_digest(given, key) for key in self.admin) > 0
 
     def tenant_of(self, token: str) -> str | None:
         """The tenant whose key this is, comparing against every key (no early exit: constant time)."""

@@ -15,14 +15,15 @@ from attnseg.concept_files import (
     embedding_key,
     identifiers_in,
     kv_layers,
-    safetensors_shapes,
 )
 from attnseg.concept_store import UPLOAD_PREFIX, IdentifierTakenError, store
 from attnseg.settings import Settings
+from attnseg.tensor_files import TensorFileError, declared_shapes
 from attnseg.workers_registry import ready_workers
 from service.errors import ApiError
 from service.records import with_job_state
 from service.schemas import shown_id, valid_id
+from service.submissions import part_name
 from service.submit import checked_mask
 from service.uploads import CheckedImage, check_image, decode_mask
 
@@ -32,6 +33,8 @@ IN_THE_MAKING = ("training", "importing")
 
 def concept_view(connection, record: dict, settings: Settings) -> dict:
     view = {**record, "progress": None, "files": [f for f in record["files"] if not f.startswith(UPLOAD_PREFIX)]}
+    view["name"] = record.get("name") or record["identifier"]  # unnamed (and older) concepts
+    view.setdefault("description", None)
     if record["status"] in IN_THE_MAKING:
         with_job_state(connection, view, record["job_id"], settings)
     return view
@@ -132,19 +135,21 @@ def announced_shapes(connection) -> tuple[dict, str] | None:
 
 
 def precheck_files(connection, identifier: str, embeddings: bytes, weights: bytes | None) -> None:
-    """Check safetensors uploads from their headers, here, before anything is queued: what they
-    hold, and their shapes against a ready worker's model. Torch `.bin` files are checked by the
-    worker (reading them needs torch)."""
+    """Check the uploads from their headers, here, before anything is queued (attnseg.tensor_files):
+    a malformed or oversized file, and a safetensors file whose contents or shapes do not fit a ready
+    worker's model, are 422s. A torch zip's tensors are in its pickle: the worker checks those."""
     expected = announced_shapes(connection)
-    embedding_shapes = safetensors_shapes(embeddings)
-    if embedding_shapes is not None:
-        with refused_as("embeddings"):
+    with refused_as("embeddings"):
+        embedding_shapes = declared_shapes(embeddings)
+        if embedding_shapes is not None:
             shape = embedding_shapes[embedding_key(embedding_shapes, identifier)]
             if expected is not None:
                 check_embedding_shape(shape, *expected)
-    weight_shapes = safetensors_shapes(weights) if weights else None
-    if weight_shapes is not None:
-        with refused_as("weights"):
+    if weights is None:
+        return
+    with refused_as("weights"):
+        weight_shapes = declared_shapes(weights)
+        if weight_shapes is not None:
             kv = kv_layers(weight_shapes)
             if expected is not None:
                 check_kv_shapes(kv, *expected)
@@ -152,10 +157,10 @@ def precheck_files(connection, identifier: str, embeddings: bytes, weights: byte
 
 @contextmanager
 def refused_as(field: str):
-    """A ConceptFileError inside becomes a 422 naming the file's field."""
+    """A ConceptFileError or TensorFileError inside becomes a 422 naming the file's field."""
     try:
         yield
-    except ConceptFileError as exc:
+    except (ConceptFileError, TensorFileError) as exc:
         raise ApiError(422, "invalid_concept", str(exc), field=field) from None
 
 
@@ -165,7 +170,7 @@ def check_photo_count(images: list, masks: list) -> None:
         raise ApiError(
             422,
             "invalid_field",
-            f"give {MIN_PHOTOS} to {MAX_PHOTOS} photos in `images`, got {len(images)}",
+            f"give {MIN_PHOTOS} to {MAX_PHOTOS} photos of the object, got {len(images)}",
             field="images",
         )
     if masks and len(masks) != len(images):
@@ -179,7 +184,7 @@ def check_photo_count(images: list, masks: list) -> None:
 
 def check_photos(images: list[tuple[str, bytes]], settings: Settings) -> list[CheckedImage]:
     return [
-        check_image(data, max_pixels=settings.max_image_pixels, field=f"images[{i}] ({name})")
+        check_image(data, max_pixels=settings.max_image_pixels, field=part_name("images", i, name))
         for i, (name, data) in enumerate(images)
     ]
 
@@ -191,7 +196,7 @@ def check_object_masks(
     decoded one at a time (memory stays that of the largest)."""
     object_masks = []
     for index, ((name, data), photo) in enumerate(zip(masks, photos)):
-        field = f"masks[{index}] ({name})"
+        field = part_name("masks", index, name)
         mask = decode_mask(data, max_pixels=settings.max_image_pixels, field=field) > 0
         if mask.shape != (photo.height, photo.width) or not mask.any():
             raise ApiError(

@@ -7,6 +7,8 @@ import asyncio
 
 from fastapi import FastAPI
 
+from service.url_secrets import scrub_access_log
+
 
 def open_lifecycle(app: FastAPI) -> None:
     """At start-up, in the server's event loop: the shutdown event and the loop a signal reaches it through."""
@@ -49,4 +51,5 @@ def serve(app: FastAPI, *, host: str, port: int) -> None:
                 loop.call_soon_threadsafe(begin_shutdown, app)
 
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    scrub_access_log()  # again: uvicorn's logging configuration has just been applied
     Server(config).run()

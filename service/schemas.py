@@ -7,18 +7,40 @@ import secrets
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from attnseg.concept_files import identifiers_in
+from attnseg.defaults import CONCEPT, DIFFSEG, ONESHOT, REFERRING, RESOLUTION, TEXT, TEXT_TIMESTEPS
 from attnseg.queue import KINDS
 
 MAX_WORDS = 32
 MAX_OFFSET = 1_000_000  # paging: beyond any real listing, far below what Redis indexes overflow at
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # job and model ids (RQ's alphabet); anything else is unknown
+QUERY_INTEGER = re.compile(r"-?[0-9]{1,20}")
 
 
 def valid_id(value: str) -> bool:
     return ID_PATTERN.fullmatch(value) is not None
+
+
+def digits_only(value: Any) -> Any:
+    """A query integer as written: digits only (pydantic alone would read "+0.0" or "1_0" as numbers)."""
+    if isinstance(value, str) and not QUERY_INTEGER.fullmatch(value):
+        raise ValueError("must be an integer written in digits")
+    return value
+
+
+DIGITS_ONLY = BeforeValidator(digits_only)  # in a query integer's Annotated[int, Query(), Field(...), DIGITS_ONLY]
 
 
 def shown_id(value: str) -> str:
@@ -26,7 +48,16 @@ def shown_id(value: str) -> str:
     return value if len(value) <= 64 else value[:61] + "..."
 
 
-Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+def no_separators(word: str) -> str:
+    if "," in word or "." in word:
+        raise ValueError(f"{word!r} contains ',' or '.', which separate words in the prompt")
+    return word
+
+
+# Checked one by one, so that every bad entry of a list is reported, not the first alone.
+Word = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), AfterValidator(no_separators)
+]
 
 
 # The API has no tokenizer (it never loads the text model): it refuses prompts that surely cannot fit
@@ -62,8 +93,6 @@ def new_seed() -> int:
 def unique_words(words: list[str], field: str) -> list[str]:
     seen: set[str] = set()
     for word in words:
-        if "," in word or "." in word:
-            raise ValueError(f"{field}: {word!r} contains ',' or '.', which separate words in the prompt")
         if word.lower() in seen:
             raise ValueError(f"{field}: {word!r} is given twice")
         seen.add(word.lower())
@@ -71,8 +100,9 @@ def unique_words(words: list[str], field: str) -> list[str]:
 
 
 class Params(BaseModel):
-    # Unknown fields are an error: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are an error: a typo must not silently fall back to a default. Strict types: an
+    # integer field takes integers only (not true, not 16.0), as the OpenAPI document says.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     seed: int = Field(
         default_factory=new_seed,
@@ -81,7 +111,7 @@ class Params(BaseModel):
         description="Seeds every random draw; the same seed gives the same masks.",
     )
     resolution: int = Field(
-        512,
+        RESOLUTION,
         ge=256,
         le=1024,
         multiple_of=64,
@@ -90,11 +120,13 @@ class Params(BaseModel):
 
 
 class UnsupervisedParams(Params):
-    kl_threshold: float = Field(1.0, gt=0, le=10, description="tau: merge maps closer than this (symmetric KL).")
-    grid: int = Field(16, ge=2, le=64, description="Anchors per side (M).")
-    iterations: int = Field(3, ge=1, le=10, description="Merging iterations, the first included.")
-    timestep: int = Field(300, ge=1, le=999, description="Diffusion timestep of the single UNet pass.")
-    refine: bool = Field(False, description="K-means refinement of the merged proposals.")
+    kl_threshold: float = Field(
+        DIFFSEG.kl_threshold, gt=0, le=10, description="tau: merge maps closer than this (symmetric KL)."
+    )
+    grid: int = Field(DIFFSEG.grid, ge=2, le=64, description="Anchors per side (M).")
+    iterations: int = Field(DIFFSEG.iterations, ge=1, le=10, description="Merging iterations, the first included.")
+    timestep: int = Field(DIFFSEG.timestep, ge=1, le=999, description="Diffusion timestep of the single UNet pass.")
+    refine: bool = Field(DIFFSEG.refine, description="K-means refinement of the merged proposals.")
     vocabulary: list[Word] | None = Field(
         None, max_length=MAX_WORDS, description="Words to name the segments (cross-attention)."
     )
@@ -116,7 +148,7 @@ class UnsupervisedParams(Params):
         return value
 
 
-TEXT_METHOD_TIMESTEP = {"selfcross": 150, "gem": None, "gem_refined": 100, "cluster": 100}
+SELFCROSS_ONLY = ("background_words", "samples", "gate_threshold", "background_threshold")
 MAX_CLASSES = 32
 
 
@@ -125,28 +157,30 @@ class TextParams(Params):
         min_length=1, max_length=MAX_CLASSES, description="Class names to find, 1 to 32, each up to 64 characters."
     )
     method: Literal["selfcross", "gem", "gem_refined", "cluster"] = Field(
-        "selfcross",
+        TEXT.method,
         description="selfcross: From Text to Mask (SD cross x self attention); gem: dense CLIP; "
         "gem_refined: GEM propagated by SD self-attention; cluster: DiffSeg segments "
         "named by GEM.",
     )
-    background: bool = Field(True, description="Add a background class (label_id 0) where no class is strong.")
+    background: bool = Field(
+        TEXT.background, description="Add a background class (label_id 0) where no class is strong."
+    )
     background_words: list[Word] | None = Field(
         None, max_length=8, description="selfcross: extra words in the prompt that absorb attention (never reported)."
     )
-    samples: int = Field(1, ge=1, le=10, description="selfcross: noise draws averaged (the paper uses 10).")
+    samples: int = Field(TEXT.samples, ge=1, le=10, description="selfcross: noise draws averaged (the paper uses 10).")
     timestep: int | None = Field(
         None, ge=1, le=999, description="Default per method: selfcross 150, gem_refined and cluster 100; gem uses none."
     )
     gate_threshold: float | None = Field(
-        0.2,
+        TEXT.gate_threshold,
         ge=0,
         lt=1,
         description="selfcross: box gate level on the "
         "quantised class map (VOC 0.2, COCO 0.5); null turns the gate off.",
     )
     background_threshold: float = Field(
-        0.5,
+        TEXT.background_threshold,
         gt=0,
         le=1,
         description="selfcross: thr of the background "
@@ -181,25 +215,60 @@ class TextParams(Params):
     @model_validator(mode="after")
     def _method_timestep(self):
         if self.timestep is None:
-            self.timestep = TEXT_METHOD_TIMESTEP[self.method]
+            self.timestep = TEXT_TIMESTEPS[self.method]
         return self
+
+    def foreign_fields(self) -> tuple[str, ...]:
+        """The fields the chosen method does not read (gem has no SD pass, so no timestep either)."""
+        if self.method == "selfcross":
+            return ()
+        return (*SELFCROSS_ONLY, "timestep") if self.method == "gem" else SELFCROSS_ONLY
+
+    @model_validator(mode="after")
+    def _only_own_fields(self):
+        # A value the method would ignore is refused rather than silently dropped.
+        given = [
+            name for name in self.foreign_fields() if name in self.model_fields_set and getattr(self, name) is not None
+        ]
+        if given:
+            only = " (selfcross only)" if given[0] in SELFCROSS_ONLY else ""
+            raise ValueError(f"{given[0]}: not used by method {self.method!r}{only}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _echo_own_fields(self, handler):
+        """The job echoes the parameters its method reads, no others."""
+        return {name: value for name, value in handler(self).items() if name not in self.foreign_fields()}
+
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+Description = Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)]
+
+
+class Naming(BaseModel):
+    """What people call a trained model or concept in listings (never in prompts: any text goes)."""
+
+    name: Name | None = Field(
+        None, description="Shown wherever it is listed; default: the part names (one-shot), the identifier (concepts)."
+    )
+    description: Description | None = Field(None, description="A longer note, up to 500 characters.")
 
 
 MAX_PARTS = 31  # one prompt token per class ("part " * K) leaves room in 77 positions; 31 is plenty
 
 
-class TrainParams(Params):
+class TrainParams(Params, Naming):
     labels: list[Word] = Field(
         min_length=1, max_length=MAX_PARTS, description="Part names for mask values 1..K-1 (0 is background)."
     )
-    epochs: int = Field(200, ge=1, le=2000)
-    learning_rate: float = Field(0.1, gt=0, le=10)
+    epochs: int = Field(ONESHOT.epochs, ge=1, le=2000)
+    learning_rate: float = Field(ONESHOT.learning_rate, gt=0, le=10)
     crops_per_side: Literal[1, 2] = Field(
-        1,
+        ONESHOT.crops_per_side,
         description="Default for segmenting with this model: 1 for whole "
         "objects, 2 (400 px crops) for faces and fine parts.",
     )
-    min_crop: float = Field(0.7, ge=0.5, le=1.0, description="Smallest random crop side, as a fraction.")
+    min_crop: float = Field(ONESHOT.min_crop, ge=0.5, le=1.0, description="Smallest random crop side, as a fraction.")
 
     @field_validator("labels")
     @classmethod
@@ -216,6 +285,8 @@ class OneshotSegmentParams(Params):
 
 class OneshotModel(BaseModel):
     id: str
+    name: str = Field(description="As given at training, else the part names.")
+    description: str | None = None
     status: Literal["training", "ready", "failed"]
     labels: list[str] = Field(description="label_id -> name; 0 is background.")
     sd_model: str | None = Field(description="The SD model the vectors belong to (set when training starts).")
@@ -238,11 +309,11 @@ ClassWord = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1
 Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 
-class ConceptTrainParams(Params):
+class ConceptTrainParams(Params, Naming):
     identifier: Identifier = Field(description="Letters, digits and '-'; written <identifier> in queries.")
     class_word: ClassWord = Field(description="The object's category ('mug'); the embedding starts from it.")
     train_kv: bool = Field(
-        True,
+        CONCEPT.train_kv,
         description="Custom Diffusion (embedding + to_k/to_v of the cross-attention "
         "layers); false: Textual Inversion (the embedding alone).",
     )
@@ -258,11 +329,11 @@ class ConceptTrainParams(Params):
     batch_size: int | None = Field(
         None, ge=1, le=8, description="Default: 2 (Custom Diffusion), 4 (Textual Inversion)."
     )
-    num_vectors: int = Field(1, ge=1, le=16, description="Vectors of the identifier.")
+    num_vectors: int = Field(CONCEPT.num_vectors, ge=1, le=16, description="Vectors of the identifier.")
 
 
-class ConceptImportParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ConceptImportParams(Naming):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     identifier: Identifier
     class_word: ClassWord
@@ -272,11 +343,13 @@ class ReferringParams(Params):
     class_word: ClassWord = Field(description="The category of the instances ('mug').")
     queries: list[Query] = Field(
         min_length=1,
-        max_length=8,
+        max_length=REFERRING.max_queries,
         description="1 to 8 texts, each with at most one <identifier> of a concept: '<my-mug> mug', 'a red mug'.",
     )
-    max_instances: int = Field(8, ge=1, le=16, description="Upper bound of the instances the clustering finds.")
-    timestep: int = Field(150, ge=1, le=999)
+    max_instances: int = Field(
+        REFERRING.max_instances, ge=1, le=16, description="Upper bound of the instances the clustering finds."
+    )
+    timestep: int = Field(REFERRING.timestep, ge=1, le=999)
 
     @field_validator("queries")
     @classmethod
@@ -289,6 +362,8 @@ class ReferringParams(Params):
 
 class Concept(BaseModel):
     id: str
+    name: str = Field(description="As given at training or import, else the identifier.")
+    description: str | None = None
     identifier: str
     class_word: str
     method: Literal["custom_diffusion", "textual_inversion"] | None = Field(
@@ -427,6 +502,9 @@ class WorkerInfo(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     redis: bool
+    key: Literal["not_needed", "missing", "refused", "accepted"] = Field(
+        description="This request's API key: not needed (no keys configured), missing, refused or accepted."
+    )
     workers: list[WorkerInfo] = Field(
         default_factory=list, description="Absent for callers without a key when keys are configured."
     )

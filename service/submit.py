@@ -24,10 +24,10 @@ from service.job_view import job_view
 from service.uploads import CheckedImage
 
 
-def image_entry(connection, image: CheckedImage, settings: Settings) -> dict:
-    """Store an upload as received; the entry a job payload carries (upright size included)."""
+def image_entry(connection, image: CheckedImage, settings: Settings, tenant: str) -> dict:
+    """Store the tenant's upload as received; the entry a job payload carries (upright size included)."""
     return {
-        "key": store_bytes(connection, image.data, settings.image_ttl_s),
+        "key": store_bytes(connection, tenant, image.data, settings.image_ttl_s),
         "width": image.width,
         "height": image.height,
     }

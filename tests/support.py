@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import json
+import math
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +102,37 @@ def image_bytes(width: int = 300, height: int = 200, fmt: str = "PNG", seed: int
     return buffer.getvalue()
 
 
+def safetensors_file(shapes: dict[str, list[int]], dtype: str = "F32") -> bytes:
+    """A valid safetensors file of zeros (written by hand: the API side has no torch)."""
+    itemsize = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "BOOL": 1, "U8": 1, "I64": 8, "C64": 8}[dtype]
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = itemsize * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    return raw_safetensors(json.dumps(header).encode(), bytes(offset))
+
+
+def raw_safetensors(header: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("<Q", len(header)) + header + data
+
+
+@functools.cache
+def deflate_bomb(members: tuple[tuple[str, bytes], ...] = (), data_bytes: int = 4 * 2**26) -> bytes:
+    """A torch-style zip whose storage member `archive/data/0` is data_bytes of zeros, DEFLATE-compressed
+    (the default: zeros(1, 2**26) in float32, 1.2 MB on disk, 256 MiB inflated), next to `members`
+    (name, bytes) (a torch file's other members; by default a stand-in data.pkl)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for name, data in members or (("archive/data.pkl", b"\x80\x02}q\x00."),):
+            archive.writestr(name, data)
+        with archive.open("archive/data/0", "w", force_zip64=True) as member:
+            chunk = bytes(4 * 2**20)
+            for _ in range(data_bytes // len(chunk)):
+                member.write(chunk)
+    return buffer.getvalue()
+
+
 def two_part_arrays(width: int = 96, height: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """A two-colour picture and its class-id mask: parts 1 (left) and 2 (right) under a background band."""
     band = height // 6
@@ -169,7 +205,8 @@ def worker_env(redis_url: str, cache_dir: Path, **extra: str) -> dict:
 def start_worker(
     redis_url: str, cache_dir: Path, log_path: Path, command: tuple[str, ...] = ("cli", "worker"), **extra: str
 ) -> subprocess.Popen:
-    """`python -m <command>` as a worker (the benchmark passes its own entry, bench.worker)."""
+    """`python -m <command>` as a worker (the benchmark passes its own entry, bench.worker), with the
+    test settings (worker_env) and `extra` ATTNSEG_* variables."""
     log = open(log_path, "ab")
     return subprocess.Popen(
         [sys.executable, "-m", *command],
@@ -231,7 +268,7 @@ class Stack:
             stderr=subprocess.STDOUT,
         )
 
-    def start_ready(self, timeout: float = 240) -> Stack:
+    def start_ready(self, timeout: float = 240, worker_args: tuple[str, ...] = (), **worker_env: str) -> Stack:
         """Redis, the API and one worker; returns once the worker is ready (stopped, with logs, if not)."""
         from workers.models.stable_diffusion import load_stable_diffusion
 
@@ -239,22 +276,30 @@ class Stack:
         load_stable_diffusion(self.model, device="cpu", dtype="float32", cache_dir=self.cache_dir)
         self.redis.start()
         self.start_api()
-        self.start_worker()
+        self.start_worker(*worker_args, **worker_env)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 240, workers: int = 1) -> None:
+        """Until `workers` workers are ready; the stack is stopped, and its logs raised, if not."""
         try:
-            wait_for(lambda: self.ready_workers() >= 1, timeout=timeout, message="a ready worker")
+            wait_for(lambda: self.ready_workers() >= workers, timeout=timeout, message="a ready worker")
         except AssertionError:
             self.stop()
             raise AssertionError(self.logs()) from None
-        return self
 
     def restart_api(self) -> None:
         self.api.terminate()
         self.api.wait(timeout=10)
         self.start_api()
 
-    def start_worker(self) -> subprocess.Popen:
+    def start_worker(self, *args: str, **env: str) -> subprocess.Popen:
+        """`attnseg worker *args` with the stack's model and `env` ATTNSEG_* variables on top of the
+        test settings."""
+        log_path = self.directory / "worker.log"
+        command = ("cli", "worker", *args)
         worker = start_worker(
-            self.redis.url, self.cache_dir, self.directory / "worker.log", ATTNSEG_SD_MODEL=self.model
+            self.redis.url, self.cache_dir, log_path, command=command, **{"ATTNSEG_SD_MODEL": self.model, **env}
         )
         self.workers.append(worker)
         return worker
@@ -262,7 +307,7 @@ class Stack:
     def ready_workers(self) -> int:
         import httpx
 
-        key = self.api_env.get("ATTNSEG_API_KEY")
+        key = self.api_env.get("ATTNSEG_ADMIN_KEYS", "").split(",")[0] or self.api_env.get("ATTNSEG_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
             return len(httpx.get(f"{self.base_url}/readyz", headers=headers, timeout=2).json()["workers"])

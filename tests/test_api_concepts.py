@@ -3,9 +3,9 @@ upload checks against a worker's announced shapes, owners, and queueing. No torc
 
 from __future__ import annotations
 
+import io
 import json
-import math
-import struct
+import zipfile
 
 import pytest
 
@@ -14,22 +14,11 @@ from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE
 from attnseg.queue import get_queue
 from attnseg.workers_registry import announce
 from service.deps import current_tenant
-from tests.support import image_bytes
+from tests.support import deflate_bomb, image_bytes, raw_safetensors, safetensors_file
 from tests.test_api import queued_jobs
 
 LAYER = "mid_block.attentions.0.transformer_blocks.0.attn2"
 SHAPES = {"text_width": 32, "cross_attention": {LAYER: [64, 32]}}
-
-
-def safetensors_file(shapes: dict[str, list[int]]) -> bytes:
-    """A valid safetensors file of fp32 zeros (written by hand: the API side has no torch)."""
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = 4 * math.prod(shape)
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header).encode()
-    return struct.pack("<Q", len(encoded)) + encoded + bytes(offset)
 
 
 def photos(count=3):
@@ -134,10 +123,67 @@ def test_import_checks_safetensors_against_the_workers_model(client, redis_serve
     assert export.status_code == 404
 
 
-def test_import_of_a_bin_file_is_left_to_the_worker(client, redis_server):
+def torch_zip(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_import_of_a_torch_zip_is_left_to_the_worker(client, redis_server):
     announce_worker(redis_server)
-    response = import_files(client, b"PK\x03\x04 a torch zip the API cannot read")
+    response = import_files(client, torch_zip({"archive/data.pkl": b"\x80\x02}q\x00.", "archive/data/0": bytes(16)}))
     assert response.status_code == 202, response.text
+
+
+def header(entries: dict) -> bytes:
+    return raw_safetensors(json.dumps(entries).encode())
+
+
+def entry(shape, dtype="F32", offsets=(0, 0)):
+    return {"dtype": dtype, "shape": shape, "data_offsets": list(offsets)}
+
+
+@pytest.mark.parametrize(
+    "embeddings, message",
+    [
+        (header({"<my-mug>": entry(5)}), "shape must be a list"),
+        (header({"<my-mug>": entry(["a", 32])}), "shape must be a list"),
+        (header({"<my-mug>": entry(None)}), "shape must be a list"),
+        (header({"<my-mug>": entry([True, 32])}), "shape must be a list"),
+        (header({"<my-mug>": entry([-1, 32])}), "shape must be a list"),
+        (raw_safetensors(b"[" * 100_000), "nested too deep"),
+        (raw_safetensors(b"[1, 2]"), "must be a JSON object"),
+        (raw_safetensors(b"{not json"), "not valid JSON"),
+        (b"\xff" * 8 + b"{}", "header length"),
+        (b"abc", "too short"),
+        (header({"<my-mug>": "x"}), "exactly dtype, shape and data_offsets"),
+        (header({"<my-mug>": entry([1, 32], offsets=(0, 128))}), "the data after the header is 0"),
+        (header({"<my-mug>": entry([1, 32], offsets=(0, 64))}), "needs 128"),
+        (header({"<my-mug>": entry([1, 32], offsets=("0", 128))}), "data_offsets must be two"),
+        (header({"__metadata__": {"a": 1}, "<my-mug>": entry([0, 32])}), "__metadata__"),
+        (header({}), "holds no tensors"),
+        (safetensors_file({"<my-mug>": [1, 32]}, "BOOL"), "floating point"),
+        (safetensors_file({"<my-mug>": [1, 32]}, "I64"), "floating point"),
+        (safetensors_file({"<my-mug>": [1, 32]}, "U8"), "floating point"),
+        (safetensors_file({"<my-mug>": [1, 32]}, "C64"), "floating point"),
+        (safetensors_file({"a": [1, 32], "b": [1, 32]})[:-4], "the data after the header is 252"),
+        (b"\x80\x02\x8a\x0alegacy torch pickle", "legacy torch files"),
+        (b"PK\x03\x04 not really a zip", "not a readable zip"),
+        (torch_zip({"archive/version": b"3"}), "one data.pkl"),
+        (deflate_bomb(), "at most 167772160"),
+    ],
+)
+def test_malformed_or_oversized_files_are_refused_from_their_headers(client, redis_server, embeddings, message):
+    response = import_files(client, embeddings)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_concept" and error["field"] == "embeddings", error
+    assert message in error["message"], error
+    assert queued_jobs(redis_server) == 0
+    weights = import_files(client, safetensors_file({"<my-mug>": [1, 32]}), embeddings)
+    assert weights.status_code == 422 and weights.json()["error"]["field"] == "weights", weights.text
 
 
 def test_referring_and_text_resolve_identifiers(client, redis_server):

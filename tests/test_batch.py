@@ -45,7 +45,7 @@ def stored_entry(connection, settings, image: np.ndarray) -> dict:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return {
-        "key": store_bytes(connection, buffer.getvalue(), settings.image_ttl_s),
+        "key": store_bytes(connection, "default", buffer.getvalue(), settings.image_ttl_s),
         "width": image.shape[1],
         "height": image.shape[0],
     }

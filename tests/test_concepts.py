@@ -7,25 +7,22 @@ from __future__ import annotations
 import io
 import json
 import struct
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE, ConceptFileError, check_shapes, safetensors_shapes
-from workers.methods.concepts import (
-    Concept,
-    ConceptMismatchError,
-    check_concept,
-    class_word_embedding,
-    concept_shapes,
-    encode_with_concepts,
-    train_concept,
-)
+from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE, ConceptFileError, check_shapes
+from attnseg.tensor_files import TensorFileError, safetensors_shapes
+from tests.support import deflate_bomb
+from workers.methods.concepts import class_word_embedding, train_concept
+from workers.methods.passes import encode_with_concepts
 from workers.methods.prompts import build_prompt
 from workers.methods.textseg import segment_text
 from workers.models.attention import AttentionStore, CapturingAttnProcessor, capture_attention
+from workers.models.concept import Concept, ConceptMismatchError, check_concept, concept_shapes
 from workers.models.concept_hooks import concept_attention, cross_attention_layers, token_embeddings
 from workers.models.sd_ops import encode_prompts, unet_noise
 
@@ -279,7 +276,7 @@ def test_never_unpickles_code():
         def __reduce__(self):
             return (print, ("pwned",))
 
-    with pytest.raises(ValueError, match="not a safetensors file nor a torch tensor file"):
+    with pytest.raises(TensorFileError, match="not a torch tensor file"):
         Concept.from_files({EMBEDDINGS_FILE: torch_bytes({"<x>": Evil()})}, "x", "mug")
 
 
@@ -328,7 +325,44 @@ def test_sd2_trains_and_checks_a_concept(tiny_sd2):
 def test_safetensors_header_without_torch():
     data = save_safetensors({"<a>": torch.zeros(2, 7)}, metadata={"format": "pt"})
     assert safetensors_shapes(data) == {"<a>": [2, 7]}
-    assert safetensors_shapes(b"PK\x03\x04 a zip") is None
-    assert safetensors_shapes(struct.pack("<Q", 4) + b"[1]x") is None
+    with pytest.raises(TensorFileError, match="header length"):
+        safetensors_shapes(b"PK\x03\x04 a zip")
+    with pytest.raises(TensorFileError, match="must be a JSON object"):
+        safetensors_shapes(struct.pack("<Q", 3) + b"[1]")
     with pytest.raises(ConceptFileError, match="7 wide"):
         check_shapes([2, 7], None, {"text_width": 8, "cross_attention": {}}, "m")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("write", [save_safetensors, torch_bytes])
+def test_non_finite_values_are_refused(value, write):
+    vectors = torch.zeros(1, 32)
+    vectors[0, 3] = value
+    with pytest.raises(TensorFileError, match="'<x>' holds NaN or infinite values"):
+        Concept.from_files({EMBEDDINGS_FILE: write({"<x>": vectors})}, "x", "mug")
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.uint8, torch.complex64])
+def test_torch_files_of_non_float_tensors_are_refused(dtype):
+    with pytest.raises(TensorFileError, match=f"'<x>' has dtype {dtype}; concepts are floating point"):
+        Concept.from_files({EMBEDDINGS_FILE: torch_bytes({"<x>": torch.zeros(1, 32, dtype=dtype)})}, "x", "mug")
+
+
+def test_a_deflate_bomb_is_refused_before_torch_reads_it(monkeypatch):
+    # A small tensor's torch file whose storage member is replaced by one that inflates to 256 MiB.
+    small = zipfile.ZipFile(io.BytesIO(torch_bytes({"<x>": torch.zeros(1, 4)})))
+    members = tuple((name, small.read(name)) for name in small.namelist() if name != "archive/data/0")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("torch.load must not see the file")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    with pytest.raises(TensorFileError, match="add up to 268435"):
+        Concept.from_files({EMBEDDINGS_FILE: deflate_bomb(members)}, "x", "mug")
+
+
+def test_declared_storage_sizes_are_checked_on_the_meta_device(monkeypatch):
+    """The pickle's declared sizes are bounded before any storage is read."""
+    monkeypatch.setattr("workers.models.concept.MAX_TENSOR_BYTES", 100)
+    with pytest.raises(TensorFileError, match="the tensors declare 128 bytes"):
+        Concept.from_files({EMBEDDINGS_FILE: torch_bytes({"<x>": torch.zeros(1, 32)})}, "x", "mug")

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import struct
 import time
 
 import httpx
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco
 
-from tests.support import Stack, image_bytes, two_part_arrays, wait_for
+from tests.support import Stack, image_bytes, raw_safetensors, safetensors_file, two_part_arrays, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -392,9 +393,20 @@ def test_concept_train_progress_export_import_referring_and_delete(stack, http):
     wide = http.post(
         "/concepts/import",
         data={"identifier": "wide", "class_word": "mug"},
-        files={"embeddings": ("e.safetensors", safetensors_bytes({"<wide>": [1, 768]}))},
+        files={"embeddings": ("e.safetensors", safetensors_file({"<wide>": [1, 768]}))},
     )
     assert wide.status_code == 422 and "768 wide" in wide.json()["error"]["message"]
+    nan = raw_safetensors(b'{"<nan>": {"dtype": "F32", "shape": [1, 32], "data_offsets": [0, 128]}}', bytes(124))
+    nan += struct.pack("<f", float("nan"))  # the header is fine: the worker reads the values and refuses
+    refused = http.post(
+        "/concepts/import", data={"identifier": "nan", "class_word": "mug"}, files={"embeddings": ("e.st", nan)}
+    )
+    assert refused.status_code == 202, refused.text
+    failed = wait_job(http, refused.json()["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_concept", failed
+    assert "holds NaN or infinite values" in failed["error"]["message"]
+    assert http.get(f"/concepts/{refused.json()['concept_id']}").json()["status"] == "failed"
+    assert http.delete(f"/concepts/{refused.json()['concept_id']}").status_code == 204
 
     text = http.post("/segment/text", files=scene, data={"classes": '["<her-mug> mug", "table"]', "resolution": "256"})
     assert text.status_code == 202, text.text
@@ -412,13 +424,3 @@ def test_concept_train_progress_export_import_referring_and_delete(stack, http):
     assert http.get("/concepts").json()["total"] == 0
     gone = http.post("/segment/referring", files=scene, data=query)
     assert gone.status_code == 422 and "not a concept of yours" in gone.json()["error"]["message"]
-
-
-def safetensors_bytes(shapes: dict) -> bytes:
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = 4 * int(np.prod(shape))
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header).encode()
-    return len(encoded).to_bytes(8, "little") + encoded + bytes(offset)

@@ -284,11 +284,11 @@ def test_storage_holds_no_lock_and_a_reserved_slot_counts(make_client, redis_ser
     storing, release = threading.Event(), threading.Event()
     store = service.submit.store_bytes
 
-    def slow_store(connection, data, ttl):
+    def slow_store(connection, owner, data, ttl):
         if not storing.is_set():
             storing.set()
             assert release.wait(10)
-        return store(connection, data, ttl)
+        return store(connection, owner, data, ttl)
 
     monkeypatch.setattr(service.submit, "store_bytes", slow_store)
     first: list = []
@@ -310,7 +310,7 @@ def test_a_failed_store_gives_its_slot_back(make_client, redis_server, monkeypat
 
     client = make_client(max_queued_jobs=1)
 
-    def failing_store(connection, data, ttl):
+    def failing_store(connection, owner, data, ttl):
         raise ConnectionError("redis went away mid-upload")
 
     monkeypatch.setattr(service.submit, "store_bytes", failing_store)
@@ -441,16 +441,6 @@ def test_cors_allows_exactly_the_configured_origins(make_client):
     other = client.get("/healthz", headers={"Origin": "https://evil.example.com"})
     assert "access-control-allow-origin" not in other.headers
     assert "access-control-allow-origin" not in make_client().get("/healthz", headers=preflight).headers
-
-
-def test_metrics_and_detailed_readiness_need_a_key(make_client):
-    client = make_client(api_key="k")
-    assert client.get("/metrics").status_code == 401
-    assert client.get("/metrics", headers=bearer("k")).status_code == 200
-    bare = client.get("/readyz")
-    assert bare.status_code == 503 and set(bare.json()) == {"ready", "redis"}
-    detailed = client.get("/readyz", headers=bearer("k")).json()
-    assert "workers" in detailed and "queues" in detailed
 
 
 # --- operations --------------------------------------------------------------------------------

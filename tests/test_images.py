@@ -49,19 +49,42 @@ def test_exif_orientation_applies_after_reduction():
     assert small[5, 150, 0] > 200 and small[-5, 150, 0] < 60
 
 
-def test_bytes_are_stored_as_received_and_shared(redis_server):
+def test_bytes_are_stored_as_received_and_shared_within_a_tenant(redis_server):
     connection = redis_server.client()
     connection.flushall()
     data = jpeg(64, 48)
-    key = store_bytes(connection, data, ttl_s=60)
-    assert store_bytes(connection, data, ttl_s=120) == key and connection.ttl(key) > 60  # refreshed, one copy
+    key = store_bytes(connection, "alice", data, ttl_s=60)
+    assert store_bytes(connection, "alice", data, ttl_s=120) == key and connection.ttl(key) > 60  # refreshed, one copy
     assert connection.get(key) == data
     assert load_image(connection, key).shape == (48, 64, 3)
+
+
+def test_another_tenant_never_touches_a_picture(redis_server):
+    """Issue 16 item 7: bob's upload of alice's bytes cut her picture's TTL (one key per content)."""
+    connection = redis_server.client()
+    connection.flushall()
+    data = jpeg(64, 48)
+    alices = store_bytes(connection, "alice", data, ttl_s=60)
+    connection.expire(alices, 86_400)  # her job succeeded: the picture lives as long as the result
+    bobs = store_bytes(connection, "bob", data, ttl_s=600)
+    assert bobs != alices and connection.get(bobs) == data
+    assert connection.ttl(alices) > 80_000  # neither shortened nor shared
+    connection.delete(bobs)
+    assert connection.get(alices) == data
+
+
+def test_a_pictures_ttl_is_never_shortened(redis_server):
+    connection = redis_server.client()
+    connection.flushall()
+    data = jpeg(64, 48)
+    key = store_bytes(connection, "alice", data, ttl_s=60)
+    connection.expire(key, 86_400)
+    assert store_bytes(connection, "alice", data, ttl_s=600) == key and connection.ttl(key) > 80_000
 
 
 def test_masks_round_trip_as_8_bit_class_ids(redis_server):
     connection = redis_server.client()
     mask = np.zeros((30, 40), np.uint8)
     mask[5:10, 5:20] = 7
-    key = store_bytes(connection, mask_png(mask), ttl_s=60)
+    key = store_bytes(connection, "alice", mask_png(mask), ttl_s=60)
     np.testing.assert_array_equal(load_mask(connection, key), mask)

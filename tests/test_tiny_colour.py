@@ -120,7 +120,7 @@ def test_diffseg_segments_scenes_by_colour(tiny_colour):
     for scene in scenes(2):
         result = segment_unsupervised(tiny_colour, scene.image, resolution=512, kl_threshold=1.1)
         score.add(result.labels, scene.classes)
-    assert score.result()["miou"] >= 0.84  # measured 0.860
+    assert score.result()["miou"] >= 0.82  # measured 0.837
 
 
 def test_selfcross_finds_each_colour_word(tiny_colour):
@@ -134,4 +134,4 @@ def test_selfcross_finds_each_colour_word(tiny_colour):
         score = ConfusionScore(len(names) + 1)
         score.add(result.labels, truth)
         ious.append(score.result()["miou"])
-    assert min(ious) >= 0.87, ious  # measured 0.889, 0.901, 0.926
+    assert min(ious) >= 0.9, ious  # measured 0.921, 0.916, 0.938

@@ -153,6 +153,8 @@ class ModelState:
     """One reading of `GET /oneshot/{id}`."""
 
     id: str
+    name: str  # as given at training, else the part names
+    description: str | None
     status: str  # training | ready | failed
     labels: list[str]  # by label_id; 0 is background
     metrics: dict[str, Any]
@@ -164,6 +166,8 @@ class ModelState:
     def from_api(cls, body: dict) -> ModelState:
         return cls(
             id=body["id"],
+            name=body.get("name") or ", ".join(body["labels"][1:]),
+            description=body.get("description"),
             status=body["status"],
             labels=body["labels"],
             metrics=body.get("metrics") or {},
@@ -178,6 +182,8 @@ class ConceptState:
     """One reading of `GET /concepts/{id}`."""
 
     id: str
+    name: str  # as given at training or import, else the identifier
+    description: str | None
     identifier: str
     class_word: str
     status: str  # training | importing | ready | failed
@@ -192,6 +198,8 @@ class ConceptState:
     def from_api(cls, body: dict) -> ConceptState:
         return cls(
             id=body["id"],
+            name=body.get("name") or body["identifier"],
+            description=body.get("description"),
             identifier=body["identifier"],
             class_word=body["class_word"],
             status=body["status"],

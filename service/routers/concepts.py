@@ -3,14 +3,14 @@ from the files the diffusers training scripts write; used as `<identifier>` in t
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+import service.paths  # noqa: F401 - registers the `id` path convertor
 from attnseg import concept_store
 from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE
 from attnseg.concept_store import UPLOAD_PREFIX, store
+from attnseg.record_store import new_id
 from service.concepts import (
     IN_THE_MAKING,
     check_object_masks,
@@ -38,7 +38,7 @@ RECORD_ERRORS = error_responses(401, 404, 422, 503)
     status_code=202,
     response_model=Job,
     responses=SUBMIT_ERRORS,
-    openapi_extra=openapi_body(ConceptTrainParams, {"images": True, "masks": True}),
+    openapi_extra=openapi_body(ConceptTrainParams, {"images": True, "masks": True}, optional=("masks",)),
     summary="Learn a concept from 3 to 20 photos of one object",
 )
 async def train(
@@ -58,7 +58,7 @@ async def train(
     def check_and_submit():
         photos = check_photos(images, settings)
         object_masks = check_object_masks(masks, photos, settings)
-        concept_id, job_id = concept_store.new_concept_id(), uuid.uuid4().hex
+        concept_id, job_id = concept_store.new_concept_id(), new_id()
         method = "custom_diffusion" if params.train_kv else "textual_inversion"
 
         def store_record_and_pictures():
@@ -72,11 +72,13 @@ async def train(
                 status="training",
                 params=params.model_dump(),
                 job_id=job_id,
+                name=params.name,
+                description=params.description,
             )
             return {
                 "concept_id": concept_id,
-                "photos": [image_entry(connection, p, settings) for p in photos],
-                "masks": [image_entry(connection, m, settings) for m in object_masks] or None,
+                "photos": [image_entry(connection, p, settings, tenant) for p in photos],
+                "masks": [image_entry(connection, m, settings, tenant) for m in object_masks] or None,
                 "params": {**params.model_dump(), "concept_id": concept_id},
             }
 
@@ -99,7 +101,7 @@ async def train(
     status_code=202,
     response_model=Job,
     responses=SUBMIT_ERRORS,
-    openapi_extra=openapi_body(ConceptImportParams, {"embeddings": False, "weights": False}),
+    openapi_extra=openapi_body(ConceptImportParams, {"embeddings": False, "weights": False}, optional=("weights",)),
     summary="Import a concept trained elsewhere (diffusers Textual Inversion / Custom Diffusion files)",
 )
 async def import_concept(
@@ -123,7 +125,7 @@ async def import_concept(
 
     def check_and_submit():
         precheck_files(connection, params.identifier, embeddings, weights)
-        concept_id, job_id = concept_store.new_concept_id(), uuid.uuid4().hex
+        concept_id, job_id = concept_store.new_concept_id(), new_id()
 
         def store_record_and_files():
             create_record(
@@ -136,6 +138,8 @@ async def import_concept(
                 status="importing",
                 params=params.model_dump(),
                 job_id=job_id,
+                name=params.name,
+                description=params.description,
             )
             store.put_file(connection, concept_id, UPLOAD_PREFIX + EMBEDDINGS_FILE, embeddings)
             if weights:
@@ -173,7 +177,7 @@ def list_concepts(
     }
 
 
-@router.get("/{concept_id}", response_model=Concept, responses=RECORD_ERRORS)
+@router.get("/{concept_id:id}", response_model=Concept, responses=RECORD_ERRORS)
 def get_concept(
     concept_id: str,
     tenant: TenantDep,
@@ -184,7 +188,7 @@ def get_concept(
 
 
 @router.get(
-    "/{concept_id}/files/{name}",
+    "/{concept_id:id}/files/{name}",
     response_class=Response,
     responses={**RECORD_ERRORS, 200: {"content": {"application/octet-stream": {}}}},
     summary="Export a ready concept's diffusers file",
@@ -208,7 +212,7 @@ def export_file(concept_id: str, name: str, tenant: TenantDep, connection: Redis
     )
 
 
-@router.delete("/{concept_id}", status_code=204, response_class=Response, responses=RECORD_ERRORS)
+@router.delete("/{concept_id:id}", status_code=204, response_class=Response, responses=RECORD_ERRORS)
 def delete_concept(
     concept_id: str,
     tenant: TenantDep,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+import service.paths  # noqa: F401 - registers the `id` path convertor
 from attnseg import oneshot_store
 from attnseg.ownership import owned_by
+from attnseg.record_store import new_id
 from service.deps import LimitQuery, OffsetQuery, RedisDep, SettingsDep, TenantDep
 from service.errors import ApiError, error_responses
 from service.oneshot import check_example_count, check_examples, get_record, model_view
@@ -56,11 +56,14 @@ async def train(
 
     def check_and_submit():
         pairs = check_examples(images, masks, params.labels, settings)
-        model_id, job_id = oneshot_store.new_model_id(), uuid.uuid4().hex
+        model_id, job_id = oneshot_store.new_model_id(), new_id()
 
         def store():
             entries = [
-                {"image": image_entry(connection, image, settings), "mask": image_entry(connection, mask, settings)}
+                {
+                    "image": image_entry(connection, image, settings, tenant),
+                    "mask": image_entry(connection, mask, settings, tenant),
+                }
                 for image, mask in pairs
             ]
             oneshot_store.create(
@@ -70,6 +73,8 @@ async def train(
                 labels=params.labels,
                 params=params.model_dump(),
                 train_job_id=job_id,
+                name=params.name,
+                description=params.description,
             )
             return {"model_id": model_id, "examples": entries, "params": {**params.model_dump(), "model_id": model_id}}
 
@@ -104,7 +109,7 @@ def list_models(
     }
 
 
-@router.get("/{model_id}", response_model=OneshotModel, responses=error_responses(401, 404, 422, 503))
+@router.get("/{model_id:id}", response_model=OneshotModel, responses=error_responses(401, 404, 422, 503))
 def get_model(
     model_id: str,
     tenant: TenantDep,
@@ -114,7 +119,9 @@ def get_model(
     return model_view(connection, get_record(connection, model_id, tenant), settings)
 
 
-@router.delete("/{model_id}", status_code=204, response_class=Response, responses=error_responses(401, 404, 422, 503))
+@router.delete(
+    "/{model_id:id}", status_code=204, response_class=Response, responses=error_responses(401, 404, 422, 503)
+)
 def delete_model(
     model_id: str,
     tenant: TenantDep,
@@ -172,7 +179,7 @@ async def segment(
             response,
             tenant,
             "oneshot_segment",
-            lambda: {"model_id": model_id, "image": image_entry(connection, image, settings), "params": filled},
+            lambda: {"model_id": model_id, "image": image_entry(connection, image, settings, tenant), "params": filled},
             after=after,
             extra_meta={"model_id": model_id},
         )

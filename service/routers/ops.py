@@ -1,7 +1,8 @@
 """Operations: liveness, readiness (Redis and ready workers) and Prometheus metrics.
 
-With API keys configured, `/metrics` needs a key and `/readyz` answers a probe without one with
-the bare verdict only (worker hosts, pids and models are for key holders).
+With any key configured, `/metrics` needs an operator's key (`ATTNSEG_ADMIN_KEYS`; 403 for a
+tenant's) and `/readyz` answers anyone else, tenants included, with the bare verdict only (worker
+hosts, pids, models and every tenant's queue depths are for operators).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from attnseg.queue import QUEUES, get_queue
 from attnseg.workers_registry import ready_workers
-from service.deps import OptionalTenantDep, RedisDep, current_tenant
+from service.deps import KeyStateDep, OperatorDep, RedisDep, require_operator
 from service.errors import error_responses
 from service.schemas import Readiness
 
@@ -29,10 +30,10 @@ def healthz():
 @router.get(
     "/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, openapi_extra={"security": [{}]}
 )  # added to the bearer scheme: a key is optional here
-def readyz(tenant: OptionalTenantDep, connection: RedisDep):
+def readyz(operator: OperatorDep, key: KeyStateDep, connection: RedisDep):
     """Ready when Redis answers and at least one worker has loaded its models (200, else 503).
 
-    Without a valid key (when keys are configured) only `ready` and `redis` are given.
+    With keys configured, only an operator's key gets `workers` and `queues`; others get `ready` and `redis`.
     """
     try:
         connection.ping()
@@ -41,16 +42,16 @@ def readyz(tenant: OptionalTenantDep, connection: RedisDep):
         reachable = True
     except redis.RedisError:
         workers, queues, reachable = [], {}, False
-    body = Readiness(ready=reachable and bool(workers), redis=reachable, workers=workers, queues=queues)
-    content = body.model_dump(mode="json", exclude=None if tenant else {"workers", "queues"})
+    body = Readiness(ready=reachable and bool(workers), redis=reachable, key=key, workers=workers, queues=queues)
+    content = body.model_dump(mode="json", exclude=None if operator else {"workers", "queues"})
     return JSONResponse(content, status_code=200 if body.ready else 503)
 
 
 @router.get(
     "/metrics",
     response_class=Response,
-    dependencies=[Depends(current_tenant)],
-    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, **error_responses(401)},
+    dependencies=[Depends(require_operator)],
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, **error_responses(401, 403)},
 )
 def metrics(request: Request):
     """Prometheus text: HTTP requests, queue depth, ready workers, job durations."""

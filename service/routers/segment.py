@@ -131,7 +131,7 @@ async def submit_one_image(
             tenant,
             kind,
             lambda: {
-                "image": image_entry(connection, image, settings),
+                "image": image_entry(connection, image, settings, tenant),
                 "params": params.model_dump(),
                 "concepts": concepts,
             },

@@ -68,7 +68,7 @@ import torch
 from workers.models.tiny_random import build_once, random_components, write_components
 
 MODEL_NAME = "tiny-colour"
-VERSION = 2  # part of the cache folder's name: a changed construction is built afresh
+VERSION = 1  # part of the cache folder's name: a changed construction is built afresh
 CONSTRUCTED_MARKER = "attnseg_constructed_weights.json"
 # What the model is, in the words the playground and `attnseg up` show (read from the marker file).
 NOTE = "weights constructed, not trained: masks follow colour; real segmentation needs Stable Diffusion weights"
@@ -88,7 +88,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 GENERIC_WORDS = ("shape",)  # words whose cross-attention covers every coloured region
 
 LATENT_GAIN = 8.0  # latent units per unit of chroma (pixels in [-1, 1]): saturated colours at ~8-10
-GREY_POLE = 2.0  # G0, in latent units: how far the "grey" axis tilts u for unsaturated positions
+GREY_POLE = 3.0  # G0, in latent units: how far the "grey" axis tilts u for unsaturated positions
 SELF_SCALE = 80.0  # self-attention logit per unit cosine
 # Blocks (docs/methods.md 0.2) whose self-attention is the same for every query: attention to the
 # greyest positions (logit SINK_SCALE * u_g). Coarse cells straddle borders; see the docstring.
