@@ -227,8 +227,8 @@ def test_a_geometry_bug_fails_the_checks(http, client):
         check_classes(swapped, SQUARE.classes, SQUARE.present)
 
 
-# Regression floors of the quality table (bench/RESULTS.md: N=100 at 384x512, resolution 256, tiny-colour v2:
-# DiffSeg 0.717, selfcross 0.771, referring af_acc 0.71) on its first 4 held-out scenes (there: 0.687, 0.729,
+# Regression floors of the quality table (bench/RESULTS.md: N=100 at 384x512, resolution 256, tiny-colour v1:
+# DiffSeg 0.716, selfcross 0.791, referring af_acc 0.655) on its first 4 held-out scenes (there: 0.687, 0.729,
 # 0.875). One-shot's floor is the per-part test above (training on eight colours takes minutes).
 FLOORS = {"unsupervised": 0.62, "selfcross": 0.66, "referring": 0.62}
 
