@@ -197,13 +197,21 @@ def validate_params(model: type[BaseModel], fields: dict[str, Any]) -> BaseModel
         raise ApiError(422, "invalid_field", message, field=name) from None
 
 
-def openapi_body(model: type[BaseModel], file_fields: dict[str, bool], optional: tuple[str, ...] = ()) -> dict:
+def openapi_body(
+    model: type[BaseModel], file_fields: dict[str, bool], optional: tuple[str, ...] = (), by_id: tuple[str, ...] = ()
+) -> dict:
     """OpenAPI requestBody for both encodings; `file_fields` maps a file field to "many allowed",
-    and the file fields in `optional` may be left out."""
+    the file fields in `optional` may be left out, and those in `by_id` may be replaced by
+    `<name>_id`, naming a picture stored earlier (see service.pictures)."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     properties = dict(schema.get("properties", {}))
+    for name in by_id:
+        properties[f"{name}_id"] = {
+            "type": "string",
+            "description": f"Instead of `{name}`: the `image.id` of an earlier result, to reuse that picture.",
+        }
     required = schema.get("required", [])
-    files = [name for name in file_fields if name not in optional]
+    files = [name for name in file_fields if name not in optional and name not in by_id]
     multipart = {"type": "object", "properties": dict(properties), "required": [*files, *required]}
     as_json = {
         "type": "object",

@@ -9,7 +9,7 @@ import torch
 
 from attnseg import oneshot_store, rle
 from attnseg.concept_files import identifiers_in
-from attnseg.images import load_mask
+from attnseg.images import load_mask, picture_id
 from workers.engine import runtime
 from workers.engine.batch import Batch, Member, attempt, fail_live, shared_report
 from workers.engine.concept_records import load_concepts
@@ -48,7 +48,7 @@ def finish(ctx: JobContext, image_entry: dict, segments: list[dict], timings_ms:
     rt = runtime.current()
     ctx.connection.expire(image_entry["key"], rt.settings.result_ttl_s)
     return {
-        "image": {"width": image_entry["width"], "height": image_entry["height"]},
+        "image": {"id": picture_id(image_entry["key"]), "width": image_entry["width"], "height": image_entry["height"]},
         "mask_format": "coco_rle",
         "bbox_format": "xywh",
         "segments": segments,
