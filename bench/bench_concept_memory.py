@@ -29,7 +29,7 @@ ELEMENTS = 2**28
 MEASURE = """
 import json, sys, time
 from pathlib import Path
-from workers.methods.concepts import Concept
+from workers.models.concept import Concept
 
 def status_kib(field):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))

@@ -40,7 +40,6 @@ from bench.common import (
     write_json,
 )
 from workers.methods.oneshot import (
-    grad_scaler,
     part_prompt_outputs,
     prepare_example,
     segment_oneshot,
@@ -49,6 +48,7 @@ from workers.methods.oneshot import (
     train_step,
     training_example,
 )
+from workers.methods.passes import grad_scaler
 from workers.models.sd_ops import make_generator
 from workers.models.stable_diffusion import StableDiffusion, resolve_device
 

@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from attnseg.concept_files import identifiers_in
+from attnseg.defaults import CONCEPT, DIFFSEG, ONESHOT, REFERRING, RESOLUTION, TEXT, TEXT_TIMESTEPS
 from attnseg.queue import KINDS
 
 MAX_WORDS = 32
@@ -102,7 +103,7 @@ class Params(BaseModel):
         description="Seeds every random draw; the same seed gives the same masks.",
     )
     resolution: int = Field(
-        512,
+        RESOLUTION,
         ge=256,
         le=1024,
         multiple_of=64,
@@ -111,11 +112,13 @@ class Params(BaseModel):
 
 
 class UnsupervisedParams(Params):
-    kl_threshold: float = Field(1.0, gt=0, le=10, description="tau: merge maps closer than this (symmetric KL).")
-    grid: int = Field(16, ge=2, le=64, description="Anchors per side (M).")
-    iterations: int = Field(3, ge=1, le=10, description="Merging iterations, the first included.")
-    timestep: int = Field(300, ge=1, le=999, description="Diffusion timestep of the single UNet pass.")
-    refine: bool = Field(False, description="K-means refinement of the merged proposals.")
+    kl_threshold: float = Field(
+        DIFFSEG.kl_threshold, gt=0, le=10, description="tau: merge maps closer than this (symmetric KL)."
+    )
+    grid: int = Field(DIFFSEG.grid, ge=2, le=64, description="Anchors per side (M).")
+    iterations: int = Field(DIFFSEG.iterations, ge=1, le=10, description="Merging iterations, the first included.")
+    timestep: int = Field(DIFFSEG.timestep, ge=1, le=999, description="Diffusion timestep of the single UNet pass.")
+    refine: bool = Field(DIFFSEG.refine, description="K-means refinement of the merged proposals.")
     vocabulary: list[Word] | None = Field(
         None, max_length=MAX_WORDS, description="Words to name the segments (cross-attention)."
     )
@@ -137,7 +140,6 @@ class UnsupervisedParams(Params):
         return value
 
 
-TEXT_METHOD_TIMESTEP = {"selfcross": 150, "gem": None, "gem_refined": 100, "cluster": 100}
 MAX_CLASSES = 32
 
 
@@ -146,28 +148,30 @@ class TextParams(Params):
         min_length=1, max_length=MAX_CLASSES, description="Class names to find, 1 to 32, each up to 64 characters."
     )
     method: Literal["selfcross", "gem", "gem_refined", "cluster"] = Field(
-        "selfcross",
+        TEXT.method,
         description="selfcross: From Text to Mask (SD cross x self attention); gem: dense CLIP; "
         "gem_refined: GEM propagated by SD self-attention; cluster: DiffSeg segments "
         "named by GEM.",
     )
-    background: bool = Field(True, description="Add a background class (label_id 0) where no class is strong.")
+    background: bool = Field(
+        TEXT.background, description="Add a background class (label_id 0) where no class is strong."
+    )
     background_words: list[Word] | None = Field(
         None, max_length=8, description="selfcross: extra words in the prompt that absorb attention (never reported)."
     )
-    samples: int = Field(1, ge=1, le=10, description="selfcross: noise draws averaged (the paper uses 10).")
+    samples: int = Field(TEXT.samples, ge=1, le=10, description="selfcross: noise draws averaged (the paper uses 10).")
     timestep: int | None = Field(
         None, ge=1, le=999, description="Default per method: selfcross 150, gem_refined and cluster 100; gem uses none."
     )
     gate_threshold: float | None = Field(
-        0.2,
+        TEXT.gate_threshold,
         ge=0,
         lt=1,
         description="selfcross: box gate level on the "
         "quantised class map (VOC 0.2, COCO 0.5); null turns the gate off.",
     )
     background_threshold: float = Field(
-        0.5,
+        TEXT.background_threshold,
         gt=0,
         le=1,
         description="selfcross: thr of the background "
@@ -202,7 +206,7 @@ class TextParams(Params):
     @model_validator(mode="after")
     def _method_timestep(self):
         if self.timestep is None:
-            self.timestep = TEXT_METHOD_TIMESTEP[self.method]
+            self.timestep = TEXT_TIMESTEPS[self.method]
         return self
 
 
@@ -213,14 +217,14 @@ class TrainParams(Params):
     labels: list[Word] = Field(
         min_length=1, max_length=MAX_PARTS, description="Part names for mask values 1..K-1 (0 is background)."
     )
-    epochs: int = Field(200, ge=1, le=2000)
-    learning_rate: float = Field(0.1, gt=0, le=10)
+    epochs: int = Field(ONESHOT.epochs, ge=1, le=2000)
+    learning_rate: float = Field(ONESHOT.learning_rate, gt=0, le=10)
     crops_per_side: Literal[1, 2] = Field(
-        1,
+        ONESHOT.crops_per_side,
         description="Default for segmenting with this model: 1 for whole "
         "objects, 2 (400 px crops) for faces and fine parts.",
     )
-    min_crop: float = Field(0.7, ge=0.5, le=1.0, description="Smallest random crop side, as a fraction.")
+    min_crop: float = Field(ONESHOT.min_crop, ge=0.5, le=1.0, description="Smallest random crop side, as a fraction.")
 
     @field_validator("labels")
     @classmethod
@@ -263,7 +267,7 @@ class ConceptTrainParams(Params):
     identifier: Identifier = Field(description="Letters, digits and '-'; written <identifier> in queries.")
     class_word: ClassWord = Field(description="The object's category ('mug'); the embedding starts from it.")
     train_kv: bool = Field(
-        True,
+        CONCEPT.train_kv,
         description="Custom Diffusion (embedding + to_k/to_v of the cross-attention "
         "layers); false: Textual Inversion (the embedding alone).",
     )
@@ -279,7 +283,7 @@ class ConceptTrainParams(Params):
     batch_size: int | None = Field(
         None, ge=1, le=8, description="Default: 2 (Custom Diffusion), 4 (Textual Inversion)."
     )
-    num_vectors: int = Field(1, ge=1, le=16, description="Vectors of the identifier.")
+    num_vectors: int = Field(CONCEPT.num_vectors, ge=1, le=16, description="Vectors of the identifier.")
 
 
 class ConceptImportParams(BaseModel):
@@ -293,11 +297,13 @@ class ReferringParams(Params):
     class_word: ClassWord = Field(description="The category of the instances ('mug').")
     queries: list[Query] = Field(
         min_length=1,
-        max_length=8,
+        max_length=REFERRING.max_queries,
         description="1 to 8 texts, each with at most one <identifier> of a concept: '<my-mug> mug', 'a red mug'.",
     )
-    max_instances: int = Field(8, ge=1, le=16, description="Upper bound of the instances the clustering finds.")
-    timestep: int = Field(150, ge=1, le=999)
+    max_instances: int = Field(
+        REFERRING.max_instances, ge=1, le=16, description="Upper bound of the instances the clustering finds."
+    )
+    timestep: int = Field(REFERRING.timestep, ge=1, le=999)
 
     @field_validator("queries")
     @classmethod

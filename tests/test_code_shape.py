@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("attnseg", "cli", "service")  # workers/ joins once its method entry points are split (issue 17)
+PACKAGES = ("attnseg", "cli", "service", "workers")
 MAX_LINES = 60
 
 

@@ -17,18 +17,12 @@ from safetensors.torch import save as save_safetensors
 from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE, ConceptFileError, check_shapes
 from attnseg.tensor_files import TensorFileError, safetensors_shapes
 from tests.support import deflate_bomb
-from workers.methods.concepts import (
-    Concept,
-    ConceptMismatchError,
-    check_concept,
-    class_word_embedding,
-    concept_shapes,
-    encode_with_concepts,
-    train_concept,
-)
+from workers.methods.concepts import class_word_embedding, train_concept
+from workers.methods.passes import encode_with_concepts
 from workers.methods.prompts import build_prompt
 from workers.methods.textseg import segment_text
 from workers.models.attention import AttentionStore, CapturingAttnProcessor, capture_attention
+from workers.models.concept import Concept, ConceptMismatchError, check_concept, concept_shapes
 from workers.models.concept_hooks import concept_attention, cross_attention_layers, token_embeddings
 from workers.models.sd_ops import encode_prompts, unet_noise
 
@@ -369,6 +363,6 @@ def test_a_deflate_bomb_is_refused_before_torch_reads_it(monkeypatch):
 
 def test_declared_storage_sizes_are_checked_on_the_meta_device(monkeypatch):
     """The pickle's declared sizes are bounded before any storage is read."""
-    monkeypatch.setattr("workers.methods.concepts.MAX_TENSOR_BYTES", 100)
+    monkeypatch.setattr("workers.models.concept.MAX_TENSOR_BYTES", 100)
     with pytest.raises(TensorFileError, match="the tensors declare 128 bytes"):
         Concept.from_files({EMBEDDINGS_FILE: torch_bytes({"<x>": torch.zeros(1, 32)})}, "x", "mug")

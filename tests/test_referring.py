@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from workers.methods import referring
-from workers.methods.concepts import Concept
 from workers.methods.referring import (
     assign_queries,
     eigengap_count,
@@ -28,6 +27,7 @@ from workers.methods.referring import (
     spectral_instances,
 )
 from workers.models.attention import AttentionStore
+from workers.models.concept import Concept
 from workers.models.concept_hooks import cross_attention_layers
 
 GRID = 8  # the self layer's grid at resolution 128

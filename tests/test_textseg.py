@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.methods import textseg
+from workers.methods import selfcross, textseg
 from workers.methods.prompts import PromptTooLongError, build_prompt
+from workers.methods.selfcross import selfcross_draw
 from workers.methods.textseg import (
     gem_channels,
     name_segments,
     propagate_class_maps,
     segment_text,
-    selfcross_draw,
     split_classes,
 )
 from workers.models.attention import AttentionStore
@@ -98,14 +98,14 @@ def test_gem_labels_follow_the_classes(runs, tiny_clip, image):
 def test_selfcross_splits_a_long_class_list_and_averages_each_prompts_spans(tiny_sd, image, monkeypatch):
     prompts = split_classes(tiny_sd.tokenizer, LONG_CLASSES)
     seen = []
-    real_selfcross_scores = textseg.selfcross_scores
+    real_selfcross_scores = selfcross.selfcross_scores
 
     def spy(cross_by_grid, layers_by_grid, self_attn, spans, *args, **kwargs):
         scores = real_selfcross_scores(cross_by_grid, layers_by_grid, self_attn, spans, *args, **kwargs)
         seen.append((spans, scores.shape[0]))
         return scores
 
-    monkeypatch.setattr(textseg, "selfcross_scores", spy)
+    monkeypatch.setattr(selfcross, "selfcross_scores", spy)
     out = segment_text(tiny_sd, None, image, LONG_CLASSES, resolution=RESOLUTION, background=False)
     assert out.passes == len(prompts) >= 2
     assert [spans for spans, _ in seen] == [prompt.class_spans for prompt in prompts]
@@ -142,8 +142,8 @@ def test_selfcross_draws_use_consecutive_seeds_and_are_averaged(tiny_sd, image, 
     # The thresholds reach the steps: gate level as given, and a background threshold of 0.75
     # gives bg = (1.5 - 0.5)^2 = 1 on the class columns, so background wins everywhere.
     gates = []
-    scores = textseg.selfcross_scores
-    monkeypatch.setattr(textseg, "selfcross_scores", lambda *args: gates.append(args[4]) or scores(*args))
+    scores = selfcross.selfcross_scores
+    monkeypatch.setattr(selfcross, "selfcross_scores", lambda *args: gates.append(args[4]) or scores(*args))
     out = segment_text(
         tiny_sd,
         None,

@@ -104,9 +104,10 @@ def test_a_colour_words_cross_attention_covers_its_region(tiny_colour):
         cross = store.mean("cross", grid)[0]
         regions = region_masks(image, grid)
         for token, name in ((red, "red"), (blue, "blue")):
-            if regions[name].any():
+            elsewhere = torch.stack([region for other, region in regions.items() if other != name]).any(0)
+            if regions[name].any():  # cells wholly of the colour, against cells wholly of another
                 assert cross[regions[name], token].min() > 0.9, (grid, name)
-                assert cross[~regions[name], token].max() < 0.5, (grid, name)
+                assert cross[elsewhere, token].max() < 0.01, (grid, name)
         assert cross[regions["grey"], 0].min() > 0.2  # the start token takes the rest, as in SD
 
 
@@ -133,4 +134,4 @@ def test_selfcross_finds_each_colour_word(tiny_colour):
         score = ConfusionScore(len(names) + 1)
         score.add(result.labels, truth)
         ious.append(score.result()["miou"])
-    assert min(ious) >= 0.88, ious
+    assert min(ious) >= 0.9, ious  # measured 0.921, 0.916, 0.938

@@ -12,9 +12,10 @@ from workers.engine.concept_records import load_concepts
 from workers.engine.context import JobContext, JobFailure, job_function
 from workers.engine.jobs import finish, segments_from_labels, timings
 from workers.engine.pictures import fetch_image
-from workers.methods.concepts import Concept, ConceptMismatchError, check_concept, train_concept
+from workers.methods.concepts import train_concept
 from workers.methods.prompts import PromptTooLongError
 from workers.methods.referring import segment_referring as run_referring
+from workers.models.concept import Concept, ConceptMismatchError, check_concept
 
 
 def mark_concept_failed(ctx: JobContext, payload: dict, error: dict) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from attnseg.concept_store import store
 from workers.engine import runtime
 from workers.engine.context import JobContext, JobFailure
-from workers.methods.concepts import Concept, ConceptMismatchError, check_concept
+from workers.models.concept import Concept, ConceptMismatchError, check_concept
 
 
 def load_concepts(ctx: JobContext, concept_ids: dict[str, str]) -> dict[str, Concept]:

@@ -39,8 +39,8 @@ from workers.engine.batch import Batch, Member, attempt, claim_companions, fail_
 from workers.engine.context import JobContext
 from workers.engine.dispatch import batch_of, handlings, picture_side, queues_with_pictures
 from workers.engine.pictures import Prefetcher, fetch_image, install_prefetcher
-from workers.methods.concepts import concept_shapes
 from workers.methods.unsupervised import segment_unsupervised
+from workers.models.concept import concept_shapes
 
 log = logging.getLogger("attnseg.worker")
 

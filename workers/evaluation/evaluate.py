@@ -139,7 +139,7 @@ def load_concept_folder(folder: Path | None, class_word: str) -> dict:
     """identifier -> Concept from folder/<identifier>/ holding diffusers files (learned_embeds.* and,
     for Custom Diffusion, pytorch_custom_diffusion_weights.*)."""
     from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE
-    from workers.methods.concepts import Concept
+    from workers.models.concept import Concept
 
     concepts = {}
     for directory in sorted(p for p in (folder.iterdir() if folder else ()) if p.is_dir()):
@@ -155,8 +155,8 @@ def load_concept_folder(folder: Path | None, class_word: str) -> dict:
 
 
 def evaluate_referring(args, sd, pairs) -> dict:
-    from workers.methods.concepts import check_concept
     from workers.methods.referring import segment_referring
+    from workers.models.concept import check_concept
 
     concepts = load_concept_folder(args.concepts, args.class_word)
     for concept in concepts.values():

@@ -7,7 +7,7 @@ trained (Textual Inversion, Gal et al. 2023; diffusers' `textual_inversion.py`).
 resident models, which never change: the vectors enter through the token-embedding hook and the
 weights through attention processors (workers.models.concept_hooks), for the call only.
 
-Usable without the service::
+Usable without the service (the `Concept` it returns is workers.models.concept's)::
 
     concept = train_concept(sd, photos, "my-mug", "mug")
     files = concept.files()           # {"learned_embeds.safetensors": ..., "pytorch_custom_...": ...}
@@ -16,7 +16,6 @@ Usable without the service::
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,22 +23,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
-from attnseg.concept_files import (
-    EMBEDDINGS_FILE,
-    KV_FILE,
-    KV_SUFFIXES,
-    check_shapes,
-    embedding_key,
-    kv_layers,
-)
-from attnseg.tensor_files import MAX_TENSOR_BYTES, TensorFileError, declared_shapes
-from workers.methods.oneshot import autocast, grad_scaler
-from workers.methods.prompts import Prompt, pad_ids, prompt_from_pieces
+from attnseg.defaults import CONCEPT, RESOLUTION, SEED
+from workers.methods.passes import autocast, encode_with_concepts, grad_scaler, unet_pass
+from workers.methods.prompts import Prompt, prompt_from_pieces
 from workers.methods.timing import Timer
-from workers.models.concept_hooks import concept_attention, cross_attention_layers, token_embeddings
+from workers.models.concept import KV, Concept
+from workers.models.concept_hooks import cross_attention_layers
 from workers.models.sd_ops import image_to_pixels, make_generator, sample_noise
 from workers.models.stable_diffusion import StableDiffusion
 
@@ -66,182 +56,6 @@ WEIGHT_DECAY = 1e-2
 MAX_GRAD_NORM = 1.0
 
 Report = Callable[..., None]
-KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-class ConceptMismatchError(ValueError):
-    """A concept used with a Stable Diffusion model whose shapes it does not fit."""
-
-
-@dataclass
-class Concept:
-    identifier: str  # written <identifier> in text
-    class_word: str
-    vectors: torch.Tensor  # (n, D) input token embeddings of the identifier, CPU
-    kv: KV | None  # attn2 path -> (to_k, to_v) weights (inner, D), CPU; None: Textual Inversion
-    sd_model: str | None = None  # the model it was trained on, when known
-    metrics: dict = field(default_factory=dict)
-
-    def files(self) -> dict[str, bytes]:
-        """The diffusers files: the embedding, and the Custom Diffusion weights when there are any."""
-        files = {EMBEDDINGS_FILE: save_safetensors({f"<{self.identifier}>": self.vectors.contiguous()})}
-        if self.kv:
-            tensors = {}
-            for layer, (to_k, to_v) in self.kv.items():
-                tensors[layer + KV_SUFFIXES["to_k"]] = to_k.contiguous()
-                tensors[layer + KV_SUFFIXES["to_v"]] = to_v.contiguous()
-            files[KV_FILE] = save_safetensors(tensors)
-        return files
-
-    @classmethod
-    def from_files(
-        cls,
-        files: dict[str, bytes],
-        identifier: str,
-        class_word: str,
-        *,
-        sd_model: str | None = None,
-        metrics: dict | None = None,
-    ) -> Concept:
-        """Inverse of `files`; also reads what the diffusers scripts write (`.bin` too, never unpickling
-        anything but tensors). files: EMBEDDINGS_FILE -> bytes, optionally KV_FILE -> bytes."""
-        embeddings = read_tensors(files[EMBEDDINGS_FILE])
-        vectors = embeddings[embedding_key({k: list(v.shape) for k, v in embeddings.items()}, identifier)]
-        kv = None
-        if files.get(KV_FILE):
-            tensors = read_tensors(files[KV_FILE])
-            layers = kv_layers({name: list(t.shape) for name, t in tensors.items()})
-            kv = {
-                layer: (tensors[layer + KV_SUFFIXES["to_k"]], tensors[layer + KV_SUFFIXES["to_v"]]) for layer in layers
-            }
-        return cls(identifier, class_word, vectors.reshape(-1, vectors.shape[-1]), kv, sd_model, dict(metrics or {}))
-
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def read_tensors(data: bytes) -> dict[str, torch.Tensor]:
-    """name -> tensor from safetensors bytes or a torch `.bin` zip (weights_only: no code runs),
-    checked before the data is read (attnseg.tensor_files; for a zip, the tensors the pickle
-    declares, read on the meta device first) and after: floating point, finite. TensorFileError
-    naming the defect otherwise.
-
-    Nested dicts (`{"string_to_param": {"*": t}}`, Custom Diffusion's empty processor entries) are
-    flattened to their tensors with dotted names."""
-    if declared_shapes(data) is not None:
-        tensors = dict(load_safetensors(data))
-    else:
-        check_declared(flat_tensors(load_torch(data, "meta")))
-        tensors = flat_tensors(load_torch(data, "cpu"))
-    for name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise TensorFileError(f"tensor {name!r} holds NaN or infinite values")
-    return tensors
-
-
-def load_torch(data: bytes, device: str):
-    """torch.load with weights_only (no code runs); on the meta device nothing but the pickle is read."""
-    try:
-        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - whatever torch raises, the file is not one it reads
-        raise TensorFileError(f"not a torch tensor file: {type(exc).__name__}: {str(exc)[:200]}") from None
-
-
-def check_declared(tensors: dict[str, torch.Tensor]) -> None:
-    """The tensors a torch file declares (meta): floating point, and their data within the bound."""
-    for name, tensor in tensors.items():
-        if tensor.dtype not in FLOAT_DTYPES:
-            raise TensorFileError(f"tensor {name!r} has dtype {tensor.dtype}; concepts are floating point")
-    total = sum(tensor.untyped_storage().nbytes() for tensor in tensors.values())
-    if total > MAX_TENSOR_BYTES:
-        raise TensorFileError(f"the tensors declare {total} bytes; a concept file may hold at most {MAX_TENSOR_BYTES}")
-
-
-def flat_tensors(loaded) -> dict[str, torch.Tensor]:
-    """Dotted name -> tensor of every tensor in nested dicts; TensorFileError when there is none."""
-    found: dict[str, torch.Tensor] = {}
-
-    def walk(value, prefix: str) -> None:
-        if isinstance(value, torch.Tensor):
-            found[prefix or "tensor"] = value
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, f"{prefix}.{key}" if prefix else str(key))
-
-    walk(loaded, "")
-    if not found:
-        raise TensorFileError("the file holds no tensors")
-    return found
-
-
-def concept_shapes(sd: StableDiffusion) -> dict:
-    """What a concept must fit: {"text_width": D, "cross_attention": {attn2 path: [inner, D]}}."""
-    return {
-        "text_width": int(sd.text_encoder.get_input_embeddings().weight.shape[1]),
-        "cross_attention": {
-            name: list(layer.to_k.weight.shape) for name, layer in cross_attention_layers(sd.unet).items()
-        },
-    }
-
-
-def check_concept(sd: StableDiffusion, concept: Concept) -> None:
-    """ConceptMismatchError naming the mismatch unless the concept fits this SD model's shapes."""
-    kv = None
-    if concept.kv:
-        kv = {layer: {"to_k": list(k.shape), "to_v": list(v.shape)} for layer, (k, v) in concept.kv.items()}
-    try:
-        check_shapes(list(concept.vectors.shape), kv, concept_shapes(sd), sd.model_id)
-    except ValueError as exc:
-        raise ConceptMismatchError(f"concept <{concept.identifier}>: {exc}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Text with concepts
-# ---------------------------------------------------------------------------------------------
-
-
-def vector_counts(concepts: dict[str, Concept] | None) -> dict[str, int]:
-    return {identifier: concept.vectors.shape[0] for identifier, concept in (concepts or {}).items()}
-
-
-def placed_vectors(
-    prompts: list[Prompt], vectors: dict[str, torch.Tensor], width: int, length: int
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(B, T) positions and (B, T, D) values of the concepts' vectors in prompts padded to T = length
-    (77); (None, None) without concepts. vectors: identifier -> (n, D), in the graph when trained."""
-    if not any(prompt.concept_positions for prompt in prompts):
-        return None, None
-    first = next(iter(vectors.values()))
-    mask = torch.zeros(len(prompts), length, dtype=torch.bool)
-    values = torch.zeros(len(prompts), length, width, dtype=first.dtype, device=first.device)
-    for row, prompt in enumerate(prompts):
-        for identifier, positions in prompt.concept_positions.items():
-            values[row, positions] = vectors[identifier][: len(positions)].to(values)  # autograd: CopySlices
-            mask[row, positions] = True
-    return mask, values
-
-
-def encode_with_concepts(sd: StableDiffusion, prompts: list[Prompt], vectors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Text encoder outputs (B, 77, D) of the prompts with each identifier's vectors at its positions.
-    No grad context of its own: gradients reach trained vectors."""
-    ids = torch.cat([pad_ids(prompt, sd.tokenizer) for prompt in prompts]).to(sd.device)
-    width = sd.text_encoder.get_input_embeddings().weight.shape[1]
-    positions, values = placed_vectors(prompts, vectors, width, ids.shape[1])
-    with token_embeddings(sd.text_encoder, positions, values):
-        return sd.text_encoder(ids)[0]
-
-
-def combined_kv(concepts: list[Concept]) -> KV | None:
-    """The attention weights for one pass: those of the one Custom Diffusion concept among `concepts`.
-    Raises ValueError for two: their weights replace the same projections."""
-    with_kv = [concept for concept in concepts if concept.kv]
-    if len(with_kv) > 1:
-        names = ", ".join(f"<{concept.identifier}>" for concept in with_kv)
-        raise ValueError(
-            f"{names} each carry Custom Diffusion attention weights; one prompt can use only one "
-            "of them (Textual Inversion concepts combine freely)"
-        )
-    return with_kv[0].kv if with_kv else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +125,156 @@ def diffusion_target(sd: StableDiffusion, latents: torch.Tensor, noise: torch.Te
     return noise
 
 
+@dataclass
+class ConceptTraining:
+    """One training run's state: `start_concept_training`, `concept_step` per step, `finish_concept`."""
+
+    sd: StableDiffusion
+    identifier: str
+    class_word: str
+    train_kv: bool
+    steps: int
+    learning_rate: float
+    batch_size: int
+    prompts: list[Prompt]  # TEMPLATES with the identifier (and class word)
+    means: torch.Tensor  # (N, 4, R, R) the photos' posterior means, `prepare_photos`
+    stds: torch.Tensor  # (N, 4, R, R)
+    weights: torch.Tensor  # (N, 1, R, R) loss weights
+    vectors: torch.Tensor  # (n, D) fp32, trained
+    kv: KV | None  # attn2 path -> (to_k, to_v) fp32, trained; None: Textual Inversion
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    choices: torch.Generator  # CPU: photos, flips, timesteps, prompts
+    generator: torch.Generator  # the model's device: latents and noise
+    timer: Timer = field(default_factory=Timer)
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.vectors, *(w for pair in (self.kv or {}).values() for w in pair)]
+
+
+def trainable_kv(sd: StableDiffusion) -> KV:
+    """fp32 trainable copies of every cross-attention layer's to_k and to_v weights."""
+    return {
+        name: (
+            layer.to_k.weight.detach().float().clone().requires_grad_(True),
+            layer.to_v.weight.detach().float().clone().requires_grad_(True),
+        )
+        for name, layer in cross_attention_layers(sd.unet).items()
+    }
+
+
+def start_concept_training(
+    sd: StableDiffusion,
+    images: list[np.ndarray],
+    identifier: str,
+    class_word: str,
+    *,
+    masks: list[np.ndarray | None] | None,
+    train_kv: bool,
+    steps: int | None,
+    learning_rate: float | None,
+    batch_size: int | None,
+    num_vectors: int,
+    resolution: int,
+    seed: int,
+) -> ConceptTraining:
+    """Check the photos, fill in the recipe, encode the photos and set up the optimiser."""
+    check_photos(images, masks)
+    recipe = RECIPES[train_kv]
+    steps = recipe["steps"] if steps is None else steps
+    learning_rate = recipe["learning_rate"] if learning_rate is None else learning_rate
+    batch_size = recipe["batch_size"] if batch_size is None else batch_size
+    if steps < 1 or batch_size < 1:
+        raise ValueError("steps and batch_size must be at least 1")
+    started = time.perf_counter()
+    prompts = training_prompts(sd, identifier, class_word, train_kv, num_vectors)
+    means, stds, weights = prepare_photos(sd, images, masks, resolution)
+    vectors = class_word_embedding(sd, class_word, num_vectors).to(sd.device).requires_grad_(True)
+    kv = trainable_kv(sd) if train_kv else None
+    parameters = [vectors, *(w for pair in (kv or {}).values() for w in pair)]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=WEIGHT_DECAY)
+    choices = torch.Generator().manual_seed(seed)
+    generator = make_generator(sd, int(torch.randint(2**62, (), generator=choices)))
+    training = ConceptTraining(
+        sd,
+        identifier,
+        class_word,
+        train_kv,
+        steps,
+        learning_rate,
+        batch_size,
+        prompts,
+        means,
+        stds,
+        weights,
+        vectors,
+        kv,
+        optimizer,
+        grad_scaler(sd),
+        choices,
+        generator,
+    )
+    training.timer("prepare", started)
+    return training
+
+
+def concept_loss(training: ConceptTraining) -> torch.Tensor:
+    """The loss of one drawn batch: photos, flips, timesteps and prompts from `choices`, the latent
+    sample and the noise from `generator`; mask-weighted MSE of the UNet's prediction."""
+    sd, batch_size, choices = training.sd, training.batch_size, training.choices
+    picks = torch.randint(len(training.means), (batch_size,), generator=choices)
+    flips = torch.rand(batch_size, generator=choices) < 0.5
+    timesteps = torch.randint(0, sd.scheduler.config.num_train_timesteps, (batch_size,), generator=choices)
+    prompt_picks = torch.randint(len(training.prompts), (batch_size,), generator=choices).tolist()
+    mean, std, weight = training.means[picks], training.stds[picks], training.weights[picks]
+    latents = mean + std * sample_noise(mean, training.generator)
+    latents = torch.where(flips.to(sd.device)[:, None, None, None], latents.flip(-1), latents)
+    weight = torch.where(flips.to(sd.device)[:, None, None, None], weight.flip(-1), weight)
+    noise = sample_noise(latents, training.generator)
+    timesteps = timesteps.to(sd.device)
+    noisy = sd.scheduler.add_noise(latents, noise, timesteps)
+    with autocast(sd):
+        prompts = [training.prompts[i] for i in prompt_picks]
+        text = encode_with_concepts(sd, prompts, {training.identifier: training.vectors})
+        prediction = unet_pass(sd, noisy.to(sd.dtype), timesteps, text, kv=training.kv)
+    error = (prediction.float() - diffusion_target(sd, latents, noise, timesteps)) ** 2
+    return (error * weight).sum() / (weight.sum() * error.shape[1])
+
+
+def concept_step(training: ConceptTraining) -> float:
+    """One optimiser step (gradients clipped at MAX_GRAD_NORM); returns its loss."""
+    started = time.perf_counter()
+    loss = concept_loss(training)
+    training.optimizer.zero_grad(set_to_none=True)
+    training.scaler.scale(loss).backward()
+    training.scaler.unscale_(training.optimizer)
+    torch.nn.utils.clip_grad_norm_(training.parameters, MAX_GRAD_NORM)
+    training.scaler.step(training.optimizer)
+    training.scaler.update()
+    training.losses.append(loss.item())
+    training.timer("training", started)
+    return training.losses[-1]
+
+
+def finish_concept(training: ConceptTraining) -> Concept:
+    """The trained concept on CPU, with the run's metrics (the loss: mean of the last 10 steps)."""
+    tail = training.losses[-10:]
+    metrics = {
+        "steps": training.steps,
+        "loss": round(sum(tail) / len(tail), 6),
+        "learning_rate": training.learning_rate,
+        "batch_size": training.batch_size,
+        "train_kv": training.train_kv,
+        "timings_ms": training.timer.ms,
+    }
+    kv = training.kv
+    trained_kv = None if kv is None else {name: (k.detach().cpu(), v.detach().cpu()) for name, (k, v) in kv.items()}
+    vectors = training.vectors.detach().cpu()
+    return Concept(training.identifier, training.class_word, vectors, trained_kv, training.sd.model_id, metrics)
+
+
 def train_concept(
     sd: StableDiffusion,
     images: list[np.ndarray],
@@ -318,13 +282,13 @@ def train_concept(
     class_word: str,
     *,
     masks: list[np.ndarray | None] | None = None,
-    train_kv: bool = True,
+    train_kv: bool = CONCEPT.train_kv,
     steps: int | None = None,
     learning_rate: float | None = None,
     batch_size: int | None = None,
-    num_vectors: int = 1,
-    resolution: int = 512,
-    seed: int = 0,
+    num_vectors: int = CONCEPT.num_vectors,
+    resolution: int = RESOLUTION,
+    seed: int = SEED,
     report: Report | None = None,
 ) -> Concept:
     """Learn a concept from photos (RGB uint8 (H, W, 3)) of one object; masks (H, W), 0 = not the
@@ -335,73 +299,26 @@ def train_concept(
     of the UNet's prediction. report(stage="training", fraction, step, steps, loss) after every step;
     an exception from it stops training. The resident models are never written.
     """
-    check_photos(images, masks)
-    recipe = RECIPES[train_kv]
-    steps = recipe["steps"] if steps is None else steps
-    learning_rate = recipe["learning_rate"] if learning_rate is None else learning_rate
-    batch_size = recipe["batch_size"] if batch_size is None else batch_size
-    if steps < 1 or batch_size < 1:
-        raise ValueError("steps and batch_size must be at least 1")
+    training = start_concept_training(
+        sd,
+        images,
+        identifier,
+        class_word,
+        masks=masks,
+        train_kv=train_kv,
+        steps=steps,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        num_vectors=num_vectors,
+        resolution=resolution,
+        seed=seed,
+    )
     report = report or (lambda **progress: None)
-    timer = Timer()
-    started = time.perf_counter()
-    prompts = training_prompts(sd, identifier, class_word, train_kv, num_vectors)
-    means, stds, weights = prepare_photos(sd, images, masks, resolution)
-    vectors = class_word_embedding(sd, class_word, num_vectors).to(sd.device).requires_grad_(True)
-    kv = None
-    if train_kv:
-        kv = {
-            name: (
-                layer.to_k.weight.detach().float().clone().requires_grad_(True),
-                layer.to_v.weight.detach().float().clone().requires_grad_(True),
-            )
-            for name, layer in cross_attention_layers(sd.unet).items()
-        }
-    parameters = [vectors, *(w for pair in (kv or {}).values() for w in pair)]
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=WEIGHT_DECAY)
-    scaler = grad_scaler(sd)
-    choices = torch.Generator().manual_seed(seed)  # CPU: photos, flips, timesteps, prompts
-    generator = make_generator(sd, int(torch.randint(2**62, (), generator=choices)))  # latents and noise
-    started = timer("prepare", started)
-    losses: list[float] = []
     try:
-        for step in range(1, steps + 1):
-            picks = torch.randint(len(images), (batch_size,), generator=choices)
-            flips = torch.rand(batch_size, generator=choices) < 0.5
-            timesteps = torch.randint(0, sd.scheduler.config.num_train_timesteps, (batch_size,), generator=choices)
-            prompt_picks = torch.randint(len(prompts), (batch_size,), generator=choices).tolist()
-            mean, std, weight = means[picks], stds[picks], weights[picks]
-            latents = mean + std * sample_noise(mean, generator)
-            latents = torch.where(flips.to(sd.device)[:, None, None, None], latents.flip(-1), latents)
-            weight = torch.where(flips.to(sd.device)[:, None, None, None], weight.flip(-1), weight)
-            noise = sample_noise(latents, generator)
-            timesteps = timesteps.to(sd.device)
-            noisy = sd.scheduler.add_noise(latents, noise, timesteps)
-            with autocast(sd), concept_attention(sd.unet, kv):
-                text = encode_with_concepts(sd, [prompts[i] for i in prompt_picks], {identifier: vectors})
-                prediction = sd.unet(noisy.to(sd.dtype), timesteps, encoder_hidden_states=text).sample
-            error = (prediction.float() - diffusion_target(sd, latents, noise, timesteps)) ** 2
-            loss = (error * weight).sum() / (weight.sum() * error.shape[1])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
-            started = timer("training", started)
-            report(stage="training", fraction=step / steps, step=step, steps=steps, loss=losses[-1])
+        for step in range(1, training.steps + 1):
+            loss = concept_step(training)
+            report(stage="training", fraction=step / training.steps, step=step, steps=training.steps, loss=loss)
     finally:
         if sd.device.type == "cuda":
             torch.cuda.empty_cache()
-    tail = losses[-10:]
-    metrics = {
-        "steps": steps,
-        "loss": round(sum(tail) / len(tail), 6),
-        "learning_rate": learning_rate,
-        "batch_size": batch_size,
-        "train_kv": train_kv,
-        "timings_ms": timer.ms,
-    }
-    trained_kv = None if kv is None else {name: (k.detach().cpu(), v.detach().cpu()) for name, (k, v) in kv.items()}
-    return Concept(identifier, class_word, vectors.detach().cpu(), trained_kv, sd.model_id, metrics)
+    return finish_concept(training)

@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from attnseg.defaults import DIFFSEG
+
 LOG_EPS = 1e-12  # clamp inside the logs: exact zeros in a map must not give -inf or NaN
 UPSAMPLE_CHUNK = 32  # proposals upsampled at a time when taking a bicubic argmax at output size
 
@@ -174,7 +176,13 @@ def merge_proposals(proposals: torch.Tensor, kl_threshold: float) -> torch.Tenso
     return averaging.to(proposals.device) @ proposals
 
 
-def proposals(attn: torch.Tensor, *, grid: int = 16, iterations: int = 3, kl_threshold: float = 1.0) -> torch.Tensor:
+def proposals(
+    attn: torch.Tensor,
+    *,
+    grid: int = DIFFSEG.grid,
+    iterations: int = DIFFSEG.iterations,
+    kl_threshold: float = DIFFSEG.kl_threshold,
+) -> torch.Tensor:
     """Iterative attention merging (steps 5-7): the object proposals of an aggregated map.
 
     Args:
@@ -291,18 +299,27 @@ def bilinear_argmax(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         ids = ids[x0[cols]].T  # (C, n)
         top = across[:, cell_row][:, cols].gather(0, ids)
         bottom = across[:, int(below[cell_row])][:, cols].gather(0, ids)
-        weight = wy[rows, None]
-        best = chosen = None
-        for j in range(most):  # ascending ids per cell: a strict > keeps ties with the lower id
-            value = top[j] * (1 - weight) + bottom[j] * weight  # (rows, n)
-            if best is None:
-                best, chosen = value, ids[0].expand(row_count, -1)
-            else:
-                better = value > best
-                best = torch.where(better, value, best)
-                chosen = torch.where(better, ids[j], chosen)
-        labels[rows, cols] = chosen
+        labels[rows, cols] = band_argmax(top, bottom, ids, wy[rows, None])
     return labels
+
+
+def band_argmax(top: torch.Tensor, bottom: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The winning map id of each pixel of a band of output rows (`bilinear_argmax`).
+
+    top, bottom: (n, C) the candidates' horizontally interpolated values on the band's two source
+    rows, for C columns; ids: (n, C) their map ids, ascending per column; weight: (rows, 1) the
+    vertical weight of each output row. Returns (rows, C); ties keep the lower id (a strict >).
+    """
+    best = chosen = None
+    for j in range(ids.shape[0]):
+        value = top[j] * (1 - weight) + bottom[j] * weight  # (rows, C)
+        if best is None:
+            best, chosen = value, ids[0].expand(weight.shape[0], -1)
+        else:
+            better = value > best
+            best = torch.where(better, value, best)
+            chosen = torch.where(better, ids[j], chosen)
+    return chosen
 
 
 def proposals_to_labels(
@@ -378,11 +395,11 @@ def relabel_by_first_appearance(labels: torch.Tensor) -> torch.Tensor:
 def merge(
     attn: torch.Tensor,
     *,
-    grid: int = 16,
-    iterations: int = 3,
-    kl_threshold: float = 1.0,
+    grid: int = DIFFSEG.grid,
+    iterations: int = DIFFSEG.iterations,
+    kl_threshold: float = DIFFSEG.kl_threshold,
     output_size: tuple[int, int] | None = None,
-    refine: bool = False,
+    refine: bool = DIFFSEG.refine,
 ) -> torch.Tensor:
     """DiffSeg segmentation of an aggregated self-attention map (steps 5-9).
 
@@ -446,6 +463,3 @@ def label_scores(labels: torch.Tensor, channels: torch.Tensor, first_label: int)
     present = torch.unique(labels).tolist()
     table = segment_word_scores(labels, channels[[label - first_label for label in present]])
     return {label: round(float(table[label, column]), 6) for column, label in enumerate(present)}
-
-
-# --- the SD passes ------------------------------------------------------------------------

@@ -22,9 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attnseg.defaults import ONESHOT, RESOLUTION, SEED
 from workers.methods import diffseg, label_maps, slime
+from workers.methods.passes import autocast, grad_scaler, unet_pass
 from workers.methods.timing import Timer
-from workers.models.attention import AttentionStore, capture_attention
+from workers.models.attention import AttentionStore
 from workers.models.sd_ops import (
     add_noise,
     encode_latents,
@@ -32,7 +34,6 @@ from workers.models.sd_ops import (
     image_to_pixels,
     make_generator,
     sample_noise,
-    unet_noise,
 )
 from workers.models.stable_diffusion import StableDiffusion
 
@@ -41,7 +42,7 @@ SELF_BLOCKS = (14, 15, 16)  # attn1 at grid R
 COND_ROW = slice(1, 2)  # the learned half of the batch [uncond, learned]
 TRAIN_TIMESTEPS = (5, 100)  # t uniform in this range, both ends included
 SEGMENT_TIMESTEP = 100
-CROP_FRACTION = 400 / 512  # inference crops are 400 px at 512 (methods 3.4), scaled with the resolution
+CROP_FRACTION = slime.CROP_SIZE / 512  # inference crops are 400 px at 512 (docs/methods.md 3.4), scaled
 EVALUATIONS = 10  # training-set IoU checks per run, plus one after the last epoch
 
 Report = Callable[..., None]
@@ -192,8 +193,9 @@ def crop_attention(
     store = AttentionStore(rows=COND_ROW)
     with torch.no_grad():
         latents = add_noise(sd, encode_latents(sd, pixels), SEGMENT_TIMESTEP, generator)
-        with capture_attention(sd.unet, store, self_blocks=SELF_BLOCKS, cross_blocks=CROSS_BLOCKS):
-            unet_noise(sd, latents, SEGMENT_TIMESTEP, text.to(sd.dtype))
+        unet_pass(
+            sd, latents, SEGMENT_TIMESTEP, text.to(sd.dtype), store, self_blocks=SELF_BLOCKS, cross_blocks=CROSS_BLOCKS
+        )
     return token_maps(store, "cross", num_classes, grid), self_attention(store, grid)
 
 
@@ -242,9 +244,9 @@ def segment_oneshot(
     model: OneshotModel,
     image: np.ndarray,
     *,
-    crops_per_side: int = 1,
-    seed: int = 0,
-    resolution: int = 512,
+    crops_per_side: int = ONESHOT.crops_per_side,
+    seed: int = SEED,
+    resolution: int = RESOLUTION,
     report: Report | None = None,
     output_size: tuple[int, int] | None = None,
 ) -> OneshotSegmentation:
@@ -287,17 +289,6 @@ def segment_oneshot(
 # ---------------------------------------------------------------------------------------------
 
 
-def autocast(sd: StableDiffusion) -> torch.autocast:
-    """Autocast to the resident UNet's dtype when it is fp16 or bf16, off for fp32. The fp32
-    vectors meet the UNet's weights inside it: no fp32 copy of the UNet is made."""
-    return torch.autocast(sd.device.type, dtype=sd.dtype, enabled=sd.dtype in (torch.float16, torch.bfloat16))
-
-
-def grad_scaler(sd: StableDiffusion) -> torch.amp.GradScaler:
-    """Loss scaling for fp16 (its gradients underflow without it); a pass-through otherwise."""
-    return torch.amp.GradScaler(sd.device.type, enabled=sd.dtype == torch.float16)
-
-
 def training_example(
     image: torch.Tensor,
     mask: torch.Tensor,
@@ -334,8 +325,8 @@ def training_loss(
     noisy = add_noise(sd, latents, timestep, noise=noise)
     store = AttentionStore(rows=COND_ROW, keep_grad=True)
     # Autocast for the UNet only: the losses' matmuls (WAS over an R^2 x R^2 map) stay fp32.
-    with autocast(sd), capture_attention(sd.unet, store, self_blocks=SELF_BLOCKS, cross_logit_blocks=CROSS_BLOCKS):
-        eps = unet_noise(sd, noisy, timestep, text)
+    with autocast(sd):
+        eps = unet_pass(sd, noisy, timestep, text, store, self_blocks=SELF_BLOCKS, cross_logit_blocks=CROSS_BLOCKS)
     ca_logits = token_maps(store, "cross_logits", num_classes, grid)
     return slime.slime_loss(ca_logits, self_attention(store, grid), mask.to(sd.device), eps[0], eps[1], noise[0])
 
@@ -404,20 +395,175 @@ def train_step(
     return {"loss": loss.item(), **{name: value.item() for name, value in parts.items()}, "skipped": int(skipped)}
 
 
+@dataclass
+class Training:
+    """One training run's state: `start_training`, then `train_epoch` (and `evaluate`) per epoch,
+    then `finish_training`."""
+
+    sd: StableDiffusion
+    images: list[np.ndarray]  # as given: the IoU checks segment them as the segment path would
+    masks: list[np.ndarray]
+    labels: list[str]
+    params: dict  # the training parameters, as the model records them
+    examples: list[tuple[torch.Tensor, torch.Tensor]]  # `prepare_example` of each picture
+    base: torch.Tensor  # (77, D) text-encoder output of "part " * K
+    uncond: torch.Tensor  # (77, D) of ""
+    vectors: torch.Tensor  # (K-1, D) fp32, the trained part vectors
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    augmentation: torch.Generator  # CPU: augmentation and timesteps
+    generator: torch.Generator  # the model's device: latent samples and noise
+    timer: Timer = field(default_factory=Timer)
+    best: dict = field(default_factory=lambda: {"train_iou": None, "best_epoch": None, "vectors": None})
+    totals: dict[str, float] = field(default_factory=dict)  # the current epoch's sums of the step results
+    skipped_steps: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels) + 1
+
+    @property
+    def evaluate_every(self) -> int:
+        return max(1, self.params["epochs"] // EVALUATIONS)
+
+
+def start_training(
+    sd: StableDiffusion,
+    images: list[np.ndarray],
+    masks: list[np.ndarray],
+    labels: list[str],
+    *,
+    epochs: int,
+    learning_rate: float,
+    seed: int,
+    resolution: int,
+    min_crop: float,
+) -> Training:
+    """Check the inputs, encode the part prompt, prepare the pictures and the optimiser (3.1, 3.3)."""
+    check_training_inputs(images, masks, labels)
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if not 0 < min_crop <= 1:
+        raise ValueError(f"min_crop must be in (0, 1], got {min_crop}")
+    base, uncond = part_prompt_outputs(sd, len(labels) + 1)
+    examples = [prepare_example(image, mask, resolution) for image, mask in zip(images, masks)]
+    # fp32 master copy of the part vectors, initialised to the encoded "part" tokens.
+    vectors = base[1 : len(labels) + 1].float().clone().requires_grad_(True)
+    augmentation = torch.Generator().manual_seed(seed)
+    # Latent samples and noise come from their own stream, seeded from the first.
+    generator = make_generator(sd, int(torch.randint(2**62, (), generator=augmentation)))
+    params = {
+        "epochs": epochs,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "resolution": resolution,
+        "min_crop": min_crop,
+        "images": len(images),
+    }
+    optimizer = torch.optim.Adam([vectors], lr=learning_rate)
+    return Training(
+        sd,
+        images,
+        masks,
+        list(labels),
+        params,
+        examples,
+        base,
+        uncond,
+        vectors,
+        optimizer,
+        grad_scaler(sd),
+        augmentation,
+        generator,
+    )
+
+
+def train_epoch(training: Training, epoch: int, report: Report) -> dict:
+    """One optimiser step per picture (3.3); report() after each step but the last. Returns the
+    progress after the last step (the epoch's mean loss so far)."""
+    started = time.perf_counter()
+    sd, examples, params = training.sd, training.examples, training.params
+    grid = params["resolution"] // sd.vae_scale_factor
+    training.totals = {}
+    for index, (image, mask) in enumerate(examples):
+        step = (epoch - 1) * len(examples) + index
+        example = training_example(
+            image,
+            mask,
+            training.augmentation,
+            step=step,
+            resolution=params["resolution"],
+            grid=grid,
+            min_crop=params["min_crop"],
+        )
+        text = text_batch(training.base, training.uncond, training.vectors)
+        result = train_step(
+            sd, text, example, training.generator, training.num_classes, training.optimizer, training.scaler
+        )
+        training.skipped_steps += result.pop("skipped")
+        training.totals = {name: training.totals.get(name, 0.0) + value for name, value in result.items()}
+        progress = {
+            "stage": "training",
+            "fraction": (epoch - 1 + (index + 1) / len(examples)) / params["epochs"],
+            "epoch": epoch,
+            "epochs": params["epochs"],
+            "loss": training.totals["loss"] / (index + 1),
+            "best_iou": training.best["train_iou"],
+        }
+        if index + 1 < len(examples):  # within an epoch of many pictures: a cancel stops here
+            report(**progress)
+    training.timer("training", started)
+    return progress
+
+
+def evaluate(training: Training, epoch: int, between: Callable[[], None]) -> None:
+    """The training-set IoU of the current vectors; keeps them when they beat the best so far."""
+    started = time.perf_counter()
+    text = text_batch(training.base, training.uncond, training.vectors.detach())
+    iou = training_iou(
+        training.sd,
+        text,
+        training.num_classes,
+        training.images,
+        training.masks,
+        seed=training.params["seed"],
+        resolution=training.params["resolution"],
+        between=between,
+    )
+    if training.best["train_iou"] is None or iou > training.best["train_iou"]:
+        training.best = {"train_iou": iou, "best_epoch": epoch, "vectors": training.vectors.detach().clone()}
+    training.timer("evaluation", started)
+
+
+def finish_training(training: Training) -> OneshotModel:
+    """The model of the best vectors seen, with the run's metrics."""
+    pictures = len(training.examples)
+    metrics = {
+        "train_iou": round(training.best["train_iou"], 6),
+        "best_epoch": training.best["best_epoch"],
+        "epochs": training.params["epochs"],
+        "evaluated_every": training.evaluate_every,
+        **{name: round(value / pictures, 6) for name, value in training.totals.items()},  # the last epoch's means
+        "skipped_steps": int(training.skipped_steps),
+        "timings_ms": training.timer.ms,
+    }
+    return OneshotModel(training.labels, training.best["vectors"].cpu(), training.sd.model_id, training.params, metrics)
+
+
 def train_oneshot(
     sd: StableDiffusion,
     images: list[np.ndarray],
     masks: list[np.ndarray],
     labels: list[str],
     *,
-    epochs: int = 200,
-    learning_rate: float = 0.1,
-    seed: int = 0,
-    resolution: int = 512,
-    min_crop: float = 0.7,
+    epochs: int = ONESHOT.epochs,
+    learning_rate: float = ONESHOT.learning_rate,
+    seed: int = SEED,
+    resolution: int = RESOLUTION,
+    min_crop: float = ONESHOT.min_crop,
     report: Report | None = None,
 ) -> OneshotModel:
-    """Learn one text-encoder output vector per part (methods 3.1-3.3).
+    """Learn one text-encoder output vector per part (docs/methods.md 3.1-3.3).
 
     images: RGB uint8 (H, W, 3); masks: (H, W) integer labels, 0 background, c part labels[c - 1].
     Adam on the vectors only, batch 1, each epoch one step per image. Every max(1, epochs // 10)
@@ -427,95 +573,27 @@ def train_oneshot(
     images of an IoU check, so a cancel (an exception from it) stops training within one step or
     image, whatever their size; nothing stays allocated.
     """
-    check_training_inputs(images, masks, labels)
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    if not 0 < min_crop <= 1:
-        raise ValueError(f"min_crop must be in (0, 1], got {min_crop}")
+    training = start_training(
+        sd,
+        images,
+        masks,
+        labels,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        seed=seed,
+        resolution=resolution,
+        min_crop=min_crop,
+    )
     report = report or (lambda **progress: None)
-    timer = Timer()
-    started = time.perf_counter()
-    num_classes = len(labels) + 1
-    grid = resolution // sd.vae_scale_factor
-    base, uncond = part_prompt_outputs(sd, num_classes)
-    examples = [prepare_example(image, mask, resolution) for image, mask in zip(images, masks)]
-    # fp32 master copy of the part vectors, initialised to the encoded "part" tokens.
-    vectors = base[1:num_classes].float().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([vectors], lr=learning_rate)
-    scaler = grad_scaler(sd)
-    augmentation = torch.Generator().manual_seed(seed)  # CPU: augmentation and timesteps
-    # Latent samples and noise come from their own stream, seeded from the first.
-    generator = make_generator(sd, int(torch.randint(2**62, (), generator=augmentation)))
-    every = max(1, epochs // EVALUATIONS)
-    best = {"train_iou": None, "best_epoch": None, "vectors": None}  # set by the check after the last epoch
-    totals: dict[str, float] = {}  # the current epoch's sums of the step results
-    skipped_steps = 0
     try:
         for epoch in range(1, epochs + 1):
-            totals = {}
-            for index, (image, mask) in enumerate(examples):
-                step = (epoch - 1) * len(examples) + index
-                example = training_example(
-                    image, mask, augmentation, step=step, resolution=resolution, grid=grid, min_crop=min_crop
-                )
-                result = train_step(
-                    sd, text_batch(base, uncond, vectors), example, generator, num_classes, optimizer, scaler
-                )
-                skipped_steps += result.pop("skipped")
-                totals = {name: totals.get(name, 0.0) + value for name, value in result.items()}
-                progress = {
-                    "stage": "training",
-                    "fraction": (epoch - 1 + (index + 1) / len(examples)) / epochs,
-                    "epoch": epoch,
-                    "epochs": epochs,
-                    "loss": totals["loss"] / (index + 1),
-                    "best_iou": best["train_iou"],
-                }
-                if index + 1 < len(examples):  # within an epoch of many pictures: a cancel stops here
-                    report(**progress)
-            started = timer("training", started)
-            if epoch % every == 0 or epoch == epochs:
-                text = text_batch(base, uncond, vectors.detach())
-                iou = training_iou(
-                    sd,
-                    text,
-                    num_classes,
-                    images,
-                    masks,
-                    seed=seed,
-                    resolution=resolution,
-                    between=lambda progress=progress: report(**progress),
-                )
-                if best["train_iou"] is None or iou > best["train_iou"]:
-                    best = {"train_iou": iou, "best_epoch": epoch, "vectors": vectors.detach().clone()}
-                started = timer("evaluation", started)
-            report(
-                stage="training",
-                fraction=epoch / epochs,
-                epoch=epoch,
-                epochs=epochs,
-                loss=totals["loss"] / len(examples),
-                best_iou=best["train_iou"],
-            )
+            progress = train_epoch(training, epoch, report)
+            if epoch % training.evaluate_every == 0 or epoch == epochs:
+                evaluate(training, epoch, lambda progress=progress: report(**progress))
+            loss = training.totals["loss"] / len(training.examples)
+            best_iou = training.best["train_iou"]
+            report(stage="training", fraction=epoch / epochs, epoch=epoch, epochs=epochs, loss=loss, best_iou=best_iou)
     finally:
         if sd.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    metrics = {
-        "train_iou": round(best["train_iou"], 6),
-        "best_epoch": best["best_epoch"],
-        "epochs": epochs,
-        "evaluated_every": every,
-        **{name: round(value / len(examples), 6) for name, value in totals.items()},  # the last epoch's means
-        "skipped_steps": int(skipped_steps),
-        "timings_ms": timer.ms,
-    }
-    params = {
-        "epochs": epochs,
-        "learning_rate": learning_rate,
-        "seed": seed,
-        "resolution": resolution,
-        "min_crop": min_crop,
-        "images": len(images),
-    }
-    return OneshotModel(list(labels), best["vectors"].cpu(), sd.model_id, params, metrics)
+    return finish_training(training)

@@ -26,29 +26,22 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import SpectralClustering
 
 from attnseg.concept_files import IDENTIFIER
+from attnseg.defaults import REFERRING, RESOLUTION, SEED, TEXT
 from workers.methods import diffseg, label_maps
-from workers.methods.concepts import Concept, vector_counts
+from workers.methods.passes import clean_latents, vector_counts
 from workers.methods.prompts import Prompt, build_prompt, prompt_from_pieces
-from workers.methods.selfcross import background_score
-from workers.methods.textseg import (
-    DEFAULT_TIMESTEPS,
-    SELFCROSS_BACKGROUND_THRESHOLD,
-    SELFCROSS_GATE_THRESHOLD,
-    clean_latents,
-    selfcross_draw,
-    selfcross_pass,
-)
+from workers.methods.selfcross import background_score, selfcross_draw, selfcross_pass
 from workers.methods.timing import Timer
+from workers.models.concept import Concept
 from workers.models.stable_diffusion import StableDiffusion
 
-MAX_INSTANCES = 8  # the eigengap picks 1..MAX_INSTANCES instances
-MAX_QUERIES = 8
+Report = Callable[[str, float], None]
 
 
 # --- pure steps ------------------------------------------------------------------------------
 
 
-def object_area(sc: torch.Tensor, threshold: float = SELFCROSS_BACKGROUND_THRESHOLD) -> torch.Tensor:
+def object_area(sc: torch.Tensor, threshold: float = TEXT.background_threshold) -> torch.Tensor:
     """Where the class beats SelfCross's background: sc > (2 * threshold - sc)^2.
 
     sc: (g, g) the class's SelfCross map in [0, 1]. Returns bool (g, g).
@@ -65,7 +58,7 @@ def symmetric_affinity(self_attn: torch.Tensor, area: torch.Tensor) -> np.ndarra
     return ((inside + inside.T) / 2).cpu().numpy()
 
 
-def eigengap_count(affinity: np.ndarray, max_count: int = MAX_INSTANCES) -> int:
+def eigengap_count(affinity: np.ndarray, max_count: int = REFERRING.max_instances) -> int:
     """Number of clusters by the largest gap in the normalised Laplacian's smallest eigenvalues.
 
     affinity: (N, N) symmetric, non-negative. L = I - D^-1/2 A D^-1/2 has eigenvalues
@@ -84,7 +77,7 @@ def eigengap_count(affinity: np.ndarray, max_count: int = MAX_INSTANCES) -> int:
 
 
 def spectral_instances(
-    self_attn: torch.Tensor, area: torch.Tensor, *, max_instances: int = MAX_INSTANCES, seed: int = 0
+    self_attn: torch.Tensor, area: torch.Tensor, *, max_instances: int = REFERRING.max_instances, seed: int = SEED
 ) -> torch.Tensor:
     """Instances inside the object area: spectral clustering of its self-attention.
 
@@ -197,52 +190,50 @@ def concept_groups(prompts: list[Prompt], concepts: dict[str, Concept]) -> dict[
     return groups
 
 
-def segment_referring(
-    sd: StableDiffusion,
-    image: np.ndarray,
-    class_word: str,
-    queries: list[str],
-    *,
-    concepts: dict[str, Concept] | None = None,
-    max_instances: int = MAX_INSTANCES,
-    timestep: int = DEFAULT_TIMESTEPS["selfcross"],
-    resolution: int = 512,
-    seed: int = 0,
-    report: Callable[[str, float], None] | None = None,
-) -> ReferringSegmentation:
-    """Segment the instances of `class_word` in an RGB uint8 image (H, W, 3) and find each query's.
-
-    queries: 1..MAX_QUERIES texts, each with at most one `<identifier>` of `concepts`. Every pass is
-    SelfCross (methods 2.2) at `timestep` with noise from `seed` (the VOC gate and background).
-    Raises ValueError for bad arguments or an unknown identifier, PromptTooLongError for a query
-    that does not fit the text encoder.
-    """
-    if not 1 <= len(queries) <= MAX_QUERIES:
-        raise ValueError(f"give 1 to {MAX_QUERIES} queries, got {len(queries)}")
-    concepts = concepts or {}
+def check_queries(queries: list[str]) -> None:
+    """ValueError unless there are 1..max_queries queries, each naming at most one concept."""
+    if not 1 <= len(queries) <= REFERRING.max_queries:
+        raise ValueError(f"give 1 to {REFERRING.max_queries} queries, got {len(queries)}")
     for query in queries:
         if len(set(IDENTIFIER.findall(query))) > 1:
             raise ValueError(f"query {query!r} names more than one concept")
-    report = report or (lambda stage, fraction: None)
-    timer = Timer()
-    started = time.perf_counter()
-    counts = vector_counts(concepts)
-    area_prompt = build_prompt(sd.tokenizer, [class_word])
-    prompts = [query_prompt(sd.tokenizer, query, class_word, counts) for query in queries]
-    report("encoding", 0.05)
-    latents = clean_latents(sd, image, resolution)
-    started = timer("latent", started)
 
-    report("attention", 0.1)
+
+def class_instances(
+    sd: StableDiffusion,
+    latents: torch.Tensor,
+    class_word: str,
+    *,
+    timestep: int,
+    seed: int,
+    max_instances: int,
+    timer: Timer,
+) -> torch.Tensor:
+    """Steps (1) and (2): the class's SelfCross object area on latents (1, 4, R, R), split into
+    instances by spectral clustering of the self-attention. Returns (Q,) as `spectral_instances`."""
+    started = time.perf_counter()
+    area_prompt = build_prompt(sd.tokenizer, [class_word])
     store = selfcross_pass(sd, latents, [area_prompt], timestep, seed)
-    sc_class = selfcross_draw(store, [area_prompt], SELFCROSS_GATE_THRESHOLD)[0]
+    sc_class = selfcross_draw(store, [area_prompt], TEXT.gate_threshold)[0]
     self_attn = store.mean("self", sc_class.shape[-1])[0]
     started = timer("unet", started)
-    area = object_area(sc_class).flatten()
-    instances = spectral_instances(self_attn, area, max_instances=max_instances, seed=seed)
-    count = int(instances.max()) + 1
-    started = timer("cluster", started)
+    instances = spectral_instances(self_attn, object_area(sc_class).flatten(), max_instances=max_instances, seed=seed)
+    timer("cluster", started)
+    return instances
 
+
+def query_attributions(
+    sd: StableDiffusion,
+    latents: torch.Tensor,
+    prompts: list[Prompt],
+    concepts: dict[str, Concept],
+    *,
+    timestep: int,
+    seed: int,
+    report: Report,
+) -> torch.Tensor:
+    """Step (3): each query prompt's SelfCross map on latents (1, 4, R, R), one pass per concept
+    group (`concept_groups`). Returns (M, Q), the queries in order."""
     attributions = [None] * len(prompts)
     groups = concept_groups(prompts, concepts)
     for done, members in enumerate(groups.values()):
@@ -250,21 +241,66 @@ def segment_referring(
         group = [prompts[i] for i in members]
         used = {identifier: concepts[identifier] for prompt in group for identifier in prompt.concept_positions}
         store = selfcross_pass(sd, latents, group, timestep, seed, concepts=used)
-        for index, sc in zip(members, selfcross_draw(store, group, SELFCROSS_GATE_THRESHOLD)):
+        for index, sc in zip(members, selfcross_draw(store, group, TEXT.gate_threshold)):
             attributions[index] = sc.flatten()
-    started = timer("queries", started)
+    return torch.stack(attributions)
 
-    report("assigning", 0.85)
-    scores = instance_scores(torch.stack(attributions), instances, count)
+
+def referring_labels(
+    instances: torch.Tensor, attributions: torch.Tensor, size: tuple[int, int]
+) -> ReferringSegmentation:
+    """Step (4) and the labels at size (H, W): instances (Q,) on the self layer's grid, attributions (M, Q)."""
+    count = int(instances.max()) + 1
+    scores = instance_scores(attributions, instances, count)
     chosen = assign_queries(scores)
     # Instances (and the outside) as one-hot channels, upsampled bilinearly to the image and argmaxed.
-    channels = torch.nn.functional.one_hot(instances + 1, count + 1).T.float().to(sc_class.device)
-    instance_map = diffseg.proposals_to_labels(channels, tuple(image.shape[:2])) - 1
+    channels = torch.nn.functional.one_hot(instances + 1, count + 1).T.float().to(attributions.device)
+    instance_map = diffseg.proposals_to_labels(channels, size) - 1
     labels = instance_labels(instance_map.cpu(), chosen, count)
     query_scores = {
         query + 1: float(scores[query, instance]) for query, instance in enumerate(chosen) if instance is not None
     }
-    timer("label", started)
     return ReferringSegmentation(
-        label_maps.to_numpy(labels), query_scores, scores.tolist(), count, instance_map.cpu().numpy(), chosen, timer.ms
+        label_maps.to_numpy(labels), query_scores, scores.tolist(), count, instance_map.cpu().numpy(), chosen
     )
+
+
+def segment_referring(
+    sd: StableDiffusion,
+    image: np.ndarray,
+    class_word: str,
+    queries: list[str],
+    *,
+    concepts: dict[str, Concept] | None = None,
+    max_instances: int = REFERRING.max_instances,
+    timestep: int = REFERRING.timestep,
+    resolution: int = RESOLUTION,
+    seed: int = SEED,
+    report: Report | None = None,
+) -> ReferringSegmentation:
+    """Segment the instances of `class_word` in an RGB uint8 image (H, W, 3) and find each query's.
+
+    queries: 1..max_queries texts, each with at most one `<identifier>` of `concepts`. Every pass is
+    SelfCross (docs/methods.md 2.2) at `timestep` with noise from `seed` (the VOC gate and background).
+    Raises ValueError for bad arguments or an unknown identifier, PromptTooLongError for a query
+    that does not fit the text encoder.
+    """
+    check_queries(queries)
+    concepts, report, timer = concepts or {}, report or (lambda stage, fraction: None), Timer()
+    started = time.perf_counter()
+    prompts = [query_prompt(sd.tokenizer, query, class_word, vector_counts(concepts)) for query in queries]
+    report("encoding", 0.05)
+    latents = clean_latents(sd, image, resolution)
+    started = timer("latent", started)
+    report("attention", 0.1)
+    instances = class_instances(
+        sd, latents, class_word, timestep=timestep, seed=seed, max_instances=max_instances, timer=timer
+    )
+    started = time.perf_counter()
+    attributions = query_attributions(sd, latents, prompts, concepts, timestep=timestep, seed=seed, report=report)
+    started = timer("queries", started)
+    report("assigning", 0.85)
+    out = referring_labels(instances, attributions, tuple(image.shape[:2]))
+    timer("label", started)
+    out.timings_ms = timer.ms
+    return out

@@ -1,9 +1,13 @@
-"""From Text to Mask (method `selfcross`, methods 2.2): cross-attention propagated by self-attention.
+"""From Text to Mask (method `selfcross`, docs/methods.md 2.2): cross-attention propagated by self-attention.
 
 Each step is a small pure function on fp32 tensors; `selfcross_scores` composes them for one noise
-draw, the caller averages the draws, adds `background_score` and calls `segment`.
+draw, the caller averages the draws, adds `background_score` and calls `segment`. `selfcross_pass`
+is the method's UNet call and `selfcross_draw` reads one draw's maps from it; the text methods and
+referring segmentation both use them.
 Grids are square: a (Q, ...) map has Q = g * g positions in row-major order.
 """
+
+from __future__ import annotations
 
 import math
 
@@ -12,7 +16,17 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from workers.methods.prompts import mean_over_spans
+from attnseg.defaults import TEXT
+from workers.methods.passes import combined_kv, encode_with_concepts, noised_latents, unet_pass
+from workers.methods.prompts import Prompt, mean_over_spans
+from workers.models.attention import AttentionStore
+from workers.models.concept import Concept
+from workers.models.stable_diffusion import StableDiffusion
+
+SELFCROSS_CROSS_BLOCKS = (5, 6, 7, 8, 9)  # grids R/4 and R/8
+SELFCROSS_SELF_BLOCK = 12  # up_blocks.2.attentions.1, grid R/2
+# The thresholds default to the reference's VOC settings, TEXT.gate_threshold 0.2 (box gate) and
+# TEXT.background_threshold 0.5 (the paper's bg = (1 - max_c SC_c)^2); COCO uses 0.5 and 0.35.
 
 
 def minmax_per_class(maps: torch.Tensor) -> torch.Tensor:
@@ -54,7 +68,7 @@ def class_cross_maps(
     return minmax_per_class(total / sum(layers_by_grid[grid] for grid in cross_by_grid))
 
 
-def box_gate(cross: torch.Tensor, fraction: float = 0.2) -> torch.Tensor:
+def box_gate(cross: torch.Tensor, fraction: float = TEXT.gate_threshold) -> torch.Tensor:
     """Per class, the union of the bounding boxes of the regions above the gate, as the reference.
 
     cross: (C, g, g). Each map is min-max normalised and quantised like the reference,
@@ -97,7 +111,7 @@ def propagate(
     return minmax_per_class(values.T)
 
 
-def background_score(sc: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+def background_score(sc: torch.Tensor, threshold: float = TEXT.background_threshold) -> torch.Tensor:
     """bg = (2 * threshold - max_c SC_c)^2; threshold 0.5 is the paper's (1 - max)^2.
 
     sc: (C, ...) class scores in [0, 1]. Returns (1, ...).
@@ -120,7 +134,7 @@ def selfcross_scores(
     layers_by_grid: dict[int, int],
     self_attn: torch.Tensor,
     spans: list[tuple[int, int]],
-    gate_fraction: float | None = 0.2,
+    gate_fraction: float | None = TEXT.gate_threshold,
     power: int = 2,
 ) -> torch.Tensor:
     """SelfCross maps of one noise draw.
@@ -136,3 +150,66 @@ def selfcross_scores(
     cross = class_cross_maps(cross_by_grid, layers_by_grid, spans, grid)
     gate = None if gate_fraction is None else box_gate(cross, gate_fraction).flatten(1)
     return propagate(self_attn, cross.flatten(1), gate, power).view(-1, grid, grid)
+
+
+# --- the pass -------------------------------------------------------------------------------
+
+
+def selfcross_pass(
+    sd: StableDiffusion,
+    latents: torch.Tensor,
+    prompts: list[Prompt],
+    timestep: int,
+    seeds: int | list[int],
+    concepts: dict[str, Concept] | None = None,
+) -> AttentionStore:
+    """One conditional UNet call on latents (B, 4, R, R), image b noised with seeds[b]: batch row
+    b * len(prompts) + i is image b with prompts[i].
+
+    concepts: those the prompts name; their vectors go to the text encoder and the attention weights
+    of the (at most one) Custom Diffusion concept among them to the UNet, for this call only.
+    """
+    seeds = [seeds] if isinstance(seeds, int) else seeds
+    concepts = concepts or {}
+    store = AttentionStore()
+    with torch.inference_mode():
+        text = encode_with_concepts(sd, prompts, {name: concept.vectors for name, concept in concepts.items()})
+        noisy = noised_latents(sd, latents, timestep, seeds)
+        if len(seeds) > 1:
+            noisy, text = noisy.repeat_interleave(len(prompts), dim=0), text.repeat(len(seeds), 1, 1)
+        kv = combined_kv(list(concepts.values()))
+        unet_pass(
+            sd,
+            noisy,
+            timestep,
+            text,
+            store,
+            self_blocks=(SELFCROSS_SELF_BLOCK,),
+            cross_blocks=SELFCROSS_CROSS_BLOCKS,
+            kv=kv,
+        )
+    return store
+
+
+def selfcross_draw(
+    store: AttentionStore,
+    prompts: list[Prompt],
+    gate_threshold: float | None = TEXT.gate_threshold,
+    first_row: int = 0,
+) -> torch.Tensor:
+    """SelfCross maps of all classes from one noise draw: (C, g, g) in [0, 1], classes in prompt order.
+
+    store: cross-attention of SELFCROSS_CROSS_BLOCKS and self-attention of SELFCROSS_SELF_BLOCK,
+    recorded from one UNet call whose batch row first_row + i is prompts[i]. Each prompt's class
+    spans select its classes' tokens; min-max normalisation stays per class, so prompts do not interact.
+    gate_threshold: the box gate's level (None: no gate).
+    """
+    (self_grid,) = store.grids("self")
+    cross_grids = store.grids("cross")
+    layers_by_grid = {grid: store.count("cross", grid) for grid in cross_grids}
+    maps = []
+    for row, prompt in enumerate(prompts, start=first_row):
+        cross_by_grid = {grid: store.mean("cross", grid)[row] for grid in cross_grids}
+        self_attn = store.mean("self", self_grid)[row]
+        maps.append(selfcross_scores(cross_by_grid, layers_by_grid, self_attn, prompt.class_spans, gate_threshold))
+    return torch.cat(maps)

@@ -20,11 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnseg.defaults import ONESHOT, RESOLUTION
+
 Box = tuple[int, int, int, int]  # (top, left, height, width)
 
 ROTATION_DEGREES = 30.0
 PART_FRACTION = 0.3  # a training crop keeps more than this share of one part's pixels
 CROP_TRIES = 100  # random crops tried before falling back to the whole image
+CROP_SIZE = 400  # inference crops at resolution 512 (docs/methods.md 3.4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,8 +125,8 @@ def augment(
     mask: Tensor,
     *,
     generator: torch.Generator,
-    size: int = 512,
-    min_crop: float = 0.7,
+    size: int = RESOLUTION,
+    min_crop: float = ONESHOT.min_crop,
     part_cycle: int,
     latent_size: int,
 ) -> tuple[Tensor, Tensor]:
@@ -267,7 +270,9 @@ def mean_iou(pred: Tensor, mask: Tensor, num_classes: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def crop_boxes(size: int = 512, crops_per_side: int = 1, crop_size: int = 400) -> list[Box]:
+def crop_boxes(
+    size: int = RESOLUTION, crops_per_side: int = ONESHOT.crops_per_side, crop_size: int = CROP_SIZE
+) -> list[Box]:
     """Crops of a size x size image, row-major: the whole image for 1 per side; otherwise
     crop_size squares with evenly spaced starts from 0 to size - crop_size (0 and 112 for 2 at
     512). Each is (top, left, height, width)."""

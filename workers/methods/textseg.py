@@ -7,7 +7,8 @@
 
 Every method builds "channels", score maps (K, h, w) of one square grid, where channel k stands for
 label `first_label + k`: with a background channel first_label is 0 (channel 0 = background),
-without it 1. Usable without the service::
+without it 1. Each method is one function of (sd, clip, TextRequest, report) in the `TEXT_METHODS`
+table; `segment_text` checks the arguments and hands them to it. Usable without the service::
 
     out = segment_text(sd, clip, rgb_uint8, ["cat", "dog"], method="selfcross")
     out.labels  # (H, W) narrowest int: 0 = background, 1 + index in classes
@@ -15,6 +16,7 @@ without it 1. Usable without the service::
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,34 +25,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attnseg.defaults import RESOLUTION, SEED, TEXT, TEXT_TIMESTEPS
 from workers.methods import diffseg, gem, label_maps
-from workers.methods.concepts import Concept, combined_kv, encode_with_concepts, vector_counts
+from workers.methods.passes import aggregated_self_attention, clean_latents, vector_counts
 from workers.methods.prompts import Prompt, PromptTooLongError, build_prompt
-from workers.methods.selfcross import background_score, selfcross_scores
+from workers.methods.selfcross import background_score, selfcross_draw, selfcross_pass
 from workers.methods.timing import Timer
-from workers.methods.unsupervised import ALL_BLOCKS, self_attention_by_grid
-from workers.models.attention import AttentionStore, capture_attention
 from workers.models.clip import Clip
-from workers.models.concept_hooks import concept_attention
-from workers.models.sd_ops import (
-    add_noise,
-    encode_latents,
-    fixed_prompt_embeddings,
-    image_to_pixels,
-    make_generator,
-    unet_noise,
-)
+from workers.models.concept import Concept
 from workers.models.stable_diffusion import StableDiffusion
 
-METHODS = ("selfcross", "gem", "gem_refined", "cluster")
-DEFAULT_TIMESTEPS = {"selfcross": 150, "gem": None, "gem_refined": 100, "cluster": 100}
-SELFCROSS_CROSS_BLOCKS = (5, 6, 7, 8, 9)  # grids R/4 and R/8
-SELFCROSS_SELF_BLOCK = 12  # up_blocks.2.attentions.1, grid R/2
-# The reference's VOC settings (box gate, background threshold); COCO uses 0.5 and 0.35.
-SELFCROSS_GATE_THRESHOLD = 0.2
-SELFCROSS_BACKGROUND_THRESHOLD = 0.5  # the paper's bg = (1 - max_c SC_c)^2
 VOC_BACKGROUND_TEMPERATURE = 0.1  # langseg's VOC recipe: CA at s = 0.1 when a background channel is added
 CLUSTER_KL_THRESHOLD = 0.8
+
+Report = Callable[[str, float], None]
 
 
 @dataclass
@@ -88,32 +76,8 @@ def split_classes(
     return prompts
 
 
-def selfcross_draw(
-    store: AttentionStore,
-    prompts: list[Prompt],
-    gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD,
-    first_row: int = 0,
-) -> torch.Tensor:
-    """SelfCross maps of all classes from one noise draw: (C, g, g) in [0, 1], classes in prompt order.
-
-    store: cross-attention of SELFCROSS_CROSS_BLOCKS and self-attention of SELFCROSS_SELF_BLOCK,
-    recorded from one UNet call whose batch row first_row + i is prompts[i]. Each prompt's class
-    spans select its classes' tokens; min-max normalisation stays per class, so prompts do not interact.
-    gate_threshold: the box gate's level (None: no gate).
-    """
-    (self_grid,) = store.grids("self")
-    cross_grids = store.grids("cross")
-    layers_by_grid = {grid: store.count("cross", grid) for grid in cross_grids}
-    maps = []
-    for row, prompt in enumerate(prompts, start=first_row):
-        cross_by_grid = {grid: store.mean("cross", grid)[row] for grid in cross_grids}
-        self_attn = store.mean("self", self_grid)[row]
-        maps.append(selfcross_scores(cross_by_grid, layers_by_grid, self_attn, prompt.class_spans, gate_threshold))
-    return torch.cat(maps)
-
-
 def selfcross_channels(
-    sc: torch.Tensor, background: bool, threshold: float = SELFCROSS_BACKGROUND_THRESHOLD
+    sc: torch.Tensor, background: bool, threshold: float = TEXT.background_threshold
 ) -> torch.Tensor:
     """(C, g, g) SelfCross maps -> channels: [bg, SC_1..SC_C] with background, else SC alone."""
     if not background:
@@ -157,50 +121,7 @@ def name_segments(segments: torch.Tensor, channels: torch.Tensor) -> torch.Tenso
     return diffseg.segment_word_scores(segments, channels).argmax(1)
 
 
-# --- labels and scores --------------------------------------------------------------------
-
-
-def clean_latents(sd: StableDiffusion, images: np.ndarray | list[np.ndarray], resolution: int) -> torch.Tensor:
-    """The VAE posterior means of the images resized to resolution x resolution, (B, 4, R, R); one
-    image (H, W, 3) or a list of them, encoded in one VAE call."""
-    images = [images] if isinstance(images, np.ndarray) else images
-    with torch.inference_mode():
-        return encode_latents(
-            sd, torch.cat([image_to_pixels(image, resolution, sd.device, sd.dtype) for image in images])
-        )
-
-
-def selfcross_pass(
-    sd: StableDiffusion,
-    latents: torch.Tensor,
-    prompts: list[Prompt],
-    timestep: int,
-    seeds: int | list[int],
-    concepts: dict[str, Concept] | None = None,
-) -> AttentionStore:
-    """One conditional UNet call on latents (B, 4, R, R), image b noised with seeds[b]: batch row
-    b * len(prompts) + i is image b with prompts[i].
-
-    concepts: those the prompts name; their vectors go to the text encoder and the attention weights
-    of the (at most one) Custom Diffusion concept among them to the UNet, for this call only.
-    """
-    seeds = [seeds] if isinstance(seeds, int) else seeds
-    concepts = concepts or {}
-    store = AttentionStore()
-    with torch.inference_mode():
-        text = encode_with_concepts(sd, prompts, {name: concept.vectors for name, concept in concepts.items()})
-        noisy = torch.cat(
-            [add_noise(sd, latents[b : b + 1], timestep, make_generator(sd, seed)) for b, seed in enumerate(seeds)]
-        )
-        if len(seeds) > 1:
-            noisy, text = noisy.repeat_interleave(len(prompts), dim=0), text.repeat(len(seeds), 1, 1)
-        # The concept's processors wrap the capturing ones: enter them inside capture_attention.
-        with (
-            capture_attention(sd.unet, store, self_blocks=(SELFCROSS_SELF_BLOCK,), cross_blocks=SELFCROSS_CROSS_BLOCKS),
-            concept_attention(sd.unet, combined_kv(list(concepts.values()))),
-        ):
-            unet_noise(sd, noisy, timestep, text)
-    return store
+# --- the shared selfcross pass (also the worker's batch path) ------------------------------
 
 
 def selfcross_maps(
@@ -214,7 +135,7 @@ def selfcross_maps(
     gate_threshold: float | None,
     concepts: dict[str, Concept] | None,
     timer: Timer,
-    report: Callable[[str, float], None],
+    report: Report,
 ) -> list[torch.Tensor]:
     """Per image of latents (B, 4, R, R): its SelfCross maps (C, g, g) averaged over `samples` noise
     draws (draw i of image b uses seeds[b] + i); each draw is one UNet call for all images."""
@@ -231,40 +152,28 @@ def selfcross_maps(
     return [total / samples for total in totals]
 
 
-def channel_labels(
-    channels: torch.Tensor, output_size: tuple[int, int], first_label: int, timer: Timer
-) -> tuple[torch.Tensor, dict[int, float]]:
-    """Channels (K, h, w) -> the (H, W) argmax labels (+ first_label) and each present label's score."""
-    started = time.perf_counter()
-    labels = diffseg.proposals_to_labels(channels.flatten(1), output_size) + first_label
-    started = timer("label", started)
-    scores = diffseg.label_scores(labels, channels, first_label)
-    timer("scores", started)
-    return labels, scores
-
-
 def selfcross_batch(
     sd: StableDiffusion,
     images: list[np.ndarray],
     classes: list[str],
     *,
     seeds: list[int],
-    background: bool = True,
+    background: bool = TEXT.background,
     background_words: list[str] | None = (),
-    samples: int = 1,
+    samples: int = TEXT.samples,
     timestep: int | None = None,
-    resolution: int = 512,
-    gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD,
-    background_threshold: float = SELFCROSS_BACKGROUND_THRESHOLD,
+    resolution: int = RESOLUTION,
+    gate_threshold: float | None = TEXT.gate_threshold,
+    background_threshold: float = TEXT.background_threshold,
     concepts: dict[str, Concept] | None = None,
-    report: Callable[[str, float], None] | None = None,
+    report: Report | None = None,
 ) -> tuple[list[torch.Tensor], int, dict]:
     """The shared part of selfcross for several images with the same classes and options: one VAE
     call, one UNet call per draw. Returns (channels (K, g, g) per image, passes, timings_ms); finish
     each image with `channel_labels`. Raises PromptTooLongError as `segment_text`."""
     report = report or (lambda stage, fraction: None)
     timer = Timer()
-    timestep = DEFAULT_TIMESTEPS["selfcross"] if timestep is None else timestep
+    timestep = TEXT_TIMESTEPS["selfcross"] if timestep is None else timestep
     prompts = split_classes(sd.tokenizer, list(classes), list(background_words or ()), vector_counts(concepts))
     started = time.perf_counter()
     report("encoding", 0.05)
@@ -285,56 +194,165 @@ def selfcross_batch(
     return [selfcross_channels(sc, background, background_threshold) for sc in maps], len(prompts), timer.ms
 
 
-def aggregated_self_attention(sd: StableDiffusion, latents: torch.Tensor, timestep: int, seed: int) -> torch.Tensor:
-    """Empty-prompt UNet pass on latents noised with `seed`: all 16 self layers, DiffSeg step 3, (R^2, R^2)."""
-    store = AttentionStore()
-    with torch.inference_mode():
-        noisy = add_noise(sd, latents, timestep, make_generator(sd, seed))
-        with capture_attention(sd.unet, store, self_blocks=ALL_BLOCKS):
-            unet_noise(sd, noisy, timestep, fixed_prompt_embeddings(sd, [""]))
-        return diffseg.aggregate(self_attention_by_grid(store))
+# --- labels and scores --------------------------------------------------------------------
+
+
+def channel_labels(
+    channels: torch.Tensor, output_size: tuple[int, int], first_label: int, timer: Timer
+) -> tuple[torch.Tensor, dict[int, float]]:
+    """Channels (K, h, w) -> the (H, W) argmax labels (+ first_label) and each present label's score."""
+    started = time.perf_counter()
+    labels = diffseg.proposals_to_labels(channels.flatten(1), output_size) + first_label
+    started = timer("label", started)
+    scores = diffseg.label_scores(labels, channels, first_label)
+    timer("scores", started)
+    return labels, scores
+
+
+def scored(
+    labels: torch.Tensor, channels: torch.Tensor, request: TextRequest, passes: int, timer: Timer
+) -> TextSegmentation:
+    """The result of labels (H, W) whose label l is channel l - first_label of channels (K, h, w)."""
+    started = time.perf_counter()
+    scores = diffseg.label_scores(labels, channels, request.first_label)
+    timer("scores", started)
+    return TextSegmentation(label_maps.to_numpy(labels), scores, passes, timer.ms)
+
+
+# --- one function per method --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """One picture and the options of `segment_text`, checked; what every method function reads."""
+
+    image: np.ndarray  # RGB uint8 (H, W, 3)
+    classes: list[str]
+    output_size: tuple[int, int]  # (H, W) of the labels
+    background: bool
+    background_words: list[str] | None
+    samples: int
+    timestep: int | None  # the method's own when None was given
+    resolution: int
+    seed: int
+    gate_threshold: float | None
+    background_threshold: float
+    concepts: dict[str, Concept] | None
+
+    @property
+    def first_label(self) -> int:
+        """The label of channel 0: 0 (background) with a background channel, else 1 (the first class)."""
+        return 0 if self.background else 1
+
+
+def clip_channels(clip: Clip, request: TextRequest, report: Report, timer: Timer) -> torch.Tensor:
+    """The GEM channels (K, 28, 28) of the request's picture and classes (docs/methods.md 2.3)."""
+    started = time.perf_counter()
+    report("clip", 0.05)
+    channels = gem_channels(gem.class_logits(clip, request.image, list(request.classes)), request.background)
+    timer("clip", started)
+    return channels
+
+
+def sd_self_attention(sd: StableDiffusion, request: TextRequest, report: Report, timer: Timer) -> torch.Tensor:
+    """The aggregated SD self-attention (R^2, R^2) of the request's picture, noised with its seed."""
+    started = time.perf_counter()
+    report("encoding", 0.2)
+    latents = clean_latents(sd, request.image, request.resolution)
+    started = timer("latent", started)
+    report("attention", 0.3)
+    self_attention = aggregated_self_attention(sd, latents, request.timestep, request.seed)
+    timer("unet", started)
+    return self_attention
+
+
+def clip_and_sd(
+    sd: StableDiffusion, clip: Clip, request: TextRequest, report: Report, timer: Timer
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What gem_refined and cluster start from: the GEM channels and the aggregated SD self-attention."""
+    channels = clip_channels(clip, request, report, timer)
+    self_attention = sd_self_attention(sd, request, report, timer)
+    report("labelling", 0.85)
+    return channels, self_attention
+
+
+def selfcross_text(sd: StableDiffusion, clip: Clip | None, request: TextRequest, report: Report) -> TextSegmentation:
+    """From Text to Mask (docs/methods.md 2.2): `selfcross_batch` for one picture, then its labels."""
+    (channels,), passes, timings_ms = selfcross_batch(
+        sd,
+        [request.image],
+        request.classes,
+        seeds=[request.seed],
+        background=request.background,
+        background_words=request.background_words,
+        samples=request.samples,
+        timestep=request.timestep,
+        resolution=request.resolution,
+        gate_threshold=request.gate_threshold,
+        background_threshold=request.background_threshold,
+        concepts=request.concepts,
+        report=report,
+    )
+    timer = Timer()
+    timer.ms = timings_ms
+    report("labelling", 0.85)
+    labels, scores = channel_labels(channels, request.output_size, request.first_label, timer)
+    return TextSegmentation(label_maps.to_numpy(labels), scores, passes, timer.ms)
+
+
+def gem_text(sd: StableDiffusion | None, clip: Clip, request: TextRequest, report: Report) -> TextSegmentation:
+    """Dense CLIP alone (docs/methods.md 2.3): the argmax of the GEM channels; no SD pass."""
+    timer = Timer()
+    channels = clip_channels(clip, request, report, timer)
+    report("labelling", 0.85)
+    labels, scores = channel_labels(channels, request.output_size, request.first_label, timer)
+    return TextSegmentation(label_maps.to_numpy(labels), scores, 0, timer.ms)
+
+
+def gem_refined_text(sd: StableDiffusion, clip: Clip, request: TextRequest, report: Report) -> TextSegmentation:
+    """AggGEM (docs/methods.md 2.3): the GEM channels propagated by the aggregated SD self-attention."""
+    timer = Timer()
+    channels, self_attention = clip_and_sd(sd, clip, request, report, timer)
+    started = time.perf_counter()
+    side = math.isqrt(self_attention.shape[0])
+    class_maps = F.interpolate(channels[None], size=(side, side), mode="bilinear", align_corners=False)[0]
+    channels = propagate_class_maps(self_attention, class_maps)
+    started = timer("propagate", started)
+    labels = diffseg.proposals_to_labels(channels.flatten(1), request.output_size, mode="bicubic")
+    timer("label", started)
+    return scored(labels + request.first_label, channels, request, 1, timer)
+
+
+def cluster_text(sd: StableDiffusion, clip: Clip, request: TextRequest, report: Report) -> TextSegmentation:
+    """DiffSegClust (docs/methods.md 2.3): DiffSeg segments, each named by its mean GEM channels."""
+    timer = Timer()
+    channels, self_attention = clip_and_sd(sd, clip, request, report, timer)
+    started = time.perf_counter()
+    segments = diffseg.merge(self_attention, kl_threshold=CLUSTER_KL_THRESHOLD, output_size=request.output_size)
+    started = timer("merge", started)
+    labels = (name_segments(segments, channels) + request.first_label)[segments]
+    timer("label", started)
+    return scored(labels, channels, request, 1, timer)
+
+
+# Method name -> its function (sd, clip, request, report); the API's `method` values, in order.
+TEXT_METHODS = {"selfcross": selfcross_text, "gem": gem_text, "gem_refined": gem_refined_text, "cluster": cluster_text}
+METHODS = tuple(TEXT_METHODS)
 
 
 # --- the API ------------------------------------------------------------------------------
 
 
-def segment_text(
+def check_text_arguments(
     sd: StableDiffusion | None,
     clip: Clip | None,
-    image: np.ndarray,
+    method: str,
     classes: list[str],
-    *,
-    method: str = "selfcross",
-    background: bool = True,
-    background_words: list[str] | None = (),
-    samples: int = 1,
-    timestep: int | None = None,
-    resolution: int = 512,
-    seed: int = 0,
-    gate_threshold: float | None = SELFCROSS_GATE_THRESHOLD,
-    background_threshold: float = SELFCROSS_BACKGROUND_THRESHOLD,
-    concepts: dict[str, Concept] | None = None,
-    report: Callable[[str, float], None] | None = None,
-    output_size: tuple[int, int] | None = None,
-) -> TextSegmentation:
-    """Segments an RGB uint8 image (H, W, 3) into the given classes; labels come back at (H, W), or
-    at `output_size` (H, W) when the image was decoded smaller than the original.
-
-    method: "selfcross" (needs sd), "gem" (needs clip), "gem_refined" or "cluster" (need both).
-    background: add label 0 where no class is strong; without it every pixel gets a class.
-    background_words: selfcross only, extra prompt words that absorb attention, never reported.
-    samples: selfcross only, noise draws averaged; draw i uses seed + i.
-    gate_threshold, background_threshold: selfcross only, the box gate's level (None: no gate) and
-    the background's thr; VOC values by default, COCO 0.5 and 0.35 (methods 2.2).
-    concepts: selfcross only, identifier -> Concept for classes that name `<identifier>` (at most one
-    of them with attention weights).
-    timestep: None for the method's default (DEFAULT_TIMESTEPS); gem has no SD pass and ignores it,
-    as it ignores resolution, samples and seed (CLIP runs at 448).
-    report(stage, fraction) is called between steps (progress and cancellation).
-    Raises ValueError for bad arguments, PromptTooLongError (a ValueError) for a class that does
-    not fit a prompt even alone.
-    """
-    if method not in METHODS:
+    samples: int,
+    concepts: dict[str, Concept] | None,
+) -> None:
+    """ValueError naming the problem when `segment_text` cannot run these arguments."""
+    if method not in TEXT_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     if not classes:
         raise ValueError("at least one class is needed")
@@ -346,60 +364,57 @@ def segment_text(
         raise ValueError(f"method {method!r} needs a Stable Diffusion model")
     if method != "selfcross" and clip is None:
         raise ValueError(f"method {method!r} needs a CLIP model")
-    report = report or (lambda stage, fraction: None)
-    timestep = DEFAULT_TIMESTEPS[method] if timestep is None else timestep
-    output_size = tuple(output_size or image.shape[:2])
-    first_label = 0 if background else 1
-    timer = Timer()
-    started = time.perf_counter()
 
-    if method == "selfcross":
-        (channels,), passes, timer.ms = selfcross_batch(
-            sd,
-            [image],
-            classes,
-            seeds=[seed],
-            background=background,
-            background_words=background_words,
-            samples=samples,
-            timestep=timestep,
-            resolution=resolution,
-            gate_threshold=gate_threshold,
-            background_threshold=background_threshold,
-            concepts=concepts,
-            report=report,
-        )
-    else:
-        report("clip", 0.05)
-        channels = gem_channels(gem.class_logits(clip, image, list(classes)), background)
-        started = timer("clip", started)
-        passes = 0
-        if method != "gem":
-            report("encoding", 0.2)
-            latents = clean_latents(sd, image, resolution)
-            started = timer("latent", started)
-            report("attention", 0.3)
-            self_attention = aggregated_self_attention(sd, latents, timestep, seed)
-            started = timer("unet", started)
-            passes = 1
 
-    report("labelling", 0.85)
-    if method in ("selfcross", "gem"):
-        labels, scores = channel_labels(channels, output_size, first_label, timer)
-        return TextSegmentation(label_maps.to_numpy(labels), scores, passes, timer.ms)
-    if method == "gem_refined":
-        side = latents.shape[-1]
-        class_maps = F.interpolate(channels[None], size=(side, side), mode="bilinear", align_corners=False)[0]
-        channels = propagate_class_maps(self_attention, class_maps)
-        started = timer("propagate", started)
-        labels = diffseg.proposals_to_labels(channels.flatten(1), output_size, mode="bicubic") + first_label
-        started = timer("label", started)
-    else:
-        segments = diffseg.merge(self_attention, kl_threshold=CLUSTER_KL_THRESHOLD, output_size=output_size)
-        started = timer("merge", started)
-        labels = (name_segments(segments, channels) + first_label)[segments]
-        started = timer("label", started)
+def segment_text(
+    sd: StableDiffusion | None,
+    clip: Clip | None,
+    image: np.ndarray,
+    classes: list[str],
+    *,
+    method: str = TEXT.method,
+    background: bool = TEXT.background,
+    background_words: list[str] | None = (),
+    samples: int = TEXT.samples,
+    timestep: int | None = None,
+    resolution: int = RESOLUTION,
+    seed: int = SEED,
+    gate_threshold: float | None = TEXT.gate_threshold,
+    background_threshold: float = TEXT.background_threshold,
+    concepts: dict[str, Concept] | None = None,
+    report: Report | None = None,
+    output_size: tuple[int, int] | None = None,
+) -> TextSegmentation:
+    """Segments an RGB uint8 image (H, W, 3) into the given classes; labels come back at (H, W), or
+    at `output_size` (H, W) when the image was decoded smaller than the original.
 
-    scores = diffseg.label_scores(labels, channels, first_label)
-    timer("scores", started)
-    return TextSegmentation(label_maps.to_numpy(labels), scores, passes, timer.ms)
+    method: "selfcross" (needs sd), "gem" (needs clip), "gem_refined" or "cluster" (need both).
+    background: add label 0 where no class is strong; without it every pixel gets a class.
+    background_words: selfcross only, extra prompt words that absorb attention, never reported.
+    samples: selfcross only, noise draws averaged; draw i uses seed + i.
+    gate_threshold, background_threshold: selfcross only, the box gate's level (None: no gate) and
+    the background's thr; VOC values by default, COCO 0.5 and 0.35 (docs/methods.md 2.2).
+    concepts: selfcross only, identifier -> Concept for classes that name `<identifier>` (at most one
+    of them with attention weights).
+    timestep: None for the method's default (TEXT_TIMESTEPS); gem has no SD pass and ignores it,
+    as it ignores resolution, samples and seed (CLIP runs at 448).
+    report(stage, fraction) is called between steps (progress and cancellation).
+    Raises ValueError for bad arguments, PromptTooLongError (a ValueError) for a class that does
+    not fit a prompt even alone.
+    """
+    check_text_arguments(sd, clip, method, classes, samples, concepts)
+    request = TextRequest(
+        image,
+        classes,
+        tuple(output_size or image.shape[:2]),
+        background,
+        background_words,
+        samples,
+        TEXT_TIMESTEPS[method] if timestep is None else timestep,
+        resolution,
+        seed,
+        gate_threshold,
+        background_threshold,
+        concepts,
+    )
+    return TEXT_METHODS[method](sd, clip, request, report or (lambda stage, fraction: None))

@@ -17,20 +17,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attnseg.defaults import DIFFSEG, RESOLUTION, SEED
 from workers.methods import diffseg, label_maps
+from workers.methods.passes import clean_latents, self_attention_by_grid, unet_pass
 from workers.methods.prompts import Prompt, mean_over_spans, pad_ids, word_spans
 from workers.methods.timing import Timer
-from workers.models.attention import AttentionStore, capture_attention
-from workers.models.sd_ops import (
-    encode_latents,
-    encode_prompt_ids,
-    fixed_prompt_embeddings,
-    image_to_pixels,
-    unet_noise,
-)
+from workers.models.attention import ALL_BLOCKS, AttentionStore
+from workers.models.sd_ops import encode_prompt_ids, fixed_prompt_embeddings
 from workers.models.stable_diffusion import StableDiffusion
-
-ALL_BLOCKS = tuple(range(1, 17))
 
 
 @dataclass
@@ -39,11 +33,6 @@ class UnsupervisedSegmentation:
     names: list[str | None]  # per label: the vocabulary word naming it, or None
     scores: list[float | None]  # per label: that word's mean score over the segment
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-def self_attention_by_grid(store: AttentionStore, row: int = 0) -> dict[int, torch.Tensor]:
-    """Per grid g: the (g^2, g^2) self-attention of batch row `row`, averaged over that grid's layers."""
-    return {grid: store.mean("self", grid)[row] for grid in store.grids("self")}
 
 
 def vocabulary_word_maps(store: AttentionStore, prompt: Prompt, size: int, row: int = 0) -> torch.Tensor:
@@ -77,8 +66,8 @@ def attention_pass(
     sd: StableDiffusion,
     images: list[np.ndarray],
     *,
-    timestep: int = 300,
-    resolution: int = 512,
+    timestep: int = DIFFSEG.timestep,
+    resolution: int = RESOLUTION,
     vocabulary: list[str] | None = None,
     report: Callable[[str, float], None] | None = None,
 ) -> SharedPass:
@@ -88,20 +77,25 @@ def attention_pass(
     timer = Timer()
     started = time.perf_counter()
     report("encoding", 0.05)
-    pixels = torch.cat([image_to_pixels(image, resolution, sd.device, sd.dtype) for image in images])
+    latents = clean_latents(sd, images, resolution)
     with torch.inference_mode():
-        latents = encode_latents(sd, pixels)
         prompt = word_spans(sd.tokenizer, vocabulary) if vocabulary else None
         text = encode_prompt_ids(sd, pad_ids(prompt, sd.tokenizer)) if prompt else fixed_prompt_embeddings(sd, [""])
     started = timer("latent", started)
 
     report("attention", 0.2)
     store = AttentionStore()
-    with (
-        torch.inference_mode(),
-        capture_attention(sd.unet, store, self_blocks=ALL_BLOCKS, cross_blocks=ALL_BLOCKS if prompt else ()),
-    ):
-        unet_noise(sd, latents, timestep, text.expand(len(images), -1, -1))
+    with torch.inference_mode():
+        cross_blocks = ALL_BLOCKS if prompt else ()
+        unet_pass(
+            sd,
+            latents,
+            timestep,
+            text.expand(len(images), -1, -1),
+            store,
+            self_blocks=ALL_BLOCKS,
+            cross_blocks=cross_blocks,
+        )
     timer("unet", started)
     return SharedPass(store, resolution, prompt, vocabulary, timer.ms)
 
@@ -111,10 +105,10 @@ def segment_row(
     row: int,
     size: tuple[int, int],
     *,
-    kl_threshold: float = 1.0,
-    grid: int = 16,
-    iterations: int = 3,
-    refine: bool = False,
+    kl_threshold: float = DIFFSEG.kl_threshold,
+    grid: int = DIFFSEG.grid,
+    iterations: int = DIFFSEG.iterations,
+    refine: bool = DIFFSEG.refine,
     report: Callable[[str, float], None] | None = None,
 ) -> UnsupervisedSegmentation:
     """DiffSeg's steps after the pass for image `row` of `shared`; labels come back at size (H, W)."""
@@ -150,14 +144,14 @@ def segment_unsupervised(
     sd: StableDiffusion,
     image: np.ndarray,
     *,
-    kl_threshold: float = 1.0,
-    grid: int = 16,
-    iterations: int = 3,
-    timestep: int = 300,
-    resolution: int = 512,
-    refine: bool = False,
+    kl_threshold: float = DIFFSEG.kl_threshold,
+    grid: int = DIFFSEG.grid,
+    iterations: int = DIFFSEG.iterations,
+    timestep: int = DIFFSEG.timestep,
+    resolution: int = RESOLUTION,
+    refine: bool = DIFFSEG.refine,
     vocabulary: list[str] | None = None,
-    seed: int = 0,
+    seed: int = SEED,
     report: Callable[[str, float], None] | None = None,
     output_size: tuple[int, int] | None = None,
 ) -> UnsupervisedSegmentation:

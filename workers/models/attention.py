@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 NUM_BLOCKS = 16
+ALL_BLOCKS = tuple(range(1, NUM_BLOCKS + 1))  # block numbers, the rows of docs/methods.md 0.2
 KINDS = ("self", "cross", "cross_logits")
 
 
@@ -206,24 +207,8 @@ class CapturingAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
+        query, key, value = self._heads(attn, hidden_states, encoder_hidden_states, batch_size)
+        head_dim = query.shape[-1]
         self._record(attn, query, key, attention_mask)
 
         # No explicit scale, as in the stock processor: SDPA's default 1/sqrt(head_dim) equals
@@ -242,6 +227,30 @@ class CapturingAttnProcessor:
             hidden_states = hidden_states + residual
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+    @staticmethod
+    def _heads(
+        attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stock processor's query, key and value, each (B, heads, tokens, head_dim)."""
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        return query, key, value
 
     def _record(self, attn, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         rows = self.store.rows
