@@ -85,3 +85,48 @@ def test_an_unknown_expired_or_other_tenants_picture_is_not_found(make_client, r
     connection.delete(key)
     expired = client.post("/segment/unsupervised", json={"image_id": picture}, headers=ALICE)
     assert expired.status_code == 404, expired.text
+
+
+def test_a_second_query_on_a_picture_reuses_its_latents_and_the_masks_stay_the_same(make_client, worker_on):
+    from workers.engine import runtime
+
+    _, settings, run = worker_on
+    client = make_client()
+    data = image_bytes(80, 60, seed=7)
+
+    def ask_twice(cache_mib: int) -> tuple[list[dict], runtime.LatentCache]:
+        sd = runtime.current().sd
+        runtime.install(runtime.Runtime(settings.model_copy(update={"latent_cache_mib": cache_mib}), sd, None))
+        first = client.post(
+            "/segment/text", files={"image": ("x.png", data, "image/png")}, data={"classes": "cat", "seed": "2"}
+        )
+        picture = hashlib.sha256(data).hexdigest()
+        second = client.post("/segment/text", json={"image_id": picture, "classes": ["dog", "cat"], "seed": 3})
+        run(1)
+        results = [client.get(f"/jobs/{r.json()['id']}").json()["result"] for r in (first, second)]
+        return results, runtime.current().latents
+
+    cached, cache = ask_twice(256)
+    assert (cache.hits, cache.misses) == (1, 1)
+    assert "fetch" in cached[0]["timings_ms"] and "fetch" not in cached[1]["timings_ms"]  # no decode either
+    assert cached[1]["timings_ms"]["latent"] == 0.0
+    uncached, no_cache = ask_twice(0)
+    assert (no_cache.hits, no_cache.held_bytes) == (0, 0)
+    assert [r["segments"] for r in cached] == [r["segments"] for r in uncached]
+
+
+def test_the_latent_cache_drops_the_least_recently_used_beyond_its_bound():
+    import torch
+
+    from workers.engine.latent_cache import LatentCache
+
+    entry = torch.zeros(1, 4, 8, 8)  # 1 KiB
+    cache = LatentCache(max_bytes=2 * 1024)
+    cache.put(("m", "a", 64, "f32"), entry)
+    cache.put(("m", "b", 64, "f32"), entry)
+    assert cache.get(("m", "a", 64, "f32")) is entry  # a is now the most recent
+    cache.put(("m", "c", 64, "f32"), entry)
+    assert cache.get(("m", "b", 64, "f32")) is None and cache.get(("m", "a", 64, "f32")) is entry
+    assert cache.held_bytes == 2 * 1024
+    cache.put(("m", "huge", 64, "f32"), torch.zeros(1, 4, 32, 32))  # over the whole bound: not kept
+    assert cache.held_bytes == 2 * 1024 and cache.get(("m", "huge", 64, "f32")) is None
