@@ -35,6 +35,8 @@ def create(
     status: str,
     params: dict,
     job_id: str,
+    name: str | None = None,
+    description: str | None = None,
 ) -> dict:
     """Claim the identifier for the owner and create the record; IdentifierTakenError if it is used."""
     claim = concept_identifier_key(owner, identifier)
@@ -44,6 +46,8 @@ def create(
         connection,
         concept_id,
         {
+            "name": name,
+            "description": description,
             "identifier": identifier,
             "class_word": class_word,
             "method": method,

@@ -63,6 +63,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = grey_to_8bit(image)
     elif image.mode not in PILLOW_TO_RGB:
         raise UnsupportedModeError(image.mode)
+    if image.mode == "RGB":
+        return image  # convert() would return a full copy
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # Pillow's documented path for palette transparency
     return image.convert("RGB")

@@ -1,6 +1,7 @@
 """Trained one-shot (SLiMe) models, stored durably in Redis (no TTL) so any worker can use them.
 
-A model record is a JSON document (attnseg.record_store): id, owner (the tenant), status
+A model record is a JSON document (attnseg.record_store): id, owner (the tenant), name and
+description (as given, or None), status
 (training | ready | failed), labels, the SD model it belongs to, training parameters and metrics,
 the training job id, and (when ready) the learned vectors. Each tenant lists only its own.
 """
@@ -15,11 +16,23 @@ store = RecordStore(ONESHOT_PREFIX, ONESHOT_INDEX_KEY)
 new_model_id = new_id
 
 
-def create(connection, model_id: str, *, tenant: str, labels: list[str], params: dict, train_job_id: str) -> dict:
+def create(
+    connection,
+    model_id: str,
+    *,
+    tenant: str,
+    labels: list[str],
+    params: dict,
+    train_job_id: str,
+    name: str | None = None,
+    description: str | None = None,
+) -> dict:
     return store.create(
         connection,
         model_id,
         {
+            "name": name,
+            "description": description,
             "status": "training",
             "labels": labels,
             "params": params,

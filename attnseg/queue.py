@@ -16,6 +16,7 @@ from rq.job import Dependency, Job, JobStatus
 from rq.registry import CanceledJobRegistry
 from rq.serializers import JSONSerializer
 
+from attnseg.record_store import new_id
 from attnseg.settings import Settings
 
 SEGMENT_QUEUE = "attnseg:segment"
@@ -128,6 +129,8 @@ def enqueue(
 
     `payload["params"]` is echoed in the job object; the rest (image keys) is for the worker.
     `after`: a job id this one waits for (it runs whether that job succeeds or fails, and says so).
+    `job_id`: given when a record must name its job before it exists; else a new one (every job id
+    has the same shape: 32 hex digits, as record ids).
     """
     kind_entry = job_kind(kind)
     queue = get_queue(connection, kind_entry.queue)
@@ -143,7 +146,7 @@ def enqueue(
         depends_on=waiting,
         result_ttl=settings.result_ttl_s,
         failure_ttl=settings.result_ttl_s,
-        job_id=job_id,
+        job_id=job_id or new_id(),
         meta=meta,
         description=f"{kind} job",
     )

@@ -78,6 +78,30 @@ def decode(rle: dict) -> np.ndarray:
     return flat.reshape((h, w), order="F")
 
 
+COLUMNS_AT_ONCE = 256  # sampled columns looked up together: bounds the index arrays to a few MB
+
+
+def decode_sampled(rle: dict, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """{"size": [H, W], "counts"} -> the mask at pixels rows x cols only, (len(rows), len(cols)) bool.
+
+    rows and cols are pixel indexes (in [0, H) and [0, W)); the full (H, W) mask is never built:
+    each sampled pixel's run is found by binary search in the runs' ends, so a picture reduced for
+    display costs its own size, not the original's.
+    """
+    h, w = rle["size"]
+    counts = rle["counts"]
+    ends = np.cumsum(string_to_counts(counts) if isinstance(counts, str) else counts, dtype=np.int64)
+    if (ends[-1] if ends.size else 0) != h * w:
+        raise ValueError(f"RLE covers {ends[-1] if ends.size else 0} pixels, size says {h * w}")
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    out = np.empty((rows.size, cols.size), dtype=bool)
+    for start in range(0, cols.size, COLUMNS_AT_ONCE):
+        block = cols[start : start + COLUMNS_AT_ONCE]
+        positions = block[None, :] * h + rows[:, None]  # column-major flat index of each sample
+        out[:, start : start + block.size] = np.searchsorted(ends, positions, side="right") % 2 == 1
+    return out
+
+
 def bbox(mask: np.ndarray) -> list[int]:
     """(H, W) bool -> [x, y, w, h] of the tight box (COCO xywh), zeros for an empty mask."""
     rows = np.flatnonzero(mask.any(axis=1))

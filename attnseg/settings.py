@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         return self
 
     # API.
+    overlay_max_side: int = Field(
+        2048, ge=16, description="Longest side of an overlay drawing; larger pictures are drawn reduced."
+    )
+    overlay_concurrency: int = Field(
+        2, gt=0, description="Overlays drawn at once per API process; beyond it 429 with Retry-After."
+    )
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_key: str | None = Field(

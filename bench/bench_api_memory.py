@@ -1,4 +1,5 @@
-"""Peak memory of the API process per request: one 6300x6300 PNG, and training uploads of many pairs.
+"""Peak memory of the API process per request: one 6300x6300 PNG, training uploads of many pairs, and
+the overlay of a job over a 6300x6300 PNG of one colour.
 
 The API runs as its own process (`attnseg api`, as in production) on a private Redis; before each
 request its resident-set high-water mark is reset (/proc/PID/clear_refs), after it VmHWM minus the
@@ -7,6 +8,7 @@ picture of the request (W x H x 3 bytes): the API decodes one picture at a time 
 uint8, so the peak should stay a small multiple of it.
 
     python -m bench.bench_api_memory
+    python -m bench.bench_api_memory --cases overlay --api-root /path/to/before   # one case, another checkout
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from attnseg import rle
+from attnseg.images import store_bytes
 from bench.common import MIB, ROOT, machine_info, print_header, print_table
-from tests.support import RedisServer, free_port, wait_until_ok, worker_env
+from tests.support import RedisServer, enqueue_stand_in, free_port, wait_until_ok, work_burst, worker_env
 
 
 def flat_picture(width: int, height: int, fmt: str) -> bytes:
@@ -66,6 +70,7 @@ def measure(client: httpx.Client, pid: int, send) -> tuple[int, float, int]:
 def start_api(root: Path, redis: RedisServer, cache: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = worker_env(redis.url, cache, ATTNSEG_MAX_UPLOAD_BYTES=str(200 * MIB), ATTNSEG_MAX_QUEUED_JOBS="100000")
+    env["PYTHONPATH"] = str(root)  # that checkout's code, whatever this process runs
     api = subprocess.Popen(
         [sys.executable, "-m", "cli", "api", "--port", str(port)],
         cwd=root,
@@ -78,21 +83,26 @@ def start_api(root: Path, redis: RedisServer, cache: Path) -> tuple[subprocess.P
     return api, base
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=32, help="training pairs in the many-pairs request")
-    parser.add_argument("--pair-size", default="1024x768", help="WxH of each of those pairs")
-    parser.add_argument("--api-root", type=Path, default=ROOT, help="checkout whose API to measure (for before/after)")
-    args = parser.parse_args()
-    pair_w, pair_h = (int(v) for v in args.pair_size.split("x"))
+def one_colour_job(redis: RedisServer, side: int) -> tuple[str, bytes]:
+    """A succeeded job over a one-colour PNG of side x side, its one segment the whole picture (as a
+    worker finishes it, without a model); returns its id and the PNG."""
+    picture = io.BytesIO()
+    Image.fromarray(np.full((side, side, 3), (120, 160, 200), np.uint8)).save(picture, format="PNG")
+    connection = redis.client()
+    image = {"key": store_bytes(connection, "default", picture.getvalue(), ttl_s=3600), "width": side, "height": side}
+    whole = np.ones((side, side), bool)
+    segment = {"id": 1, "label": None, "bbox": rle.bbox(whole), "segmentation": rle.encode(whole)}
+    job = enqueue_stand_in(connection, image=image, result={"image": image, "segments": [segment]})
+    work_burst(connection)
+    return job.id, picture.getvalue()
 
-    print_header("API peak memory per request", machine_info())
+
+def request_cases(args, redis: RedisServer) -> list[tuple]:
+    """(name, send, body bytes, largest decoded picture bytes) of each request measured."""
+    pair_w, pair_h = (int(v) for v in args.pair_size.split("x"))
     big_png, big_mask = flat_picture(6300, 6300, "PNG"), part_mask(6300, 6300)
     pair_image, pair_mask = flat_picture(pair_w, pair_h, "JPEG"), part_mask(pair_w, pair_h)
-    small = flat_picture(64, 64, "PNG")
-
-    def segment(picture):
-        return lambda client: client.post("/segment/unsupervised", files={"image": ("x.png", picture, "image/png")})
+    overlay_job, one_colour = one_colour_job(redis, 6300)
 
     def train(count, image, mask):
         def send(client):
@@ -111,12 +121,35 @@ def main() -> None:
             args.pairs * (len(pair_image) + len(pair_mask)),
             pair_w * pair_h * 3,
         ),
+        (
+            "overlay, 1 PNG 6300x6300 of one colour",
+            lambda client: client.get(f"/jobs/{overlay_job}/overlay.png"),
+            len(one_colour),
+            6300 * 6300 * 3,
+        ),
     ]
+    return [case for case in cases if args.cases is None or any(word in case[0] for word in args.cases.split(","))]
+
+
+def segment(picture: bytes):
+    return lambda client: client.post("/segment/unsupervised", files={"image": ("x.png", picture, "image/png")})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=32, help="training pairs in the many-pairs request")
+    parser.add_argument("--pair-size", default="1024x768", help="WxH of each of those pairs")
+    parser.add_argument("--api-root", type=Path, default=ROOT, help="checkout whose API to measure (for before/after)")
+    parser.add_argument("--cases", help="comma-separated words: only the requests whose name has one (overlay,train)")
+    args = parser.parse_args()
+
+    print_header("API peak memory per request", machine_info())
+    small = flat_picture(64, 64, "PNG")
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         redis = RedisServer(Path(directory) / "redis", appendonly=False).start()
         try:
-            for name, send, body, decoded in cases:  # a fresh API process per case: no pages left by another
+            for name, send, body, decoded in request_cases(args, redis):  # a fresh API process per case
                 api, base = start_api(args.api_root, redis, Path(directory) / "cache")
                 try:
                     with httpx.Client(base_url=base, timeout=600) as client:

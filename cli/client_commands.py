@@ -3,10 +3,11 @@
 Pictures (files, or folders of .jpg/.jpeg/.png/.webp) run concurrently, at most `--concurrency`
 at a time, with a progress bar on stderr. Outputs: a COCO-style results JSON (`-o`, else stdout),
 `--masks-dir` (one PNG label map per picture: label_id, or the segment id when unsupervised) and
-`--overlay-dir` (the API's overlay). Ctrl-C cancels every job this run submitted. A picture the
-API still holds from an earlier run (the same bytes, the same tenant) is asked about by its id, not
-sent again, so a second run with other classes or parameters skips the upload (and the worker may
-reuse the picture's latents).
+`--overlay-dir` (the API's overlay). Ctrl-C cancels the jobs of this run that have not ended and
+writes the results of those that have, marked partial. A picture the API still
+holds from an earlier run (the same bytes, the same tenant) is asked about by its id, not sent
+again, so a second run with other classes or parameters skips the upload (and the worker may reuse
+the picture's latents).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from attnseg.client import (
     StoredPicture,
     WaitTimeout,
 )
+from attnseg.wording import count
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -95,13 +98,27 @@ def label_png(label_map: np.ndarray) -> Image.Image:
     return Image.fromarray(label_map.astype(np.uint8 if label_map.max(initial=0) < 256 else np.uint16))
 
 
-def coco_document(done: list[tuple[Path, str, Result]], failed: list[dict]) -> dict:
-    """COCO-style results: `images` (with the job id), `annotations` (RLE, bbox xywh, area, score), `categories`.
+def failure(path: Path, error: BaseException) -> dict:
+    return {
+        "file_name": str(path),
+        "code": getattr(error, "code", type(error).__name__),
+        "message": describe(error),
+        "job_id": getattr(error, "job_id", None),
+    }
+
+
+def coco_document(paths: list[Path], ended: dict, *, partial: bool = False) -> dict:
+    """COCO-style results of the pictures that `ended` (path -> (path, job id, Result) or the error),
+    in the order of `paths`: `images` (with the job id), `annotations` (RLE, bbox xywh, area, score),
+    `categories`, `failed`; `partial` (interrupted) with the `unfinished` pictures.
 
     Category ids are label_ids when the result has `labels` (text, one-shot, referring: 0 is background);
     segments without one (unsupervised; a referring result's other instances) get one category per name
     (`segment` when unnamed), numbered after those.
     """
+    outcomes = [ended[path] for path in paths if path in ended]
+    done = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
+    failed = [failure(path, ended[path]) for path in paths if isinstance(ended.get(path), BaseException)]
     categories: dict[str, int] = {}
     images: list[dict] = []
     annotations: list[dict] = []
@@ -133,6 +150,8 @@ def coco_document(done: list[tuple[Path, str, Result]], failed: list[dict]) -> d
         "annotations": annotations,
         "categories": [{"id": i, "name": name} for name, i in sorted(categories.items(), key=lambda c: c[1])],
         "failed": failed,
+        "partial": partial,
+        "unfinished": [str(path) for path in paths if path not in ended],
     }
 
 
@@ -186,7 +205,8 @@ async def reusing_stored(client: AsyncClient, path: Path, submit: Submit) -> Asy
 
 
 async def segment_pictures(args, submit: Submit) -> int:
-    """Submit every picture (at most --concurrency at a time), wait, write the outputs; 1 if any failed."""
+    """Submit every picture (at most --concurrency at a time), wait, write the outputs; 1 if any failed.
+    Ctrl-C cancels the jobs not finished and writes the pictures that were, marked partial."""
     paths = pictures(args.images)
     if args.masks_dir or args.overlay_dir:
         check_output_names(paths)
@@ -195,9 +215,10 @@ async def segment_pictures(args, submit: Submit) -> int:
             folder.mkdir(parents=True, exist_ok=True)
     limit = asyncio.Semaphore(args.concurrency)
     submitted = Submitted()
+    ended: dict[Path, tuple[Path, str, Result] | BaseException] = {}  # a picture's result or error, once it has one
     bar = tqdm(total=len(paths), unit="picture", file=sys.stderr)
 
-    async def one(client: AsyncClient, path: Path) -> tuple[Path, str, Result]:
+    async def one(client: AsyncClient, path: Path) -> None:
         async with limit:
             try:
                 job = await submitted.submit(reusing_stored(client, path, submit))
@@ -207,12 +228,11 @@ async def segment_pictures(args, submit: Submit) -> int:
                     (args.overlay_dir / f"{path.stem}.png").write_bytes(await job.overlay())
                 if args.masks_dir:
                     label_png(result.label_map()).save(args.masks_dir / f"{path.stem}.png")
+                ended[path] = (path, job.id, result)
             except PICTURE_ERRORS as exc:
                 bar.write(f"attnseg: {path}: {describe(exc)}", file=sys.stderr)
-                raise
-            finally:
-                bar.update()
-            return path, job.id, result
+                ended[path] = exc
+            bar.update()  # only a picture that ended counts: one canceled by Ctrl-C does not
 
     async with AsyncClient(*connection(args)) as client:
         try:
@@ -220,26 +240,19 @@ async def segment_pictures(args, submit: Submit) -> int:
         except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels us, then raises KeyboardInterrupt
             bar.close()
             canceled = await submitted.cancel_all(client)
-            print(f"attnseg: interrupted; canceled {canceled} unfinished job(s) of this run", file=sys.stderr)
+            write_json(coco_document(paths, ended, partial=True), args.output)
+            print(
+                f"attnseg: interrupted; wrote {count(len(ended), 'picture')} that ended (marked partial); "
+                f"canceled {count(canceled, 'unfinished job')} of this run (a running one stops at its next step)",
+                file=sys.stderr,
+            )
             raise
     bar.close()
-    done, failed = [], []
-    for path, outcome in zip(paths, outcomes):
-        if isinstance(outcome, PICTURE_ERRORS):
-            failed.append(
-                {
-                    "file_name": str(path),
-                    "code": getattr(outcome, "code", type(outcome).__name__),
-                    "message": describe(outcome),
-                    "job_id": getattr(outcome, "job_id", None),
-                }
-            )
-        elif isinstance(outcome, BaseException):
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):  # not a picture's error: a bug, said as such
             raise outcome
-        else:
-            done.append(outcome)
-    write_json(coco_document(done, failed), args.output)
-    return 1 if failed else 0
+    write_json(coco_document(paths, ended), args.output)
+    return 1 if any(isinstance(outcome, BaseException) for outcome in ended.values()) else 0
 
 
 def write_json(document: dict, output: Path | None) -> None:
@@ -264,11 +277,21 @@ def params(args, names: tuple[str, ...]) -> dict:
 
 
 UNSUPERVISED = ("kl_threshold", "grid", "iterations", "timestep", "resolution", "refine", "vocabulary", "seed")
-TEXT = ("background", "background_words", "samples", "timestep", "resolution", "seed")
-TRAIN = ("epochs", "learning_rate", "crops_per_side", "min_crop", "resolution", "seed")
+TEXT = (
+    "background",
+    "background_words",
+    "samples",
+    "timestep",
+    "resolution",
+    "seed",
+    "gate_threshold",
+    "background_threshold",
+)
+NAMING = ("name", "description")
+TRAIN = (*NAMING, "epochs", "learning_rate", "crops_per_side", "min_crop", "resolution", "seed")
 ONESHOT_SEGMENT = ("crops_per_side", "resolution", "seed")
 REFERRING = ("max_instances", "resolution", "seed")
-CONCEPT_TRAIN = ("train_kv", "steps", "learning_rate", "batch_size", "num_vectors", "resolution", "seed")
+CONCEPT_TRAIN = (*NAMING, "train_kv", "steps", "learning_rate", "batch_size", "num_vectors", "resolution", "seed")
 
 
 def cmd_segment_unsupervised(args) -> int:
@@ -380,21 +403,56 @@ def cmd_concept_train(args) -> int:
 def cmd_concept_import(args) -> int:
     existing_files(args.embeddings, *([args.weights] if args.weights else []))
     with Client(*connection(args)) as client:
-        concept = client.import_concept(args.identifier, args.class_word, args.embeddings, args.weights)
+        concept = client.import_concept(
+            args.identifier, args.class_word, args.embeddings, args.weights, **params(args, NAMING)
+        )
         write_json(concept.wait().state.raw, None)
     return 0
 
 
-def cmd_concept_list(args) -> int:
+@dataclass(frozen=True)
+class Records:
+    """A kind of stored record (one-shot models, concepts) and the client methods that reach it."""
+
+    key: str  # the listing's key: {"models": [...]}
+    noun: str
+    list: str  # Client method names
+    get: str
+
+
+MODELS = Records("models", "model", "oneshot_models", "oneshot_model")
+CONCEPTS = Records("concepts", "concept", "concepts", "concept")
+
+
+def cmd_record_list(records: Records, args) -> int:
     with Client(*connection(args)) as client:
-        write_json({"concepts": [concept.state.raw for concept in client.concepts(limit=500)]}, None)
+        write_json({records.key: [one.state.raw for one in getattr(client, records.list)(limit=500)]}, None)
     return 0
 
 
-def cmd_concept_get(args) -> int:
+def cmd_record_get(records: Records, args) -> int:
     with Client(*connection(args)) as client:
-        write_json(client.concept(args.concept_id).state.raw, None)
+        write_json(getattr(client, records.get)(args.record_id).state.raw, None)
     return 0
+
+
+def cmd_record_delete(records: Records, args) -> int:
+    with Client(*connection(args)) as client:
+        getattr(client, records.get)(args.record_id).delete()
+    return 0
+
+
+def add_record_commands(group: argparse._SubParsersAction, records: Records, api: argparse.ArgumentParser) -> None:
+    """`list`, `get <id>` and `delete <id>` of one kind of record."""
+    listing = group.add_parser("list", parents=[api], help=f"print your {records.noun}s' JSON (id, name, status, ...)")
+    listing.set_defaults(func=partial(run, partial(cmd_record_list, records)))
+    for name, command, text in (
+        ("get", cmd_record_get, f"print a {records.noun}'s JSON"),
+        ("delete", cmd_record_delete, f"delete a {records.noun} (its training is canceled)"),
+    ):
+        one = group.add_parser(name, parents=[api], help=text)
+        one.add_argument("record_id", metavar=f"{records.noun}_id")
+        one.set_defaults(func=partial(run, partial(command, records)))
 
 
 def cmd_concept_export(args) -> int:
@@ -407,12 +465,6 @@ def cmd_concept_export(args) -> int:
         for name in concept.state.files:
             (args.directory / name).write_bytes(concept.file(name))
             print(args.directory / name)
-    return 0
-
-
-def cmd_concept_delete(args) -> int:
-    with Client(*connection(args)) as client:
-        client.concept(args.concept_id).delete()
     return 0
 
 
@@ -457,6 +509,11 @@ def add_outputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=positive, default=4, help="jobs in flight at once (default 4)")
 
 
+def add_naming(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--name", help=f"what listings call it (default: {default})")
+    parser.add_argument("--description", help="a longer note, up to 500 characters")
+
+
 def add_client_commands(sub: argparse._SubParsersAction) -> None:
     """Registers `segment`, `oneshot`, `concept` and `jobs` on the `attnseg` parser."""
     api = argparse.ArgumentParser(add_help=False)
@@ -466,7 +523,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--resolution", type=int, help="working resolution (256..1024, multiple of 64)")
     common.add_argument("--seed", type=int, help="the same seed gives the same masks")
     add_segment_commands(sub, [common, api])
-    add_oneshot_commands(sub, [common, api])
+    add_oneshot_commands(sub, api, [common, api])
     add_concept_commands(sub, api, [common, api])
     add_jobs_commands(sub, [api])
 
@@ -506,6 +563,14 @@ def add_text(segment: argparse._SubParsersAction, parents: list[argparse.Argumen
     text.add_argument("--background-words", nargs="+", help="selfcross: extra words that absorb attention")
     text.add_argument("--samples", type=int, help="selfcross: noise draws averaged (1)")
     text.add_argument("--timestep", type=int, help="default per method")
+    text.add_argument(
+        "--gate-threshold", type=float, help="selfcross: box gate level on the class maps (0.2 as VOC; COCO 0.5)"
+    )
+    text.add_argument(
+        "--background-threshold",
+        type=float,
+        help="selfcross: thr of the background (2 * thr - max)^2 (0.5 as VOC; COCO 0.35); lower, less background",
+    )
     text.set_defaults(func=partial(run, cmd_segment_text))
 
 
@@ -523,8 +588,10 @@ def add_referring(segment: argparse._SubParsersAction, parents: list[argparse.Ar
     referring.set_defaults(func=partial(run, cmd_segment_referring))
 
 
-def add_oneshot_commands(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
-    """`oneshot train|segment`."""
+def add_oneshot_commands(
+    sub: argparse._SubParsersAction, api: argparse.ArgumentParser, parents: list[argparse.ArgumentParser]
+) -> None:
+    """`oneshot train|segment|list|get|delete`; `parents` (the API and the model options) for train and segment."""
     oneshot = sub.add_parser("oneshot", help="train and use one-shot part models (SLiMe)").add_subparsers(
         dest="oneshot_command", required=True
     )
@@ -538,6 +605,7 @@ def add_oneshot_commands(sub: argparse._SubParsersAction, parents: list[argparse
         help="its mask: a PNG of class ids, 0 background (repeatable, same order)",
     )
     train.add_argument("--labels", nargs="+", required=True, help="names of mask values 1..K-1")
+    add_naming(train, "the part names")
     train.add_argument("--epochs", type=int, help="(200)")
     train.add_argument("--learning-rate", type=float, help="(0.1)")
     train.add_argument("--crops-per-side", type=int, choices=[1, 2], help="1 whole objects, 2 fine parts (1)")
@@ -550,6 +618,7 @@ def add_oneshot_commands(sub: argparse._SubParsersAction, parents: list[argparse
     add_outputs(oneshot_segment)
     oneshot_segment.add_argument("--crops-per-side", type=int, choices=[1, 2], help="default: the model's")
     oneshot_segment.set_defaults(func=partial(run, cmd_oneshot_segment))
+    add_record_commands(oneshot, MODELS, api)
 
 
 def add_concept_commands(
@@ -567,16 +636,9 @@ def add_concept_commands(
     bring.add_argument("--weights", type=Path, help="pytorch_custom_diffusion_weights (.safetensors or .bin)")
     bring.add_argument("--identifier", required=True)
     bring.add_argument("--class-word", required=True)
+    add_naming(bring, "the identifier")
     bring.set_defaults(func=partial(run, cmd_concept_import))
-    listing = concept.add_parser("list", parents=[api], help="print your concepts' JSON")
-    listing.set_defaults(func=partial(run, cmd_concept_list))
-    for name, command, text in (
-        ("get", cmd_concept_get, "print a concept's JSON"),
-        ("delete", cmd_concept_delete, "delete a concept (its training is canceled)"),
-    ):
-        one = concept.add_parser(name, parents=[api], help=text)
-        one.add_argument("concept_id")
-        one.set_defaults(func=partial(run, command))
+    add_record_commands(concept, CONCEPTS, api)
     export = concept.add_parser("export", parents=[api], help="write a ready concept's diffusers files to a folder")
     export.add_argument("concept_id")
     export.add_argument("directory", type=Path)
@@ -592,6 +654,7 @@ def add_concept_train(concept: argparse._SubParsersAction, parents: list[argpars
     )
     learn.add_argument("--identifier", required=True, help="letters, digits and '-': queries write <identifier>")
     learn.add_argument("--class-word", required=True, help="the object's category ('mug')")
+    add_naming(learn, "the identifier")
     learn.add_argument(
         "--textual-inversion",
         dest="train_kv",

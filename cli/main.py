@@ -9,11 +9,11 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import redis
 
@@ -49,55 +49,63 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-def start_local_redis(url: str, data_dir: Path) -> subprocess.Popen:
+def start_own_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
+    """A redis-server of our own on a free loopback port (AOF in `data_dir`, so models and concepts
+    outlive a restart); returns it and its URL. It is stopped with the stack."""
     binary = shutil.which("redis-server")
     if binary is None:
         sys.exit(
-            f"no Redis answers at {url} and no redis-server is installed: install it "
-            "(apt-get install redis-server) or set ATTNSEG_REDIS_URL"
+            "attnseg up starts its own Redis but no redis-server is installed: install it "
+            "(apt-get install redis-server), or give one with --redis-url"
         )
-    parsed = urlparse(url)
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
     data_dir.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [
             binary,
-            "--port",
-            str(parsed.port or 6379),
-            "--bind",
-            parsed.hostname or "127.0.0.1",
-            "--dir",
-            str(data_dir),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--maxmemory-policy",
-            "noeviction",
-            "--save",
-            "",
+            *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir)),
+            *("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction", "--save", ""),
         ],
+        stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
     for _ in range(50):
         if redis_answers(url):
-            return process
+            return process, url
         time.sleep(0.1)
     process.terminate()
-    sys.exit(f"started redis-server for {url} but it does not answer")
+    sys.exit(f"attnseg up: started redis-server on port {port} but it does not answer")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def given_redis_url(args, settings) -> str | None:
+    """The Redis the user named (--redis-url, else ATTNSEG_REDIS_URL set in the environment or .env);
+    None: `up` starts its own. A server nobody named is never written into."""
+    if args.redis_url:
+        return args.redis_url
+    return settings.redis_url if "redis_url" in settings.model_fields_set else None
 
 
 def cmd_up(args) -> None:
-    """Redis (existing or a local one), the API and one worker; Ctrl-C stops them all."""
+    """Redis (its own, or the one named), the API and one worker; Ctrl-C stops them all."""
     settings = get_settings()
     children: list[subprocess.Popen] = []
-    if not redis_answers(settings.redis_url):
-        log.info(
-            "no Redis at %s: starting a local redis-server (AOF on) in %s",
-            settings.redis_url,
-            settings.cache_dir / "redis",
-        )
-        children.append(start_local_redis(settings.redis_url, settings.cache_dir / "redis"))
-    env = {**os.environ, "ATTNSEG_REDIS_URL": settings.redis_url}
+    redis_url = given_redis_url(args, settings)
+    if redis_url is None:
+        process, redis_url = start_own_redis(settings.cache_dir / "redis")
+        children.append(process)
+        log.info("redis: %s, started here (data in %s), stopped on exit", redis_url, settings.cache_dir / "redis")
+    elif redis_answers(redis_url):
+        log.info("redis: %s, as given (--redis-url or ATTNSEG_REDIS_URL); left running on exit", redis_url)
+    else:
+        sys.exit(f"attnseg up: no Redis answers at {redis_url} (given by --redis-url or ATTNSEG_REDIS_URL)")
+    env = {**os.environ, "ATTNSEG_REDIS_URL": redis_url}
     if args.model:
         env["ATTNSEG_SD_MODEL"] = args.model
         if args.model.startswith("tiny-"):  # tiny-random, tiny-random-sd2, tiny-colour: no CLIP download
@@ -133,8 +141,6 @@ def cmd_up(args) -> None:
 
 def cmd_health(args) -> None:
     """Exit 0 when a worker on this host has announced itself ready (container health check)."""
-    import socket
-
     from attnseg.workers_registry import ready_workers
 
     host = socket.gethostname()
@@ -173,6 +179,21 @@ def cmd_evaluate(args) -> None:
     from workers.evaluation.evaluate import main as evaluate_main
 
     evaluate_main(args)
+
+
+def add_up(sub: argparse._SubParsersAction) -> None:
+    """`up`: the whole stack in the foreground."""
+    up = sub.add_parser("up", help="Redis + API + one worker in the foreground (Ctrl-C stops all)")
+    up.add_argument(
+        "--model", help="SD model id or directory; 'tiny-random' (SD 1.x) or 'tiny-random-sd2' for an offline demo"
+    )
+    up.add_argument("--port", type=int, help="the API's port (default 8000, or ATTNSEG_API_PORT)")
+    up.add_argument(
+        "--redis-url",
+        help="use this Redis (left running on exit); default: ATTNSEG_REDIS_URL if set, "
+        "else a redis-server of its own on a free port, stopped on exit",
+    )
+    up.set_defaults(func=cmd_up)
 
 
 def cmd_evaluate_synthetic(args) -> None:
@@ -265,12 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     worker.set_defaults(func=cmd_worker)
 
-    up = sub.add_parser("up", help="Redis + API + one worker in the foreground (Ctrl-C stops all)")
-    up.add_argument(
-        "--model", help="SD model id or directory; 'tiny-random' (SD 1.x) or 'tiny-random-sd2' for an offline demo"
-    )
-    up.add_argument("--port", type=int)
-    up.set_defaults(func=cmd_up)
+    add_up(sub)
 
     health = sub.add_parser("health", help="exit 0 when this host's worker is ready")
     health.add_argument("role", choices=["worker"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 import redis
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, connection=None) -> FastAPI:
     app.state.settings = settings
     app.state.redis = connection
     app.state.job_events = job_events
+    app.state.overlay_slots = threading.BoundedSemaphore(settings.overlay_concurrency)
     app.state.metrics = Metrics(connection)
     app.state.keyring = KeyRing(settings)
     install_error_handlers(app)

@@ -23,6 +23,7 @@ from attnseg.workers_registry import ready_workers
 from service.errors import ApiError
 from service.records import with_job_state
 from service.schemas import shown_id, valid_id
+from service.submissions import part_name
 from service.submit import checked_mask
 from service.uploads import CheckedImage, check_image, decode_mask
 
@@ -32,6 +33,8 @@ IN_THE_MAKING = ("training", "importing")
 
 def concept_view(connection, record: dict, settings: Settings) -> dict:
     view = {**record, "progress": None, "files": [f for f in record["files"] if not f.startswith(UPLOAD_PREFIX)]}
+    view["name"] = record.get("name") or record["identifier"]  # unnamed (and older) concepts
+    view.setdefault("description", None)
     if record["status"] in IN_THE_MAKING:
         with_job_state(connection, view, record["job_id"], settings)
     return view
@@ -167,7 +170,7 @@ def check_photo_count(images: list, masks: list) -> None:
         raise ApiError(
             422,
             "invalid_field",
-            f"give {MIN_PHOTOS} to {MAX_PHOTOS} photos in `images`, got {len(images)}",
+            f"give {MIN_PHOTOS} to {MAX_PHOTOS} photos of the object, got {len(images)}",
             field="images",
         )
     if masks and len(masks) != len(images):
@@ -181,7 +184,7 @@ def check_photo_count(images: list, masks: list) -> None:
 
 def check_photos(images: list[tuple[str, bytes]], settings: Settings) -> list[CheckedImage]:
     return [
-        check_image(data, max_pixels=settings.max_image_pixels, field=f"images[{i}] ({name})")
+        check_image(data, max_pixels=settings.max_image_pixels, field=part_name("images", i, name))
         for i, (name, data) in enumerate(images)
     ]
 
@@ -193,7 +196,7 @@ def check_object_masks(
     decoded one at a time (memory stays that of the largest)."""
     object_masks = []
     for index, ((name, data), photo) in enumerate(zip(masks, photos)):
-        field = f"masks[{index}] ({name})"
+        field = part_name("masks", index, name)
         mask = decode_mask(data, max_pixels=settings.max_image_pixels, field=field) > 0
         if mask.shape != (photo.height, photo.width) or not mask.any():
             raise ApiError(

@@ -8,6 +8,7 @@ checks the owner).
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated
 
 import redis
@@ -86,8 +87,26 @@ def require_operator(request: Request, credentials: BearerDep) -> None:
     raise unauthorized()
 
 
+def key_state(request: Request, credentials: BearerDep) -> str:
+    """What this request's key is worth: `not_needed` (no keys configured), `missing`, `refused` or
+    `accepted` (a tenant's or an operator's key). Said by /readyz so that a page can tell a key
+    problem from a service one."""
+    keyring: KeyRing = request.app.state.keyring
+    if not keyring.enabled:
+        return "not_needed"
+    if credentials is None:
+        return "missing"
+    accepted = tenant_from(request, credentials) is not None or is_operator(request, credentials)
+    return "accepted" if accepted else "refused"
+
+
 def get_job_events(request: Request) -> JobEvents:
     return request.app.state.job_events
+
+
+def get_overlay_slots(request: Request):
+    """The overlays this process may draw at once (ATTNSEG_OVERLAY_CONCURRENCY): a BoundedSemaphore."""
+    return request.app.state.overlay_slots
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -95,6 +114,8 @@ RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 JobEventsDep = Annotated[JobEvents, Depends(get_job_events)]
 TenantDep = Annotated[str, Depends(current_tenant)]
 OperatorDep = Annotated[bool, Depends(is_operator)]
+KeyStateDep = Annotated[str, Depends(key_state)]
+OverlaySlotsDep = Annotated[threading.BoundedSemaphore, Depends(get_overlay_slots)]
 
 # A page of a listing (newest first): its defaults are written where the route declares them.
 # Digits only: pydantic alone would read "+0.0" or "1_0" as integers, which the contract does not.

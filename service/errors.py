@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import redis
 from fastapi import FastAPI, Request
@@ -10,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+
+from attnseg.wording import count
 
 log = logging.getLogger("attnseg.api")
 
@@ -57,22 +60,50 @@ def error_response(
 
 
 def field_path(loc: tuple) -> str:
-    # Drop FastAPI's "body"/"query"/"path" prefix: users know the field, not the transport.
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "form")]
-    return ".".join(parts) or "body"
+    """pydantic's location as the user writes it: `classes[1]`, `params.epochs`. FastAPI's
+    "body"/"query"/"path" prefix is dropped: users know the field, not the transport."""
+    path = ""
+    for part in loc:
+        if part in ("body", "query", "path", "form"):
+            continue
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path or "body"
 
 
-def error_text(error: dict) -> str:
-    """One pydantic error as `field: message`, without pydantic's "Value error, " prefix and without
-    naming the field twice when our own validator's message already starts with it."""
+# pydantic's wording for the constraints our fields use, in the user's terms (ctx names the limit).
+PLAIN_MESSAGES = {
+    "string_too_long": lambda ctx: f"at most {count(ctx['max_length'], 'character')}",
+    "string_too_short": lambda ctx: (
+        "must not be empty" if ctx["min_length"] == 1 else f"at least {count(ctx['min_length'], 'character')}"
+    ),
+    "too_long": lambda ctx: f"at most {count(ctx['max_length'], 'item')}",
+    "too_short": lambda ctx: f"at least {count(ctx['min_length'], 'item')}",
+    "missing": lambda ctx: "required",
+    "extra_forbidden": lambda ctx: "unknown field (a typo must not fall back to a default)",
+}
+
+
+NAMED = re.compile(r"([A-Za-z_][\w.\[\]]*): ")  # a message of our own validators: "classes: ..."
+
+
+def located(error: dict) -> tuple[str, str]:
+    """One pydantic error as (field, `field: message`), in plain words where pydantic's are its own,
+    without pydantic's "Value error, " prefix and without naming the field twice. A whole-model
+    check has no location: the field is the one its message starts with."""
     field = field_path(tuple(error.get("loc", ())))
-    message = error.get("msg", "invalid").removeprefix("Value error, ")
-    return message if message.startswith(f"{field}:") else f"{field}: {message}"
+    plain = PLAIN_MESSAGES.get(error.get("type", ""))
+    message = plain(error.get("ctx", {})) if plain is not None else error.get("msg", "invalid")
+    message = message.removeprefix("Value error, ")
+    named = NAMED.match(message)
+    if field == "body" and named:
+        return named.group(1), message
+    return field, message if message.startswith(f"{field}:") else f"{field}: {message}"
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str]:
-    field = field_path(tuple(errors[0].get("loc", ())))
-    return field, "; ".join(error_text(e) for e in errors[:5])
+    """The first error's field, and every error's text (up to 5), so each bad entry is named."""
+    shown = [located(error) for error in errors[:5]]
+    return shown[0][0], "; ".join(text for _, text in shown)
 
 
 def install_error_handlers(app: FastAPI) -> None:

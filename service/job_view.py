@@ -45,10 +45,17 @@ def error_of(job: RQJob, meta: dict) -> dict | None:
     if "error" in meta:
         return meta["error"]
     exc = job.exc_info or ""
-    if "AbandonedJobError" in exc:
+    # RQ's words for a job whose worker died, or lost Redis, while it held the job.
+    if "AbandonedJobError" in exc or "stuck in intermediate queue" in exc:
         return {
             "code": "worker_lost",
-            "message": "the worker running this job stopped responding (crashed or was killed); submit it again",
+            "message": "the worker running this job stopped responding (crashed, was killed or lost Redis); "
+            "submit it again",
+        }
+    if any(f"redis.exceptions.{name}" in exc for name in ("ConnectionError", "TimeoutError")):
+        return {
+            "code": "store_unavailable",
+            "message": "the job store (Redis) became unreachable while the job ran; submit it again",
         }
     if exc:
         return {"code": "internal_error", "message": "the job failed in the worker; this is a bug, please report it"}

@@ -11,6 +11,7 @@ from attnseg.settings import Settings
 from service.errors import ApiError
 from service.records import with_job_state
 from service.schemas import shown_id, valid_id
+from service.submissions import part_name
 from service.submit import checked_mask
 from service.uploads import CheckedImage, check_image, decode_mask
 
@@ -20,6 +21,8 @@ Upload = tuple[str, bytes]  # (file name, content)
 def model_view(connection, record: dict, settings: Settings) -> dict:
     """The stored record, with a training that ended without the worker saying so shown as failed."""
     view = {**record, "labels": ["background", *record["labels"]], "progress": None}
+    view["name"] = record.get("name") or ", ".join(record["labels"])  # unnamed (and older) models
+    view.setdefault("description", None)
     view.pop("artefact", None)  # the vectors stay in Redis; workers read them
     if record["status"] == "training":
         with_job_state(connection, view, record["train_job_id"], settings)
@@ -77,7 +80,7 @@ def check_pair(
     index: int, image_file: Upload, mask_file: Upload, labels: list[str], settings: Settings
 ) -> tuple[CheckedImage, CheckedImage, set[int]]:
     """One pair decoded and checked at a time: memory stays that of the largest picture."""
-    image_field, mask_field = f"images[{index}] ({image_file[0]})", f"masks[{index}] ({mask_file[0]})"
+    image_field, mask_field = part_name("images", index, image_file[0]), part_name("masks", index, mask_file[0])
     image = check_image(image_file[1], max_pixels=settings.max_image_pixels, field=image_field)
     mask = decode_mask(mask_file[1], max_pixels=settings.max_image_pixels, field=mask_field)
     classes = check_mask(mask, image, len(labels) + 1, mask_field)

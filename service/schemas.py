@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -47,7 +48,16 @@ def shown_id(value: str) -> str:
     return value if len(value) <= 64 else value[:61] + "..."
 
 
-Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+def no_separators(word: str) -> str:
+    if "," in word or "." in word:
+        raise ValueError(f"{word!r} contains ',' or '.', which separate words in the prompt")
+    return word
+
+
+# Checked one by one, so that every bad entry of a list is reported, not the first alone.
+Word = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), AfterValidator(no_separators)
+]
 
 
 # The API has no tokenizer (it never loads the text model): it refuses prompts that surely cannot fit
@@ -83,8 +93,6 @@ def new_seed() -> int:
 def unique_words(words: list[str], field: str) -> list[str]:
     seen: set[str] = set()
     for word in words:
-        if "," in word or "." in word:
-            raise ValueError(f"{field}: {word!r} contains ',' or '.', which separate words in the prompt")
         if word.lower() in seen:
             raise ValueError(f"{field}: {word!r} is given twice")
         seen.add(word.lower())
@@ -140,6 +148,7 @@ class UnsupervisedParams(Params):
         return value
 
 
+SELFCROSS_ONLY = ("background_words", "samples", "gate_threshold", "background_threshold")
 MAX_CLASSES = 32
 
 
@@ -209,11 +218,46 @@ class TextParams(Params):
             self.timestep = TEXT_TIMESTEPS[self.method]
         return self
 
+    def foreign_fields(self) -> tuple[str, ...]:
+        """The fields the chosen method does not read (gem has no SD pass, so no timestep either)."""
+        if self.method == "selfcross":
+            return ()
+        return (*SELFCROSS_ONLY, "timestep") if self.method == "gem" else SELFCROSS_ONLY
+
+    @model_validator(mode="after")
+    def _only_own_fields(self):
+        # A value the method would ignore is refused rather than silently dropped.
+        given = [
+            name for name in self.foreign_fields() if name in self.model_fields_set and getattr(self, name) is not None
+        ]
+        if given:
+            only = " (selfcross only)" if given[0] in SELFCROSS_ONLY else ""
+            raise ValueError(f"{given[0]}: not used by method {self.method!r}{only}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _echo_own_fields(self, handler):
+        """The job echoes the parameters its method reads, no others."""
+        return {name: value for name, value in handler(self).items() if name not in self.foreign_fields()}
+
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+Description = Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)]
+
+
+class Naming(BaseModel):
+    """What people call a trained model or concept in listings (never in prompts: any text goes)."""
+
+    name: Name | None = Field(
+        None, description="Shown wherever it is listed; default: the part names (one-shot), the identifier (concepts)."
+    )
+    description: Description | None = Field(None, description="A longer note, up to 500 characters.")
+
 
 MAX_PARTS = 31  # one prompt token per class ("part " * K) leaves room in 77 positions; 31 is plenty
 
 
-class TrainParams(Params):
+class TrainParams(Params, Naming):
     labels: list[Word] = Field(
         min_length=1, max_length=MAX_PARTS, description="Part names for mask values 1..K-1 (0 is background)."
     )
@@ -241,6 +285,8 @@ class OneshotSegmentParams(Params):
 
 class OneshotModel(BaseModel):
     id: str
+    name: str = Field(description="As given at training, else the part names.")
+    description: str | None = None
     status: Literal["training", "ready", "failed"]
     labels: list[str] = Field(description="label_id -> name; 0 is background.")
     sd_model: str | None = Field(description="The SD model the vectors belong to (set when training starts).")
@@ -263,7 +309,7 @@ ClassWord = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1
 Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 
-class ConceptTrainParams(Params):
+class ConceptTrainParams(Params, Naming):
     identifier: Identifier = Field(description="Letters, digits and '-'; written <identifier> in queries.")
     class_word: ClassWord = Field(description="The object's category ('mug'); the embedding starts from it.")
     train_kv: bool = Field(
@@ -286,7 +332,7 @@ class ConceptTrainParams(Params):
     num_vectors: int = Field(CONCEPT.num_vectors, ge=1, le=16, description="Vectors of the identifier.")
 
 
-class ConceptImportParams(BaseModel):
+class ConceptImportParams(Naming):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     identifier: Identifier
@@ -316,6 +362,8 @@ class ReferringParams(Params):
 
 class Concept(BaseModel):
     id: str
+    name: str = Field(description="As given at training or import, else the identifier.")
+    description: str | None = None
     identifier: str
     class_word: str
     method: Literal["custom_diffusion", "textual_inversion"] | None = Field(
@@ -452,6 +500,9 @@ class WorkerInfo(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     redis: bool
+    key: Literal["not_needed", "missing", "refused", "accepted"] = Field(
+        description="This request's API key: not needed (no keys configured), missing, refused or accepted."
+    )
     workers: list[WorkerInfo] = Field(
         default_factory=list, description="Absent for callers without a key when keys are configured."
     )

@@ -154,7 +154,7 @@ async def read_submission(request: Request, model: type[BaseModel], file_fields:
             if isinstance(value, UploadFile):
                 if key not in file_fields:
                     raise ApiError(422, "invalid_field", f"unexpected file field '{key}'", field=key)
-                submission.files.setdefault(key, []).append((value.filename or key, await value.read()))
+                submission.files.setdefault(key, []).append((value.filename or "", await value.read()))
             elif key in file_fields:
                 raise ApiError(422, "invalid_field", f"'{key}' must be a file part", field=key)
             else:
@@ -169,13 +169,19 @@ async def read_submission(request: Request, model: type[BaseModel], file_fields:
             if key in body:
                 values = body.pop(key)
                 values = values if isinstance(values, list) else [values]
-                submission.files[name] = [(f"{key}[{i}]", decode_base64(v, key)) for i, v in enumerate(values)]
+                submission.files[name] = [("", decode_base64(v, key)) for v in values]  # no file names in JSON
         submission.fields = body
     else:
         raise ApiError(
             415, "unsupported_media_type", "send multipart/form-data (file parts) or application/json (base64 images)"
         )
     return submission
+
+
+def part_name(field: str, index: int, filename: str) -> str:
+    """How errors name the `index`-th file of `field`: `masks[0] (car.png)`, or `masks[0]` when it came
+    without a file name (JSON's `masks_base64`: the user gave pictures, not names)."""
+    return f"{field}[{index}] ({filename})" if filename else f"{field}[{index}]"
 
 
 def decode_base64(value: Any, field_name: str) -> bytes:

@@ -205,7 +205,8 @@ def worker_env(redis_url: str, cache_dir: Path, **extra: str) -> dict:
 def start_worker(
     redis_url: str, cache_dir: Path, log_path: Path, command: tuple[str, ...] = ("cli", "worker"), **extra: str
 ) -> subprocess.Popen:
-    """`python -m <command>` as a worker (the benchmark passes its own entry, bench.worker)."""
+    """`python -m <command>` as a worker (the benchmark passes its own entry, bench.worker), with the
+    test settings (worker_env) and `extra` ATTNSEG_* variables."""
     log = open(log_path, "ab")
     return subprocess.Popen(
         [sys.executable, "-m", *command],
@@ -267,7 +268,7 @@ class Stack:
             stderr=subprocess.STDOUT,
         )
 
-    def start_ready(self, timeout: float = 240) -> Stack:
+    def start_ready(self, timeout: float = 240, worker_args: tuple[str, ...] = (), **worker_env: str) -> Stack:
         """Redis, the API and one worker; returns once the worker is ready (stopped, with logs, if not)."""
         from workers.models.stable_diffusion import load_stable_diffusion
 
@@ -275,22 +276,30 @@ class Stack:
         load_stable_diffusion(self.model, device="cpu", dtype="float32", cache_dir=self.cache_dir)
         self.redis.start()
         self.start_api()
-        self.start_worker()
+        self.start_worker(*worker_args, **worker_env)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 240, workers: int = 1) -> None:
+        """Until `workers` workers are ready; the stack is stopped, and its logs raised, if not."""
         try:
-            wait_for(lambda: self.ready_workers() >= 1, timeout=timeout, message="a ready worker")
+            wait_for(lambda: self.ready_workers() >= workers, timeout=timeout, message="a ready worker")
         except AssertionError:
             self.stop()
             raise AssertionError(self.logs()) from None
-        return self
 
     def restart_api(self) -> None:
         self.api.terminate()
         self.api.wait(timeout=10)
         self.start_api()
 
-    def start_worker(self) -> subprocess.Popen:
+    def start_worker(self, *args: str, **env: str) -> subprocess.Popen:
+        """`attnseg worker *args` with the stack's model and `env` ATTNSEG_* variables on top of the
+        test settings."""
+        log_path = self.directory / "worker.log"
+        command = ("cli", "worker", *args)
         worker = start_worker(
-            self.redis.url, self.cache_dir, self.directory / "worker.log", ATTNSEG_SD_MODEL=self.model
+            self.redis.url, self.cache_dir, log_path, command=command, **{"ATTNSEG_SD_MODEL": self.model, **env}
         )
         self.workers.append(worker)
         return worker

@@ -132,18 +132,29 @@ def test_oneshot_train_then_segment(api_env, tmp_path, capsys):
             "256",
             "--seed",
             "0",
+            "--name",
+            "toy car",
         )
         == 0
     )
     out, err = capsys.readouterr()
     model = json.loads(out)
     assert model["status"] == "ready" and model["labels"] == ["background", "left", "right"]
+    assert model["name"] == "toy car"
     assert "2/2" in err and "loss=" in err and "iou=" in err  # the progress bar: epoch, loss and IoU
 
     assert attnseg("oneshot", "segment", model["id"], tmp_path / "car.png", "--masks-dir", tmp_path / "parts") == 0
     document = json.loads(capsys.readouterr().out)
     assert [c["name"] for c in document["categories"]] == ["background", "left", "right"]
     assert set(np.unique(np.asarray(Image.open(tmp_path / "parts" / "car.png")))) <= {0, 1, 2}
+
+    assert attnseg("oneshot", "list") == 0
+    assert (model["id"], "toy car") in [(m["id"], m["name"]) for m in json.loads(capsys.readouterr().out)["models"]]
+    assert attnseg("oneshot", "get", model["id"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "toy car"
+    assert attnseg("oneshot", "delete", model["id"]) == 0
+    assert attnseg("oneshot", "get", model["id"]) == 1
+    assert f"no one-shot model with id '{model['id']}'" in capsys.readouterr().err
 
 
 def test_concept_train_refer_export_list_and_delete(api_env, tmp_path, capsys):
@@ -273,13 +284,71 @@ def test_ctrl_c_cancels_what_was_submitted(api_env, tmp_path):
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=120)
         assert process.returncode == 130, err
-        assert "canceled 2 unfinished job(s)" in err
+        assert "canceled 2 unfinished jobs" in err
         for job_id in submitted:
             wait_for(
                 lambda job_id=job_id: (job := client.job(job_id)).status == "canceled" and job.state.finished_at,
                 timeout=120,
                 message=f"job {job_id} canceled",
             )
+
+
+def test_ctrl_c_writes_the_pictures_that_ended_marked_partial(api_env, tmp_path):
+    for seed in range(3):
+        (tmp_path / f"p{seed}.png").write_bytes(image_bytes(300, 200, seed=seed))
+    results = tmp_path / "out" / "results.json"
+    (tmp_path / "out").mkdir()
+    command = ["segment", "unsupervised", *sorted(tmp_path.glob("p*.png")), "--resolution", "1024"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli", *map(str, command), "--concurrency", "1", "-o", str(results)],
+        cwd=ROOT,
+        env={**os.environ, "ATTNSEG_URL": api_env.base_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    jobs, seen = [], []
+    for line in process.stderr:  # "<picture>: job <id>", one at a time (--concurrency 1)
+        seen.append(line)
+        if ": job " in line:
+            jobs.append(line.strip().rsplit(" ", 1)[1])
+            if len(jobs) == 2:  # the first picture has ended, the second is submitted
+                break
+    with Client(api_env.base_url) as client:
+        wait_for(lambda: client.job(jobs[1]).status == "running", timeout=120, message="the second job to run")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 130, err
+        document = json.loads(results.read_text())
+        assert document["partial"] is True
+        assert [image["job_id"] for image in document["images"]] == [jobs[0]]
+        assert document["unfinished"] == [str(tmp_path / "p1.png"), str(tmp_path / "p2.png")]
+        assert "wrote 1 picture that ended (marked partial); canceled 1 unfinished job" in err
+        bars = [render for render in "".join([*seen, err]).replace("\r", "\n").splitlines() if "/3 [" in render]
+        assert bars and "| 1/3 [" in bars[-1], bars  # the canceled pictures do not count as done
+        wait_for(lambda: client.job(jobs[1]).status == "canceled", timeout=120, message="the running job canceled")
+
+
+def test_text_gate_and_background_thresholds_reach_the_job(api_env, tmp_path, capsys):
+    (tmp_path / "p.png").write_bytes(image_bytes(64, 48))
+    code = attnseg(
+        "segment",
+        "text",
+        tmp_path / "p.png",
+        "--classes",
+        "dog",
+        "--resolution",
+        "256",
+        "--gate-threshold",
+        "0.5",
+        "--background-threshold",
+        "0.35",
+    )
+    assert code == 0
+    job_id = json.loads(capsys.readouterr().out)["images"][0]["job_id"]
+    with Client(api_env.base_url) as client:
+        params = client.job(job_id).state.raw["params"]
+    assert params["gate_threshold"] == 0.5 and params["background_threshold"] == 0.35
 
 
 def test_ctrl_c_cancels_a_training(api_env, tmp_path):

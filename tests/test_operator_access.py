@@ -23,7 +23,7 @@ def test_tenants_keys_do_not_open_operations_details(make_client):
         assert client.get("/metrics", headers=bearer(key)).status_code == 200
     for headers in ({}, bearer("k-bob"), bearer("wrong")):
         bare = client.get("/readyz", headers=headers)
-        assert bare.status_code == 503 and set(bare.json()) == {"ready", "redis"}, headers
+        assert bare.status_code == 503 and set(bare.json()) == {"ready", "redis", "key"}, headers
     detailed = client.get("/readyz", headers=bearer("op-1")).json()
     assert "workers" in detailed and "queues" in detailed
 
@@ -43,7 +43,7 @@ def test_admin_keys_are_not_tenants_keys(make_client):
 def test_any_key_closes_operations_to_all_but_operators(make_client, keys):
     client = make_client(**keys)
     assert client.get("/metrics", headers=bearer("k")).status_code in (401, 403)
-    assert set(client.get("/readyz", headers=bearer("k")).json()) == {"ready", "redis"}
+    assert set(client.get("/readyz", headers=bearer("k")).json()) == {"ready", "redis", "key"}
 
 
 def test_without_keys_operations_stay_open(client):

@@ -20,6 +20,7 @@ from playwright.sync_api import expect, sync_playwright
 from pycocotools import mask as coco
 
 from attnseg import rle
+from attnseg.wording import count
 from tests.support import Stack, image_bytes
 from tests.test_e2e import two_part_example
 
@@ -261,6 +262,15 @@ def test_unsupervised_overlay_legend_toggle_and_download(page, stack, tmp_path):
     page.click("#show-all")
     np.testing.assert_array_equal(canvas_pixels(page), shown)
 
+    # An error after a success: the error alone, not the last job's "Done." and full bar above an empty result.
+    text_file = {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a picture"}
+    page.set_input_files("#picture", files=[text_file])
+    page.click("#segment-submit")
+    expect_error_at(page, "#segment-form", "#picture", "415")
+    expect(page.locator("#segment-progress")).to_be_hidden()
+    expect(page.locator("#canvas")).to_be_hidden()
+    screenshot(page, tmp_path, "ui-error-after-success")
+
 
 def test_text_method_with_classes(page, tmp_path):
     use_key(page)
@@ -344,6 +354,9 @@ def test_api_errors_are_shown_next_to_what_to_fix(page, tmp_path):
     expect(page.locator("#segment-form details")).to_have_attribute("open", "")
 
 
+MODEL_NAME = "Toy cars seen from the side, in two halves"
+
+
 def test_oneshot_train_with_live_progress_then_segment(page, tmp_path):
     use_key(page)
     page.click("label[for=method-oneshot]")
@@ -352,6 +365,7 @@ def test_oneshot_train_with_live_progress_then_segment(page, tmp_path):
     page.set_input_files("#train-mask", files=[png(mask, "car_mask.png")])
     expect(page.locator("#mask-help")).to_contain_text("part ids 1, 2: name 2 part(s)")
     page.fill("#labels", "left, right")
+    page.fill("#model-name", MODEL_NAME)
     page.click("#train-form summary")
     page.fill("#epochs", "40")  # long enough (seconds) for the page's 2 s polls to see it train
     page.select_option("#train-resolution", "256")
@@ -372,7 +386,11 @@ def test_oneshot_train_with_live_progress_then_segment(page, tmp_path):
     ), seen
     expect(page.locator("#train-progress progress")).to_have_js_property("value", 1)
     model = page.locator("#model option:checked")
-    expect(model).to_contain_text(re.compile(r"^left, right \(ready, IoU \d\.\d\d\)"))
+    expect(model).to_have_text(re.compile(rf"^{re.escape(MODEL_NAME)} \(ready, IoU \d\.\d\d\)$"))
+    # The whole name, its parts and its id are under the list, wrapped rather than cut.
+    info = page.locator("#model-info")
+    expect(info).to_contain_text(f"{MODEL_NAME} · parts: left, right · id ")
+    assert page.eval_on_selector("#model-info", "el => el.scrollWidth <= el.clientWidth")
 
     page.set_input_files("#oneshot-picture", files=[png(image, "new_car.png")])
     job = segment(page, "#oneshot-segment-submit")
@@ -411,6 +429,7 @@ def test_find_my_object_teach_a_concept_then_find_it(page, tmp_path):
     expect(page.locator("#concept-train-form .drop-text").first).to_have_text("3 files: mug0.png, mug1.png, mug2.png")
     page.fill("#concept-identifier", "ui-mug")
     page.fill("#concept-class-word", "mug")
+    page.fill("#concept-name", "Grandma's blue mug")
     page.click("#concept-train-form summary")
     page.fill("#concept-steps", "2")
     page.fill("#concept-batch-size", "1")
@@ -423,7 +442,8 @@ def test_find_my_object_teach_a_concept_then_find_it(page, tmp_path):
     done = re.compile(r"^Done: step 2 / 2 · loss \d+\.\d{3}$")
     expect(page.locator("#concept-progress-text")).to_have_text(done, timeout=JOB_TIMEOUT_MS)
     expect(page.locator("#concept-progress progress")).to_have_js_property("value", 1)
-    expect(page.locator("#concept option:checked")).to_have_text("<ui-mug> mug (ready)")
+    expect(page.locator("#concept option:checked")).to_have_text("Grandma's blue mug (ready)")
+    expect(page.locator("#concept-info")).to_have_text("Grandma's blue mug · <ui-mug> mug")
 
     scene = image_bytes(128, 96, seed=5)
     page.set_input_files("#referring-picture", files=[png(scene, "table.png")])
@@ -444,15 +464,43 @@ def test_find_my_object_teach_a_concept_then_find_it(page, tmp_path):
         if label_id not in {s["label_id"] for s in result["segments"]}
     ]
     meta = page.locator("#result-meta")
-    expect(meta).to_contain_text(f"{result['instances']} instances")
+    expect(meta).to_contain_text(count(result["instances"], "instance"))  # "1 instance", not "1 instances"
     if missing:
         expect(meta).to_contain_text(f"not found: {', '.join(missing)}")
     assert found and len(found) + len(missing) == 2
     check_drawn_mask(page, scene, result["segments"][found[0]], found[0])
     screenshot(page, tmp_path, "ui-referring")
 
+    # A training error after a success, on a phone: the error, not "Done: step 2 / 2" beside it.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.set_input_files("#concept-photos", files=object_photos(2))
+    page.fill("#concept-identifier", "ui-mug-2")
+    page.click("#concept-train-submit")
+    expect_error_at(page, "#concept-train-form", "#concept-photos", "give 3 to 20 photos of the object, got 2")
+    expect(page.locator("#concept-progress")).to_be_hidden()
+    screenshot(page, tmp_path, "ui-phone-training-error")
+    page.set_viewport_size({"width": 1280, "height": 900})
+
     page.click("#concept-delete")
     expect(page.locator("#concept option:checked")).to_have_text("No object yet")
+
+
+def answer_referring(page, queries: list[str], result: dict) -> None:
+    """The page's next referring job is answered here: queued, then succeeded with `result`."""
+    queued = {
+        "id": "made-up",
+        "kind": "referring",
+        "status": "queued",
+        "progress": {"stage": "queued", "fraction": 0},
+        "params": {"class_word": "mug", "queries": queries, "seed": 1, "resolution": 256},
+    }
+    page.route("**/segment/referring", lambda route: route.fulfill(status=202, json=queued))
+    page.route(
+        re.compile(r"/jobs/made-up\?"),
+        lambda route: route.fulfill(
+            json={**queued, "status": "succeeded", "progress": {"stage": "done", "fraction": 1}, "result": result}
+        ),
+    )
 
 
 def test_find_my_object_names_and_colours_every_instance(page, tmp_path):
@@ -476,14 +524,6 @@ def test_find_my_object_names_and_colours_every_instance(page, tmp_path):
         }
         for i, (label, mask, area, box) in enumerate(rle.label_map_to_segments(labels))
     ]
-    params = {"class_word": "mug", "queries": queries, "seed": 1, "resolution": 256}
-    queued = {
-        "id": "made-up",
-        "kind": "referring",
-        "status": "queued",
-        "progress": {"stage": "queued", "fraction": 0},
-        "params": params,
-    }
     result = {
         "image": {"width": 120, "height": 90},
         "segments": segments,
@@ -493,14 +533,7 @@ def test_find_my_object_names_and_colours_every_instance(page, tmp_path):
         "random_weights": False,
         "timings_ms": {"inference": 1200.0},
     }
-    page.route("**/segment/referring", lambda route: route.fulfill(status=202, json=queued))
-    page.route(
-        re.compile(r"/jobs/made-up\?"),
-        lambda route: route.fulfill(
-            json={**queued, "status": "succeeded", "progress": {"stage": "done", "fraction": 1}, "result": result}
-        ),
-    )
-
+    answer_referring(page, queries, result)
     use_key(page)
     page.click("label[for=method-referring]")
     page.set_input_files("#referring-picture", files=[png(scene, "table.png")])
@@ -533,7 +566,7 @@ def test_find_my_object_errors_are_shown_next_to_the_field(page):
     page.fill("#concept-class-word", "mug")
     page.click("#concept-train-submit")
     expect_error_at(
-        page, "#concept-train-form", "#concept-photos", "422 invalid_field", "give 3 to 20 photos in `images`, got 2"
+        page, "#concept-train-form", "#concept-photos", "422 invalid_field", "give 3 to 20 photos of the object, got 2"
     )
 
     page.set_input_files("#concept-photos", files=object_photos(3))
@@ -546,3 +579,53 @@ def test_find_my_object_errors_are_shown_next_to_the_field(page):
     page.fill("#queries", "<nobody> mug")
     page.click("#referring-submit")
     expect_error_at(page, "#referring-form", "#queries", "422 unknown_concept", "<nobody> is not a concept of yours")
+
+
+def test_the_key_states_are_said_by_the_key_field(page, tmp_path):
+    """With keys on, a missing or refused key is said as such (a worker is ready all along)."""
+    status, pill = page.locator("#key-status"), page.locator("#service-status")
+    expect(pill).to_have_text("Keys are on: enter your API key")
+    expect(page.locator("footer")).to_have_text(re.compile(r"decoded in this page\s*$"))  # no dangling "·"
+    screenshot(page, tmp_path, "ui-key-missing")
+
+    use_key(page, "wrong-key")
+    expect(status).to_have_text("Key not accepted")
+    expect(page.locator("#api-key")).to_have_attribute("aria-invalid", "true")
+    expect(pill).to_have_text("The API key was not accepted: check it")
+    screenshot(page, tmp_path, "ui-key-wrong")
+
+    use_key(page)  # a tenant's key: the bare verdict
+    expect(status).to_have_text("Key accepted")
+    expect(page.locator("#api-key")).not_to_have_attribute("aria-invalid", "true")
+    expect(pill).to_have_text("Service ready")
+    expect(page.locator("footer")).to_have_text(re.compile(r"decoded in this page\s*$"))
+    screenshot(page, tmp_path, "ui-key-accepted")
+
+    use_key(page, "ui-operator-key")  # an operator's: the workers too
+    expect(status).to_have_text("Key accepted")
+    expect(pill).to_contain_text("1 worker ready")
+    expect(page.locator("footer")).to_have_text(re.compile(r"decoded in this page · \S+: cpu\s*$"))
+
+
+def test_one_segment_and_one_instance_are_singular(page, tmp_path):
+    scene = image_bytes(80, 60, seed=3)
+    mask = rle.label_map_to_segments(np.ones((60, 80), np.int64))[0][1]
+    segment = {"id": 1, "label": "a mug", "label_id": 1, "score": 0.5, "area": 4800, "bbox": [0, 0, 80, 60]}
+    result = {
+        "image": {"width": 80, "height": 60},
+        "segments": [{**segment, "segmentation": mask}],
+        "labels": ["background", "a mug"],
+        "instances": 1,
+        "random_weights": False,
+        "timings_ms": {"inference": 900.0},
+    }
+    answer_referring(page, ["a mug"], result)
+    use_key(page)
+    page.click("label[for=method-referring]")
+    page.set_input_files("#referring-picture", files=[png(scene, "one.png")])
+    page.fill("#referring-class-word", "mug")
+    page.fill("#queries", "a mug")
+    page.click("#referring-submit")
+    expect(page.locator("#result-meta")).to_contain_text("1 segment · 1 instance · 80×60 px", timeout=JOB_TIMEOUT_MS)
+    expect(page.locator("#canvas")).to_have_attribute("aria-label", "The picture with 1 segment drawn over it")
+    screenshot(page, tmp_path, "ui-singular")

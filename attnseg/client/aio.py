@@ -76,6 +76,11 @@ class AsyncClient:
     async def oneshot_model(self, model_id: str) -> AsyncOneshotModel:
         return AsyncOneshotModel(self, await self._json(protocol.model_call(model_id)))
 
+    async def oneshot_models(self, offset: int = 0, limit: int = 50) -> list[AsyncOneshotModel]:
+        return [
+            AsyncOneshotModel(self, body) for body in (await self._json(protocol.models_call(offset, limit)))["models"]
+        ]
+
     async def oneshot_segment(self, model_id: str, image: PictureInput, **params) -> AsyncJob:
         return AsyncJob(self, await self._json(protocol.oneshot_segment_call(model_id, image, params)))
 
@@ -95,8 +100,10 @@ class AsyncClient:
         call = protocol.concept_train_call(photos, identifier, class_word, masks, params)
         return AsyncConcept(self, (await self._run(protocol.submit_for_record(call, self.retries)))[1])
 
-    async def import_concept(self, identifier: str, class_word: str, embeddings, weights=None) -> AsyncConcept:
-        call = protocol.concept_import_call(identifier, class_word, embeddings, weights)
+    async def import_concept(
+        self, identifier: str, class_word: str, embeddings, weights=None, **params
+    ) -> AsyncConcept:
+        call = protocol.concept_import_call(identifier, class_word, embeddings, weights, params)
         return AsyncConcept(self, (await self._run(protocol.submit_for_record(call, self.retries)))[1])
 
     async def concept(self, concept_id: str) -> AsyncConcept:

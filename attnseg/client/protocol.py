@@ -136,13 +136,17 @@ def concept_train_call(photos, identifier: str, class_word: str, masks, params: 
     return Call("POST", "/concepts/train", data=fields, files=files)
 
 
-def concept_import_call(identifier: str, class_word: str, embeddings, weights=None) -> Call:
-    """embeddings, weights: paths or file bytes (diffusers' learned_embeds / Custom Diffusion weights)."""
+def concept_import_call(identifier: str, class_word: str, embeddings, weights=None, params: dict | None = None) -> Call:
+    """embeddings, weights: paths or file bytes (diffusers' learned_embeds / Custom Diffusion weights);
+    params: name, description."""
     files = [("embeddings", file_part(embeddings, "learned_embeds.safetensors"))]
     if weights is not None:
         files.append(("weights", file_part(weights, "pytorch_custom_diffusion_weights.safetensors")))
     return Call(
-        "POST", "/concepts/import", data=form_fields({"identifier": identifier, "class_word": class_word}), files=files
+        "POST",
+        "/concepts/import",
+        data=form_fields({"identifier": identifier, "class_word": class_word, **(params or {})}),
+        files=files,
     )
 
 
@@ -183,6 +187,10 @@ def overlay_call(job_id: str) -> Call:
 
 def model_call(model_id: str, method: str = "GET") -> Call:
     return Call(method, segment_path("oneshot", model_id))
+
+
+def models_call(offset: int = 0, limit: int = 50) -> Call:
+    return Call("GET", "/oneshot", params={"offset": offset, "limit": limit})
 
 
 def retry_delay(response: httpx.Response, attempt: int) -> float:

@@ -164,6 +164,8 @@ class ModelState:
     """One reading of `GET /oneshot/{id}`."""
 
     id: str
+    name: str  # as given at training, else the part names
+    description: str | None
     status: str  # training | ready | failed
     labels: list[str]  # by label_id; 0 is background
     metrics: dict[str, Any]
@@ -175,6 +177,8 @@ class ModelState:
     def from_api(cls, body: dict) -> ModelState:
         return cls(
             id=body["id"],
+            name=body.get("name") or ", ".join(body["labels"][1:]),
+            description=body.get("description"),
             status=body["status"],
             labels=body["labels"],
             metrics=body.get("metrics") or {},
@@ -189,6 +193,8 @@ class ConceptState:
     """One reading of `GET /concepts/{id}`."""
 
     id: str
+    name: str  # as given at training or import, else the identifier
+    description: str | None
     identifier: str
     class_word: str
     status: str  # training | importing | ready | failed
@@ -203,6 +209,8 @@ class ConceptState:
     def from_api(cls, body: dict) -> ConceptState:
         return cls(
             id=body["id"],
+            name=body.get("name") or body["identifier"],
+            description=body.get("description"),
             identifier=body["identifier"],
             class_word=body["class_word"],
             status=body["status"],

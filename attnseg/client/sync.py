@@ -79,13 +79,17 @@ class Client:
         **params,
     ) -> OneshotModel:
         """Train a one-shot part model from picture(s) and mask(s) of class ids; `labels` names ids 1..K-1.
-        params: epochs, learning_rate, crops_per_side, min_crop, resolution, seed."""
+        params: name, description, epochs, learning_rate, crops_per_side, min_crop, resolution, seed."""
         call = protocol.train_call(images, masks, labels, params)
         _, model = self._run(protocol.submit_for_record(call, self.retries))
         return OneshotModel(self, model)
 
     def oneshot_model(self, model_id: str) -> OneshotModel:
         return OneshotModel(self, self._json(protocol.model_call(model_id)))
+
+    def oneshot_models(self, offset: int = 0, limit: int = 50) -> list[OneshotModel]:
+        """Your one-shot models, newest first."""
+        return [OneshotModel(self, body) for body in self._json(protocol.models_call(offset, limit))["models"]]
 
     def oneshot_segment(self, model_id: str, image: PictureInput, **params) -> Job:
         """Segment into a one-shot model's parts (allowed while it trains). params: crops_per_side, resolution, seed."""
@@ -105,15 +109,15 @@ class Client:
         **params,
     ) -> Concept:
         """Learn `<identifier>` from 3 to 20 photos of one object (masks: non-zero = the object, optional).
-        params: train_kv (Custom Diffusion, default; False: Textual Inversion), steps, learning_rate,
-        batch_size, num_vectors, resolution, seed."""
+        params: name, description, train_kv (Custom Diffusion, default; False: Textual Inversion), steps,
+        learning_rate, batch_size, num_vectors, resolution, seed."""
         call = protocol.concept_train_call(photos, identifier, class_word, masks, params)
         return Concept(self, self._run(protocol.submit_for_record(call, self.retries))[1])
 
-    def import_concept(self, identifier: str, class_word: str, embeddings, weights=None) -> Concept:
+    def import_concept(self, identifier: str, class_word: str, embeddings, weights=None, **params) -> Concept:
         """A concept trained elsewhere: diffusers' learned_embeds file (and Custom Diffusion weights), as
-        paths or bytes; the worker checks them against its model."""
-        call = protocol.concept_import_call(identifier, class_word, embeddings, weights)
+        paths or bytes; the worker checks them against its model. params: name, description."""
+        call = protocol.concept_import_call(identifier, class_word, embeddings, weights, params)
         return Concept(self, self._run(protocol.submit_for_record(call, self.retries))[1])
 
     def concept(self, concept_id: str) -> Concept:

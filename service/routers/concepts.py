@@ -3,8 +3,6 @@ from the files the diffusers training scripts write; used as `<identifier>` in t
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -12,6 +10,7 @@ import service.paths  # noqa: F401 - registers the `id` path convertor
 from attnseg import concept_store
 from attnseg.concept_files import EMBEDDINGS_FILE, KV_FILE
 from attnseg.concept_store import UPLOAD_PREFIX, store
+from attnseg.record_store import new_id
 from service.concepts import (
     IN_THE_MAKING,
     check_object_masks,
@@ -59,7 +58,7 @@ async def train(
     def check_and_submit():
         photos = check_photos(images, settings)
         object_masks = check_object_masks(masks, photos, settings)
-        concept_id, job_id = concept_store.new_concept_id(), uuid.uuid4().hex
+        concept_id, job_id = concept_store.new_concept_id(), new_id()
         method = "custom_diffusion" if params.train_kv else "textual_inversion"
 
         def store_record_and_pictures():
@@ -73,6 +72,8 @@ async def train(
                 status="training",
                 params=params.model_dump(),
                 job_id=job_id,
+                name=params.name,
+                description=params.description,
             )
             return {
                 "concept_id": concept_id,
@@ -124,7 +125,7 @@ async def import_concept(
 
     def check_and_submit():
         precheck_files(connection, params.identifier, embeddings, weights)
-        concept_id, job_id = concept_store.new_concept_id(), uuid.uuid4().hex
+        concept_id, job_id = concept_store.new_concept_id(), new_id()
 
         def store_record_and_files():
             create_record(
@@ -137,6 +138,8 @@ async def import_concept(
                 status="importing",
                 params=params.model_dump(),
                 job_id=job_id,
+                name=params.name,
+                description=params.description,
             )
             store.put_file(connection, concept_id, UPLOAD_PREFIX + EMBEDDINGS_FILE, embeddings)
             if weights:

@@ -11,9 +11,10 @@ from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
-from attnseg.images import ImageMissingError, load_image
+from attnseg.images import ImageMissingError
+from attnseg.images import fetch as fetch_picture
 from attnseg.ownership import owned_by
-from service.deps import JobEventsDep, RedisDep, SettingsDep, TenantDep
+from service.deps import JobEventsDep, OverlaySlotsDep, RedisDep, SettingsDep, TenantDep
 from service.errors import ApiError, error_responses
 from service.job_view import job_view
 from service.lifecycle import wait_unless_shutting_down
@@ -109,24 +110,38 @@ def cancel_job(
 @router.get(
     "/{job_id}/overlay.png",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}, **error_responses(401, 404, 409, 410, 422, 503)},
+    responses={200: {"content": {"image/png": {}}}, **error_responses(401, 404, 409, 410, 422, 429, 503)},
 )
 def job_overlay(
     job_id: str,
     tenant: TenantDep,
     settings: SettingsDep,
     connection: RedisDep,
+    slots: OverlaySlotsDep,
 ):
-    """The image with the job's segments drawn and labelled, for people."""
+    """The image with the job's segments drawn and labelled, for people: at most
+    `ATTNSEG_OVERLAY_MAX_SIDE` pixels on its longer side (larger pictures are drawn reduced)."""
     job = fetch_job(connection, job_id, tenant)
     view = job_view(connection, job, settings)
     if view["status"] != "succeeded" or "segments" not in (view["result"] or {}):
         raise ApiError(
             409, "not_ready", f"job {job_id} is {view['status']}; an overlay needs a succeeded segmentation job"
         )
-    key = job.args[0]["image"]["key"]
+    entry = job.args[0]["image"]
+    if not slots.acquire(blocking=False):
+        raise ApiError(
+            429,
+            "overlays_busy",
+            f"{settings.overlay_concurrency} overlays are being drawn already; retry shortly",
+            headers={"Retry-After": "1"},
+        )
     try:
-        image = load_image(connection, key)
+        picture = fetch_picture(connection, entry["key"])
+        drawing = render_overlay(
+            picture, (entry["width"], entry["height"]), view["result"]["segments"], settings.overlay_max_side
+        )
     except ImageMissingError:
         raise ApiError(410, "image_expired", "the job's image has expired from the store") from None
-    return Response(render_overlay(image, view["result"]["segments"]), media_type="image/png")
+    finally:
+        slots.release()
+    return Response(drawing, media_type="image/png")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 import service.paths  # noqa: F401 - registers the `id` path convertor
 from attnseg import oneshot_store
 from attnseg.ownership import owned_by
+from attnseg.record_store import new_id
 from service.deps import LimitQuery, OffsetQuery, RedisDep, SettingsDep, TenantDep
 from service.errors import ApiError, error_responses
 from service.oneshot import check_example_count, check_examples, get_record, model_view
@@ -57,7 +56,7 @@ async def train(
 
     def check_and_submit():
         pairs = check_examples(images, masks, params.labels, settings)
-        model_id, job_id = oneshot_store.new_model_id(), uuid.uuid4().hex
+        model_id, job_id = oneshot_store.new_model_id(), new_id()
 
         def store():
             entries = [
@@ -74,6 +73,8 @@ async def train(
                 labels=params.labels,
                 params=params.model_dump(),
                 train_job_id=job_id,
+                name=params.name,
+                description=params.description,
             )
             return {"model_id": model_id, "examples": entries, "params": {**params.model_dump(), "model_id": model_id}}
 

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from attnseg.queue import QUEUES, get_queue
 from attnseg.workers_registry import ready_workers
-from service.deps import OperatorDep, RedisDep, require_operator
+from service.deps import KeyStateDep, OperatorDep, RedisDep, require_operator
 from service.errors import error_responses
 from service.schemas import Readiness
 
@@ -30,7 +30,7 @@ def healthz():
 @router.get(
     "/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, openapi_extra={"security": [{}]}
 )  # added to the bearer scheme: a key is optional here
-def readyz(operator: OperatorDep, connection: RedisDep):
+def readyz(operator: OperatorDep, key: KeyStateDep, connection: RedisDep):
     """Ready when Redis answers and at least one worker has loaded its models (200, else 503).
 
     With keys configured, only an operator's key gets `workers` and `queues`; others get `ready` and `redis`.
@@ -42,7 +42,7 @@ def readyz(operator: OperatorDep, connection: RedisDep):
         reachable = True
     except redis.RedisError:
         workers, queues, reachable = [], {}, False
-    body = Readiness(ready=reachable and bool(workers), redis=reachable, workers=workers, queues=queues)
+    body = Readiness(ready=reachable and bool(workers), redis=reachable, key=key, workers=workers, queues=queues)
     content = body.model_dump(mode="json", exclude=None if operator else {"workers", "queues"})
     return JSONResponse(content, status_code=200 if body.ready else 503)
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import redis
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
@@ -19,6 +20,7 @@ log = logging.getLogger("attnseg.worker")
 # Progress is written, and cancellation checked, at most this often: a job of a few tens of ms makes
 # one round trip for it, a long one still shows every stage that lasts longer.
 PROGRESS_EVERY_S = 0.5
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
 class JobFailure(Exception):
@@ -70,7 +72,10 @@ class JobContext:
         if self.job is not None:
             if code != "canceled":
                 self.job.meta["error"] = {"code": code, "message": message}
-            self.job.save_meta()
+            try:
+                self.job.save_meta()
+            except REDIS_DOWN as exc:  # the job's own exception goes on to RQ, which says why
+                log.warning("job %s: its error could not be saved: %s", self.job.id, exc)
 
 
 def report_progress(contexts: list[JobContext], stage: str, fraction: float, **extra) -> set[int]:
@@ -129,6 +134,10 @@ def job_outcome(
         raise
     except JobFailure as exc:
         error = {"code": exc.code, "message": str(exc)}
+        raise
+    except REDIS_DOWN:  # the API shows it as store_unavailable (service.job_view), not as a bug
+        log.warning("%s job lost redis", kind)
+        error = {"code": "store_unavailable", "message": "the job store (Redis) became unreachable"}
         raise
     except JobTimeoutException:
         timeout = ctx.job.timeout if ctx.job else "?"

@@ -36,9 +36,10 @@ from attnseg.settings import Settings
 from attnseg.workers_registry import announce, withdraw
 from workers.engine import runtime as runtime_module
 from workers.engine.batch import Batch, Member, attempt, claim_companions, fail_live, settle, share_key_of
-from workers.engine.context import JobContext
+from workers.engine.context import REDIS_DOWN, JobCanceled, JobContext
 from workers.engine.dispatch import batch_of, handlings, picture_side, queues_with_pictures
 from workers.engine.latent_cache import cached_or_fetched
+from workers.engine.namesake import free_the_name
 from workers.engine.pictures import Prefetcher, fetch_image, install_prefetcher
 from workers.methods.unsupervised import segment_unsupervised
 from workers.models.concept import concept_shapes
@@ -46,6 +47,7 @@ from workers.models.concept import concept_shapes
 log = logging.getLogger("attnseg.worker")
 
 HEARTBEAT_MIN_S = 2.0
+RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.5, 5.0  # waiting for Redis: first pause, longest pause
 
 
 class Finisher(threading.Thread):
@@ -90,6 +92,7 @@ class ModelWorker(SimpleWorker):
         self._running: dict[str, tuple[Job, object]] = {}  # job id -> (job, execution) not yet finalised
         self._running_lock = threading.Lock()
         self.model_busy_s = 0.0  # seconds the main thread spent running jobs: the model's busy time
+        self.on_state_change: Callable[[], None] | None = None  # called when it turns busy or idle
         self.finisher: Finisher | None = None
         self.prefetcher: Prefetcher | None = None
 
@@ -99,11 +102,31 @@ class ModelWorker(SimpleWorker):
 
     def _track(self, job: Job, execution) -> None:
         with self._running_lock:
+            turned_busy = not self._running
             self._running[job.id] = (job, execution)
+        if turned_busy:
+            self._state_changed()
 
     def _untrack(self, job: Job) -> None:
         with self._running_lock:
-            self._running.pop(job.id, None)
+            turned_idle = self._running.pop(job.id, None) is not None and not self._running
+        if turned_idle:
+            self._state_changed()
+
+    def _state_changed(self) -> None:
+        if self.on_state_change is None:
+            return
+        try:
+            self.on_state_change()
+        except redis.RedisError as exc:  # the next pulse says it anyway
+            log.warning("could not announce the worker's state: %s", exc)
+
+    def handle_exception(self, job: Job, *exc_info):
+        """A cancel is the user's request, not an error: one INFO line instead of RQ's ERROR and traceback."""
+        if exc_info[0] is not None and issubclass(exc_info[0], JobCanceled):
+            log.info("job %s canceled by request", job.id)
+            return
+        super().handle_exception(job, *exc_info)
 
     def bootstrap(self, *args, **kwargs):
         super().bootstrap(*args, **kwargs)
@@ -141,7 +164,13 @@ class ModelWorker(SimpleWorker):
         recent = self.last_heartbeat is not None and (now() - self.last_heartbeat).total_seconds() < HEARTBEAT_MIN_S
         if pipeline is None and timeout is None and recent:
             return
-        super().heartbeat(timeout, pipeline)
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        try:
+            super().heartbeat(timeout)
+        except REDIS_DOWN as exc:  # the work loop's own heartbeat: the next one gets through
+            log.warning("heartbeat: redis unreachable: %s", exc)
 
     def activity(self) -> dict:
         """For the announcement: the model thread's busy seconds so far (their rate between two
@@ -154,24 +183,55 @@ class ModelWorker(SimpleWorker):
             "prefetch_misses": prefetcher.misses if prefetcher else 0,
         }
 
+    # A Redis outage of any length is waited out: RQ's work loop quits on any error outside its
+    # dequeue, so each step of it that talks to Redis waits for Redis to come back instead.
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        while True:
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except REDIS_DOWN as exc:  # RQ retries its dequeue, not the state and heartbeat around it
+                wait_for_redis(self.connection, exc)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        try:
+            super().check_for_suspension(burst)
+        except REDIS_DOWN as exc:
+            wait_for_redis(self.connection, exc)
+
+    def run_maintenance_tasks(self) -> None:
+        try:
+            super().run_maintenance_tasks()
+        except REDIS_DOWN as exc:  # the next round does them
+            wait_for_redis(self.connection, exc)
+
     def execute_job(self, job: Job, queue):
+        """A job (or batch) that loses Redis ends where it got to: an outcome RQ could not store leaves
+        the job started without heartbeats, so it is failed as worker_lost once Redis is back."""
+        try:
+            self.run_job_or_batch(job, queue)
+            self.set_state(WorkerStatus.IDLE)
+        except REDIS_DOWN as exc:
+            log.warning("job %s lost redis while it ran", job.id)
+            wait_for_redis(self.connection, exc)
+
+    def run_job_or_batch(self, job: Job, queue) -> None:
         batch = batch_of(job.func_name)
         key = share_key_of(job, batch) if batch is not None else None
         if key is not None:
             companions = claim_companions(self.connection, queue, key, batch, self.max_batch - 1)
             self.perform_batch([job, *companions], queue, batch)
-        else:
-            self.look_ahead()
-            execution = self.prepare_execution(job)
-            self._track(job, execution)
-            started = time.perf_counter()
-            try:
-                self.perform_job(job, queue, execution)
-            finally:
-                self.model_busy_s += time.perf_counter() - started  # with its fetch, encode and save
-                self._untrack(job)
-                announce_end(self.connection, job.id)
-        self.set_state(WorkerStatus.IDLE)
+            return
+        self.look_ahead()
+        execution = self.prepare_execution(job)
+        self._track(job, execution)
+        started = time.perf_counter()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            self.model_busy_s += time.perf_counter() - started  # with its fetch, encode and save
+            self._untrack(job)
+            announce_end(self.connection, job.id)
 
     @staticmethod
     def picture_of(member: Member, batch: Batch, side: int | None) -> None:
@@ -241,20 +301,58 @@ def announce_end(connection, job_id: str) -> None:
         log.warning("could not announce the end of job %s: %s", job_id, exc)
 
 
+def wait_for_redis(connection, error: Exception) -> None:
+    """Until Redis answers again: pings with exponential backoff (each ping is itself retried for a
+    few seconds by the connection), up to RECONNECT_MAX_S between them."""
+    log.warning("redis unreachable (%s): waiting for it", error)
+    pause = RECONNECT_FIRST_S
+    while True:
+        time.sleep(pause)
+        try:
+            connection.ping()
+        except REDIS_DOWN:
+            pause = min(2 * pause, RECONNECT_MAX_S)
+            continue
+        log.info("redis is back")
+        return
+
+
+def claim_name(connection, name: str, settings: Settings) -> None:
+    """Before loading the models: wait for Redis (a worker may start during an outage) and for `name`
+    to be free; a crashed namesake's record is cleaned up and its jobs failed now (namesake.py)."""
+    while True:
+        try:
+            if free_the_name(connection, name, settings.worker_lost_after_s):
+                return
+            log.warning("a live worker is named %s already: waiting for it to stop or fall silent", name)
+            time.sleep(settings.worker_heartbeat_s)
+        except REDIS_DOWN as exc:
+            wait_for_redis(connection, exc)
+
+
 class Pulse(threading.Thread):
     def __init__(self, worker: ModelWorker, info: dict, settings: Settings):
         super().__init__(name="attnseg-pulse", daemon=True)
         self.worker, self.info, self.settings = worker, info, settings
         self.stopped = threading.Event()
+        self._announcing = threading.Lock()  # the state read and its write together: never a stale one last
+
+    def announce(self) -> list:
+        """Write the announcement (busy while a job runs); the running jobs."""
+        with self._announcing:
+            running = self.worker.running()
+            announce(
+                self.worker.connection,
+                {**self.info, **self.worker.activity(), "state": "busy" if running else "idle"},
+                ttl_s=3 * self.settings.worker_heartbeat_s,
+            )
+        return running
 
     def beat(self) -> None:
         connection = self.worker.connection
-        running = self.worker.running()
-        announce(
-            connection,
-            {**self.info, **self.worker.activity(), "state": "busy" if running else "idle"},
-            ttl_s=3 * self.settings.worker_heartbeat_s,
-        )
+        running = self.announce()
+        if self.worker.birth_date is not None:  # registered: RQ's record shows it alive (see namesake.py)
+            self.worker.heartbeat()
         for job, execution in running:
             self.worker.maintain_heartbeats(job, execution)
         for name in QUEUES:
@@ -286,13 +384,14 @@ def default_worker_name() -> str:
 def run_worker(
     settings: Settings, *, queues: tuple[str, ...] = QUEUES, name: str | None = None, burst: bool = False
 ) -> None:
+    connection = connect(settings.redis_url)
+    name = name or default_worker_name()
+    claim_name(connection, name, settings)
     runtime = runtime_module.load_runtime(settings)
     runtime_module.install(runtime)
     if settings.warmup:
         log.info("warm-up pass took %.1f s", warm_up(runtime))
 
-    connection = connect(settings.redis_url)
-    name = name or default_worker_name()
     ModelWorker.lost_after_s = settings.worker_lost_after_s
     ModelWorker.max_batch = settings.max_batch or (8 if runtime.sd.device.type == "cuda" else 1)
     ModelWorker.prefetch_bytes = settings.prefetch_mb * 2**20
@@ -309,6 +408,7 @@ def run_worker(
         "concept_shapes": concept_shapes(runtime.sd),
     }  # the API checks concept uploads against them
     pulse = Pulse(worker, info, settings)
+    worker.on_state_change = pulse.announce  # /readyz says busy from a job's start to its end
     pulse.beat()
     pulse.start()
     log.info("worker %s ready (batches of up to %d jobs): %s", name, ModelWorker.max_batch, runtime.describe())

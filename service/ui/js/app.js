@@ -226,6 +226,15 @@ class Progress {
     });
   }
 
+  /** Hidden until a job is accepted: an earlier job's "Done." and full bar must not sit above a new error. */
+  reset() {
+    this.jobId = null;
+    this.element.hidden = true;
+    this.bar.value = 0;
+    this.text.textContent = "";
+    delete this.element.dataset.status;
+  }
+
   start(job) {
     this.jobId = job.id;
     this.element.hidden = false;
@@ -236,7 +245,7 @@ class Progress {
 
   update(job) {
     const fraction = job.progress?.fraction ?? 0;
-    this.bar.value = job.status === "succeeded" ? 1 : fraction;
+    this.bar.value = job.status === "succeeded" ? 1 : job.status === "failed" ? 0 : fraction;
     this.text.textContent = describeProgress(job);
     this.element.dataset.status = job.status;
     if (["succeeded", "failed", "canceled"].includes(job.status)) this.cancel.hidden = true;
@@ -255,6 +264,7 @@ class Runner {
   async run(submit, onDone) {
     clearErrors(this.form);
     this.abort?.abort();
+    this.progress.reset();
     const abort = (this.abort = new AbortController());
     this.button.disabled = true;
     try {
@@ -315,13 +325,13 @@ function shownValue(input) {
   return input.closest("[hidden]") ? null : valueOrNull(input);
 }
 
+/** Asks /readyz; says what it found in the pill and, for the key, next to the key field. */
 async function refreshStatus() {
   const pill = $("#service-status");
   try {
-    const ready = await request("readyz");
-    describeReadiness(ready);
+    describeReadiness(await request("readyz"));
   } catch (error) {
-    if (error.status === 503 && error.body?.workers) describeReadiness(error.body);
+    if (error.status === 503 && error.body?.redis !== undefined) describeReadiness(error.body);
     else {
       pill.dataset.state = "down";
       pill.textContent = error.status === 401 ? "Enter the API key" : `Service: ${error.message}`;
@@ -329,12 +339,27 @@ async function refreshStatus() {
   }
 }
 
+/** /readyz says what the key sent is worth (`ready.key`): said beside the key field. */
+function describeKey(ready) {
+  const status = $("#key-status");
+  const said = { accepted: "Key accepted", refused: "Key not accepted" }[ready.key] || "";
+  status.dataset.state = said ? ready.key : "";
+  status.textContent = said;
+  if (ready.key === "refused") $("#api-key").setAttribute("aria-invalid", "true");
+  else $("#api-key").removeAttribute("aria-invalid");
+}
+
 function describeReadiness(ready) {
   const pill = $("#service-status");
   const workers = ready.workers || [];
+  describeKey(ready);
   if (!ready.redis) {
     pill.dataset.state = "down";
     pill.textContent = "The job store (Redis) is down";
+  } else if (["missing", "refused"].includes(ready.key)) {
+    pill.dataset.state = "key";
+    pill.textContent = ready.key === "refused" ? "The API key was not accepted: check it"
+      : "Keys are on: enter your API key";
   } else if (!("workers" in ready)) {
     // A tenant's key gets the bare verdict: worker details are for operators.
     pill.dataset.state = ready.ready ? "ready" : "waiting";
@@ -348,7 +373,8 @@ function describeReadiness(ready) {
     pill.textContent = `${workers.length} worker${workers.length > 1 ? "s" : ""} ready · ${workers[0].sd_model}` +
       (random ? " (random weights)" : "");
   }
-  $("#footer-workers").textContent = workers.map((w) => `${w.name}: ${w.device}`).join(", ");
+  $("#footer-workers").textContent = workers.length ? ` · ${workers.map((w) => `${w.name}: ${w.device}`).join(", ")}`
+    : "";
 }
 
 const RESULT_TITLES = { unsupervised: "DiffSeg", oneshot_segment: "one-shot", referring: "referring" };
@@ -430,6 +456,7 @@ new Runner($("#train-form"), new Progress($("#train-progress")), $("#train-submi
   // JSON with typed numbers: the API refuses a multipart crops_per_side ("1" is not the literal 1).
   const seed = valueOrNull($("#train-seed"));
   const body = { images_base64: [await dataUrl(image)], masks_base64: [await dataUrl(mask)], labels,
+    ...(valueOrNull($("#model-name")) === null ? {} : { name: valueOrNull($("#model-name")) }),
     epochs: Number($("#epochs").value), learning_rate: Number($("#learning_rate").value),
     crops_per_side: Number($("#crops_per_side").value), resolution: Number($("#train-resolution").value),
     ...(seed === null ? {} : { seed: Number(seed) }) };
@@ -439,18 +466,28 @@ new Runner($("#train-form"), new Progress($("#train-progress")), $("#train-submi
 }, () => refreshModels($("#model").value));
 
 // One-shot: models and segmenting with one
+let knownModels = new Map(); // id -> the API's model, as last listed
+
+/** The chosen model in full under the list (a long name would be cut in the list itself). */
+function describeModel() {
+  const model = knownModels.get($("#model").value);
+  $("#model-info").textContent = model ? `${model.name} · parts: ${model.labels.slice(1).join(", ")}` +
+    `${model.description ? ` · ${model.description}` : ""} · id ${model.id}` : "";
+}
+
 async function refreshModels(select = null) {
   const list = $("#model");
   const keep = select || list.value;
   try {
     const { models } = await request("oneshot?limit=100");
+    knownModels = new Map(models.map((model) => [model.id, model]));
     const options = models.map((model) => {
-      const parts = model.labels.slice(1).join(", ");
       const iou = model.metrics?.train_iou;
       const state = model.status === "ready" && iou != null ? `ready, IoU ${iou.toFixed(2)}` : model.status;
-      return new Option(`${parts} (${state}) · ${model.id.slice(0, 8)}`, model.id, false, model.id === keep);
+      return new Option(`${model.name} (${state})`, model.id, false, model.id === keep);
     });
     list.replaceChildren(...(options.length ? options : [new Option("No model yet", "")]));
+    describeModel();
   } catch (error) {
     if (error.status !== 401) showError($("#oneshot-segment-form"), error);
   }
@@ -472,6 +509,7 @@ function deleteChosen(button, list, collection, refresh) {
 }
 
 $("#models-refresh").addEventListener("click", () => refreshModels());
+$("#model").addEventListener("change", describeModel);
 deleteChosen($("#model-delete"), $("#model"), "oneshot", refreshModels);
 
 segmentOnSubmit($("#oneshot-segment-form"), $("#oneshot-segment-submit"), () => {
@@ -488,7 +526,7 @@ new Runner($("#concept-train-form"), new Progress($("#concept-progress")), $("#c
     if (!photos.length) throw fieldError("images", "Choose 3 to 20 photos of your object first (drop them or click).");
     const masks = [...$("#concept-masks").files];
     const files = [...photos.map((photo) => ["images", photo]), ...masks.map((mask) => ["masks", mask])];
-    const fields = { identifier: valueOrNull($("#concept-identifier")),
+    const fields = { identifier: valueOrNull($("#concept-identifier")), name: valueOrNull($("#concept-name")),
       class_word: valueOrNull($("#concept-class-word")), train_kv: $("#concept-method").value,
       steps: valueOrNull($("#concept-steps")), learning_rate: valueOrNull($("#concept-learning-rate")),
       batch_size: valueOrNull($("#concept-batch-size")), num_vectors: valueOrNull($("#concept-vectors")),
@@ -510,6 +548,13 @@ function prefillQueries() {
   $("#queries").value = `<${concept.identifier}> ${concept.class_word}`;
 }
 
+/** The chosen concept in full under the list: its name, how queries write it, its note. */
+function describeConcept() {
+  const concept = knownConcepts.get($("#concept").value);
+  $("#concept-info").textContent = concept ? `${concept.name} · <${concept.identifier}> ${concept.class_word}` +
+    `${concept.description ? ` · ${concept.description}` : ""}` : "";
+}
+
 async function refreshConcepts(select = null) {
   const list = $("#concept");
   const before = list.value;
@@ -517,16 +562,20 @@ async function refreshConcepts(select = null) {
   try {
     const { concepts } = await request("concepts?limit=100");
     knownConcepts = new Map(concepts.map((concept) => [concept.id, concept]));
-    const options = concepts.map((concept) => new Option(`<${concept.identifier}> ${concept.class_word} ` +
-      `(${concept.status})`, concept.id, false, concept.id === keep));
+    const options = concepts.map((concept) => new Option(`${concept.name} (${concept.status})`, concept.id, false,
+      concept.id === keep));
     list.replaceChildren(...(options.length ? options : [new Option("No object yet", "")]));
+    describeConcept();
     if (list.value !== before) prefillQueries();
   } catch (error) {
     if (error.status !== 401) showError($("#referring-form"), error);
   }
 }
 
-$("#concept").addEventListener("change", prefillQueries);
+$("#concept").addEventListener("change", () => {
+  describeConcept();
+  prefillQueries();
+});
 $("#concepts-refresh").addEventListener("click", () => refreshConcepts());
 deleteChosen($("#concept-delete"), $("#concept"), "concepts", refreshConcepts);
 
@@ -547,8 +596,7 @@ keyInput.addEventListener("change", () => setApiKey(keyInput.value.trim()));
 $("#key-form").addEventListener("submit", (event) => {
   event.preventDefault();
   setApiKey(keyInput.value.trim());
-  keyInput.removeAttribute("aria-invalid");
-  refreshStatus();
+  refreshStatus(); // says "Key accepted" or "Key not accepted" next to the field
   if (!$("#oneshot").hidden) refreshModels();
   if (!$("#referring").hidden) refreshConcepts();
 });

@@ -3,6 +3,12 @@
 import { labelMap } from "./rle.js";
 
 export const BACKGROUND = [128, 128, 128];
+
+/** "1 segment", "2 segments". */
+export function count(number, noun) {
+  return `${number} ${noun}${number === 1 ? "" : "s"}`;
+}
+
 const WHITE = [255, 255, 255];
 
 /** Colour i of n: golden-angle hues (as service/overlay.py), [r, g, b] in 0..255. */
@@ -94,15 +100,15 @@ export class Viewer {
     this.canvas.hidden = false;
     this.empty.hidden = true;
     this.canvas.setAttribute("role", "img");
-    this.canvas.setAttribute("aria-label", `The picture with ${this.segments.length} segments drawn over it`);
+    this.canvas.setAttribute("aria-label", `The picture with ${count(this.segments.length, "segment")} drawn over it`);
     this.buildLegend(width * height);
     const timings = job.result.timings_ms || {};
     const seconds = ((timings.inference || 0) / 1000).toFixed(1);
-    const instances = job.result.instances == null ? "" : `${job.result.instances} instances · `;
+    const instances = job.result.instances == null ? "" : `${count(job.result.instances, "instance")} · `;
     // Labels asked for that no segment has (a class absent, a query left without an instance) are named.
     const found = new Set(this.segments.map((segment) => segment.label_id));
     const missing = (job.result.labels || []).filter((_, labelId) => labelId > 0 && !found.has(labelId));
-    this.meta.textContent = `${this.segments.length} segments · ${instances}${width}×${height} px · ` +
+    this.meta.textContent = `${count(this.segments.length, "segment")} · ${instances}${width}×${height} px · ` +
       `${seconds} s inference · seed ${job.params.seed}` +
       (missing.length ? ` · not found: ${missing.join(", ")}` : "") +
       (job.result.random_weights ? " · random weights (tiny-random): the masks mean nothing" : "");
