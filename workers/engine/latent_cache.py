@@ -6,7 +6,9 @@ store key, working resolution, dtype). The store key names the tenant as well as
 so one tenant's queries never run faster because of another's picture (nothing to learn from the
 timing). At most ATTNSEG_LATENT_CACHE_MIB of tensors are held, the least recently used dropped
 first; at 512 an entry is 64 KiB in fp32, so the default holds thousands of pictures. Latents read
-back are the very tensors computed before, so masks are byte-identical with and without the cache.
+back are the very tensors the VAE gave, so a job's masks are the bytes they would be without the
+cache (tests/test_picture_reuse.py); only a picture first encoded in a larger VAE batch carries that
+batch's rounding, as the batch's own masks already did.
 """
 
 from __future__ import annotations
