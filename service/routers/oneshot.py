@@ -141,7 +141,7 @@ def delete_model(
     status_code=202,
     response_model=Job,
     responses=SEGMENT_ERRORS,
-    openapi_extra=openapi_body(OneshotSegmentParams, {"image": False}, by_id=("image",)),
+    openapi_extra=openapi_body(OneshotSegmentParams, {"image": False}, by_id="image"),
     summary="Segment an image into a one-shot model's parts",
 )
 async def segment(

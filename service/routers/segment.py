@@ -26,7 +26,7 @@ CONCEPT_SUBMIT_ERRORS = error_responses(400, 401, 404, 409, 413, 415, 422, 429, 
     status_code=202,
     response_model=Job,
     responses=SUBMIT_ERRORS,
-    openapi_extra=openapi_body(UnsupervisedParams, {"image": False}, by_id=("image",)),
+    openapi_extra=openapi_body(UnsupervisedParams, {"image": False}, by_id="image"),
     summary="Segment an image without a prompt (DiffSeg)",
 )
 async def segment_unsupervised(
@@ -48,7 +48,7 @@ async def segment_unsupervised(
     status_code=202,
     response_model=Job,
     responses=CONCEPT_SUBMIT_ERRORS,
-    openapi_extra=openapi_body(TextParams, {"image": False}, by_id=("image",)),
+    openapi_extra=openapi_body(TextParams, {"image": False}, by_id="image"),
     summary="Segment an image into the given classes",
 )
 async def segment_text(
@@ -73,7 +73,7 @@ async def segment_text(
     status_code=202,
     response_model=Job,
     responses=CONCEPT_SUBMIT_ERRORS,
-    openapi_extra=openapi_body(ReferringParams, {"image": False}, by_id=("image",)),
+    openapi_extra=openapi_body(ReferringParams, {"image": False}, by_id="image"),
     summary="Find the instance each query refers to (personalized referring segmentation)",
 )
 async def segment_referring(
