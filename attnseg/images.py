@@ -99,6 +99,11 @@ def content_key(owner: str, data: bytes) -> str:
     return image_key(owner, hashlib.sha256(data).hexdigest())
 
 
+def picture_id(key: str) -> str:
+    """A stored picture's id as clients see it (`image.id`): the SHA-256 hex of its bytes, the key's tail."""
+    return key.rsplit(":", 1)[1]
+
+
 def store_bytes(connection, owner: str, data: bytes, ttl_s: int) -> str:
     """Store checked picture bytes of `owner`; returns the Redis key. An existing copy is kept, its
     TTL raised to ttl_s if it was shorter (never shortened: a finished job keeps its picture longer)."""

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Decoded pictures of queued jobs a worker holds ahead of the model, in MiB (0: no look-ahead).",
     )
+    latent_cache_mib: int = Field(
+        256,
+        ge=0,
+        description="VAE latents of recent pictures a worker keeps, in MiB, so a second query on a picture "
+        "skips its decode and VAE encode (0: none kept).",
+    )
     workers_per_host: int = Field(1, gt=0, description="Worker processes sharing this host's CPUs.")
     torch_threads: int | None = Field(
         None,

@@ -4,13 +4,17 @@ Pictures (files, or folders of .jpg/.jpeg/.png/.webp) run concurrently, at most 
 at a time, with a progress bar on stderr. Outputs: a COCO-style results JSON (`-o`, else stdout),
 `--masks-dir` (one PNG label map per picture: label_id, or the segment id when unsupervised) and
 `--overlay-dir` (the API's overlay). Ctrl-C cancels the jobs of this run that have not ended and
-writes the results of those that have, marked partial.
+writes the results of those that have, marked partial. A picture the API still
+holds from an earlier run (the same bytes, the same tenant) is asked about by its id, not sent
+again, so a second run with other classes or parameters skips the upload (and the worker may reuse
+the picture's latents).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +29,19 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from attnseg.client import AsyncClient, AsyncJob, AttnsegError, Client, JobFailed, Progress, Result, WaitTimeout
+from attnseg.client import (
+    AsyncClient,
+    AsyncJob,
+    AttnsegError,
+    Client,
+    JobFailed,
+    NotFound,
+    PictureInput,
+    Progress,
+    Result,
+    StoredPicture,
+    WaitTimeout,
+)
 from attnseg.wording import count
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -34,7 +50,7 @@ INTERRUPTED = 130  # the shell's code for a SIGINT death
 
 # What fails one picture and not the run: the API's refusal, a failed job, the network, a file.
 PICTURE_ERRORS = (AttnsegError, httpx.HTTPError, OSError)
-Submit = Callable[[AsyncClient, Path], Awaitable[AsyncJob]]
+Submit = Callable[[AsyncClient, PictureInput], Awaitable[AsyncJob]]
 
 
 class CommandError(Exception):
@@ -177,6 +193,17 @@ def describe(error: BaseException) -> str:
     return str(error)
 
 
+async def reusing_stored(client: AsyncClient, path: Path, submit: Submit) -> AsyncJob:
+    """Ask about the picture by its id (the SHA-256 of its bytes, as the API names it) when the API
+    still holds it; upload it when it does not (404 on `image_id`)."""
+    try:
+        return await submit(client, StoredPicture(hashlib.sha256(path.read_bytes()).hexdigest()))
+    except NotFound as exc:
+        if exc.field != "image_id":
+            raise
+        return await submit(client, path)
+
+
 async def segment_pictures(args, submit: Submit) -> int:
     """Submit every picture (at most --concurrency at a time), wait, write the outputs; 1 if any failed.
     Ctrl-C cancels the jobs not finished and writes the pictures that were, marked partial."""
@@ -194,7 +221,7 @@ async def segment_pictures(args, submit: Submit) -> int:
     async def one(client: AsyncClient, path: Path) -> None:
         async with limit:
             try:
-                job = await submitted.submit(submit(client, path))
+                job = await submitted.submit(reusing_stored(client, path, submit))
                 bar.write(f"{path}: job {job.id}", file=sys.stderr)
                 result = await job.result()
                 if args.overlay_dir:

@@ -421,13 +421,14 @@ class Segment(BaseModel):
     segmentation: RLE
 
 
-class ImageSize(BaseModel):
+class ResultImage(BaseModel):
+    id: str = Field(description="The picture's id (SHA-256 of its bytes): send it as `image_id` to ask about it again.")
     width: int
     height: int
 
 
 class SegmentationResult(BaseModel):
-    image: ImageSize
+    image: ResultImage
     mask_format: Literal["coco_rle"] = "coco_rle"
     bbox_format: Literal["xywh"] = "xywh"
     segments: list[Segment]

@@ -203,19 +203,30 @@ def validate_params(model: type[BaseModel], fields: dict[str, Any]) -> BaseModel
         raise ApiError(422, "invalid_field", message, field=name) from None
 
 
-def openapi_body(model: type[BaseModel], file_fields: dict[str, bool], optional: tuple[str, ...] = ()) -> dict:
+def openapi_body(
+    model: type[BaseModel], file_fields: dict[str, bool], optional: tuple[str, ...] = (), by_id: str | None = None
+) -> dict:
     """OpenAPI requestBody for both encodings; `file_fields` maps a file field to "many allowed",
-    and the file fields in `optional` may be left out."""
+    the file fields in `optional` may be left out, and the one named `by_id` may be replaced by
+    `<name>_id`, naming a picture stored earlier (exactly one of the two: see service.pictures)."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     properties = dict(schema.get("properties", {}))
+    if by_id is not None:
+        properties[f"{by_id}_id"] = {
+            "type": "string",
+            "description": f"Instead of `{by_id}`: the `image.id` of an earlier result, to reuse that picture.",
+        }
     required = schema.get("required", [])
-    files = [name for name in file_fields if name not in optional]
+    files = [name for name in file_fields if name not in optional and name != by_id]
     multipart = {"type": "object", "properties": dict(properties), "required": [*files, *required]}
     as_json = {
         "type": "object",
         "properties": dict(properties),
         "required": [*(f"{name}_base64" for name in files), *required],
     }
+    if by_id is not None:
+        multipart["oneOf"] = [{"required": [by_id]}, {"required": [f"{by_id}_id"]}]
+        as_json["oneOf"] = [{"required": [f"{by_id}_base64"]}, {"required": [f"{by_id}_id"]}]
     for name, many in file_fields.items():
         binary = {"type": "string", "format": "binary"}
         b64 = {"type": "string", "contentEncoding": "base64", "description": "Image bytes, base64 (or a data URL)."}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -88,6 +89,26 @@ def test_text_to_stdout(api_env, tmp_path, capsys):
     ]
     assert document["images"][0]["file_name"] == str(picture)
     assert document["annotations"] and all(0 <= a["category_id"] <= 3 for a in document["annotations"])
+
+
+def test_a_second_run_on_a_picture_sends_only_its_id(api_env, tmp_path, capsys, monkeypatch):
+    from attnseg.client import AsyncClient, StoredPicture
+
+    sent = []
+    original = AsyncClient.segment_text
+
+    async def recording(self, image, *args, **kwargs):
+        sent.append(image)
+        return await original(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncClient, "segment_text", recording)
+    picture = tmp_path / "again.png"
+    picture.write_bytes(image_bytes(64, 48, seed=11))
+    for classes in ("dog", "cat,grass"):  # only the classes change
+        assert attnseg("segment", "text", picture, "--classes", classes, "--resolution", "256") == 0
+        assert json.loads(capsys.readouterr().out)["images"][0]["file_name"] == str(picture)
+    stored = StoredPicture(hashlib.sha256(picture.read_bytes()).hexdigest())
+    assert sent == [stored, picture, stored]  # new: tried by id, then uploaded; again: by id alone
 
 
 def test_oneshot_train_then_segment(api_env, tmp_path, capsys):

@@ -28,7 +28,7 @@ from attnseg.client import (
     WaitTimeout,
     protocol,
 )
-from attnseg.client.inputs import file_part
+from attnseg.client.inputs import StoredPicture, file_part
 from attnseg.client.results import JobState, Result, segmentation_result
 from tests.support import image_bytes, two_part_arrays
 
@@ -159,6 +159,24 @@ def test_form_fields_and_image_inputs():
         file_part(3, "image")
 
 
+def test_a_result_names_its_picture_and_a_segment_call_sends_it_as_its_id():
+    picture_id = "ab" * 32
+    result = Result.from_api({"image": {"id": picture_id, "width": 4, "height": 3}, "segments": []})
+    assert result.picture == StoredPicture(picture_id)
+    calls = [
+        protocol.unsupervised_call(result.picture, {}),
+        protocol.text_call(result.picture, ["dog"], "selfcross", {}),
+        protocol.referring_call(result.picture, "mug", ["a red mug"], {}),
+        protocol.oneshot_segment_call("m1", result.picture, {}),
+    ]
+    assert all(call.files == [("image_id", (None, picture_id))] for call in calls)  # a field, not a file
+    request = httpx.Request("POST", "http://api/segment/text", data=calls[1].data, files=calls[1].files)
+    assert request.headers["content-type"].startswith("multipart/form-data")  # the API reads no other form
+    older = Result.from_api({"image": {"width": 4, "height": 3}, "segments": []})
+    with pytest.raises(ValueError, match="send the picture again"):
+        _ = older.picture
+
+
 def test_a_training_job_has_no_segmentation_result():
     training = JobState.from_api(
         {**JOB, "kind": "oneshot_train", "status": "succeeded", "model_id": "m1", "result": {"model_id": "m1"}}
@@ -258,6 +276,20 @@ def test_unsupervised_from_every_input_type(client, tmp_path):
         assert results["path"].segments == result.segments  # every input type sends the same pixels
     assert jobs["path"].status == "succeeded" and jobs["path"].state.params["seed"] == 7
     assert_consistent(grey.result(timeout=300), 96, 64)
+
+
+@pytest.mark.slow
+def test_a_second_question_sends_only_the_pictures_id(client, shared_stack):
+    first = client.segment_text(image_bytes(80, 60, seed=9), ["dog"], seed=4).result(timeout=300)
+    again = client.segment_text(first.picture, ["dog"], seed=4).result(timeout=300)
+    assert again.image_id == first.image_id and again.segments == first.segments
+    assert "fetch" not in again.timings_ms  # the worker kept the picture's latents
+
+    async def ask_async():
+        async with AsyncClient(shared_stack.base_url) as aclient:
+            return await (await aclient.segment_unsupervised(first.picture, resolution=256)).result(timeout=300)
+
+    assert_consistent(asyncio.run(ask_async()), 80, 60)
 
 
 @pytest.mark.slow

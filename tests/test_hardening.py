@@ -223,8 +223,11 @@ def test_openapi_declares_security_required_fields_and_statuses(client):
         "description": "An API key: `Authorization: Bearer <key>`.",
     }
     body = spec["paths"]["/segment/text"]["post"]["requestBody"]["content"]
-    assert {"image", "classes"} <= set(body["multipart/form-data"]["schema"]["required"])
-    assert {"image_base64", "classes"} <= set(body["application/json"]["schema"]["required"])
+    multipart, as_json = body["multipart/form-data"]["schema"], body["application/json"]["schema"]
+    assert "classes" in multipart["required"] and "classes" in as_json["required"]
+    # the picture: exactly one of the file and the id of one stored earlier
+    assert multipart["oneOf"] == [{"required": ["image"]}, {"required": ["image_id"]}]
+    assert as_json["oneOf"] == [{"required": ["image_base64"]}, {"required": ["image_id"]}]
     train = spec["paths"]["/oneshot/train"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert {"images", "masks", "labels"} <= set(train["required"])
     for path, operations in spec["paths"].items():

@@ -296,6 +296,36 @@ def test_text_method_with_classes(page, tmp_path):
     screenshot(page, tmp_path, "ui-text")
 
 
+def test_asking_again_about_the_same_picture_sends_its_id(page):
+    use_key(page)
+    page.click("label[for=method-text]")
+    picture = image_bytes(96, 64, seed=5)
+    page.set_input_files("#picture", files=[png(picture, "again.png")])
+    page.click("#segment-form summary")
+    page.select_option("#resolution", "256")
+    # What each segmentation POST carried: its form parts, and whether each is a file.
+    page.evaluate(
+        """() => {
+          window.sentParts = [];
+          const send = window.fetch;
+          window.fetch = (url, options) => {
+            if (options?.body instanceof FormData && String(url).includes("/segment/"))
+              window.sentParts.push([...options.body.entries()].map(([name, value]) => [name, value instanceof File]));
+            return send(url, options);
+          };
+        }"""
+    )
+    page.fill("#classes", "dog")
+    first = segment(page, "#segment-submit")
+    page.fill("#classes", "cat, grass")  # only the classes change
+    second = segment(page, "#segment-submit")
+    assert second["params"]["classes"] == ["cat", "grass"]
+    assert second["result"]["image"] == first["result"]["image"]
+    first_parts, second_parts = (dict(parts) for parts in page.evaluate("window.sentParts"))
+    assert first_parts["image"] is True and "image_id" not in first_parts
+    assert second_parts["image_id"] is False and "image" not in second_parts  # the id, not the bytes
+
+
 def test_api_errors_are_shown_next_to_what_to_fix(page, tmp_path):
     page.set_input_files("#picture", files=[png(image_bytes(64, 64), "p.png")])
     use_key(page, "wrong-key")

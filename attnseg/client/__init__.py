@@ -27,7 +27,7 @@ from attnseg.client.errors import (
     UnsupportedMediaType,
     WaitTimeout,
 )
-from attnseg.client.inputs import ImageInput
+from attnseg.client.inputs import ImageInput, PictureInput, StoredPicture
 from attnseg.client.results import ConceptState, JobState, ModelState, Progress, Result, Segment
 from attnseg.client.sync import Client, Concept, Job, OneshotModel
 
@@ -47,6 +47,8 @@ __all__ = [
     "ModelState",
     "ConceptState",
     "ImageInput",
+    "PictureInput",
+    "StoredPicture",
     "AttnsegError",
     "ApiError",
     "InvalidRequest",

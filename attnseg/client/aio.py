@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import httpx
 
 from attnseg.client import protocol
-from attnseg.client.inputs import ImageInput
+from attnseg.client.inputs import ImageInput, PictureInput
 from attnseg.client.results import (
     ConceptState,
     ConceptView,
@@ -54,11 +54,11 @@ class AsyncClient:
     async def _json(self, call: protocol.Call) -> dict:
         return await self._run(protocol.read_json(call, self.retries))
 
-    async def segment_unsupervised(self, image: ImageInput, **params) -> AsyncJob:
+    async def segment_unsupervised(self, image: PictureInput, **params) -> AsyncJob:
         return AsyncJob(self, await self._json(protocol.unsupervised_call(image, params)))
 
     async def segment_text(
-        self, image: ImageInput, classes: Sequence[str], method: str = "selfcross", **params
+        self, image: PictureInput, classes: Sequence[str], method: str = "selfcross", **params
     ) -> AsyncJob:
         return AsyncJob(self, await self._json(protocol.text_call(image, classes, method, params)))
 
@@ -81,10 +81,12 @@ class AsyncClient:
             AsyncOneshotModel(self, body) for body in (await self._json(protocol.models_call(offset, limit)))["models"]
         ]
 
-    async def oneshot_segment(self, model_id: str, image: ImageInput, **params) -> AsyncJob:
+    async def oneshot_segment(self, model_id: str, image: PictureInput, **params) -> AsyncJob:
         return AsyncJob(self, await self._json(protocol.oneshot_segment_call(model_id, image, params)))
 
-    async def segment_referring(self, image: ImageInput, class_word: str, queries: Sequence[str], **params) -> AsyncJob:
+    async def segment_referring(
+        self, image: PictureInput, class_word: str, queries: Sequence[str], **params
+    ) -> AsyncJob:
         return AsyncJob(self, await self._json(protocol.referring_call(image, class_word, queries, params)))
 
     async def train_concept(
@@ -185,7 +187,7 @@ class AsyncOneshotModel(ModelView):
         )
         return self
 
-    async def segment(self, image: ImageInput, **params) -> AsyncJob:
+    async def segment(self, image: PictureInput, **params) -> AsyncJob:
         return await self.client.oneshot_segment(self.id, image, **params)
 
     async def delete(self) -> None:

@@ -1,7 +1,8 @@
 """What a caller may pass as a picture or a mask, turned into a multipart file part.
 
 A picture is a path, file bytes, a PIL image, or a uint8 numpy array ((H, W) grey or (H, W, 3)
-RGB). A mask is the same, with numpy arrays of class ids ((H, W), any integer or bool dtype,
+RGB); a segment call also takes a `StoredPicture` (`Result.picture`), sent as its id, not its
+bytes. A mask is the same, with numpy arrays of class ids ((H, W), any integer or bool dtype,
 values 0..255). Arrays and PIL images are sent as PNG (lossless); files and bytes as they are (the
 API detects the format from the bytes).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,18 @@ from PIL import Image
 
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 FilePart = tuple[str, bytes, str]  # (filename, content, content type), as httpx takes it
+FieldPart = tuple[None, str]  # a multipart text field (no filename), as httpx takes it
+
+
+@dataclass(frozen=True)
+class StoredPicture:
+    """A picture the API already holds, by the id a result gave it (`Result.picture`): asking about
+    it again sends the id, and the worker may reuse what it computed from the picture."""
+
+    id: str
+
+
+PictureInput = ImageInput | StoredPicture
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -53,3 +67,10 @@ def file_part(value: ImageInput, name: str, *, mask: bool = False) -> FilePart:
     if isinstance(value, Image.Image):
         return f"{name}.png", png_bytes(value), "image/png"
     raise TypeError(f"expected a path, bytes, a PIL image or a numpy array; got {type(value).__name__}")
+
+
+def picture_part(value: PictureInput) -> tuple[str, FilePart | FieldPart]:
+    """A segment call's picture as its multipart entry: the `image` file, or the `image_id` field."""
+    if isinstance(value, StoredPicture):
+        return "image_id", (None, value.id)
+    return "image", file_part(value, "image")

@@ -21,7 +21,7 @@ from urllib.parse import quote
 import httpx
 
 from attnseg.client.errors import ApiError, JobCanceled, JobFailed, WaitTimeout, error_class
-from attnseg.client.inputs import FilePart, ImageInput, file_part
+from attnseg.client.inputs import FieldPart, FilePart, ImageInput, PictureInput, file_part, picture_part
 from attnseg.client.results import JobState, Progress
 
 T = TypeVar("T")
@@ -39,7 +39,7 @@ class Call:
     path: str
     params: dict[str, Any] | None = None
     data: dict[str, str] | None = None
-    files: list[tuple[str, FilePart]] | None = None
+    files: list[tuple[str, FilePart | FieldPart]] | None = None
     hold_s: float = 0.0
 
 
@@ -97,8 +97,8 @@ def segment_path(*parts: str) -> str:
     return "/" + "/".join(quote(str(part), safe="") for part in parts)
 
 
-def unsupervised_call(image: ImageInput, params: dict) -> Call:
-    return Call("POST", "/segment/unsupervised", data=form_fields(params), files=[("image", file_part(image, "image"))])
+def unsupervised_call(image: PictureInput, params: dict) -> Call:
+    return Call("POST", "/segment/unsupervised", data=form_fields(params), files=[picture_part(image)])
 
 
 def names(value: str | Sequence[str]) -> list[str]:
@@ -106,9 +106,9 @@ def names(value: str | Sequence[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def text_call(image: ImageInput, classes: str | Sequence[str], method: str, params: dict) -> Call:
+def text_call(image: PictureInput, classes: str | Sequence[str], method: str, params: dict) -> Call:
     fields = form_fields({"classes": names(classes), "method": method, **params})
-    return Call("POST", "/segment/text", data=fields, files=[("image", file_part(image, "image"))])
+    return Call("POST", "/segment/text", data=fields, files=[picture_part(image)])
 
 
 def as_list(value: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
@@ -123,9 +123,9 @@ def train_call(images, masks, labels: str | Sequence[str], params: dict) -> Call
     return Call("POST", "/oneshot/train", data=form_fields({"labels": names(labels), **params}), files=files)
 
 
-def referring_call(image: ImageInput, class_word: str, queries: str | Sequence[str], params: dict) -> Call:
+def referring_call(image: PictureInput, class_word: str, queries: str | Sequence[str], params: dict) -> Call:
     fields = form_fields({"class_word": class_word, "queries": names(queries), **params})
-    return Call("POST", "/segment/referring", data=fields, files=[("image", file_part(image, "image"))])
+    return Call("POST", "/segment/referring", data=fields, files=[picture_part(image)])
 
 
 def concept_train_call(photos, identifier: str, class_word: str, masks, params: dict) -> Call:
@@ -162,12 +162,12 @@ def concept_file_call(concept_id: str, name: str) -> Call:
     return Call("GET", segment_path("concepts", concept_id, "files", name))
 
 
-def oneshot_segment_call(model_id: str, image: ImageInput, params: dict) -> Call:
+def oneshot_segment_call(model_id: str, image: PictureInput, params: dict) -> Call:
     return Call(
         "POST",
         segment_path("oneshot", model_id, "segment"),
         data=form_fields(params),
-        files=[("image", file_part(image, "image"))],
+        files=[picture_part(image)],
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from attnseg import rle
+from attnseg.client.inputs import StoredPicture
 
 FINAL_STATUSES = ("succeeded", "failed", "canceled")
 
@@ -67,8 +68,9 @@ class Segment:
 
 @dataclass(frozen=True)
 class Result:
-    """A segmentation: the picture's size, its segments, and (text, one-shot) `labels` by label_id."""
+    """A segmentation: the picture's id and size, its segments, and (text, one-shot) `labels` by label_id."""
 
+    image_id: str | None  # None from a server older than picture reuse
     width: int
     height: int
     segments: list[Segment]
@@ -80,6 +82,7 @@ class Result:
     @classmethod
     def from_api(cls, body: dict) -> Result:
         return cls(
+            image_id=body["image"].get("id"),
             width=body["image"]["width"],
             height=body["image"]["height"],
             segments=[Segment.from_api(s) for s in body["segments"]],
@@ -88,6 +91,14 @@ class Result:
             timings_ms=body.get("timings_ms", {}),
             raw=body,
         )
+
+    @property
+    def picture(self) -> StoredPicture:
+        """This result's picture, to ask about it again without sending it:
+        `client.segment_text(result.picture, ["dog"])`."""
+        if self.image_id is None:
+            raise ValueError("this server's results do not name their picture; send the picture again")
+        return StoredPicture(self.image_id)
 
     def label_map(self) -> np.ndarray:
         """(H, W) int32: each pixel's `label_id` (text, one-shot, referring: 0 is background), or its segment

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from attnseg.client import protocol
-from attnseg.client.inputs import ImageInput
+from attnseg.client.inputs import ImageInput, PictureInput
 from attnseg.client.results import (
     ConceptState,
     ConceptView,
@@ -62,11 +62,11 @@ class Client:
     def _json(self, call: protocol.Call) -> dict:
         return self._run(protocol.read_json(call, self.retries))
 
-    def segment_unsupervised(self, image: ImageInput, **params) -> Job:
+    def segment_unsupervised(self, image: PictureInput, **params) -> Job:
         """DiffSeg. params: kl_threshold, grid, iterations, timestep, resolution, refine, vocabulary, seed."""
         return Job(self, self._json(protocol.unsupervised_call(image, params)))
 
-    def segment_text(self, image: ImageInput, classes: Sequence[str], method: str = "selfcross", **params) -> Job:
+    def segment_text(self, image: PictureInput, classes: Sequence[str], method: str = "selfcross", **params) -> Job:
         """One segment per class found, plus background. params: background, background_words, samples,
         timestep, resolution, seed (and what the server adds)."""
         return Job(self, self._json(protocol.text_call(image, classes, method, params)))
@@ -91,11 +91,11 @@ class Client:
         """Your one-shot models, newest first."""
         return [OneshotModel(self, body) for body in self._json(protocol.models_call(offset, limit))["models"]]
 
-    def oneshot_segment(self, model_id: str, image: ImageInput, **params) -> Job:
+    def oneshot_segment(self, model_id: str, image: PictureInput, **params) -> Job:
         """Segment into a one-shot model's parts (allowed while it trains). params: crops_per_side, resolution, seed."""
         return Job(self, self._json(protocol.oneshot_segment_call(model_id, image, params)))
 
-    def segment_referring(self, image: ImageInput, class_word: str, queries: Sequence[str], **params) -> Job:
+    def segment_referring(self, image: PictureInput, class_word: str, queries: Sequence[str], **params) -> Job:
         """The instance of `class_word` each query refers to; queries may name concepts (`concept.query`,
         "a <my-mug> mug with cola"). params: max_instances, resolution, seed."""
         return Job(self, self._json(protocol.referring_call(image, class_word, queries, params)))
@@ -204,7 +204,7 @@ class OneshotModel(ModelView):
         )
         return self
 
-    def segment(self, image: ImageInput, **params) -> Job:
+    def segment(self, image: PictureInput, **params) -> Job:
         return self.client.oneshot_segment(self.id, image, **params)
 
     def delete(self) -> None:

@@ -12,6 +12,7 @@ from attnseg.record_store import new_id
 from service.deps import LimitQuery, OffsetQuery, RedisDep, SettingsDep, TenantDep
 from service.errors import ApiError, error_responses
 from service.oneshot import check_example_count, check_examples, get_record, model_view
+from service.pictures import checked_picture, picture_source
 from service.records import cancel_job
 from service.schemas import (
     Job,
@@ -22,7 +23,6 @@ from service.schemas import (
 )
 from service.submissions import openapi_body, read_submission, validate_params
 from service.submit import image_entry, submit_job
-from service.uploads import check_image
 
 router = APIRouter(prefix="/oneshot", tags=["oneshot"])
 TRAIN_ERRORS = error_responses(400, 401, 413, 415, 422, 429, 503)
@@ -141,7 +141,7 @@ def delete_model(
     status_code=202,
     response_model=Job,
     responses=SEGMENT_ERRORS,
-    openapi_extra=openapi_body(OneshotSegmentParams, {"image": False}),
+    openapi_extra=openapi_body(OneshotSegmentParams, {"image": False}, by_id="image"),
     summary="Segment an image into a one-shot model's parts",
 )
 async def segment(
@@ -154,8 +154,8 @@ async def segment(
 ):
     """One segment per part present, named by the model's labels. Allowed while the model trains."""
     submission = await read_submission(request, OneshotSegmentParams, ("image",))
+    source = picture_source(submission)  # before the fields are checked: it takes `image_id` out
     params = validate_params(OneshotSegmentParams, submission.fields)
-    data = submission.one_file("image")
 
     def check_and_submit():
         view = model_view(connection, get_record(connection, model_id, tenant), settings)
@@ -171,7 +171,7 @@ async def segment(
             "crops_per_side": params.crops_per_side or view["params"]["crops_per_side"],
             "resolution": params.resolution or view["params"]["resolution"],
         }
-        image = check_image(data, max_pixels=settings.max_image_pixels)
+        image = checked_picture(connection, source, settings, tenant)
         after = view["train_job_id"] if view["status"] == "training" else None
         return submit_job(
             connection,

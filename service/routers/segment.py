@@ -10,15 +10,15 @@ from attnseg.settings import Settings
 from service.concepts import require_selfcross, resolve_concepts
 from service.deps import RedisDep, SettingsDep, TenantDep
 from service.errors import error_responses
+from service.pictures import checked_picture, picture_source
 from service.schemas import Job, Params, ReferringParams, TextParams, UnsupervisedParams
 from service.submissions import openapi_body, read_submission, validate_params
 from service.submit import image_entry, submit_job
-from service.uploads import check_image
 
 router = APIRouter(prefix="/segment", tags=["segment"])
 
-SUBMIT_ERRORS = error_responses(400, 401, 413, 415, 422, 429, 503)
-CONCEPT_SUBMIT_ERRORS = error_responses(400, 401, 409, 413, 415, 422, 429, 503)  # 409: a concept not ready
+SUBMIT_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 429, 503)  # 404: an image_id not found
+CONCEPT_SUBMIT_ERRORS = error_responses(400, 401, 404, 409, 413, 415, 422, 429, 503)  # 409: a concept not ready
 
 
 @router.post(
@@ -26,7 +26,7 @@ CONCEPT_SUBMIT_ERRORS = error_responses(400, 401, 409, 413, 415, 422, 429, 503) 
     status_code=202,
     response_model=Job,
     responses=SUBMIT_ERRORS,
-    openapi_extra=openapi_body(UnsupervisedParams, {"image": False}),
+    openapi_extra=openapi_body(UnsupervisedParams, {"image": False}, by_id="image"),
     summary="Segment an image without a prompt (DiffSeg)",
 )
 async def segment_unsupervised(
@@ -48,7 +48,7 @@ async def segment_unsupervised(
     status_code=202,
     response_model=Job,
     responses=CONCEPT_SUBMIT_ERRORS,
-    openapi_extra=openapi_body(TextParams, {"image": False}),
+    openapi_extra=openapi_body(TextParams, {"image": False}, by_id="image"),
     summary="Segment an image into the given classes",
 )
 async def segment_text(
@@ -73,7 +73,7 @@ async def segment_text(
     status_code=202,
     response_model=Job,
     responses=CONCEPT_SUBMIT_ERRORS,
-    openapi_extra=openapi_body(ReferringParams, {"image": False}),
+    openapi_extra=openapi_body(ReferringParams, {"image": False}, by_id="image"),
     summary="Find the instance each query refers to (personalized referring segmentation)",
 )
 async def segment_referring(
@@ -111,8 +111,8 @@ async def submit_one_image(
 ):
     """concept_field: the parameter whose texts may name concepts, resolved to the caller's concepts."""
     submission = await read_submission(request, model, ("image",))
+    source = picture_source(submission)  # before the fields are checked: it takes `image_id` out
     params = validate_params(model, submission.fields)
-    data = submission.one_file("image")
 
     def check_and_submit():
         concepts, after = (
@@ -123,7 +123,7 @@ async def submit_one_image(
             )
         )
         require_selfcross(concepts, params)
-        image = check_image(data, max_pixels=settings.max_image_pixels)
+        image = checked_picture(connection, source, settings, tenant)
         return submit_job(
             connection,
             settings,

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -39,6 +40,7 @@ class Member:
     error: BaseException | None = None
     done: bool = False  # handed over to be finalised
     image: np.ndarray | None = None  # (H, W, 3) uint8, decoded at the working size before the runner starts
+    latents: torch.Tensor | None = None  # (1, 4, r, r): its picture's clean latents, cached (then no image)
 
     @property
     def live(self) -> bool:
@@ -49,12 +51,15 @@ class Member:
 class Batch:
     """How jobs of one function share a pass: `share_key(params)` equal (None: never shared), and
     `run(members, done)`, which calls `done(member)` as each member gets its result (or `encode`).
-    The worker decodes each member's picture (at `dispatch.picture_side`) before `run`."""
+    The worker decodes each member's picture (at `dispatch.picture_side`) before `run`; with
+    `reuses_latents`, a member whose clean latents at `params["resolution"]` are in the worker's
+    latent cache gets them (`Member.latents`) instead, and the runner starts from `member_latents`."""
 
     kind: str
     share_key: Callable[[dict], tuple | None]
     run: Callable[[list[Member], Callable[[Member], None]], None]
     on_error: Callable | None = None
+    reuses_latents: bool = False
 
 
 def attempt(members: list[Member], step: Callable[[Member], object]) -> None:

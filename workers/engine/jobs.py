@@ -9,11 +9,12 @@ import torch
 
 from attnseg import oneshot_store, rle
 from attnseg.concept_files import identifiers_in
-from attnseg.images import load_mask
+from attnseg.images import load_mask, picture_id
 from workers.engine import runtime
 from workers.engine.batch import Batch, Member, attempt, fail_live, shared_report
 from workers.engine.concept_records import load_concepts
 from workers.engine.context import JobContext, JobFailure, job_function
+from workers.engine.latent_cache import member_latents
 from workers.engine.pictures import fetch_image, original_size
 from workers.methods.gem import GEM_IMAGE_SIZE
 from workers.methods.oneshot import ModelMismatchError, OneshotModel, segment_oneshot, train_oneshot
@@ -48,7 +49,7 @@ def finish(ctx: JobContext, image_entry: dict, segments: list[dict], timings_ms:
     rt = runtime.current()
     ctx.connection.expire(image_entry["key"], rt.settings.result_ttl_s)
     return {
-        "image": {"width": image_entry["width"], "height": image_entry["height"]},
+        "image": {"id": picture_id(image_entry["key"]), "width": image_entry["width"], "height": image_entry["height"]},
         "mask_format": "coco_rle",
         "bbox_format": "xywh",
         "segments": segments,
@@ -107,7 +108,7 @@ def segment_unsupervised_batch(members: list[Member], done) -> None:
     try:
         shared = attention_pass(
             rt.sd,
-            [m.image for m in running],
+            member_latents(rt.latents, rt.sd, running, params["resolution"]),
             timestep=params["timestep"],
             resolution=params["resolution"],
             report=shared_report(running),
@@ -118,7 +119,7 @@ def segment_unsupervised_batch(members: list[Member], done) -> None:
 
     def label(member: Member, row: int) -> None:
         own = member.payload["params"]
-        member.image = None
+        member.image = member.latents = None
         out = segment_row(
             shared,
             row,
@@ -207,7 +208,7 @@ def segment_text_batch(members: list[Member], done) -> None:
     try:
         channels, passes, shared_ms = selfcross_batch(
             rt.sd,
-            [m.image for m in running],
+            member_latents(rt.latents, rt.sd, running, params["resolution"]),
             params["classes"],
             seeds=[m.payload["params"]["seed"] for m in running],
             background=params["background"],
@@ -230,7 +231,7 @@ def segment_text_batch(members: list[Member], done) -> None:
         member.ctx.report("labelling", 0.85)
         timer = Timer()
         timer.ms = dict(shared_ms)
-        member.image = None
+        member.image = member.latents = None
         labels, scores = channel_labels(
             own, original_size(member.payload["image"]), 0 if params["background"] else 1, timer
         )
@@ -330,5 +331,5 @@ def text_side(params: dict) -> int:
 
 
 # Queued jobs of these kinds may share one pass (workers/engine/batch.py; attnseg.queue.KINDS names them).
-UNSUPERVISED_BATCH = Batch("unsupervised", unsupervised_share_key, segment_unsupervised_batch)
-TEXT_BATCH = Batch("text", text_share_key, segment_text_batch)
+UNSUPERVISED_BATCH = Batch("unsupervised", unsupervised_share_key, segment_unsupervised_batch, reuses_latents=True)
+TEXT_BATCH = Batch("text", text_share_key, segment_text_batch, reuses_latents=True)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from attnseg.settings import Settings
+from attnseg.settings import MiB, Settings
+from workers.engine.latent_cache import LatentCache
 from workers.models.clip import Clip, load_clip
 from workers.models.stable_diffusion import StableDiffusion, load_stable_diffusion
 
@@ -21,6 +22,10 @@ class Runtime:
     settings: Settings
     sd: StableDiffusion
     clip: Clip | None  # None when ATTNSEG_CLIP_MODEL=none: the gem methods are then refused
+    latents: LatentCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.latents = LatentCache(self.settings.latent_cache_mib * MiB)
 
     def describe(self) -> dict:
         clip = self.clip.describe() if self.clip else {"clip_model": None}

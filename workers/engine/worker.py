@@ -38,6 +38,7 @@ from workers.engine import runtime as runtime_module
 from workers.engine.batch import Batch, Member, attempt, claim_companions, fail_live, settle, share_key_of
 from workers.engine.context import REDIS_DOWN, JobCanceled, JobContext
 from workers.engine.dispatch import batch_of, handlings, picture_side, queues_with_pictures
+from workers.engine.latent_cache import cached_or_fetched
 from workers.engine.namesake import free_the_name
 from workers.engine.pictures import Prefetcher, fetch_image, install_prefetcher
 from workers.methods.unsupervised import segment_unsupervised
@@ -232,6 +233,15 @@ class ModelWorker(SimpleWorker):
             self._untrack(job)
             announce_end(self.connection, job.id)
 
+    @staticmethod
+    def picture_of(member: Member, batch: Batch, side: int | None) -> None:
+        """The member's cached latents when its runner reuses them, else its picture decoded at `side`."""
+        if batch.reuses_latents:
+            rt = runtime_module.current()
+            cached_or_fetched(rt.latents, rt.sd, member, side)
+        else:
+            member.image = fetch_image(member.ctx, member.payload["image"], min_side=side)
+
     def look_ahead(self) -> None:
         if self.prefetcher is not None:
             self.prefetcher.look_ahead()
@@ -269,7 +279,7 @@ class ModelWorker(SimpleWorker):
         try:
             with self.death_penalty_class(timeout, JobTimeoutException, job_id=jobs[0].id):
                 side = picture_side(jobs[0].func_name, members[0].payload["params"])
-                attempt(members, lambda m: setattr(m, "image", fetch_image(m.ctx, m.payload["image"], min_side=side)))
+                attempt(members, lambda m: self.picture_of(m, batch, side))
                 self.look_ahead()  # the next jobs' pictures are decoded while the model runs these
                 started = time.perf_counter()
                 try:

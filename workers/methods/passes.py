@@ -9,6 +9,7 @@ loops. The methods import these and nothing of each other's.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,10 +32,24 @@ from workers.models.stable_diffusion import StableDiffusion
 # --- latents ------------------------------------------------------------------------------
 
 
-def clean_latents(sd: StableDiffusion, images: np.ndarray | list[np.ndarray], resolution: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class Encoded:
+    """A picture already through the VAE at the working resolution: its clean latents (1, 4, R, R)
+    (a worker keeps them for the next question about the same picture)."""
+
+    latents: torch.Tensor
+
+
+Picture = np.ndarray | Encoded
+
+
+def clean_latents(sd: StableDiffusion, images: Picture | list[Picture], resolution: int) -> torch.Tensor:
     """The VAE posterior means of the images resized to resolution x resolution, (B, 4, R, R); one
-    image (H, W, 3) or a list of them, encoded in one VAE call."""
-    images = [images] if isinstance(images, np.ndarray) else images
+    image (H, W, 3) or a list of them, encoded in one VAE call. A list of `Encoded` pictures (all of
+    them; they were encoded at `resolution`) is only stacked."""
+    images = [images] if isinstance(images, (np.ndarray, Encoded)) else images
+    if images and all(isinstance(image, Encoded) for image in images):
+        return torch.cat([image.latents for image in images])
     with torch.inference_mode():
         return encode_latents(
             sd, torch.cat([image_to_pixels(image, resolution, sd.device, sd.dtype) for image in images])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from attnseg.defaults import RESOLUTION, SEED, TEXT, TEXT_TIMESTEPS
 from workers.methods import diffseg, gem, label_maps
-from workers.methods.passes import aggregated_self_attention, clean_latents, vector_counts
+from workers.methods.passes import Picture, aggregated_self_attention, clean_latents, vector_counts
 from workers.methods.prompts import Prompt, PromptTooLongError, build_prompt
 from workers.methods.selfcross import background_score, selfcross_draw, selfcross_pass
 from workers.methods.timing import Timer
@@ -154,7 +154,7 @@ def selfcross_maps(
 
 def selfcross_batch(
     sd: StableDiffusion,
-    images: list[np.ndarray],
+    images: list[Picture],
     classes: list[str],
     *,
     seeds: list[int],

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from attnseg.defaults import DIFFSEG, RESOLUTION, SEED
 from workers.methods import diffseg, label_maps
-from workers.methods.passes import clean_latents, self_attention_by_grid, unet_pass
+from workers.methods.passes import Picture, clean_latents, self_attention_by_grid, unet_pass
 from workers.methods.prompts import Prompt, mean_over_spans, pad_ids, word_spans
 from workers.methods.timing import Timer
 from workers.models.attention import ALL_BLOCKS, AttentionStore
@@ -64,7 +64,7 @@ class SharedPass:
 
 def attention_pass(
     sd: StableDiffusion,
-    images: list[np.ndarray],
+    images: list[Picture],
     *,
     timestep: int = DIFFSEG.timestep,
     resolution: int = RESOLUTION,
@@ -72,7 +72,8 @@ def attention_pass(
     report: Callable[[str, float], None] | None = None,
 ) -> SharedPass:
     """VAE, text encoder and UNet with capture once for all `images` (each RGB uint8 (H, W, 3), any
-    size): the work a batch of DiffSeg jobs with the same resolution, timestep and vocabulary shares."""
+    size, or all already `Encoded`): the work a batch of DiffSeg jobs with the same resolution,
+    timestep and vocabulary shares."""
     report = report or (lambda stage, fraction: None)
     timer = Timer()
     started = time.perf_counter()

@@ -408,6 +408,25 @@ function startResult(runner) {
   if (window.matchMedia("(max-width: 860px)").matches) $(".result").scrollIntoView({ block: "start" });
 }
 
+// A chosen File -> the id the API gave its picture (result.image.id): asking again about the same
+// file (other classes or parameters) sends the id, not the bytes.
+const storedPictures = new WeakMap();
+
+/** POSTs a segmentation of `sent.file`: by its stored picture's id when known, else (or once that has expired) uploaded. */
+async function postPicture(sent, signal) {
+  const post = (files, fields) => request(sent.path, { method: "POST", body: formData(files, fields), signal });
+  const id = storedPictures.get(sent.file);
+  if (id) {
+    try {
+      return await post([], { ...sent.fields, image_id: id });
+    } catch (error) {
+      if (error.status !== 404 || error.field !== "image_id") throw error;
+      storedPictures.delete(sent.file); // expired from the store: send the picture again
+    }
+  }
+  return post([["image", sent.file]], sent.fields);
+}
+
 /**
  * A form whose job segments one picture. describe() checks the form and says what to send
  * ({ path, file, fields }); the result view then follows this form's job and draws it over that picture.
@@ -418,8 +437,11 @@ function segmentOnSubmit(form, button, describe) {
   runner.onSubmit(async (signal) => {
     sent = describe();
     startResult(runner);
-    return request(sent.path, { method: "POST", body: formData([["image", sent.file]], sent.fields), signal });
-  }, (job) => showResult(job, sent.file));
+    return postPicture(sent, signal);
+  }, (job) => {
+    if (job.result?.image?.id) storedPictures.set(sent.file, job.result.image.id);
+    return showResult(job, sent.file);
+  });
 }
 
 // Unsupervised and text
