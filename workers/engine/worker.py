@@ -318,7 +318,7 @@ def wait_for_redis(connection, error: Exception) -> None:
 
 
 def claim_name(connection, name: str, settings: Settings) -> None:
-    """Before loading the models: wait for Redis (a worker may start during an outage) and for `name`
+    """Once the models are loaded: wait for Redis (a worker may start during an outage) and for `name`
     to be free; a crashed namesake's record is cleaned up and its jobs failed now (namesake.py)."""
     while True:
         try:
@@ -386,8 +386,10 @@ def run_worker(
 ) -> None:
     connection = connect(settings.redis_url)
     name = name or default_worker_name()
-    claim_name(connection, name, settings)
+    # Models first: weights that cannot be loaded end the worker with a clear message at once,
+    # even when Redis is down (waiting for it would hide the error).
     runtime = runtime_module.load_runtime(settings)
+    claim_name(connection, name, settings)
     runtime_module.install(runtime)
     if settings.warmup:
         log.info("warm-up pass took %.1f s", warm_up(runtime))
