@@ -42,6 +42,7 @@ from attnseg.client import (
     StoredPicture,
     WaitTimeout,
 )
+from attnseg.defaults import TEXT_TIMESTEPS, TextDefaults
 from attnseg.wording import count
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -556,7 +557,7 @@ def add_text(segment: argparse._SubParsersAction, parents: list[argparse.Argumen
     text = segment.add_parser("text", parents=parents, help="one segment per class name")
     add_outputs(text)
     text.add_argument("--classes", nargs="+", required=True, help="class names (space- or comma-separated)")
-    text.add_argument("--method", default="selfcross", choices=["selfcross", "gem", "gem_refined", "cluster"])
+    text.add_argument("--method", default=TextDefaults.method, choices=list(TEXT_TIMESTEPS))
     text.add_argument(
         "--no-background", dest="background", action="store_const", const=False, help="no background class"
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import redis
 
+from attnseg.defaults import RESOLUTION, TEXT_TIMESTEPS, OneshotDefaults, TextDefaults
 from attnseg.queue import QUEUES, connect
 from attnseg.settings import get_settings
 from cli.client_commands import DEFAULT_URL, add_client_commands
@@ -265,18 +266,20 @@ def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--images", type=Path, help="folder of images (jpg/png/webp)")
     evaluate.add_argument("--labels", type=Path, help="folder of label PNGs with the same stems; 255 = ignore")
-    evaluate.add_argument("--resolution", type=int, default=512)
+    evaluate.add_argument("--resolution", type=int, default=RESOLUTION)
     evaluate.add_argument("--limit", type=int, help="only the first N images")
     evaluate.add_argument("--output", type=Path, help="write the scores as JSON here too")
     evaluate.add_argument("--num-classes", type=int, default=27, help="unsupervised: ground-truth classes")
     evaluate.add_argument("--kl-threshold", type=float, default=1.1, help="unsupervised: 1.1 for COCO-Stuff-27")
     evaluate.add_argument("--classes", help="text: comma-separated class names; label i = i-th class, 0 background")
-    evaluate.add_argument("--method", default="selfcross", choices=["selfcross", "gem", "gem_refined", "cluster"])
+    evaluate.add_argument("--method", default=TextDefaults.method, choices=list(TEXT_TIMESTEPS))
     evaluate.add_argument("--parts", help="oneshot: comma-separated part names for mask values 1..K-1")
     evaluate.add_argument("--train-images", type=Path, nargs="+", help="oneshot: training image(s)")
     evaluate.add_argument("--train-masks", type=Path, nargs="+", help="oneshot: their label masks")
-    evaluate.add_argument("--epochs", type=int, default=200, help="oneshot: training epochs")
-    evaluate.add_argument("--crops-per-side", type=int, default=1, choices=[1, 2], help="oneshot")
+    evaluate.add_argument("--epochs", type=int, default=OneshotDefaults.epochs, help="oneshot: training epochs")
+    evaluate.add_argument(
+        "--crops-per-side", type=int, default=OneshotDefaults.crops_per_side, choices=[1, 2], help="oneshot"
+    )
     evaluate.add_argument("--queries", type=Path, help="referring: folder of <stem>.json query lists")
     evaluate.add_argument("--concepts", type=Path, help="referring: folder of <identifier>/ diffusers files")
     evaluate.add_argument("--class-word", help="referring: the instances' category, e.g. mug")
