@@ -17,6 +17,7 @@ from attnseg.client import Client
 from bench.common import machine_info, print_header
 from tests.support import Stack
 from workers.evaluation.quality import METHODS, evaluate_synthetic, table
+from workers.evaluation.synthetic import SIZE_RANGE
 
 
 def main() -> None:
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=60, help="one-shot training epochs")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--sizes", type=float, nargs=2, default=SIZE_RANGE, help="object sizes / shorter side")
     parser.add_argument("--json", help="write the scores and the machine header here")
     args = parser.parse_args()
     info = machine_info()
@@ -47,6 +49,7 @@ def main() -> None:
                     resolution=args.resolution,
                     epochs=args.epochs,
                     methods=args.methods,
+                    sizes=tuple(args.sizes),
                 )
         finally:
             stack.stop()

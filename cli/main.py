@@ -239,6 +239,7 @@ def cmd_evaluate_synthetic(args) -> None:
             resolution=args.resolution,
             epochs=args.epochs,
             methods=args.methods or METHODS,
+            **({"sizes": tuple(args.sizes)} if args.sizes else {}),
         )
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
@@ -286,6 +287,9 @@ def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--scenes", type=int, default=100, help="synthetic: held-out scenes")
     evaluate.add_argument("--seed", type=int, default=1000, help="synthetic: the first scene's seed")
     evaluate.add_argument("--size", type=picture_size, default=(384, 512), help="synthetic: HEIGHTxWIDTH")
+    evaluate.add_argument(
+        "--sizes", type=float, nargs=2, help="synthetic: object sizes / shorter side, min max (0.12 0.5)"
+    )
     evaluate.add_argument(
         "--methods", nargs="+", help="synthetic: some of unsupervised selfcross oneshot oneshot_2x2 referring (all)"
     )

@@ -31,7 +31,7 @@ from safetensors.torch import save
 from attnseg.client import Client, Result
 from workers.evaluation.evaluate import plain as json_value
 from workers.evaluation.metrics import ConfusionScore, PartIoUScore, ReferringScore, UnsupervisedScore
-from workers.evaluation.synthetic import CLASS_NAMES, Scene, make_scene
+from workers.evaluation.synthetic import CLASS_NAMES, SIZE_RANGE, Scene, make_scene
 from workers.methods.referring import assign_queries, instance_labels
 from workers.models.tiny_colour import colour_embedding
 from workers.models.tiny_random import ARCHITECTURES
@@ -197,11 +197,13 @@ def evaluate_synthetic(
     resolution: int,
     epochs: int,
     methods: Sequence[str] = METHODS,
+    sizes: tuple[float, float] = SIZE_RANGE,
 ) -> dict:
     """Each method of `methods` on `count` scenes (seeds seed, seed + 1, ...): its scores and seconds
-    per scene. Referring scenes are drawn with distinct colours (one object per colour)."""
-    world = scenes(count, seed, height, width)
-    out = {"scenes": count, "seed": seed, "size": [height, width], "resolution": resolution}
+    per scene. Referring scenes are drawn with distinct colours (one object per colour). sizes: the
+    objects' bounding-circle diameters as fractions of the shorter side."""
+    world = scenes(count, seed, height, width, sizes=sizes)
+    out = {"scenes": count, "seed": seed, "size": [height, width], "resolution": resolution, "sizes": list(sizes)}
     out["objects"] = object_sizes(world)
     scores = out["methods"] = {}
     if "unsupervised" in methods:
@@ -217,7 +219,7 @@ def evaluate_synthetic(
             if name in methods:
                 scores[name] = {**timed(lambda c=crops: score_oneshot(client, model, world, c), count), **training}
     if "referring" in methods:
-        distinct = scenes(count, seed, height, width, repeat=0.0)
+        distinct = scenes(count, seed, height, width, repeat=0.0, sizes=sizes)
         identifiers = colour_concepts(client, seed)
         scores["referring"] = timed(lambda: score_referring(client, distinct, identifiers, resolution), count)
     return out
