@@ -227,23 +227,30 @@ def test_a_geometry_bug_fails_the_checks(http, client):
         check_classes(swapped, SQUARE.classes, SQUARE.present)
 
 
-# Regression floors of the quality table (bench/RESULTS.md: N=100 at 384x512, resolution 256, tiny-colour v1:
-# DiffSeg 0.716, selfcross 0.791, referring af_acc 0.655) on its first 4 held-out scenes (there: 0.687, 0.729,
-# 0.875). One-shot's floor is the per-part test above (training on eight colours takes minutes).
-FLOORS = {"unsupervised": 0.62, "selfcross": 0.66, "referring": 0.62}
+# Regression floors of the quality table (bench/RESULTS.md, N=100 at 384x512, tiny-colour v1), checked on its first
+# 4 held-out scenes. At 256 with objects of 12-50 % of the shorter side (the 100 scenes: DiffSeg 0.716, selfcross
+# 0.791, referring af_acc 0.655; these 4: 0.668, 0.717, 0.75). At 512 with objects of 22-50 %, where the issue's
+# targets are met (the 100 scenes: 0.867, 0.914, 0.990; these 4: 0.840, 0.903, 1.0). One-shot's floor is the
+# per-part test above (training on eight colours takes minutes).
+FLOORS = {
+    (256, (0.12, 0.5)): {"unsupervised": 0.62, "selfcross": 0.66, "referring": 0.62},
+    (512, (0.22, 0.5)): {"unsupervised": 0.80, "selfcross": 0.86, "referring": 0.87},
+}
 
 
-def test_quality_floors_on_held_out_scenes(client):
-    world = quality.scenes(4, seed=1000, height=384, width=512)
+@pytest.mark.parametrize(("resolution", "sizes"), list(FLOORS), ids=["256-small-objects", "512-large-objects"])
+def test_quality_floors_on_held_out_scenes(client, resolution, sizes):
+    world = quality.scenes(4, seed=1000, height=384, width=512, sizes=sizes)
     reached = {
-        "unsupervised": quality.score_unsupervised(client, world, RESOLUTION)["miou"],
-        "selfcross": quality.score_text(client, world, RESOLUTION)["miou"],
+        "unsupervised": quality.score_unsupervised(client, world, resolution)["miou"],
+        "selfcross": quality.score_text(client, world, resolution)["miou"],
     }
-    distinct = quality.scenes(4, seed=1000, height=384, width=512, repeat=0.0)
+    distinct = quality.scenes(4, seed=1000, height=384, width=512, repeat=0.0, sizes=sizes)
     identifiers = quality.colour_concepts(client, seed=1000)
-    reached["referring"] = quality.score_referring(client, distinct, identifiers, RESOLUTION)["af_acc"]
-    low = {name: round(value, 3) for name, value in reached.items() if value < FLOORS[name]}
-    assert not low, f"under the floors {FLOORS}: {low}"
+    reached["referring"] = quality.score_referring(client, distinct, identifiers, resolution)["af_acc"]
+    floors = FLOORS[resolution, sizes]
+    low = {name: round(value, 3) for name, value in reached.items() if value < floors[name]}
+    assert not low, f"under the floors {floors}: {low}"
 
 
 def test_the_playground_says_what_tiny_colour_is_and_draws_its_masks(stack, tmp_path):
