@@ -101,5 +101,9 @@ def test_referring_score_bf_af_and_miou():
     assert result["bf_acc"] == 0.5 and result["af_acc"] == 1.0
     assert result["miou"] == pytest.approx((1.0 + 8 / 12) / 2)
     assert result["bf_miou"] == pytest.approx((1.0 + 0.0) / 2)
+    assert result["unfound"] == 0  # each ground-truth instance has a predicted one standing for it
     score.add(predicted, best=[1], assigned=[None], gt=gt, targets=[1])  # nothing assigned: wrong, IoU 0
     assert score.result()["af_acc"] == 2 / 3 and score.result()["queries"] == 3
+    only_left = np.where(gt == 1, 0, -1)  # the right instance was never found
+    score.add(only_left, best=[0], assigned=[0], gt=gt, targets=[2])
+    assert score.result()["unfound"] == 1 and score.result()["af_acc"] == 2 / 4

@@ -247,7 +247,9 @@ def test_quality_floors_on_held_out_scenes(client, resolution, sizes):
     }
     distinct = quality.scenes(4, seed=1000, height=384, width=512, repeat=0.0, sizes=sizes)
     identifiers = quality.colour_concepts(client, seed=1000)
-    reached["referring"] = quality.score_referring(client, distinct, identifiers, resolution)["af_acc"]
+    referring = quality.score_referring(client, distinct, identifiers, resolution)
+    reached["referring"] = referring["af_acc"]
+    assert sum(band["queries"] for band in referring["by_size"].values()) == referring["queries"] == 8
     floors = FLOORS[resolution, sizes]
     low = {name: round(value, 3) for name, value in reached.items() if value < floors[name]}
     assert not low, f"under the floors {floors}: {low}"

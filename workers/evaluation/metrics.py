@@ -182,12 +182,14 @@ class ReferringScore:
     whose centre is nearest its centre; a query is right when that is its instance. bf_acc and
     af_acc are the fractions of queries right; miou is the mean over queries of the IoU of the
     jointly assigned instance's mask with the query's instance (0 when none was assigned), bf_miou
-    the same for the best-alone instance.
+    the same for the best-alone instance. unfound counts the queries whose instance no predicted
+    instance stands for: those no choice of instance could get right.
     """
 
     def __init__(self):
         self.right = {"bf": 0, "af": 0}
         self.ious: dict[str, list[float]] = {"bf": [], "af": []}
+        self.unfound = 0
 
     def add(
         self, instance_map: np.ndarray, best: list[int], assigned: list[int | None], gt: np.ndarray, targets: list[int]
@@ -203,6 +205,7 @@ class ReferringScore:
             if truth
             else {}
         )
+        self.unfound += sum(target not in stands_for.values() for target in targets)
         for setting, choice in (("bf", best), ("af", assigned)):
             for instance, target in zip(choice, targets, strict=True):
                 self.right[setting] += int(instance is not None and stands_for.get(instance) == target)
@@ -218,4 +221,5 @@ class ReferringScore:
             "bf_acc": self.right["bf"] / queries if queries else float("nan"),
             "af_acc": self.right["af"] / queries if queries else float("nan"),
             "queries": queries,
+            "unfound": self.unfound,
         }

@@ -41,6 +41,9 @@ CLASS_WORD = "shape"  # tiny-colour's generic word: its cross-attention covers e
 QUERIES_PER_SCENE = 2
 TRAIN_SEED_OFFSET = 1_000_000  # the one-shot training scene's seed, away from the held-out ones
 CONCEPT_PREFIX = "hue"  # concept identifiers hue-1 ... hue-8, in a seeded order of the colours
+# Referring is also scored per band of the queried object's size (fraction of the shorter side): the
+# small objects are where it fails (bench/RESULTS.md).
+SIZE_BANDS = (0.15, 0.18, 0.22)
 
 
 def class_ids(names: Sequence[str]) -> np.ndarray:
@@ -170,10 +173,17 @@ def score_referring(client: Client, world: list[Scene], identifiers: dict[str, s
         for scene, pairs in zip(world, asked)
     ]
     score = ReferringScore()
+    bands = [ReferringScore() for _ in range(len(SIZE_BANDS) + 1)]
     for scene, pairs, job in zip(world, asked, jobs):
         instance_map, best, chosen = read_referring(job.result(), len(pairs))
-        score.add(instance_map, best, chosen, scene.instances, [target for _, target in pairs])
-    return plain(score.result())
+        targets = [target for _, target in pairs]
+        score.add(instance_map, best, chosen, scene.instances, targets)
+        for query, target in enumerate(targets):
+            band = bands[int(np.searchsorted(SIZE_BANDS, scene.objects[target - 1].size, side="right"))]
+            band.add(instance_map, best[query : query + 1], chosen[query : query + 1], scene.instances, [target])
+    edges = ("", *(f"{edge:g}" for edge in SIZE_BANDS), "")
+    by_size = {f"{low}-{high}": plain(band.result()) for low, high, band in zip(edges, edges[1:], bands)}
+    return {**plain(score.result()), "by_size": {name: s for name, s in by_size.items() if s["queries"]}}
 
 
 def object_sizes(world: list[Scene]) -> dict:
@@ -231,7 +241,9 @@ def table(result: dict) -> str:
     for name, s in result["methods"].items():
         if name == "referring":
             more = f"bf_acc {s['bf_acc']:.3f}  af_acc {s['af_acc']:.3f}  bf_miou {s['bf_miou']:.3f}"
-            more += f"  ({s['queries']} queries)"
+            more += f"  ({s['queries']} queries, {s['unfound']} of their objects in no instance)"
+            bands = ", ".join(f"{name}: {b['af_acc']:.2f} of {b['queries']}" for name, b in s["by_size"].items())
+            more += f"; af_acc by object size / shorter side: {bands}"
         elif name.startswith("oneshot"):
             more = f"trained {s['epochs']} epochs in {s['train_seconds']:.0f} s, train IoU {s['train_iou']:.3f}"
         else:
